@@ -1,0 +1,24 @@
+//! Stable Diffusion model architectures, configs and loaders for Candle.
+//!
+//! Load any SD 1.5 / 2.x / SDXL variant from a diffusers folder, a single-file civitai/A1111
+//! checkpoint, or (feature `hub`) a Hugging Face repo id, and run its components.
+
+pub mod clip;
+pub mod config;
+pub mod detect;
+pub mod diffusers;
+pub mod error;
+#[cfg(feature = "hub")]
+pub mod hub;
+pub mod keymap;
+pub mod loader;
+pub mod ops;
+pub mod single_file;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+pub mod variant;
+
+pub use config::{ClipActivation, ClipConfig, PerBlock, PredictionType, UNetConfig, VaeConfig};
+pub use error::{Error, Result};
+pub use variant::{ModelConfig, ModelFamily, SchedulerDefaults, SdVariant};

@@ -1,0 +1,504 @@
+//! The few primitives every model in this crate goes through: one attention function and one
+//! convolution path. Speed work (fused kernels, cuDNN, better CPU loops) happens here, once.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+/// Upper bound on the elements of one block of attention scores. Above it the queries are processed
+/// in slices, so a 512² SD1.5 step never materialises its 1 GiB score matrix at once.
+const MAX_SCORE_ELEMENTS: usize = 1 << 24;
+
+/// Multi-head scaled dot-product attention.
+///
+/// `q`: `[batch, q_len, heads·dim]`, `k`/`v`: `[batch, kv_len, heads·dim]`; returns
+/// `[batch, q_len, heads·dim]`. With `upcast`, half-precision inputs are computed in F32 (SD 2.1
+/// overflows otherwise); F32 inputs are always computed in F32.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool) -> Result<Tensor> {
+    let (b, q_len, inner) = q.dims3()?;
+    let kv_len = k.dim(1)?;
+    if heads == 0 || inner % heads != 0 {
+        candle_core::bail!("attention: width {inner} is not divisible by {heads} heads");
+    }
+    let dim = inner / heads;
+    let scale = 1.0 / (dim as f64).sqrt();
+    let in_dtype = q.dtype();
+    let work_dtype = if upcast { DType::F32 } else { in_dtype };
+    let split = |t: &Tensor, len: usize| -> Result<Tensor> {
+        t.reshape((b, len, heads, dim))?.transpose(1, 2)?.to_dtype(work_dtype)?.contiguous()
+    };
+    // Scaling q before the product costs q_len·dim instead of q_len·kv_len multiplies.
+    let q = (split(q, q_len)? * scale)?;
+    let k_t = split(k, kv_len)?.transpose(2, 3)?.contiguous()?;
+    let v = split(v, kv_len)?;
+
+    let rows = (MAX_SCORE_ELEMENTS / (b * heads * kv_len).max(1)).max(1);
+    let out = if rows >= q_len {
+        attend(&q, &k_t, &v)?
+    } else {
+        let mut parts = Vec::with_capacity(q_len.div_ceil(rows));
+        let mut start = 0;
+        while start < q_len {
+            let len = rows.min(q_len - start);
+            parts.push(attend(&q.narrow(2, start, len)?, &k_t, &v)?);
+            start += len;
+        }
+        Tensor::cat(&parts, 2)?
+    };
+    out.transpose(1, 2)?.reshape((b, q_len, inner))?.to_dtype(in_dtype)
+}
+
+fn attend(q: &Tensor, k_t: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let scores = q.matmul(k_t)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    probs.matmul(v)
+}
+
+/// [`attention`] with an additive score mask (e.g. CLIP's causal mask: 0 where allowed, −∞ where not).
+///
+/// `mask` has rank 2 to 4 and broadcasts to `[batch, heads, q_len, kv_len]` (a `[q_len, kv_len]`
+/// mask is shared by every batch item and head). `None` is exactly [`attention`].
+pub fn attention_masked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    upcast: bool,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let Some(mask) = mask else {
+        return attention(q, k, v, heads, upcast);
+    };
+    let (b, q_len, inner) = q.dims3()?;
+    let kv_len = k.dim(1)?;
+    if heads == 0 || inner % heads != 0 {
+        candle_core::bail!("attention: width {inner} is not divisible by {heads} heads");
+    }
+    let rank = mask.rank();
+    let mask_dims = mask.dims();
+    // The query-row dimension of the mask; it is sliced together with the queries below.
+    let row_dim = rank.wrapping_sub(2);
+    if !(2..=4).contains(&rank) || mask_dims[rank - 1] != kv_len || ![1, q_len].contains(&mask_dims[row_dim]) {
+        candle_core::bail!(
+            "attention mask of shape {mask_dims:?} does not broadcast to [{b}, {heads}, {q_len}, {kv_len}]"
+        );
+    }
+    let dim = inner / heads;
+    let scale = 1.0 / (dim as f64).sqrt();
+    let in_dtype = q.dtype();
+    let work_dtype = if upcast { DType::F32 } else { in_dtype };
+    let split = |t: &Tensor, len: usize| -> Result<Tensor> {
+        t.reshape((b, len, heads, dim))?.transpose(1, 2)?.to_dtype(work_dtype)?.contiguous()
+    };
+    let q = (split(q, q_len)? * scale)?;
+    let k_t = split(k, kv_len)?.transpose(2, 3)?.contiguous()?;
+    let v = split(v, kv_len)?;
+    let mask = mask.to_dtype(work_dtype)?;
+    let attend_masked = |q: &Tensor, mask: &Tensor| -> Result<Tensor> {
+        let scores = q.matmul(&k_t)?.broadcast_add(mask)?;
+        candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)
+    };
+
+    let rows = (MAX_SCORE_ELEMENTS / (b * heads * kv_len).max(1)).max(1);
+    let out = if rows >= q_len {
+        attend_masked(&q, &mask)?
+    } else {
+        let mut parts = Vec::with_capacity(q_len.div_ceil(rows));
+        let mut start = 0;
+        while start < q_len {
+            let len = rows.min(q_len - start);
+            let m = if mask_dims[row_dim] == 1 { mask.clone() } else { mask.narrow(row_dim, start, len)? };
+            parts.push(attend_masked(&q.narrow(2, start, len)?, &m)?);
+            start += len;
+        }
+        Tensor::cat(&parts, 2)?
+    };
+    out.transpose(1, 2)?.reshape((b, q_len, inner))?.to_dtype(in_dtype)
+}
+
+/// A 2-D convolution with optional bias: the single convolution path of every model here.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    /// Builds a convolution from its weight `[out, in, kh, kw]` and bias `[out]`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>, stride: usize, padding: usize) -> Self {
+        Self { weight, bias, stride, padding }
+    }
+
+    /// Loads `weight` and `bias` from `vb` with the given geometry.
+    pub fn load(vb: VarBuilder, c_in: usize, c_out: usize, kernel: usize, stride: usize, padding: usize) -> Result<Self> {
+        let weight = vb.get((c_out, c_in, kernel, kernel), "weight")?;
+        let bias = vb.get(c_out, "bias")?;
+        Ok(Self::new(weight, Some(bias), stride, padding))
+    }
+
+    /// The kernel `[out, in, kh, kw]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (c_out, c_in, kh, kw) = self.weight.dims4()?;
+        let y = if kh == 1 && kw == 1 && self.stride == 1 && self.padding == 0 {
+            // A 1×1 convolution is a matrix product over channels; no im2col needed.
+            let (b, _, h, w) = x.dims4()?;
+            let xs = x.reshape((b, c_in, h * w))?;
+            let wm = self.weight.reshape((c_out, c_in))?;
+            wm.broadcast_left(b)?.matmul(&xs)?.reshape((b, c_out, h, w))?
+        } else {
+            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+        };
+        match &self.bias {
+            Some(bias) => y.broadcast_add(&bias.reshape((1, c_out, 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Loads a GroupNorm with `weight`/`bias` from `vb`.
+pub fn group_norm(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<GroupNorm> {
+    let weight = vb.get(channels, "weight")?;
+    let bias = vb.get(channels, "bias")?;
+    GroupNorm::new(weight, bias, groups, eps)
+}
+
+/// GroupNorm over `[b, c, …]`, with a fused GroupNorm→SiLU variant because every resnet does both.
+///
+/// On the CPU in F32 it is one parallel pass over the data instead of candle-nn's chain of
+/// whole-tensor ops (each a fresh allocation and a single-threaded sweep).
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+    cpu_params: Option<std::sync::Arc<(Vec<f32>, Vec<f32>)>>,
+}
+
+impl GroupNorm {
+    /// Builds a GroupNorm from its per-channel affine parameters.
+    pub fn new(weight: Tensor, bias: Tensor, groups: usize, eps: f64) -> Result<Self> {
+        let channels = weight.elem_count();
+        if groups == 0 || channels % groups != 0 {
+            candle_core::bail!("group_norm: {channels} channels are not divisible into {groups} groups");
+        }
+        let cpu_params = if weight.device().is_cpu() {
+            let w = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let b = bias.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            Some(std::sync::Arc::new((w, b)))
+        } else {
+            None
+        };
+        Ok(Self { weight, bias, groups, eps, cpu_params })
+    }
+
+    /// GroupNorm followed by SiLU.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, true)
+    }
+
+    fn run(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let c = x.dim(1)?;
+        if c != self.weight.elem_count() {
+            candle_core::bail!("group_norm: expected {} channels, got {c}", self.weight.elem_count());
+        }
+        if let (Some(params), true) = (&self.cpu_params, x.device().is_cpu() && x.dtype() == DType::F32) {
+            let op = GroupNormCpu { params: params.clone(), groups: self.groups, eps: self.eps as f32, silu };
+            return x.contiguous()?.apply_op1_no_bwd(&op);
+        }
+        let dims = x.dims().to_vec();
+        let b = dims[0];
+        let dtype = x.dtype();
+        let xs = x.reshape((b, self.groups, ()))?.to_dtype(DType::F32)?;
+        let mean = xs.mean_keepdim(2)?;
+        let xs = xs.broadcast_sub(&mean)?;
+        let var = xs.sqr()?.mean_keepdim(2)?;
+        let xs = xs.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let mut shape = vec![1usize; dims.len()];
+        shape[1] = c;
+        let y = xs
+            .reshape(dims.as_slice())?
+            .to_dtype(dtype)?
+            .broadcast_mul(&self.weight.reshape(shape.as_slice())?)?
+            .broadcast_add(&self.bias.reshape(shape.as_slice())?)?;
+        if silu {
+            candle_nn::ops::silu(&y)
+        } else {
+            Ok(y)
+        }
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, false)
+    }
+}
+
+struct GroupNormCpu {
+    params: std::sync::Arc<(Vec<f32>, Vec<f32>)>,
+    groups: usize,
+    eps: f32,
+    silu: bool,
+}
+
+impl candle_core::CustomOp1 for GroupNormCpu {
+    fn name(&self) -> &'static str {
+        "sd-group-norm"
+    }
+
+    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let src = match (storage, layout.contiguous_offsets()) {
+            (candle_core::CpuStorage::F32(s), Some((a, b))) => &s[a..b],
+            _ => candle_core::bail!("sd-group-norm: expects contiguous f32"),
+        };
+        let dims = layout.dims();
+        let c = dims[1];
+        let spatial: usize = dims[2..].iter().product();
+        let per_group = c / self.groups;
+        let group_len = per_group * spatial;
+        let (w, bias) = (&self.params.0, &self.params.1);
+        let mut dst = vec![0f32; src.len()];
+        dst.par_chunks_mut(group_len).zip(src.par_chunks(group_len)).enumerate().for_each(|(idx, (out, inp))| {
+            let g = idx % self.groups;
+            // Two passes in f64 keep the variance exact enough to match PyTorch at 1e-6.
+            let mean = inp.iter().map(|&v| v as f64).sum::<f64>() / group_len as f64;
+            let var = inp.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / group_len as f64;
+            let inv = 1.0 / (var + self.eps as f64).sqrt();
+            for ci in 0..per_group {
+                let ch = g * per_group + ci;
+                let scale = (w[ch] as f64 * inv) as f32;
+                let shift = (bias[ch] as f64 - mean * w[ch] as f64 * inv) as f32;
+                let (o, i) = (&mut out[ci * spatial..(ci + 1) * spatial], &inp[ci * spatial..(ci + 1) * spatial]);
+                if self.silu {
+                    for (o, &i) in o.iter_mut().zip(i) {
+                        let y = i * scale + shift;
+                        *o = y / (1.0 + (-y).exp());
+                    }
+                } else {
+                    for (o, &i) in o.iter_mut().zip(i) {
+                        *o = i * scale + shift;
+                    }
+                }
+            }
+        });
+        Ok((candle_core::CpuStorage::F32(dst), layout.shape().clone()))
+    }
+}
+
+/// GEGLU activation: splits the last dimension into `hidden, gate` halves and returns
+/// `hidden · gelu_erf(gate)` (diffusers' feed-forward), fused into one parallel pass on the CPU.
+pub fn geglu(x: &Tensor) -> Result<Tensor> {
+    let last = x.dim(candle_core::D::Minus1)?;
+    if last % 2 != 0 {
+        candle_core::bail!("geglu: last dimension {last} is odd");
+    }
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op1_no_bwd(&GegluCpu);
+    }
+    let half = last / 2;
+    let hidden = x.narrow(candle_core::D::Minus1, 0, half)?;
+    let gate = x.narrow(candle_core::D::Minus1, half, half)?;
+    hidden * gate.gelu_erf()?
+}
+
+struct GegluCpu;
+
+impl candle_core::CustomOp1 for GegluCpu {
+    fn name(&self) -> &'static str {
+        "sd-geglu"
+    }
+
+    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let src = match (storage, layout.contiguous_offsets()) {
+            (candle_core::CpuStorage::F32(s), Some((a, b))) => &s[a..b],
+            _ => candle_core::bail!("sd-geglu: expects contiguous f32"),
+        };
+        let mut dims = layout.dims().to_vec();
+        let last = dims[dims.len() - 1];
+        let half = last / 2;
+        let rows = src.len() / last.max(1);
+        let mut dst = vec![0f32; rows * half];
+        dst.par_chunks_mut(half).zip(src.par_chunks(last)).for_each(|(out, row)| {
+            let (h, g) = row.split_at(half);
+            for ((o, &h), &g) in out.iter_mut().zip(h).zip(g) {
+                *o = h * 0.5 * g * (1.0 + erf(g * std::f32::consts::FRAC_1_SQRT_2));
+            }
+        });
+        let n = dims.len();
+        dims[n - 1] = half;
+        Ok((candle_core::CpuStorage::F32(dst), candle_core::Shape::from(dims)))
+    }
+}
+
+/// erf through the Numerical Recipes Chebyshev fit of erfc (relative error < 1.2e-7), evaluated in
+/// f64 so the result is within 3e-7 of libm's `erff` while staying branch-light inside the fused loop.
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let a = x.abs() as f64;
+    let t = 1.0 / (1.0 + 0.5 * a);
+    let y = 1.0
+        - t * (-a * a - 1.265_512_23
+            + t * (1.000_023_68
+                + t * (0.374_091_96
+                    + t * (0.096_784_18
+                        + t * (-0.186_288_06
+                            + t * (0.278_868_07
+                                + t * (-1.135_203_98 + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
+            .exp();
+    (if x < 0.0 { -y } else { y }) as f32
+}
+
+/// Loads a LayerNorm with `weight`/`bias` from `vb`.
+pub fn layer_norm(vb: VarBuilder, dim: usize, eps: f64) -> Result<candle_nn::LayerNorm> {
+    candle_nn::layer_norm(dim, eps, vb)
+}
+
+/// Loads a Linear layer (`weight` `[out, in]`, optional `bias`) from `vb`.
+pub fn linear(vb: VarBuilder, d_in: usize, d_out: usize, bias: bool) -> Result<candle_nn::Linear> {
+    if bias {
+        candle_nn::linear(d_in, d_out, vb)
+    } else {
+        candle_nn::linear_no_bias(d_in, d_out, vb)
+    }
+}
+
+/// Exact (erf) GELU, as PyTorch's default `F.gelu` and diffusers use.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    x.gelu_erf()
+}
+
+/// SiLU (`x·sigmoid(x)`), parallel on the CPU where candle's unary ops run on one thread.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op1_no_bwd(&SiluCpu);
+    }
+    candle_nn::ops::silu(x)
+}
+
+struct SiluCpu;
+
+impl candle_core::CustomOp1 for SiluCpu {
+    fn name(&self) -> &'static str {
+        "sd-silu"
+    }
+
+    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let src = match (storage, layout.contiguous_offsets()) {
+            (candle_core::CpuStorage::F32(s), Some((a, b))) => &s[a..b],
+            _ => candle_core::bail!("sd-silu: expects contiguous f32"),
+        };
+        let mut dst = vec![0f32; src.len()];
+        dst.par_chunks_mut(1 << 14).zip(src.par_chunks(1 << 14)).for_each(|(o, i)| {
+            for (o, &v) in o.iter_mut().zip(i) {
+                *o = v / (1.0 + (-v).exp());
+            }
+        });
+        Ok((candle_core::CpuStorage::F32(dst), layout.shape().clone()))
+    }
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::softmax(x, D::Minus1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn naive(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+        let (b, n, inner) = q.dims3()?;
+        let m = k.dim(1)?;
+        let d = inner / heads;
+        let q = q.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous()?;
+        let k = k.reshape((b, m, heads, d))?.transpose(1, 2)?.contiguous()?;
+        let v = v.reshape((b, m, heads, d))?.transpose(1, 2)?.contiguous()?;
+        let s = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
+        let p = softmax_last(&s)?;
+        p.matmul(&v)?.transpose(1, 2)?.reshape((b, n, inner))
+    }
+
+    #[test]
+    fn sliced_attention_matches_naive() -> Result<()> {
+        let dev = Device::Cpu;
+        // kv_len large enough that rows < q_len and slicing kicks in.
+        let (b, n, m, heads, d) = (1, 40, 1 << 20, 1, 2);
+        let q = Tensor::randn(0f32, 1., (b, n, heads * d), &dev)?;
+        let k = Tensor::randn(0f32, 1., (b, m, heads * d), &dev)?;
+        let v = Tensor::randn(0f32, 1., (b, m, heads * d), &dev)?;
+        let a = attention(&q, &k, &v, heads, false)?;
+        let e = naive(&q, &k, &v, heads)?;
+        let diff = (a - e)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn one_by_one_conv_matches_conv2d() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1., (5, 3, 1, 1), &dev)?;
+        let bias = Tensor::randn(0f32, 1., 5, &dev)?;
+        let x = Tensor::randn(0f32, 1., (2, 3, 4, 6), &dev)?;
+        let conv = Conv2d::new(w.clone(), Some(bias.clone()), 1, 0);
+        let y = conv.forward(&x)?;
+        let e = x.conv2d(&w, 0, 1, 1, 1)?.broadcast_add(&bias.reshape((1, 5, 1, 1))?)?;
+        let diff = (y - e)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    #[test]
+    fn fused_group_norm_matches_candle_nn() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = ((Tensor::randn(0f32, 1., (2, 64, 5, 7), &dev)? * 3.0)? + 1.5)?;
+        let w = Tensor::randn(0f32, 1., 64, &dev)?;
+        let b = Tensor::randn(0f32, 1., 64, &dev)?;
+        let ours = GroupNorm::new(w.clone(), b.clone(), 32, 1e-6)?;
+        let reference = candle_nn::GroupNorm::new(w, b, 64, 32, 1e-6)?;
+        let e = reference.forward(&x)?;
+        assert!(max_diff(&ours.forward(&x)?, &e)? < 1e-5);
+        let e_silu = candle_nn::ops::silu(&e)?;
+        assert!(max_diff(&ours.forward_silu(&x)?, &e_silu)? < 1e-5);
+        // Non-contiguous input takes the same path after a copy.
+        let xt = x.transpose(2, 3)?;
+        assert!(max_diff(&ours.forward(&xt)?, &reference.forward(&xt.contiguous()?)?)? < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn geglu_and_silu_match_reference() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f32, 1., (2, 3, 8), &dev)? * 4.0)?;
+        let h = x.narrow(2, 0, 4)?;
+        let g = x.narrow(2, 4, 4)?;
+        let e = (h * g.gelu_erf()?)?;
+        assert!(max_diff(&geglu(&x)?, &e)? < 1e-6);
+        assert!(max_diff(&silu(&x)?, &candle_nn::ops::silu(&x)?)? < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn erf_is_accurate() {
+        for i in -400..=400 {
+            let x = i as f32 / 80.0;
+            let e = candle_core::cpu::erf::erf_f32(x);
+            assert!((erf(x) - e).abs() < 3e-7, "erf({x}) = {} vs {e}", erf(x));
+        }
+    }
+}

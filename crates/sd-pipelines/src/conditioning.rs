@@ -1,0 +1,216 @@
+//! Prompt → text conditioning for every SD family: A1111 weights and 75-token chunks, clip skip,
+//! SDXL's two encoders with pooled embeddings and size/crop time ids.
+
+use candle_core::{DType, Device, Tensor, D};
+use sd_models::clip::ClipTextModel;
+use sd_models::loader::StableDiffusionModels;
+use sd_models::tokenizer::ClipTokenizer;
+use sd_models::ModelFamily;
+
+use crate::error::{Error, Result};
+use crate::prompt::{chunk_tokens, parse_prompt_attention, SpecialTokens, TokenChunk};
+
+/// Text conditioning for one prompt (or a negative prompt), before batching.
+#[derive(Debug, Clone)]
+pub struct PromptEmbeds {
+    /// `[1, 77·chunks, context_dim]` token embeddings for the UNet's cross-attention.
+    pub context: Tensor,
+    /// SDXL: pooled, projected embedding of the second encoder `[1, proj_dim]`.
+    pub pooled: Option<Tensor>,
+}
+
+/// Conditioning for a classifier-free-guided (or unguided) batch, ready for the UNet.
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    /// `[k·batch, seq, ctx]` with the negative half first when guided (diffusers' order).
+    pub context: Tensor,
+    /// SDXL: `[k·batch, pooled_dim]`.
+    pub text_embeds: Option<Tensor>,
+    /// SDXL: `[k·batch, 6]` (original size, crop top-left, target size).
+    pub time_ids: Option<Tensor>,
+}
+
+fn specials(tok: &ClipTokenizer) -> Result<SpecialTokens> {
+    let comma = tok.encode(",").map_err(Error::Model)?;
+    // encode() wraps the text in bos/eos; a single-token comma sits between them.
+    let comma = if comma.len() == 3 { Some(comma[1]) } else { None };
+    Ok(SpecialTokens { bos: tok.bos_id(), eos: tok.eos_id(), pad: tok.pad_id(), comma })
+}
+
+fn tokenize_chunks(tok: &ClipTokenizer, prompt: &str, max_len: usize) -> Result<Vec<TokenChunk>> {
+    let parts = parse_prompt_attention(prompt);
+    let special = specials(tok)?;
+    chunk_tokens(&parts, max_len, special, |text| {
+        let ids = tok.encode(text).map_err(Error::Model)?;
+        // Strip the bos/eos encode() adds: chunks get their own.
+        Ok(ids.get(1..ids.len().saturating_sub(1)).map(<[u32]>::to_vec).unwrap_or_default())
+    })
+}
+
+/// Which hidden state an encoder contributes.
+#[derive(Debug, Clone, Copy)]
+enum Layer {
+    /// `final_layer_norm(hidden(skip))` (SD 1.x/2.x; skip 0 is `last_hidden_state`).
+    Normed(usize),
+    /// `hidden(skip)` without the final LayerNorm (SDXL, which uses the penultimate layer: skip 1).
+    Raw(usize),
+}
+
+/// Runs one encoder over the chunks; returns `[1, 77·chunks, hidden]` and the first chunk's pooled
+/// projection (A1111 and diffusers both pool from the first window).
+fn encode_chunks(enc: &ClipTextModel, chunks: &[TokenChunk], layer: Layer, device: &Device) -> Result<(Tensor, Option<Tensor>)> {
+    let mut outs = Vec::with_capacity(chunks.len());
+    let mut pooled = None;
+    for (i, chunk) in chunks.iter().enumerate() {
+        let ids = Tensor::new(chunk.ids.as_slice(), device)?.unsqueeze(0)?;
+        let out = enc.forward(&ids)?;
+        let z = match layer {
+            Layer::Normed(0) => out.last_hidden_state.clone(),
+            Layer::Normed(skip) => enc.final_layer_norm(out.hidden(skip).map_err(Error::Model)?)?,
+            Layer::Raw(skip) => out.hidden(skip).map_err(Error::Model)?.clone(),
+        };
+        let z = apply_weights(&z, &chunk.weights)?;
+        if i == 0 {
+            pooled = out.text_embeds.clone();
+        }
+        outs.push(z);
+    }
+    Ok((Tensor::cat(&outs, 1)?, pooled))
+}
+
+/// A1111's emphasis: scale each token's embedding by its weight, then restore the original mean so
+/// weights change the direction of the conditioning rather than its overall magnitude.
+fn apply_weights(z: &Tensor, weights: &[f32]) -> Result<Tensor> {
+    if weights.iter().all(|&w| w == 1.0) {
+        return Ok(z.clone());
+    }
+    let dtype = z.dtype();
+    let z32 = z.to_dtype(DType::F32)?;
+    let original_mean = z32.mean_all()?.to_scalar::<f32>()?;
+    let w = Tensor::new(weights, z.device())?.reshape((1, weights.len(), 1))?;
+    let weighted = z32.broadcast_mul(&w)?;
+    let new_mean = weighted.mean_all()?.to_scalar::<f32>()?;
+    let ratio = if new_mean != 0.0 { original_mean / new_mean } else { 1.0 };
+    Ok((weighted * ratio as f64)?.to_dtype(dtype)?)
+}
+
+/// Encodes one prompt with the model's text encoder(s).
+///
+/// `clip_skip` follows A1111: 1 (or 0) uses the last layer, 2 the penultimate, and so on; SDXL
+/// always starts from its penultimate layer, as it was trained.
+pub fn encode_prompt(models: &StableDiffusionModels, prompt: &str, clip_skip: usize) -> Result<PromptEmbeds> {
+    let skip = clip_skip.saturating_sub(1);
+    let device = &models.device;
+    let max_len = models.config.text_encoder.max_position_embeddings;
+    match models.config.variant.family() {
+        ModelFamily::Sd1 | ModelFamily::Sd2 => {
+            let chunks = tokenize_chunks(&models.tokenizer, prompt, max_len)?;
+            let (context, _) = encode_chunks(&models.text_encoder, &chunks, Layer::Normed(skip), device)?;
+            Ok(PromptEmbeds { context, pooled: None })
+        }
+        ModelFamily::Sdxl => {
+            let (enc2, tok2) = match (&models.text_encoder_2, &models.tokenizer_2) {
+                (Some(e), Some(t)) => (e, t),
+                _ => return Err(Error::InvalidRequest { field: "model", reason: "an SDXL model needs its second text encoder and tokenizer".into() }),
+            };
+            let c1 = tokenize_chunks(&models.tokenizer, prompt, max_len)?;
+            let c2 = tokenize_chunks(tok2, prompt, max_len)?;
+            let (e1, _) = encode_chunks(&models.text_encoder, &c1, Layer::Raw(1 + skip), device)?;
+            let (e2, pooled) = encode_chunks(enc2, &c2, Layer::Raw(1 + skip), device)?;
+            // The two tokenizers can split a long prompt into different chunk counts only through
+            // their padding token, which never changes the content; guard anyway.
+            let (e1, e2) = equalize(e1, e2)?;
+            let context = Tensor::cat(&[&e1, &e2.to_dtype(e1.dtype())?], D::Minus1)?;
+            Ok(PromptEmbeds { context, pooled })
+        }
+    }
+}
+
+fn equalize(a: Tensor, b: Tensor) -> Result<(Tensor, Tensor)> {
+    let (la, lb) = (a.dim(1)?, b.dim(1)?);
+    if la == lb {
+        return Ok((a, b));
+    }
+    let n = la.min(lb);
+    Ok((a.narrow(1, 0, n)?, b.narrow(1, 0, n)?))
+}
+
+/// Pads the shorter of two chunked embeddings with the encoding of an empty prompt, as A1111 does,
+/// so positive and negative can share a batch.
+fn pad_to(models: &StableDiffusionModels, e: PromptEmbeds, len: usize, clip_skip: usize) -> Result<PromptEmbeds> {
+    let cur = e.context.dim(1)?;
+    if cur >= len {
+        return Ok(e);
+    }
+    let empty = encode_prompt(models, "", clip_skip)?.context;
+    let chunk = empty.dim(1)?;
+    let mut parts = vec![e.context.clone()];
+    let mut have = cur;
+    while have < len {
+        parts.push(empty.clone());
+        have += chunk;
+    }
+    Ok(PromptEmbeds { context: Tensor::cat(&parts, 1)?, pooled: e.pooled })
+}
+
+/// Builds the UNet conditioning for a batch: positive (and, with guidance, negative) prompt
+/// embeddings repeated `batch` times, SDXL pooled embeddings and time ids.
+///
+/// SDXL with an empty negative prompt uses zero embeddings, as diffusers'
+/// `force_zeros_for_empty_prompt` does for the SDXL base model.
+pub fn build_conditioning(
+    models: &StableDiffusionModels,
+    prompt: &str,
+    negative: &str,
+    clip_skip: usize,
+    guided: bool,
+    batch: usize,
+    (height, width): (usize, usize),
+) -> Result<Conditioning> {
+    let sdxl = models.config.variant.family() == ModelFamily::Sdxl;
+    let pos = encode_prompt(models, prompt, clip_skip)?;
+    let mut halves = Vec::new();
+    if guided {
+        let neg = if sdxl && negative.is_empty() {
+            PromptEmbeds { context: pos.context.zeros_like()?, pooled: pos.pooled.as_ref().map(|p| p.zeros_like()).transpose()? }
+        } else {
+            encode_prompt(models, negative, clip_skip)?
+        };
+        let len = pos.context.dim(1)?.max(neg.context.dim(1)?);
+        let neg = if sdxl && negative.is_empty() {
+            let z = Tensor::zeros((1, len, neg.context.dim(2)?), neg.context.dtype(), neg.context.device())?;
+            PromptEmbeds { context: z, pooled: neg.pooled }
+        } else {
+            pad_to(models, neg, len, clip_skip)?
+        };
+        halves.push(neg);
+    }
+    let len = halves.first().map(|n| n.context.dim(1)).transpose()?.unwrap_or(0).max(pos.context.dim(1)?);
+    halves.push(pad_to(models, pos, len, clip_skip)?);
+
+    let repeat = |t: &Tensor| -> Result<Tensor> {
+        let mut dims = vec![1usize; t.rank()];
+        dims[0] = batch;
+        Ok(t.repeat(dims.as_slice())?)
+    };
+    let dtype = models.dtype;
+    let context = Tensor::cat(&halves.iter().map(|h| repeat(&h.context)).collect::<Result<Vec<_>>>()?, 0)?.to_dtype(dtype)?;
+    let (text_embeds, time_ids) = if sdxl {
+        let pooled = halves
+            .iter()
+            .map(|h| {
+                h.pooled.as_ref().ok_or(Error::InvalidRequest { field: "model", reason: "SDXL's second text encoder has no text_projection".into() })
+            })
+            .map(|p| p.and_then(repeat))
+            .collect::<Result<Vec<_>>>()?;
+        let text_embeds = Tensor::cat(&pooled, 0)?.to_dtype(dtype)?;
+        let (h, w) = (height as f32, width as f32);
+        let ids = [h, w, 0.0, 0.0, h, w];
+        let rows = halves.len() * batch;
+        let time_ids = Tensor::new(&ids, &models.device)?.unsqueeze(0)?.repeat((rows, 1))?.to_dtype(dtype)?;
+        (Some(text_embeds), Some(time_ids))
+    } else {
+        (None, None)
+    };
+    Ok(Conditioning { context, text_embeds, time_ids })
+}

@@ -1,0 +1,402 @@
+//! A1111-style prompt syntax: attention weights `(word:1.3)`, `(word)`, `[word]`, escapes, `BREAK`,
+//! and 75-token chunking so prompts longer than CLIP's 77 positions still count.
+
+/// One piece of a parsed prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptPart {
+    /// Text with its attention multiplier.
+    Text {
+        /// The text.
+        text: String,
+        /// Multiplier applied to the embeddings of its tokens.
+        weight: f32,
+    },
+    /// `BREAK`: start a new 75-token chunk here.
+    Break,
+}
+
+const ROUND: f32 = 1.1;
+const SQUARE: f32 = 1.0 / 1.1;
+
+enum Tok<'a> {
+    Escaped(&'a str),
+    Open(bool),
+    CloseWeight(f32),
+    Close(bool),
+    Text(&'a str),
+}
+
+fn lex(prompt: &str) -> Vec<Tok<'_>> {
+    let b = prompt.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'\\' => {
+                // `\(`, `\)`, `\[`, `\]`, `\\` are literal characters; a lone backslash stays text.
+                if i + 1 < b.len() && matches!(b[i + 1], b'(' | b')' | b'[' | b']' | b'\\') {
+                    out.push(Tok::Escaped(&prompt[i + 1..i + 2]));
+                    i += 2;
+                } else {
+                    out.push(Tok::Text(&prompt[i..i + 1]));
+                    i += 1;
+                }
+            }
+            b'(' => {
+                out.push(Tok::Open(true));
+                i += 1;
+            }
+            b'[' => {
+                out.push(Tok::Open(false));
+                i += 1;
+            }
+            b')' => {
+                out.push(Tok::Close(true));
+                i += 1;
+            }
+            b']' => {
+                out.push(Tok::Close(false));
+                i += 1;
+            }
+            b':' => match weight_close(&prompt[i + 1..]) {
+                Some((w, len)) => {
+                    out.push(Tok::CloseWeight(w));
+                    i += 1 + len;
+                }
+                None => {
+                    out.push(Tok::Text(":"));
+                    i += 1;
+                }
+            },
+            _ => {
+                let start = i;
+                while i < b.len() && !matches!(b[i], b'\\' | b'(' | b')' | b'[' | b']' | b':') {
+                    i += 1;
+                }
+                out.push(Tok::Text(&prompt[start..i]));
+            }
+        }
+    }
+    out
+}
+
+/// Matches `\s*([+-]?[.\d]+)\s*\)` after a colon; returns the weight and the bytes consumed.
+fn weight_close(s: &str) -> Option<(f32, usize)> {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() && b[i].is_ascii_whitespace() {
+        i += 1;
+    }
+    let start = i;
+    if i < b.len() && matches!(b[i], b'+' | b'-') {
+        i += 1;
+    }
+    let digits = i;
+    while i < b.len() && (b[i].is_ascii_digit() || b[i] == b'.') {
+        i += 1;
+    }
+    if i == digits {
+        return None;
+    }
+    let number = &s[start..i];
+    while i < b.len() && b[i].is_ascii_whitespace() {
+        i += 1;
+    }
+    if i < b.len() && b[i] == b')' {
+        // A1111 feeds the match to float(); "1.2.3" fails there too and the text stays literal.
+        number.parse::<f32>().ok().map(|w| (w, i + 1))
+    } else {
+        None
+    }
+}
+
+/// Splits text on the word `BREAK` (with the whitespace around it), as A1111's `\s*\bBREAK\b\s*`.
+fn split_break(text: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let bytes = text.as_bytes();
+    let is_word = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    let mut last = 0;
+    let mut search = 0;
+    while let Some(pos) = text[search..].find("BREAK") {
+        let at = search + pos;
+        let end = at + 5;
+        let left_ok = at == 0 || !is_word(bytes[at - 1]);
+        let right_ok = end == bytes.len() || !is_word(bytes[end]);
+        if left_ok && right_ok {
+            let mut l = at;
+            while l > last && bytes[l - 1].is_ascii_whitespace() {
+                l -= 1;
+            }
+            let mut r = end;
+            while r < bytes.len() && bytes[r].is_ascii_whitespace() {
+                r += 1;
+            }
+            parts.push(&text[last..l]);
+            last = r;
+            search = r;
+        } else {
+            search = at + 1;
+        }
+    }
+    parts.push(&text[last..]);
+    parts
+}
+
+/// Parses A1111 attention syntax into weighted pieces, with A1111's semantics: `(x)` ×1.1, `[x]` ÷1.1,
+/// `(x:w)` ×w, nesting multiplies, unbalanced brackets apply to the end, `\(` is a literal bracket,
+/// neighbouring pieces of equal weight merge, and an empty prompt is one empty piece.
+pub fn parse_prompt_attention(prompt: &str) -> Vec<PromptPart> {
+    let mut res: Vec<(String, f32)> = Vec::new(); // weight -1 marks BREAK, as A1111 does
+    let mut round: Vec<usize> = Vec::new();
+    let mut square: Vec<usize> = Vec::new();
+    fn multiply(res: &mut [(String, f32)], from: usize, m: f32) {
+        for r in res.iter_mut().skip(from) {
+            if r.1 >= 0.0 || r.0 != "BREAK" {
+                r.1 *= m;
+            }
+        }
+    }
+    for tok in lex(prompt) {
+        match tok {
+            Tok::Escaped(t) => res.push((t.to_string(), 1.0)),
+            Tok::Open(true) => round.push(res.len()),
+            Tok::Open(false) => square.push(res.len()),
+            Tok::CloseWeight(w) if !round.is_empty() => {
+                let from = round.pop().unwrap_or(0);
+                multiply(&mut res, from, w);
+            }
+            Tok::Close(true) if !round.is_empty() => {
+                let from = round.pop().unwrap_or(0);
+                multiply(&mut res, from, ROUND);
+            }
+            Tok::Close(false) if !square.is_empty() => {
+                let from = square.pop().unwrap_or(0);
+                multiply(&mut res, from, SQUARE);
+            }
+            other => {
+                let text: String = match other {
+                    Tok::Text(t) => t.to_string(),
+                    Tok::CloseWeight(w) => format!(":{w})"),
+                    Tok::Close(true) => ")".into(),
+                    Tok::Close(false) => "]".into(),
+                    _ => String::new(),
+                };
+                for (i, part) in split_break(&text).into_iter().enumerate() {
+                    if i > 0 {
+                        res.push(("BREAK".into(), -1.0));
+                    }
+                    res.push((part.to_string(), 1.0));
+                }
+            }
+        }
+    }
+    for from in round {
+        multiply(&mut res, from, ROUND);
+    }
+    for from in square {
+        multiply(&mut res, from, SQUARE);
+    }
+    if res.is_empty() {
+        res.push((String::new(), 1.0));
+    }
+    let mut merged: Vec<(String, f32)> = Vec::with_capacity(res.len());
+    for (text, w) in res {
+        match merged.last_mut() {
+            Some(last) if last.1 == w && w >= 0.0 => last.0.push_str(&text),
+            _ => merged.push((text, w)),
+        }
+    }
+    merged
+        .into_iter()
+        .map(|(text, weight)| if weight < 0.0 && text == "BREAK" { PromptPart::Break } else { PromptPart::Text { text, weight } })
+        .collect()
+}
+
+/// One 77-token window of a prompt with a multiplier per token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenChunk {
+    /// `[bos] + up to 75 tokens + [eos] + padding`, always `max_len` long.
+    pub ids: Vec<u32>,
+    /// Multiplier per position (1.0 on bos/eos/padding).
+    pub weights: Vec<f32>,
+}
+
+/// Special token ids the chunker needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpecialTokens {
+    /// `<|startoftext|>`.
+    pub bos: u32,
+    /// `<|endoftext|>`.
+    pub eos: u32,
+    /// Padding (eos for OpenAI CLIP, `!` for OpenCLIP tokenizers).
+    pub pad: u32,
+    /// The `,` token, where A1111 prefers to cut a chunk that overflows.
+    pub comma: Option<u32>,
+}
+
+/// How many tokens back from a chunk's end A1111 looks for a comma to cut at.
+pub const COMMA_BACKTRACK: usize = 20;
+
+/// Tokenizes parsed pieces into 77-token chunks the way A1111 does: 75 content tokens per chunk,
+/// `BREAK` starts a new chunk, an overflowing chunk is cut after its last comma when that comma is
+/// within [`COMMA_BACKTRACK`] tokens of the end. `tokenize` returns ids without bos/eos.
+///
+/// Each chunk is `[bos] + content + [eos]` padded with `pad`, so a plain prompt of ≤ 75 tokens gives
+/// exactly the ids diffusers feeds the text encoder.
+pub fn chunk_tokens<E>(
+    parts: &[PromptPart],
+    max_len: usize,
+    special: SpecialTokens,
+    mut tokenize: impl FnMut(&str) -> Result<Vec<u32>, E>,
+) -> Result<Vec<TokenChunk>, E> {
+    let content = max_len.saturating_sub(2).max(1);
+    let mut chunks = Vec::new();
+    let mut ids: Vec<u32> = Vec::new();
+    let mut weights: Vec<f32> = Vec::new();
+    let mut last_comma: Option<usize> = None;
+    let finish = |ids: &mut Vec<u32>, weights: &mut Vec<f32>, chunks: &mut Vec<TokenChunk>| {
+        let mut cid = Vec::with_capacity(max_len);
+        let mut cw = Vec::with_capacity(max_len);
+        cid.push(special.bos);
+        cw.push(1.0);
+        cid.append(ids);
+        cw.append(weights);
+        cid.push(special.eos);
+        cw.push(1.0);
+        cid.resize(max_len, special.pad);
+        cw.resize(max_len, 1.0);
+        chunks.push(TokenChunk { ids: cid, weights: cw });
+    };
+    for part in parts {
+        let (text, weight) = match part {
+            PromptPart::Break => {
+                finish(&mut ids, &mut weights, &mut chunks);
+                last_comma = None;
+                continue;
+            }
+            PromptPart::Text { text, weight } => (text, *weight),
+        };
+        for token in tokenize(text)? {
+            if Some(token) == special.comma {
+                last_comma = Some(ids.len());
+            } else if ids.len() == content {
+                if let Some(c) = last_comma.filter(|&c| ids.len() - c <= COMMA_BACKTRACK) {
+                    let moved_ids = ids.split_off(c + 1);
+                    let moved_w = weights.split_off(c + 1);
+                    finish(&mut ids, &mut weights, &mut chunks);
+                    ids = moved_ids;
+                    weights = moved_w;
+                    last_comma = None;
+                }
+            }
+            if ids.len() == content {
+                finish(&mut ids, &mut weights, &mut chunks);
+                last_comma = None;
+            }
+            ids.push(token);
+            weights.push(weight);
+        }
+    }
+    if !ids.is_empty() || chunks.is_empty() {
+        finish(&mut ids, &mut weights, &mut chunks);
+    }
+    Ok(chunks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(text: &str, weight: f32) -> PromptPart {
+        PromptPart::Text { text: text.into(), weight }
+    }
+
+    fn close(parts: &[PromptPart], expected: &[PromptPart]) {
+        assert_eq!(parts.len(), expected.len(), "{parts:?} vs {expected:?}");
+        for (a, b) in parts.iter().zip(expected) {
+            match (a, b) {
+                (PromptPart::Text { text: ta, weight: wa }, PromptPart::Text { text: tb, weight: wb }) => {
+                    assert_eq!(ta, tb);
+                    assert!((wa - wb).abs() < 1e-6, "{ta}: {wa} vs {wb}");
+                }
+                (PromptPart::Break, PromptPart::Break) => {}
+                _ => panic!("{a:?} vs {b:?}"),
+            }
+        }
+    }
+
+    // Cases from the A1111 `parse_prompt_attention` docstring.
+    #[test]
+    fn a1111_examples() {
+        close(&parse_prompt_attention("normal text"), &[t("normal text", 1.0)]);
+        close(&parse_prompt_attention("an (important) word"), &[t("an ", 1.0), t("important", 1.1), t(" word", 1.0)]);
+        close(&parse_prompt_attention("(unbalanced"), &[t("unbalanced", 1.1)]);
+        close(&parse_prompt_attention("\\(literal\\]"), &[t("(literal]", 1.0)]);
+        close(&parse_prompt_attention("(unnecessary)(parens)"), &[t("unnecessaryparens", 1.1)]);
+        close(
+            &parse_prompt_attention("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky)))."),
+            &[
+                t("a ", 1.0),
+                t("house", 1.5730),
+                t(" ", 1.1),
+                t("on", 1.0),
+                t(" a ", 1.1),
+                t("hill", 0.55),
+                t(", sun, ", 1.1),
+                t("sky", 1.4641),
+                t(".", 1.1),
+            ],
+        );
+        close(&parse_prompt_attention(""), &[t("", 1.0)]);
+        close(&parse_prompt_attention("[faded]"), &[t("faded", 1.0 / 1.1)]);
+        close(&parse_prompt_attention("a:b (c:x)"), &[t("a:b ", 1.0), t("c:x", 1.1)]);
+    }
+
+    #[test]
+    fn break_splits() {
+        close(&parse_prompt_attention("a cat BREAK a dog"), &[t("a cat", 1.0), PromptPart::Break, t("a dog", 1.0)]);
+        // BREAK inside a word is not a break.
+        close(&parse_prompt_attention("BREAKFAST"), &[t("BREAKFAST", 1.0)]);
+    }
+
+    const SP: SpecialTokens = SpecialTokens { bos: 100, eos: 101, pad: 0, comma: Some(7) };
+
+    fn words(s: &str) -> Result<Vec<u32>, ()> {
+        Ok(s.split_whitespace().map(|w| w.parse::<u32>().unwrap_or(9)).collect())
+    }
+
+    #[test]
+    fn short_prompt_is_one_diffusers_layout_chunk() {
+        let c = chunk_tokens(&[t("1 2 3", 1.0)], 8, SP, words).unwrap();
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].ids, vec![100, 1, 2, 3, 101, 0, 0, 0]);
+        assert_eq!(c[0].weights, vec![1.0; 8]);
+    }
+
+    #[test]
+    fn long_prompt_chunks_at_content_length() {
+        // max_len 5 → 3 content tokens per chunk.
+        let c = chunk_tokens(&[t("1 2 3 4 5", 1.0), t("6", 2.0)], 5, SP, words).unwrap();
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].ids, vec![100, 1, 2, 3, 101]);
+        assert_eq!(c[1].ids, vec![100, 4, 5, 6, 101]);
+        assert_eq!(c[1].weights, vec![1.0, 1.0, 1.0, 2.0, 1.0]);
+    }
+
+    #[test]
+    fn overflow_cuts_after_last_comma() {
+        // content 4: "1 , 2 3" fills the chunk; "4" overflows, so the chunk is cut after the comma.
+        let c = chunk_tokens(&[t("1 7 2 3 4", 1.0)], 6, SP, words).unwrap();
+        assert_eq!(c[0].ids, vec![100, 1, 7, 101, 0, 0]);
+        assert_eq!(c[1].ids, vec![100, 2, 3, 4, 101, 0]);
+    }
+
+    #[test]
+    fn break_and_empty() {
+        let c = chunk_tokens(&[t("1", 1.0), PromptPart::Break, t("2", 1.0)], 5, SP, words).unwrap();
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[1].ids, vec![100, 2, 101, 0, 0]);
+        let e = chunk_tokens(&[t("", 1.0)], 5, SP, words).unwrap();
+        assert_eq!(e, vec![TokenChunk { ids: vec![100, 101, 0, 0, 0], weights: vec![1.0; 5] }]);
+    }
+}

@@ -1,0 +1,214 @@
+//! End-to-end runs of the tiny fixture models against diffusers, replaying diffusers' random draws.
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use sd_models::loader::{load, LoadOptions, StableDiffusionModels};
+use sd_pipelines::pipeline::{
+    image_to_image_with_noise, inpaint_with_noise, text_to_image, text_to_image_with_noise, GenerationParams, ImageToImage, Inpaint,
+};
+use sd_pipelines::schedulers::{NoiseQueue, Sampler};
+use sd_pipelines::Error;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+fn model(name: &str) -> StableDiffusionModels {
+    load(&root().join(name), &LoadOptions::default()).expect("fixture model loads")
+}
+
+struct Golden {
+    meta: serde_json::Value,
+    tensors: std::collections::HashMap<String, Tensor>,
+}
+
+fn golden(label: &str) -> Golden {
+    let dir = root().join("goldens/pipelines");
+    let meta = match std::fs::read_to_string(dir.join(format!("{label}.json"))) {
+        Ok(text) => serde_json::from_str(&text).expect("golden json parses"),
+        Err(_) => serde_json::Value::Null,
+    };
+    let tensors = candle_core::safetensors::load(dir.join(format!("{label}.safetensors")), &Device::Cpu).expect("golden tensors");
+    Golden { meta, tensors }
+}
+
+impl Golden {
+    fn draws(&self) -> NoiseQueue {
+        let n = self.meta["draws"].as_u64().unwrap_or(0) as usize;
+        NoiseQueue::new((0..n).map(|i| self.tensors[&format!("draw_{i}")].clone()))
+    }
+
+    fn params(&self) -> GenerationParams {
+        let m = &self.meta;
+        let sampler = match m["sampler"].as_str().unwrap_or_default() {
+            "dpmpp_2m_karras" => "DPM++ 2M Karras",
+            "euler_a" => "Euler a",
+            other => other,
+        };
+        GenerationParams {
+            prompt: m["prompt"].as_str().unwrap_or_default().into(),
+            negative_prompt: m["negative_prompt"].as_str().unwrap_or_default().into(),
+            width: m["width"].as_u64().unwrap_or(0) as usize,
+            height: m["height"].as_u64().unwrap_or(0) as usize,
+            steps: m["steps"].as_u64().unwrap_or(0) as usize,
+            guidance_scale: m["guidance_scale"].as_f64().unwrap_or(0.0),
+            seed: m["seed"].as_u64().unwrap_or(0),
+            batch_size: m["batch"].as_u64().unwrap_or(1) as usize,
+            sampler: sampler.parse::<Sampler>().expect("sampler name"),
+            clip_skip: 1,
+            vae_tiling: Some(false),
+        }
+    }
+
+    fn check(&self, label: &str, latents: &Tensor, images: &Tensor) {
+        assert_close(&format!("{label} latents"), latents, &self.tensors["latents"], 1e-3);
+        assert_close(&format!("{label} image"), images, &self.tensors["image"], 1e-3);
+    }
+}
+
+/// max|ours − golden| ≤ tol · max(1, max|golden|).
+fn assert_close(what: &str, ours: &Tensor, golden: &Tensor, tol: f32) {
+    assert_eq!(ours.dims(), golden.dims(), "{what}: shape");
+    let diff = (ours.to_dtype(candle_core::DType::F32).unwrap() - golden).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+    let diff = diff.to_scalar::<f32>().unwrap();
+    let scale = golden.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1.0);
+    assert!(diff <= tol * scale, "{what}: max diff {diff} > {tol} × {scale}");
+}
+
+fn no_progress() -> impl FnMut(&sd_pipelines::pipeline::StepProgress<'_>) -> ControlFlow<()> {
+    |_| ControlFlow::Continue(())
+}
+
+#[test]
+fn sd15_txt2img_matches_diffusers_for_each_sampler() {
+    let m = model("sd15");
+    for label in ["sd15_txt2img_ddim", "sd15_txt2img_euler", "sd15_txt2img_dpmpp_2m_karras", "sd15_txt2img_euler_a", "sd15_txt2img_batch2"] {
+        let g = golden(label);
+        let mut noise = g.draws();
+        let out = text_to_image_with_noise(&m, &g.params(), &mut noise, &mut no_progress()).expect(label);
+        assert_eq!(noise.remaining(), 0, "{label}: every diffusers draw is used");
+        g.check(label, &out.latents, &out.images);
+    }
+}
+
+#[test]
+fn sd15_img2img_matches_diffusers() {
+    let m = model("sd15");
+    let input = golden("input_image");
+    let image = ((&input.tensors["image"] * 2.0).unwrap() - 1.0).unwrap();
+    for label in ["sd15_img2img_ddim", "sd15_img2img_euler_a"] {
+        let g = golden(label);
+        let mut noise = g.draws();
+        let strength = g.meta["strength"].as_f64().unwrap_or(0.0);
+        let out = image_to_image_with_noise(&m, &g.params(), &ImageToImage { image: &image, strength }, &mut noise, &mut no_progress())
+            .expect(label);
+        assert_eq!(noise.remaining(), 0, "{label}");
+        g.check(label, &out.latents, &out.images);
+    }
+}
+
+#[test]
+fn inpaint_matches_diffusers_for_4_and_9_channel_models() {
+    let input = golden("input_image");
+    let image = ((&input.tensors["image"] * 2.0).unwrap() - 1.0).unwrap();
+    let mask = &input.tensors["mask"];
+    for (model_name, label) in [("sd15", "sd15_inpaint4"), ("sd15-inpaint", "sd15_inpaint9")] {
+        let m = model(model_name);
+        let g = golden(label);
+        let mut noise = g.draws();
+        let strength = g.meta["strength"].as_f64().unwrap_or(0.0);
+        let out = inpaint_with_noise(&m, &g.params(), &Inpaint { image: &image, mask, strength }, &mut noise, &mut no_progress()).expect(label);
+        assert_eq!(noise.remaining(), 0, "{label}");
+        g.check(label, &out.latents, &out.images);
+    }
+}
+
+#[test]
+fn sd2_v_prediction_and_sdxl_match_diffusers() {
+    for (model_name, labels) in [("sd2", vec!["sd2_txt2img_ddim"]), ("sdxl", vec!["sdxl_txt2img_euler", "sdxl_txt2img_negative"])] {
+        let m = model(model_name);
+        for label in labels {
+            let g = golden(label);
+            let mut noise = g.draws();
+            let out = text_to_image_with_noise(&m, &g.params(), &mut noise, &mut no_progress()).expect(label);
+            g.check(label, &out.latents, &out.images);
+        }
+    }
+}
+
+#[test]
+fn cancellation_stops_within_one_step() {
+    let m = model("sd15");
+    let mut p = GenerationParams::for_model(&m, "a fox");
+    p.width = 32;
+    p.height = 32;
+    p.steps = 6;
+    let mut seen = Vec::new();
+    let r = text_to_image(&m, &p, &mut |s| {
+        seen.push(s.step);
+        if s.step == 2 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    });
+    assert!(matches!(r, Err(Error::Cancelled { step: 2, total: 6 })), "{r:?}");
+    assert_eq!(seen, vec![1, 2], "no UNet step runs after the cancel");
+}
+
+#[test]
+fn same_seed_same_bytes_other_seed_other_image() {
+    let m = model("sd15");
+    let mut p = GenerationParams::for_model(&m, "a fox");
+    (p.width, p.height, p.steps, p.seed) = (32, 32, 3, 1234);
+    p.sampler = "Euler a".parse().expect("sampler");
+    let a = text_to_image(&m, &p, &mut no_progress()).expect("run a");
+    let b = text_to_image(&m, &p, &mut no_progress()).expect("run b");
+    let bytes = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+    assert_eq!(bytes(&a.images), bytes(&b.images));
+    assert_eq!(a.seed, 1234);
+    p.seed = 1235;
+    let c = text_to_image(&m, &p, &mut no_progress()).expect("run c");
+    assert_ne!(bytes(&a.images), bytes(&c.images));
+}
+
+#[test]
+fn bad_requests_are_rejected_with_the_field_named() {
+    let m = model("sd15");
+    let base = {
+        let mut p = GenerationParams::for_model(&m, "");
+        (p.width, p.height, p.steps) = (32, 32, 2);
+        p
+    };
+    let field_of = |r: sd_pipelines::Result<sd_pipelines::pipeline::GenerationOutput>| match r {
+        Err(Error::InvalidRequest { field, .. }) => field,
+        other => panic!("expected InvalidRequest, got {other:?}"),
+    };
+    let run = |p: &GenerationParams| text_to_image(&m, p, &mut no_progress());
+    let mut p = base.clone();
+    p.steps = 0;
+    assert_eq!(field_of(run(&p)), "steps");
+    let mut p = base.clone();
+    p.width = 36;
+    assert_eq!(field_of(run(&p)), "width");
+    let mut p = base.clone();
+    p.height = 1 << 20;
+    assert_eq!(field_of(run(&p)), "height");
+    let mut p = base.clone();
+    p.batch_size = 0;
+    assert_eq!(field_of(run(&p)), "batch_size");
+    // An empty prompt is allowed.
+    assert!(run(&base).is_ok());
+
+    let image = Tensor::zeros((1, 3, 32, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+    for strength in [-0.1, 1.5, f64::NAN] {
+        let r = sd_pipelines::pipeline::image_to_image(&m, &base, &ImageToImage { image: &image, strength }, &mut no_progress());
+        assert_eq!(field_of(r), "strength");
+    }
+    let small_mask = Tensor::zeros((1, 1, 16, 16), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let r = sd_pipelines::pipeline::inpaint(&m, &base, &Inpaint { image: &image, mask: &small_mask, strength: 1.0 }, &mut no_progress());
+    assert_eq!(field_of(r), "mask");
+    assert!(matches!("Nonsense Sampler".parse::<Sampler>(), Err(Error::UnknownSampler { .. })));
+}

@@ -1,0 +1,181 @@
+//! Shared command-line plumbing for the workspace examples (not published): model/device/dtype
+//! arguments, the generation arguments every example takes, and an indicatif progress bar.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use clap::Args;
+use sd_models::loader::{load, LoadOptions, StableDiffusionModels};
+use sd_models::SdVariant;
+use sd_pipelines::image_io::{a1111_parameters, save_png, tensor_to_images};
+use sd_pipelines::pipeline::{GenerationOutput, GenerationParams, StepProgress};
+use sd_pipelines::schedulers::Sampler;
+
+/// Boxed error for example `main`s.
+pub type AnyResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Where the model comes from and how it is placed.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// A diffusers folder, a single-file `.safetensors` checkpoint, or (feature `hub`) `hub:<repo id>`.
+    #[arg(long, short = 'm')]
+    pub model: String,
+    /// Force a variant (sd15, sd15-inpaint, sd21, sd2-inpaint, sd-turbo, sdxl, sdxl-inpaint, sdxl-turbo); default: detect.
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// Weight dtype: f32, f16 or bf16 (default: f32 on CPU, f16 on GPUs).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Run on the CPU even when a GPU backend is compiled in.
+    #[arg(long)]
+    pub cpu: bool,
+}
+
+/// The generation settings every example shares.
+#[derive(Debug, Args)]
+pub struct GenArgs {
+    /// The prompt (A1111 weights like `(word:1.3)` and `BREAK` work).
+    #[arg(long, short = 'p', default_value = "")]
+    pub prompt: String,
+    /// The negative prompt.
+    #[arg(long, short = 'n', default_value = "")]
+    pub negative: String,
+    /// Sampling steps (default: the model's).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Sampler, A1111 names accepted: "Euler a", "DPM++ 2M Karras", "DDIM", "UniPC", …
+    #[arg(long, default_value = "Euler")]
+    pub sampler: String,
+    /// Guidance scale (default: the model's; ≤ 1 disables guidance).
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// Seed (default: random).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Width in pixels (default: the model's).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Height in pixels (default: the model's).
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Images to generate.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Clip skip, A1111 style (1 = last layer).
+    #[arg(long, default_value_t = 1)]
+    pub clip_skip: usize,
+    /// Output PNG (with `-N` appended for batches).
+    #[arg(long, short = 'o', default_value = "out.png")]
+    pub output: PathBuf,
+}
+
+/// Picks the device: CUDA or Metal when compiled in and available, unless `cpu`.
+pub fn device(cpu: bool) -> AnyResult<Device> {
+    if cpu {
+        return Ok(Device::Cpu);
+    }
+    if candle_core::utils::cuda_is_available() {
+        return Ok(Device::new_cuda(0)?);
+    }
+    if candle_core::utils::metal_is_available() {
+        return Ok(Device::new_metal(0)?);
+    }
+    Ok(Device::Cpu)
+}
+
+/// Parses `f32`/`f16`/`bf16`.
+pub fn parse_dtype(s: &str) -> AnyResult<DType> {
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "f32" | "fp32" | "float32" => DType::F32,
+        "f16" | "fp16" | "float16" | "half" => DType::F16,
+        "bf16" | "bfloat16" => DType::BF16,
+        other => return Err(format!("unknown dtype {other:?}: use f32, f16 or bf16").into()),
+    })
+}
+
+/// Loads the model the arguments name.
+pub fn load_model(args: &ModelArgs) -> AnyResult<StableDiffusionModels> {
+    let variant = match &args.variant {
+        Some(v) => Some(SdVariant::from_name(v).ok_or_else(|| format!("unknown variant {v:?}"))?),
+        None => None,
+    };
+    let opts = LoadOptions {
+        variant,
+        dtype: args.dtype.as_deref().map(parse_dtype).transpose()?,
+        device: device(args.cpu)?,
+        ..LoadOptions::default()
+    };
+    #[cfg(feature = "hub")]
+    if let Some(repo) = args.model.strip_prefix("hub:") {
+        return Ok(sd_models::loader::load_from_hub(repo, None, &opts)?);
+    }
+    if args.model.starts_with("hub:") {
+        return Err("hub ids need the `hub` feature: cargo run --features hub --example …".into());
+    }
+    Ok(load(Path::new(&args.model), &opts)?)
+}
+
+/// Generation parameters from the arguments, with the model's defaults filling the gaps.
+pub fn params(models: &StableDiffusionModels, g: &GenArgs) -> AnyResult<GenerationParams> {
+    let mut p = GenerationParams::for_model(models, g.prompt.clone());
+    p.negative_prompt = g.negative.clone();
+    p.steps = g.steps.unwrap_or(p.steps);
+    p.guidance_scale = g.guidance.unwrap_or(p.guidance_scale);
+    p.width = g.width.unwrap_or(p.width);
+    p.height = g.height.unwrap_or(p.height);
+    p.batch_size = g.batch;
+    p.clip_skip = g.clip_skip;
+    p.sampler = g.sampler.parse::<Sampler>()?;
+    p.seed = g.seed.unwrap_or_else(random_seed);
+    Ok(p)
+}
+
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.finish() >> 11
+}
+
+/// A progress callback that drives an indicatif bar (and never cancels).
+pub fn progress_bar(total: usize) -> impl FnMut(&StepProgress<'_>) -> ControlFlow<()> {
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} steps ({per_sec}, eta {eta})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    move |s: &StepProgress<'_>| {
+        bar.set_length(s.total as u64);
+        bar.set_position(s.step as u64);
+        if s.step == s.total {
+            bar.finish();
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// Writes every image of a run as PNG with A1111 `parameters` metadata; returns the paths.
+pub fn save_outputs(out: &GenerationOutput, p: &GenerationParams, model: &str, path: &Path, extra: &[(&str, String)]) -> AnyResult<Vec<PathBuf>> {
+    let images = tensor_to_images(&out.images)?;
+    let mut paths = Vec::new();
+    for (i, img) in images.iter().enumerate() {
+        let mut params = p.clone();
+        params.seed = out.seed;
+        let text = a1111_parameters(&params, model, extra);
+        let target = if images.len() == 1 {
+            path.to_path_buf()
+        } else {
+            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("out");
+            path.with_file_name(format!("{stem}-{i}.png"))
+        };
+        save_png(img, &target, Some(&text))?;
+        paths.push(target);
+    }
+    Ok(paths)
+}
+
+/// The model's name for metadata: the file or folder name.
+pub fn model_name(model: &str) -> String {
+    Path::new(model).file_stem().and_then(|s| s.to_str()).unwrap_or(model).to_string()
+}
