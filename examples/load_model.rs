@@ -107,6 +107,7 @@ fn run(args: Args) -> Result<(), String> {
         device: pick_device(args.cpu)?,
         config,
         prefer_fp16_files: args.dtype.as_deref().is_some_and(|d| d.contains("16")),
+        backend_hook: None,
     };
     let start = Instant::now();
     let models = loader::load(&args.path, &opts).map_err(|e| e.to_string())?;

@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use clap::Args;
 use sd_models::loader::{load, LoadOptions, StableDiffusionModels};
+use sd_lora::LoraSet;
 use sd_models::SdVariant;
 use sd_pipelines::image_io::{a1111_parameters, save_png, tensor_to_images};
-use sd_pipelines::pipeline::{GenerationOutput, GenerationParams, StepProgress};
+use sd_pipelines::pipeline::{GenerationOutput, GenerationParams, NoiseKind, StepProgress};
 use sd_pipelines::schedulers::Sampler;
 
 /// Boxed error for example `main`s.
@@ -30,6 +31,9 @@ pub struct ModelArgs {
     /// Run on the CPU even when a GPU backend is compiled in.
     #[arg(long)]
     pub cpu: bool,
+    /// A LoRA to merge, as `path.safetensors[:strength]` (strength defaults to 1, may be negative); repeatable.
+    #[arg(long = "lora", value_name = "PATH[:STRENGTH]")]
+    pub loras: Vec<String>,
 }
 
 /// The generation settings every example shares.
@@ -65,6 +69,10 @@ pub struct GenArgs {
     /// Clip skip, A1111 style (1 = last layer).
     #[arg(long, default_value_t = 1)]
     pub clip_skip: usize,
+    /// Noise generator behind the seed: `philox` (same image on every device) or `torch`
+    /// (PyTorch's CPU generator: a diffusers seed reproduces its image).
+    #[arg(long, default_value = "philox")]
+    pub noise: String,
     /// Output PNG (with `-N` appended for batches).
     #[arg(long, short = 'o', default_value = "out.png")]
     pub output: PathBuf,
@@ -100,12 +108,29 @@ pub fn load_model(args: &ModelArgs) -> AnyResult<StableDiffusionModels> {
         Some(v) => Some(SdVariant::from_name(v).ok_or_else(|| format!("unknown variant {v:?}"))?),
         None => None,
     };
+    let loras = LoraSet::from_specs(&args.loras).map_err(|e| e.to_string())?;
     let opts = LoadOptions {
         variant,
         dtype: args.dtype.as_deref().map(parse_dtype).transpose()?,
         device: device(args.cpu)?,
+        backend_hook: (!loras.is_empty()).then(|| loras.backend_hook()),
         ..LoadOptions::default()
     };
+    let models = load_with(args, &opts)?;
+    for a in loras.report().adapters {
+        eprintln!(
+            "LoRA {} (strength {}): {} modules merged{}",
+            a.path.display(),
+            a.strength,
+            a.applied.len(),
+            if a.unmatched.is_empty() { String::new() } else { format!(", {} unmatched (ignored)", a.unmatched.len()) }
+        );
+    }
+    Ok(models)
+}
+
+fn load_with(args: &ModelArgs, opts: &LoadOptions) -> AnyResult<StableDiffusionModels> {
+    let opts = opts.clone();
     #[cfg(feature = "hub")]
     if let Some(repo) = args.model.strip_prefix("hub:") {
         return Ok(sd_models::loader::load_from_hub(repo, None, &opts)?);
@@ -128,6 +153,11 @@ pub fn params(models: &StableDiffusionModels, g: &GenArgs) -> AnyResult<Generati
     p.clip_skip = g.clip_skip;
     p.sampler = g.sampler.parse::<Sampler>()?;
     p.seed = g.seed.unwrap_or_else(random_seed);
+    p.noise = match g.noise.as_str() {
+        "philox" => NoiseKind::Philox,
+        "torch" => NoiseKind::Torch,
+        other => return Err(format!("unknown --noise {other:?}: use philox or torch").into()),
+    };
     Ok(p)
 }
 

@@ -29,11 +29,47 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_str(&text).map_err(|e| Error::InvalidConfig { path: path.to_path_buf(), reason: e.to_string() })
 }
 
+/// diffusers UNet options this UNet does not implement, with the values that mean "off". A config
+/// that turns one on would otherwise load and silently compute something else.
+const UNSUPPORTED_UNET_OPTIONS: &[(&str, &[&str])] = &[
+    ("time_cond_proj_dim", &["null"]),
+    ("class_embed_type", &["null"]),
+    ("encoder_hid_dim", &["null"]),
+    ("encoder_hid_dim_type", &["null"]),
+    ("addition_embed_type_num_heads", &["null", "64"]),
+    ("resnet_time_scale_shift", &["\"default\""]),
+    ("conv_in_kernel", &["3"]),
+    ("conv_out_kernel", &["3"]),
+    ("mid_block_type", &["\"UNetMidBlock2DCrossAttn\""]),
+    ("only_cross_attention", &["false"]),
+    ("dual_cross_attention", &["false"]),
+    ("num_class_embeds", &["null"]),
+    ("time_embedding_type", &["\"positional\""]),
+    ("timestep_post_act", &["null"]),
+    ("time_embedding_act_fn", &["null"]),
+    ("mid_block_only_cross_attention", &["null", "false"]),
+    ("cross_attention_norm", &["null"]),
+    ("attention_type", &["\"default\""]),
+    ("reverse_transformer_layers_per_block", &["null"]),
+];
+
 /// Reads a diffusers `unet/config.json`.
 pub fn read_unet_config(path: &Path) -> Result<UNetConfig> {
-    let cfg: UNetConfig = read_json(path)?;
-    let n = cfg.block_out_channels.len();
+    let raw: serde_json::Value = read_json(path)?;
     let invalid = |reason: String| Error::InvalidConfig { path: path.to_path_buf(), reason };
+    for (key, allowed) in UNSUPPORTED_UNET_OPTIONS {
+        if let Some(value) = raw.get(*key) {
+            let text = value.to_string();
+            if !allowed.contains(&text.as_str()) {
+                return Err(invalid(format!(
+                    "{key} = {text} is not supported by this UNet (supported: {}); is this an LCM/UnCLIP/Kandinsky-style model rather than SD 1.x/2.x/XL?",
+                    allowed.join(" or ")
+                )));
+            }
+        }
+    }
+    let cfg: UNetConfig = serde_json::from_value(raw).map_err(|e| invalid(e.to_string()))?;
+    let n = cfg.block_out_channels.len();
     if n == 0 || cfg.down_block_types.len() != n || cfg.up_block_types.len() != n {
         return Err(invalid(format!(
             "block_out_channels ({n}), down_block_types ({}) and up_block_types ({}) must have the same non-zero length",

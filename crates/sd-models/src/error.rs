@@ -112,6 +112,10 @@ pub enum Error {
     #[error("invalid input: {0}")]
     InvalidInput(String),
 
+    /// A [`crate::loader::BackendHook`] (LoRA merging and other weight patches) refused the model.
+    #[error("{0}")]
+    Extension(Box<dyn std::error::Error + Send + Sync>),
+
     /// Resolving or downloading from the Hugging Face hub failed.
     #[error("hub error for {repo}: {reason}; check the repo id and your network, or download the files and pass a local path")]
     Hub {

@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
 use crate::clip::ClipTextModel;
@@ -20,8 +22,14 @@ use crate::vae::AutoencoderKL;
 use crate::variant::{ModelConfig, ModelFamily, SdVariant};
 use crate::{Error, Result};
 
+/// Wraps the weight source of one component before its model is built (LoRA merging, weight
+/// patching), so extensions change weights without touching model code. Called once per component
+/// with the component, the resolved model config and the backend serving diffusers names.
+pub type BackendHook =
+    Arc<dyn Fn(Component, &ModelConfig, Box<dyn SimpleBackend>) -> Result<Box<dyn SimpleBackend>> + Send + Sync>;
+
 /// How to load a model.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LoadOptions {
     /// Force a variant instead of detecting it (needed to pick the turbo variants); must agree with
     /// the weights' family and inpainting-ness.
@@ -35,11 +43,48 @@ pub struct LoadOptions {
     pub config: Option<ModelConfig>,
     /// In diffusers folders, load `*.fp16.safetensors` when both variants are present.
     pub prefer_fp16_files: bool,
+    /// Wraps each component's weight backend (folders and single files alike); see [`BackendHook`].
+    pub backend_hook: Option<BackendHook>,
+}
+
+impl std::fmt::Debug for LoadOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadOptions")
+            .field("variant", &self.variant)
+            .field("dtype", &self.dtype)
+            .field("device", &self.device)
+            .field("config", &self.config)
+            .field("prefer_fp16_files", &self.prefer_fp16_files)
+            .field("backend_hook", &self.backend_hook.as_ref().map(|_| "<hook>"))
+            .finish()
+    }
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { variant: None, dtype: None, device: Device::Cpu, config: None, prefer_fp16_files: false }
+        Self {
+            variant: None,
+            dtype: None,
+            device: Device::Cpu,
+            config: None,
+            prefer_fp16_files: false,
+            backend_hook: None,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// Passes `backend` through the hook, if any.
+    fn wrap(
+        &self,
+        c: Component,
+        config: &ModelConfig,
+        backend: Box<dyn SimpleBackend>,
+    ) -> Result<Box<dyn SimpleBackend>> {
+        match &self.backend_hook {
+            Some(hook) => hook(c, config, backend),
+            None => Ok(backend),
+        }
     }
 }
 
@@ -286,9 +331,10 @@ pub fn load_diffusers_folder(dir: &Path, opts: &LoadOptions) -> Result<StableDif
         }
         let d = if c == Component::Vae { vae_dtype } else { dtype };
         // SAFETY: read-only mapping; the files must not be truncated while the model is loading.
-        let builder = unsafe { VarBuilder::from_mmaped_safetensors(&files, d, &opts.device) }
+        let st = unsafe { MmapedSafetensors::multi(&files) }
             .map_err(|e| Error::InvalidSafetensors { path: folder.component_dir(c), reason: e.to_string() })?;
-        vb.insert(c, builder);
+        let backend = opts.wrap(c, &config, Box::new(st))?;
+        vb.insert(c, VarBuilder::from_backend(backend, d, opts.device.clone()));
     }
     let on_err = |c: Component, e: candle_core::Error| classify(e, c, &folder.component_dir(c));
     let parts = build_components(Builders { vb }, &config, &on_err)?;
@@ -357,7 +403,8 @@ pub fn load_single_file(path: &Path, opts: &LoadOptions) -> Result<StableDiffusi
         let backend = SingleFileBackend::new(file.clone(), c, keymap.clone());
         slots.insert(c, backend.error_slot());
         let d = if c == Component::Vae { vae_dtype } else { dtype };
-        vb.insert(c, VarBuilder::from_backend(Box::new(backend), d, opts.device.clone()));
+        let backend = opts.wrap(c, &config, Box::new(backend))?;
+        vb.insert(c, VarBuilder::from_backend(backend, d, opts.device.clone()));
     }
     let on_err = |c: Component, e: candle_core::Error| {
         slots.get(&c).and_then(|s| take_error(s, &e)).unwrap_or_else(|| classify(e, c, path))

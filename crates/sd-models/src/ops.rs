@@ -488,8 +488,9 @@ mod tests {
         let h = x.narrow(2, 0, 4)?;
         let g = x.narrow(2, 4, 4)?;
         let e = (h * g.gelu_erf()?)?;
-        assert!(max_diff(&geglu(&x)?, &e)? < 1e-6);
-        assert!(max_diff(&silu(&x)?, &candle_nn::ops::silu(&x)?)? < 1e-6);
+        // Values reach ~16 here, where one f32 ulp is ~2e-6: compare at a few ulps.
+        assert!(max_diff(&geglu(&x)?, &e)? < 1e-5);
+        assert!(max_diff(&silu(&x)?, &candle_nn::ops::silu(&x)?)? < 1e-5);
         Ok(())
     }
 

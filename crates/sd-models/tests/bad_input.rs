@@ -193,3 +193,20 @@ fn unsupported_dtype() {
     assert!(matches!(e, Error::UnsupportedDtype { .. }), "{e:?}");
     assert!(msg.contains("U8"), "{msg}");
 }
+
+/// A UNet config that turns on a diffusers option this UNet does not implement (here LCM's
+/// `time_cond_proj_dim`) is refused instead of loading and computing something else.
+#[test]
+fn unsupported_unet_option_is_refused() {
+    let d = scratch("lcm-unet");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("sd15/unet/config.json")).expect("read")).expect("json");
+    cfg["time_cond_proj_dim"] = serde_json::json!(256);
+    std::fs::write(d.join("config.json"), cfg.to_string()).expect("write");
+    let e = sd_models::diffusers::read_unet_config(&d.join("config.json")).expect_err("must refuse");
+    let msg = e.to_string();
+    assert!(matches!(e, Error::InvalidConfig { .. }) && msg.contains("time_cond_proj_dim"), "{msg}");
+    // The unmodified fixture config is accepted.
+    assert!(sd_models::diffusers::read_unet_config(&fixture("sd15/unet/config.json")).is_ok());
+    let _ = std::fs::remove_dir_all(d);
+}

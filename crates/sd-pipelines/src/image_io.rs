@@ -120,10 +120,10 @@ pub fn read_png_parameters(bytes: &[u8]) -> Result<Option<String>> {
     if let Some(t) = info.uncompressed_latin1_text.iter().find(|t| t.keyword == "parameters") {
         return Ok(Some(t.text.clone()));
     }
-    for t in info.utf8_text.iter().filter(|t| t.keyword == "parameters") {
-        return Ok(Some(t.get_text().map_err(|e| Error::Image(e.to_string()))?));
+    match info.utf8_text.iter().find(|t| t.keyword == "parameters") {
+        Some(t) => Ok(Some(t.get_text().map_err(|e| Error::Image(e.to_string()))?)),
+        None => Ok(None),
     }
-    Ok(None)
 }
 
 /// Writes an RGB image to a PNG file with `parameters` metadata.

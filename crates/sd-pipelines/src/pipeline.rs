@@ -11,6 +11,7 @@ use crate::conditioning::{build_conditioning, Conditioning};
 use crate::error::{Error, Result};
 use crate::schedulers::{
     build_scheduler, NoiseSource, PredictionType, Sampler, SamplerKind, Scheduler, SchedulerConfig, SeededNoise, TimestepSpacing,
+    TorchCpuNoise,
 };
 
 /// Largest image side accepted, in pixels; beyond it a request is rejected before any allocation.
@@ -22,6 +23,27 @@ pub const MAX_STEPS: usize = 1000;
 /// Above this many latent pixels the VAE decodes/encodes in tiles unless told otherwise
 /// (128×128 latents = 1024² images for SD).
 pub const AUTO_TILE_LATENT_PIXELS: usize = 128 * 128;
+
+/// Which generator turns the seed into noise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NoiseKind {
+    /// Philox on the CPU: the same image for a seed on every device and platform.
+    #[default]
+    Philox,
+    /// PyTorch's CPU generator: the same noise as diffusers with `torch.Generator("cpu").manual_seed(seed)`,
+    /// so a diffusers seed reproduces its image.
+    Torch,
+}
+
+impl NoiseKind {
+    /// The noise source for `seed`.
+    pub fn source(self, seed: u64) -> Box<dyn NoiseSource> {
+        match self {
+            NoiseKind::Philox => Box::new(SeededNoise::new(seed)),
+            NoiseKind::Torch => Box::new(TorchCpuNoise::new(seed)),
+        }
+    }
+}
 
 /// What to generate: the fields every operation shares.
 #[derive(Debug, Clone)]
@@ -48,6 +70,8 @@ pub struct GenerationParams {
     pub clip_skip: usize,
     /// Decode (and encode) through the VAE in tiles: `None` decides from the image size.
     pub vae_tiling: Option<bool>,
+    /// Generator behind the seed.
+    pub noise: NoiseKind,
 }
 
 impl GenerationParams {
@@ -66,6 +90,7 @@ impl GenerationParams {
             sampler: Sampler::from(SamplerKind::Euler),
             clip_skip: 1,
             vae_tiling: None,
+            noise: NoiseKind::Philox,
         }
     }
 }
@@ -222,8 +247,7 @@ fn check_strength(strength: f64) -> Result<()> {
 
 /// Generates images from a prompt.
 pub fn text_to_image(models: &StableDiffusionModels, p: &GenerationParams, progress: &mut ProgressFn<'_>) -> Result<GenerationOutput> {
-    let mut noise = SeededNoise::new(p.seed);
-    text_to_image_with_noise(models, p, &mut noise, progress)
+    text_to_image_with_noise(models, p, p.noise.source(p.seed).as_mut(), progress)
 }
 
 /// [`text_to_image`] drawing every random tensor from `noise` (tests replay diffusers' draws).
@@ -250,8 +274,7 @@ pub fn image_to_image(
     input: &ImageToImage<'_>,
     progress: &mut ProgressFn<'_>,
 ) -> Result<GenerationOutput> {
-    let mut noise = SeededNoise::new(p.seed);
-    image_to_image_with_noise(models, p, input, &mut noise, progress)
+    image_to_image_with_noise(models, p, input, p.noise.source(p.seed).as_mut(), progress)
 }
 
 /// [`image_to_image`] drawing every random tensor from `noise`.
@@ -280,8 +303,7 @@ pub fn image_to_image_with_noise(
 /// masked image as extra UNet input, as diffusers feeds them; ordinary 4-channel models blend the
 /// re-noised original into the unmasked area after every step.
 pub fn inpaint(models: &StableDiffusionModels, p: &GenerationParams, input: &Inpaint<'_>, progress: &mut ProgressFn<'_>) -> Result<GenerationOutput> {
-    let mut noise = SeededNoise::new(p.seed);
-    inpaint_with_noise(models, p, input, &mut noise, progress)
+    inpaint_with_noise(models, p, input, p.noise.source(p.seed).as_mut(), progress)
 }
 
 /// What the denoising loop needs for inpainting.

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use sd_models::loader::{load, LoadOptions, StableDiffusionModels};
 use sd_pipelines::pipeline::{
-    image_to_image_with_noise, inpaint_with_noise, text_to_image, text_to_image_with_noise, GenerationParams, ImageToImage, Inpaint,
+    image_to_image, image_to_image_with_noise, inpaint_with_noise, text_to_image, text_to_image_with_noise, GenerationParams, ImageToImage,
+    Inpaint, NoiseKind,
 };
 use sd_pipelines::schedulers::{NoiseQueue, Sampler};
 use sd_pipelines::Error;
@@ -59,6 +60,7 @@ impl Golden {
             sampler: sampler.parse::<Sampler>().expect("sampler name"),
             clip_skip: 1,
             vae_tiling: Some(false),
+            noise: NoiseKind::Philox,
         }
     }
 
@@ -211,4 +213,24 @@ fn bad_requests_are_rejected_with_the_field_named() {
     let r = sd_pipelines::pipeline::inpaint(&m, &base, &Inpaint { image: &image, mask: &small_mask, strength: 1.0 }, &mut no_progress());
     assert_eq!(field_of(r), "mask");
     assert!(matches!("Nonsense Sampler".parse::<Sampler>(), Err(Error::UnknownSampler { .. })));
+}
+
+/// With the torch-compatible generator, the seed alone reproduces diffusers' run: no injected draws.
+#[test]
+fn torch_noise_seed_reproduces_diffusers_runs() {
+    let m = model("sd15");
+    for label in ["sd15_txt2img_euler_a", "sd15_txt2img_dpmpp_2m_karras"] {
+        let g = golden(label);
+        let mut p = g.params();
+        p.noise = NoiseKind::Torch;
+        let out = text_to_image(&m, &p, &mut no_progress()).expect(label);
+        g.check(label, &out.latents, &out.images);
+    }
+    let input = golden("input_image");
+    let image = ((&input.tensors["image"] * 2.0).unwrap() - 1.0).unwrap();
+    let g = golden("sd15_img2img_euler_a");
+    let mut p = g.params();
+    p.noise = NoiseKind::Torch;
+    let out = image_to_image(&m, &p, &ImageToImage { image: &image, strength: 0.6 }, &mut no_progress()).expect("img2img");
+    g.check("sd15_img2img_euler_a (torch seed)", &out.latents, &out.images);
 }

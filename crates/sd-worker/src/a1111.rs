@@ -1,0 +1,247 @@
+//! The AUTOMATIC1111 web UI API subset front ends use: txt2img, img2img, progress with the current
+//! preview, interrupt, samplers, schedulers, models and options. Field names and defaults follow
+//! A1111's `StableDiffusionProcessing*` API models.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Query, State};
+use axum::Json;
+use sd_pipelines::schedulers::SamplerKind;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::api::{blocking, body_bytes, run_sync, St};
+use crate::error::{ApiError, JobError};
+use crate::jobs::{unix_now, JobResult};
+use crate::request::{build_job, decode_image, from_value, parse_json_object, CommonInput, FieldNames, OpInput};
+use crate::state::{AppState, ModelInfo};
+
+const NAMES: FieldNames = FieldNames {
+    width: "width",
+    height: "height",
+    steps: "steps",
+    guidance: "cfg_scale",
+    sampler: "sampler_name",
+    schedule: "scheduler",
+    batch: "batch_size",
+    clip_skip: "override_settings.CLIP_stop_at_last_layers",
+    strength: "denoising_strength",
+    seed: "seed",
+};
+
+/// A1111 API defaults.
+const DEFAULT_STEPS: u64 = 50;
+const DEFAULT_CFG: f64 = 7.0;
+const DEFAULT_SIZE: u64 = 512;
+const DEFAULT_SAMPLER: &str = "Euler";
+const DEFAULT_DENOISING: f64 = 0.75;
+
+/// The fields of `/sdapi/v1/txt2img` and `/sdapi/v1/img2img` this worker honours (others are accepted and ignored).
+#[derive(Debug, Deserialize)]
+struct A1111Request {
+    prompt: Option<String>,
+    negative_prompt: Option<String>,
+    seed: Option<i64>,
+    sampler_name: Option<String>,
+    sampler_index: Option<String>,
+    scheduler: Option<String>,
+    batch_size: Option<u64>,
+    n_iter: Option<u64>,
+    steps: Option<u64>,
+    cfg_scale: Option<f64>,
+    width: Option<u64>,
+    height: Option<u64>,
+    override_settings: Option<Map<String, Value>>,
+    send_images: Option<bool>,
+    // img2img
+    init_images: Option<Vec<String>>,
+    mask: Option<String>,
+    denoising_strength: Option<f64>,
+    inpainting_mask_invert: Option<u64>,
+}
+
+fn common(r: &A1111Request) -> Result<CommonInput, ApiError> {
+    let batch = r.batch_size.unwrap_or(1);
+    let n_iter = r.n_iter.unwrap_or(1);
+    if n_iter == 0 {
+        return Err(ApiError::invalid("n_iter", "must be at least 1"));
+    }
+    let clip_skip = match r.override_settings.as_ref().and_then(|o| o.get("CLIP_stop_at_last_layers")) {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(v.as_u64().ok_or_else(|| ApiError::invalid(NAMES.clip_skip, "expected a positive integer"))?),
+    };
+    Ok(CommonInput {
+        prompt: r.prompt.clone().unwrap_or_default(),
+        negative_prompt: r.negative_prompt.clone().unwrap_or_default(),
+        width: Some(r.width.unwrap_or(DEFAULT_SIZE)),
+        height: Some(r.height.unwrap_or(DEFAULT_SIZE)),
+        steps: Some(r.steps.unwrap_or(DEFAULT_STEPS)),
+        guidance_scale: Some(r.cfg_scale.unwrap_or(DEFAULT_CFG)),
+        seed: r.seed,
+        sampler: Some(r.sampler_name.clone().or_else(|| r.sampler_index.clone()).unwrap_or_else(|| DEFAULT_SAMPLER.into())),
+        schedule: r.scheduler.clone(),
+        // n_iter batches run as one larger batch.
+        batch: Some(batch.saturating_mul(n_iter)),
+        clip_skip,
+        loras: Vec::new(),
+        noise: None,
+    })
+}
+
+fn response(result: &JobResult, request: Value, model: &ModelInfo, send_images: bool) -> Json<Value> {
+    let p = &result.parameters;
+    let n = result.images.len();
+    let info = json!({
+        "prompt": p["prompt"],
+        "all_prompts": vec![p["prompt"].clone(); n],
+        "negative_prompt": p["negative_prompt"],
+        "all_negative_prompts": vec![p["negative_prompt"].clone(); n],
+        "seed": result.seed,
+        "all_seeds": vec![result.seed; n],
+        "subseed": -1,
+        "all_subseeds": vec![-1; n],
+        "subseed_strength": 0,
+        "width": p["width"],
+        "height": p["height"],
+        "sampler_name": p["sampler"],
+        "cfg_scale": p["guidance_scale"],
+        "steps": p["steps"],
+        "batch_size": n,
+        "restore_faces": false,
+        "sd_model_name": model.name,
+        "sd_model_hash": Value::Null,
+        "denoising_strength": p["strength"],
+        "clip_skip": p["clip_skip"],
+        "infotexts": vec![result.infotext.clone(); n],
+        "styles": [],
+        "job_timestamp": unix_now().to_string(),
+        "is_using_inpainting_conditioning": model.is_inpaint && p["operation"] == "image_inpaint",
+    });
+    let images: &[String] = if send_images { &result.images } else { &[] };
+    Json(json!({"images": images, "parameters": request, "info": info.to_string()}))
+}
+
+async fn run(st: Arc<AppState>, body: Bytes, img2img: bool) -> Result<Json<Value>, ApiError> {
+    let model = st.ready_model()?;
+    let (st2, model2) = (st.clone(), model.clone());
+    let (spec, params, request, send_images) = blocking(move || {
+        let obj = parse_json_object(&body)?;
+        let request = Value::Object(obj.clone());
+        let r: A1111Request = from_value(Value::Object(obj))?;
+        let input = common(&r)?;
+        let op = if img2img {
+            let first = r.init_images.as_ref().and_then(|v| v.first()).ok_or_else(|| ApiError::invalid("init_images", "missing; send one base64 image"))?;
+            let image = decode_image("init_images[0]", first)?;
+            match r.mask.as_deref().filter(|m| !m.is_empty()) {
+                Some(m) => {
+                    let mut mask = decode_image("mask", m)?;
+                    if r.inpainting_mask_invert.unwrap_or(0) == 1 {
+                        mask.invert();
+                    }
+                    OpInput::Inpaint { image, image_field: "init_images[0]", mask, mask_field: "mask", strength: Some(r.denoising_strength.unwrap_or(DEFAULT_DENOISING)) }
+                }
+                None => OpInput::Transform { image, image_field: "init_images[0]", strength: Some(r.denoising_strength.unwrap_or(DEFAULT_DENOISING)) },
+            }
+        } else {
+            OpInput::Generation
+        };
+        let (spec, params) = build_job(&st2, &model2, input, &NAMES, op)?;
+        Ok((spec, params, request, r.send_images.unwrap_or(true)))
+    })
+    .await?;
+    let result = run_sync(&st, spec, params).await?;
+    Ok(response(&result, request, &model, send_images))
+}
+
+/// `POST /sdapi/v1/txt2img`.
+pub async fn txt2img(State(st): St, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    let body = body_bytes(&st, body)?;
+    run(st, body, false).await
+}
+
+/// `POST /sdapi/v1/img2img` (inpainting when `mask` is set; white repaints, as in A1111).
+pub async fn img2img(State(st): St, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    let body = body_bytes(&st, body)?;
+    run(st, body, true).await
+}
+
+/// Query of `/sdapi/v1/progress`.
+#[derive(Debug, Deserialize)]
+pub struct ProgressQuery {
+    skip_current_image: Option<bool>,
+}
+
+/// `GET /sdapi/v1/progress`: the running job's progress and current preview.
+pub async fn progress(State(st): St, q: Result<Query<ProgressQuery>, QueryRejection>) -> Json<Value> {
+    let skip_image = q.ok().and_then(|Query(q)| q.skip_current_image).unwrap_or(false);
+    let waiting = st.queue_depth();
+    let Some(job) = st.current() else {
+        return Json(json!({
+            "progress": 0.0, "eta_relative": 0.0,
+            "state": {"skipped": false, "interrupted": false, "stopping_generation": false, "job": "", "job_count": waiting,
+                      "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0},
+            "current_image": Value::Null, "textinfo": Value::Null, "current_task": Value::Null,
+        }));
+    };
+    let (step, total, preview, started) = job.with_inner(|g| {
+        (g.progress.map_or(0, |p| p.step), g.progress.map_or(0, |p| p.total), g.preview.as_ref().map(|p| p.image.clone()), g.started_at)
+    });
+    let fraction = if total == 0 { 0.0 } else { step as f64 / total as f64 };
+    let elapsed = started.map_or(0.0, |s| unix_now().saturating_sub(s) as f64);
+    let eta = if fraction > 0.0 { elapsed * (1.0 - fraction) / fraction } else { 0.0 };
+    Json(json!({
+        "progress": fraction,
+        "eta_relative": eta,
+        "state": {"skipped": false, "interrupted": job.cancel_requested(), "stopping_generation": false, "job": job.id,
+                  "job_count": waiting + 1, "job_timestamp": job.created_at.to_string(), "job_no": 0,
+                  "sampling_step": step, "sampling_steps": total},
+        "current_image": if skip_image { Value::Null } else { preview.map_or(Value::Null, Value::String) },
+        "textinfo": Value::Null,
+        "current_task": job.id,
+    }))
+}
+
+/// `POST /sdapi/v1/interrupt`: stops the running job within one step.
+pub async fn interrupt(State(st): St) -> Json<Value> {
+    if let Some(job) = st.current() {
+        st.cancel(&job, JobError::new("cancelled", "interrupted"));
+    }
+    Json(json!({}))
+}
+
+/// `GET /sdapi/v1/samplers`.
+pub async fn samplers() -> Json<Value> {
+    let mut out = Vec::new();
+    for k in SamplerKind::ALL {
+        out.push(json!({"name": k.display_name(), "aliases": [k.id()], "options": {}}));
+        if k.supports_sigma_schedules() {
+            out.push(json!({"name": format!("{} Karras", k.display_name()), "aliases": [format!("{}_karras", k.id())], "options": {"scheduler": "karras"}}));
+        }
+    }
+    Json(Value::Array(out))
+}
+
+/// `GET /sdapi/v1/schedulers`.
+pub async fn schedulers() -> Json<Value> {
+    Json(json!([
+        {"name": "automatic", "label": "Automatic", "aliases": Value::Null, "default_rho": -1, "need_inner_model": false},
+        {"name": "karras", "label": "Karras", "aliases": Value::Null, "default_rho": 7.0, "need_inner_model": false},
+        {"name": "exponential", "label": "Exponential", "aliases": Value::Null, "default_rho": -1, "need_inner_model": false},
+    ]))
+}
+
+/// `GET /sdapi/v1/sd-models`: the one loaded model.
+pub async fn sd_models(State(st): St) -> Result<Json<Value>, ApiError> {
+    let m = st.ready_model()?;
+    Ok(Json(json!([{
+        "title": m.name, "model_name": m.name, "hash": Value::Null, "sha256": Value::Null, "filename": m.source, "config": Value::Null,
+    }])))
+}
+
+/// `GET /sdapi/v1/options`: the settings front ends read at startup.
+pub async fn options(State(st): St) -> Result<Json<Value>, ApiError> {
+    let m = st.ready_model()?;
+    Ok(Json(json!({"sd_model_checkpoint": m.name, "CLIP_stop_at_last_layers": 1, "samples_format": "png"})))
+}

@@ -1,0 +1,190 @@
+//! The native job API, health, readiness, model listing and metrics.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::Stream;
+use sd_pipelines::schedulers::SamplerKind;
+use serde_json::json;
+use tokio::sync::broadcast;
+
+use crate::error::{body_rejection, ApiError, JobError};
+use crate::jobs::JobEvent;
+use crate::request::native_job;
+use crate::state::{AppState, ModelState};
+
+/// Shared state as handlers receive it.
+pub type St = State<Arc<AppState>>;
+
+/// Reads the body or answers a JSON error naming `body` (413 when over the limit).
+pub fn body_bytes(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|r| body_rejection(r.status(), r.body_text(), state.config.limits.max_body_bytes))
+}
+
+/// `POST /v1/jobs`: validates and queues a job; 202 with its id and stream URL.
+pub async fn submit_job(State(st): St, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let body = body_bytes(&st, body)?;
+    let model = st.ready_model()?;
+    let st2 = st.clone();
+    // Image decoding can take a while for large uploads; keep it off the async workers.
+    let (spec, params) = blocking(move || native_job(&st2, &model, &body)).await?;
+    let job = st.submit(spec, params)?;
+    let sse_url = format!("/v1/jobs/{}/stream", job.id);
+    let body = json!({"job_id": job.id, "sse_url": sse_url, "status_url": format!("/v1/jobs/{}", job.id), "status": "queued"});
+    Ok((StatusCode::ACCEPTED, [(header::LOCATION, format!("/v1/jobs/{}", job.id))], Json(body)).into_response())
+}
+
+/// `GET /v1/jobs/{id}`: status, progress and (when done) the result.
+pub async fn job_status(State(st): St, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    let job = st.job(&id).ok_or_else(|| ApiError::job_not_found(&id))?;
+    Ok(Json(job.status_json()))
+}
+
+/// `DELETE /v1/jobs/{id}`: cancels a queued or running job.
+pub async fn cancel_job(State(st): St, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let job = st.job(&id).ok_or_else(|| ApiError::job_not_found(&id))?;
+    let status = job.status();
+    if status.is_terminal() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "job_finished",
+            Some("id".into()),
+            format!("job {id} already {}; nothing to cancel", status.as_str()),
+        ));
+    }
+    st.cancel(&job, JobError::new("cancelled", "cancelled by request"));
+    let body = json!({"job_id": job.id, "status": job.status().as_str(), "cancel_requested": true});
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// `GET /v1/jobs/{id}/stream`: Server-Sent Events from the current state to the end of the job.
+pub async fn stream_job(State(st): St, Path(id): Path<String>) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let job = st.job(&id).ok_or_else(|| ApiError::job_not_found(&id))?;
+    let (snapshot, rx) = job.subscribe();
+    let stream = futures_util::stream::unfold((snapshot, Some(rx)), |(mut pending, mut rx): (VecDeque<JobEvent>, Option<broadcast::Receiver<JobEvent>>)| async move {
+        loop {
+            if let Some(ev) = pending.pop_front() {
+                if ev.is_terminal() {
+                    pending.clear();
+                    rx = None;
+                }
+                let event = Event::default().event(ev.name()).data(ev.data().to_string());
+                return Some((Ok(event), (pending, rx)));
+            }
+            let r = rx.as_mut()?;
+            match r.recv().await {
+                Ok(ev) => pending.push_back(ev),
+                // A slow reader skipped some progress; the newest events follow.
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// `GET /health`: the process is up.
+pub async fn health() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// `GET /ready`: 200 once the model is loaded, 503 while loading or after a failed load.
+pub async fn ready(State(st): St) -> Response {
+    match st.model_state() {
+        ModelState::Ready(m) => Json(json!({"status": "ready", "model": m.name, "variant": m.variant.name()})).into_response(),
+        ModelState::Loading => (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "5")], Json(json!({"status": "loading"}))).into_response(),
+        ModelState::Failed(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "failed", "error": e}))).into_response(),
+    }
+}
+
+/// `GET /v1/models`: the loaded model (OpenAI list shape) and the LoRAs requests may use.
+pub async fn models(State(st): St) -> Result<Json<serde_json::Value>, ApiError> {
+    let m = st.ready_model()?;
+    let samplers: Vec<&str> = SamplerKind::ALL.iter().map(|k| k.display_name()).collect();
+    Ok(Json(json!({
+        "object": "list",
+        "data": [{
+            "id": m.name,
+            "object": "model",
+            "owned_by": "sd-worker",
+            "created": 0,
+            "variant": m.variant.name(),
+            "family": format!("{:?}", m.family).to_lowercase(),
+            "inpainting": m.is_inpaint,
+            "source": m.source,
+            "dtype": m.dtype,
+            "device": m.device,
+            "defaults": {"width": m.default_width, "height": m.default_height, "steps": m.default_steps, "guidance_scale": m.default_guidance},
+        }],
+        "loras": st.loras.list(),
+        "samplers": samplers,
+        "limits": {
+            "max_width": st.config.limits.max_width,
+            "max_height": st.config.limits.max_height,
+            "max_batch": st.config.limits.max_batch,
+            "max_steps": st.config.limits.max_steps,
+            "max_body_bytes": st.config.limits.max_body_bytes,
+            "queue_capacity": st.config.queue_capacity,
+        },
+    })))
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(st): St) -> Response {
+    let ready = matches!(st.model_state(), ModelState::Ready(_));
+    let text = st.metrics.render(st.queue_depth(), st.current().is_some(), ready);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+}
+
+/// Any other path.
+pub async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", None, "no such route; see the README for the API")
+}
+
+/// A known path with the wrong method.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None, "this route does not take that HTTP method; see the README")
+}
+
+/// Maps a job that ended without images to the HTTP error of a synchronous route.
+pub fn job_error_response(e: JobError) -> ApiError {
+    let status = match e.code {
+        "invalid_request" | "invalid_lora" => StatusCode::BAD_REQUEST,
+        "cancelled" | "shutdown" => StatusCode::CONFLICT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    let code = match e.code {
+        "invalid_request" => "invalid_request",
+        "cancelled" => "cancelled",
+        "shutdown" => "shutdown",
+        "invalid_lora" => "invalid_lora",
+        "internal_error" => "internal_error",
+        _ => "generation_failed",
+    };
+    ApiError::new(status, code, e.field, e.message)
+}
+
+/// Runs `f` on the blocking pool (image decoding, validation of large bodies).
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", None, e.to_string()))?
+}
+
+/// Queues a job and waits for its images (the synchronous OpenAI and A1111 routes); the job is
+/// cancelled if the client goes away first.
+pub async fn run_sync(st: &Arc<AppState>, spec: crate::jobs::JobSpec, params: serde_json::Value) -> Result<Arc<crate::jobs::JobResult>, ApiError> {
+    let job = st.submit(spec, params)?;
+    let mut guard = crate::state::CancelOnDrop::new(st.clone(), job.clone());
+    let r = job.wait().await;
+    guard.disarm();
+    r.map_err(job_error_response)
+}

@@ -1,0 +1,234 @@
+//! Command line and environment configuration, and the validated [`WorkerConfig`] built from it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use candle_core::{DType, Device};
+use clap::Parser;
+use sd_models::SdVariant;
+
+/// Serve Stable Diffusion image jobs over HTTP (native job API with SSE, OpenAI images, A1111).
+#[derive(Parser, Debug, Clone)]
+#[command(version, about)]
+pub struct Cli {
+    /// Model: a diffusers folder, a single-file `.safetensors` checkpoint, or a Hugging Face repo id
+    /// (`hub:owner/name`, needs the `hub` feature).
+    #[arg(long, short = 'm', env = "SD_WORKER_MODEL")]
+    pub model: String,
+    /// Variant (sd15, sd15-inpaint, sd21, sd2-inpaint, sd-turbo, sdxl, sdxl-inpaint, sdxl-turbo) or `auto` to detect.
+    #[arg(long, env = "SD_WORKER_VARIANT", default_value = "auto")]
+    pub variant: String,
+    /// A diffusers folder whose configs describe a single-file checkpoint of non-standard size.
+    #[arg(long, env = "SD_WORKER_MODEL_CONFIG")]
+    pub model_config: Option<PathBuf>,
+    /// Device: `auto` (a GPU when compiled in and present), `cpu`, `cuda[:N]` or `metal[:N]`.
+    #[arg(long, env = "SD_WORKER_DEVICE", default_value = "auto")]
+    pub device: String,
+    /// Weight dtype: f32, f16 or bf16 (default: f32 on CPU, f16 on GPUs).
+    #[arg(long, env = "SD_WORKER_DTYPE")]
+    pub dtype: Option<String>,
+    /// Address to bind.
+    #[arg(long, env = "SD_WORKER_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to bind (0 picks a free one).
+    #[arg(long, env = "SD_WORKER_PORT", default_value_t = 7861)]
+    pub port: u16,
+    /// Jobs that may wait behind the running one; more are answered 429.
+    #[arg(long, env = "SD_WORKER_QUEUE_CAPACITY", default_value_t = 16)]
+    pub queue_capacity: usize,
+    /// Largest image width in pixels.
+    #[arg(long, env = "SD_WORKER_MAX_WIDTH", default_value_t = 2048)]
+    pub max_width: usize,
+    /// Largest image height in pixels.
+    #[arg(long, env = "SD_WORKER_MAX_HEIGHT", default_value_t = 2048)]
+    pub max_height: usize,
+    /// Largest batch (images per job).
+    #[arg(long, env = "SD_WORKER_MAX_BATCH", default_value_t = 4)]
+    pub max_batch: usize,
+    /// Most sampling steps per job.
+    #[arg(long, env = "SD_WORKER_MAX_STEPS", default_value_t = 150)]
+    pub max_steps: usize,
+    /// Folder of LoRA `.safetensors` files requests may use (repeat the flag, or separate with `,` in the env var).
+    #[arg(long = "lora-dir", env = "SD_WORKER_LORA_DIRS", value_delimiter = ',')]
+    pub lora_dirs: Vec<PathBuf>,
+    /// Seconds a finished job's result is kept.
+    #[arg(long, env = "SD_WORKER_JOB_EXPIRY_SECS", default_value_t = 3600)]
+    pub job_expiry_secs: u64,
+    /// Largest request body in bytes (base64 images included).
+    #[arg(long, env = "SD_WORKER_MAX_BODY_BYTES", default_value_t = 50 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Send a preview every N steps (0 disables previews).
+    #[arg(long, env = "SD_WORKER_PREVIEW_EVERY", default_value_t = 1)]
+    pub preview_every: usize,
+    /// On shutdown, seconds the running job may take to finish before it is cancelled.
+    #[arg(long, env = "SD_WORKER_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+}
+
+/// Where the model comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    /// A diffusers folder or a single-file checkpoint.
+    Path(PathBuf),
+    /// A Hugging Face repo id (feature `hub`).
+    Hub(String),
+}
+
+/// Request limits enforced before a job is queued.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest width in pixels.
+    pub max_width: usize,
+    /// Largest height in pixels.
+    pub max_height: usize,
+    /// Largest batch.
+    pub max_batch: usize,
+    /// Most steps.
+    pub max_steps: usize,
+    /// Largest request body in bytes.
+    pub max_body_bytes: usize,
+}
+
+/// Everything the worker needs, validated.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The model to load.
+    pub model: ModelSource,
+    /// Forced variant, `None` to detect.
+    pub variant: Option<SdVariant>,
+    /// Folder whose configs describe a single-file checkpoint.
+    pub model_config: Option<PathBuf>,
+    /// Device for every component.
+    pub device: Device,
+    /// Weight dtype, `None` for the device default.
+    pub dtype: Option<DType>,
+    /// Waiting jobs beyond the running one.
+    pub queue_capacity: usize,
+    /// Request limits.
+    pub limits: Limits,
+    /// Folders LoRA requests are confined to.
+    pub lora_dirs: Vec<PathBuf>,
+    /// How long finished jobs are kept.
+    pub job_expiry: Duration,
+    /// Preview every N steps (0 = never).
+    pub preview_every: usize,
+    /// How long shutdown lets the running job finish.
+    pub shutdown_grace: Duration,
+}
+
+impl WorkerConfig {
+    /// A CPU config for `model` with the CLI defaults.
+    pub fn new(model: ModelSource) -> Self {
+        Self {
+            model,
+            variant: None,
+            model_config: None,
+            device: Device::Cpu,
+            dtype: None,
+            queue_capacity: 16,
+            limits: Limits { max_width: 2048, max_height: 2048, max_batch: 4, max_steps: 150, max_body_bytes: 50 * 1024 * 1024 },
+            lora_dirs: Vec::new(),
+            job_expiry: Duration::from_secs(3600),
+            preview_every: 1,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Cli {
+    /// Validates the arguments into a [`WorkerConfig`].
+    pub fn into_config(self) -> Result<WorkerConfig, String> {
+        let variant = match self.variant.trim() {
+            "" | "auto" => None,
+            v => Some(SdVariant::from_name(v).ok_or_else(|| {
+                let names: Vec<&str> = SdVariant::ALL.iter().map(|v| v.name()).collect();
+                format!("unknown --variant {v:?}; use auto or one of {}", names.join(", "))
+            })?),
+        };
+        let dtype = self.dtype.as_deref().map(parse_dtype).transpose()?;
+        let device = parse_device(&self.device)?;
+        let model = parse_model(&self.model);
+        for (name, v) in [("--max-width", self.max_width), ("--max-height", self.max_height), ("--max-batch", self.max_batch), ("--max-steps", self.max_steps)] {
+            if v == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        Ok(WorkerConfig {
+            model,
+            variant,
+            model_config: self.model_config,
+            device,
+            dtype,
+            queue_capacity: self.queue_capacity,
+            limits: Limits {
+                max_width: self.max_width,
+                max_height: self.max_height,
+                max_batch: self.max_batch,
+                max_steps: self.max_steps.min(sd_pipelines::pipeline::MAX_STEPS),
+                max_body_bytes: self.max_body_bytes,
+            },
+            lora_dirs: self.lora_dirs,
+            job_expiry: Duration::from_secs(self.job_expiry_secs),
+            preview_every: self.preview_every,
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+        })
+    }
+}
+
+/// `hub:owner/name` (or a bare `owner/name` that is not an existing path) is a hub id.
+pub fn parse_model(s: &str) -> ModelSource {
+    if let Some(repo) = s.strip_prefix("hub:") {
+        return ModelSource::Hub(repo.to_string());
+    }
+    let path = PathBuf::from(s);
+    let looks_like_repo = s.split('/').count() == 2 && !s.starts_with(['.', '/', '~']) && !s.contains('\\');
+    if !path.exists() && looks_like_repo {
+        return ModelSource::Hub(s.to_string());
+    }
+    ModelSource::Path(path)
+}
+
+/// Parses `f32`/`f16`/`bf16`.
+pub fn parse_dtype(s: &str) -> Result<DType, String> {
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "f32" | "fp32" | "float32" => DType::F32,
+        "f16" | "fp16" | "float16" | "half" => DType::F16,
+        "bf16" | "bfloat16" => DType::BF16,
+        other => return Err(format!("unknown dtype {other:?}: use f32, f16 or bf16")),
+    })
+}
+
+/// Parses `auto`, `cpu`, `cuda[:N]`, `metal[:N]`.
+pub fn parse_device(s: &str) -> Result<Device, String> {
+    let s = s.trim().to_ascii_lowercase();
+    let (kind, ordinal) = match s.split_once(':') {
+        Some((k, n)) => (k.to_string(), n.parse::<usize>().map_err(|_| format!("bad device ordinal in {s:?}; use e.g. cuda:0"))?),
+        None => (s.clone(), 0),
+    };
+    match kind.as_str() {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => {
+            if candle_core::utils::cuda_is_available() {
+                Device::new_cuda(ordinal).map_err(|e| format!("cannot open CUDA device {ordinal}: {e}"))
+            } else if candle_core::utils::metal_is_available() {
+                Device::new_metal(ordinal).map_err(|e| format!("cannot open Metal device {ordinal}: {e}"))
+            } else {
+                Ok(Device::Cpu)
+            }
+        }
+        "cuda" => Device::new_cuda(ordinal)
+            .map_err(|e| format!("cannot open CUDA device {ordinal}: {e} (build with `--features cuda` on a machine with CUDA)")),
+        "metal" => Device::new_metal(ordinal)
+            .map_err(|e| format!("cannot open Metal device {ordinal}: {e} (build with `--features metal` on macOS)")),
+        other => Err(format!("unknown device {other:?}; use auto, cpu, cuda[:N] or metal[:N]")),
+    }
+}
+
+/// Describes a device for logs and `/v1/models`.
+pub fn describe_device(d: &Device) -> String {
+    match d.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}

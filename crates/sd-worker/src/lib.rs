@@ -1,0 +1,24 @@
+#![warn(missing_docs)]
+//! An HTTP worker serving Stable Diffusion image jobs, composed from `sd-models` (loading) and
+//! `sd-pipelines` (generation) with no model logic of its own.
+//!
+//! One engine thread owns the models and runs jobs one at a time from a bounded queue. Jobs are
+//! submitted through the native API (`POST /v1/jobs`, progress and previews over Server-Sent
+//! Events), the OpenAI images API or the AUTOMATIC1111 API subset. See the README for the routes.
+
+pub mod a1111;
+pub mod api;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod jobs;
+pub mod lora;
+pub mod metrics;
+pub mod openai;
+pub mod request;
+pub mod server;
+pub mod state;
+
+pub use config::{Cli, Limits, ModelSource, WorkerConfig};
+pub use error::ApiError;
+pub use server::{router, Worker};

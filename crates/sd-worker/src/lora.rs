@@ -1,0 +1,242 @@
+//! LoRA requests: names and paths resolved strictly inside the configured LoRA folders.
+//!
+//! Every candidate is canonicalized (resolving symlinks) and must still lie under a canonicalized
+//! allowed folder, so neither `..`, absolute paths nor symlinks can reach other files.
+
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+
+/// Most LoRAs one request may stack.
+pub const MAX_LORAS: usize = 8;
+/// Largest absolute LoRA strength accepted.
+pub const MAX_STRENGTH: f64 = 10.0;
+
+/// One LoRA as a request names it: `name` (file stem in an allowed folder) or `path` (relative to
+/// an allowed folder, or absolute inside one), and a strength.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraRequest {
+    /// File name without `.safetensors`, looked up in the allowed folders in order.
+    pub name: Option<String>,
+    /// A path inside an allowed folder.
+    pub path: Option<String>,
+    /// Scale of the LoRA delta (default 1).
+    pub strength: Option<f64>,
+}
+
+/// A LoRA file confirmed to lie inside an allowed folder.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ResolvedLora {
+    /// Display name (file stem).
+    pub name: String,
+    /// Canonical path of the file.
+    #[serde(skip)]
+    pub path: PathBuf,
+    /// Scale of the delta.
+    pub strength: f64,
+}
+
+/// A LoRA found by listing the allowed folders.
+#[derive(Debug, Clone, Serialize)]
+pub struct AvailableLora {
+    /// Name to request it by (file stem).
+    pub name: String,
+    /// Path relative to its folder (what `path` accepts).
+    pub path: String,
+}
+
+/// The allowed folders, canonicalized once at startup (missing folders are dropped with a warning).
+#[derive(Debug, Clone, Default)]
+pub struct LoraFolders {
+    roots: Vec<PathBuf>,
+}
+
+impl LoraFolders {
+    /// Canonicalizes `dirs`; folders that do not exist are skipped (and logged).
+    pub fn new(dirs: &[PathBuf]) -> Self {
+        let mut roots = Vec::new();
+        for d in dirs {
+            match d.canonicalize() {
+                Ok(c) if c.is_dir() => roots.push(c),
+                Ok(_) => tracing::warn!(path = %d.display(), "LoRA folder is not a directory; ignored"),
+                Err(e) => tracing::warn!(path = %d.display(), error = %e, "LoRA folder cannot be opened; ignored"),
+            }
+        }
+        Self { roots }
+    }
+
+    /// Whether any folder is configured.
+    pub fn is_empty(&self) -> bool {
+        self.roots.is_empty()
+    }
+
+    /// Resolves and validates every requested LoRA; errors name the field (`loras[i].path` …).
+    pub fn resolve_all(&self, reqs: &[LoraRequest]) -> Result<Vec<ResolvedLora>, ApiError> {
+        if reqs.len() > MAX_LORAS {
+            return Err(ApiError::invalid("loras", format!("{} LoRAs requested; at most {MAX_LORAS} may be stacked", reqs.len())));
+        }
+        reqs.iter().enumerate().map(|(i, r)| self.resolve(i, r)).collect()
+    }
+
+    fn resolve(&self, i: usize, r: &LoraRequest) -> Result<ResolvedLora, ApiError> {
+        let strength = r.strength.unwrap_or(1.0);
+        if !strength.is_finite() || strength.abs() > MAX_STRENGTH {
+            return Err(ApiError::invalid(format!("loras[{i}].strength"), format!("{strength} is outside -{MAX_STRENGTH}..={MAX_STRENGTH}")));
+        }
+        let (field, path) = match (&r.name, &r.path) {
+            (Some(name), None) => (format!("loras[{i}].name"), self.by_name(i, name)?),
+            (None, Some(path)) => (format!("loras[{i}].path"), self.by_path(i, path)?),
+            _ => return Err(ApiError::invalid(format!("loras[{i}]"), "give exactly one of `name` or `path`")),
+        };
+        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+            return Err(ApiError::invalid(field, "LoRAs must be .safetensors files"));
+        }
+        Ok(ResolvedLora { name, path, strength })
+    }
+
+    fn no_folders(field: String) -> ApiError {
+        ApiError::invalid(field, "this worker has no LoRA folder configured (start it with --lora-dir)")
+    }
+
+    fn by_name(&self, i: usize, name: &str) -> Result<PathBuf, ApiError> {
+        let field = format!("loras[{i}].name");
+        if self.roots.is_empty() {
+            return Err(Self::no_folders(field));
+        }
+        let plain = !name.is_empty() && !name.contains(['/', '\\', '\0']) && name != "." && name != "..";
+        if !plain {
+            return Err(ApiError::invalid(field, format!("{name:?} is not a plain file name; use `path` for files in subfolders")));
+        }
+        let file = if name.ends_with(".safetensors") { name.to_string() } else { format!("{name}.safetensors") };
+        for root in &self.roots {
+            if let Some(p) = self.confined(&root.join(&file)) {
+                return Ok(p);
+            }
+        }
+        Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "lora_not_found",
+            Some(field),
+            format!("no LoRA named {name:?} in the allowed folders; GET /v1/models lists them"),
+        ))
+    }
+
+    fn by_path(&self, i: usize, raw: &str) -> Result<PathBuf, ApiError> {
+        let field = format!("loras[{i}].path");
+        if self.roots.is_empty() {
+            return Err(Self::no_folders(field));
+        }
+        let p = Path::new(raw);
+        if raw.is_empty() || raw.contains('\0') {
+            return Err(ApiError::invalid(field, "the path is empty"));
+        }
+        if p.components().any(|c| matches!(c, Component::ParentDir)) {
+            return Err(ApiError::invalid(field, "`..` is not allowed in LoRA paths; give a path inside an allowed LoRA folder"));
+        }
+        let candidates: Vec<PathBuf> = if p.is_absolute() { vec![p.to_path_buf()] } else { self.roots.iter().map(|r| r.join(p)).collect() };
+        for c in &candidates {
+            if let Some(found) = self.confined(c) {
+                return Ok(found);
+            }
+        }
+        if p.is_absolute() && !candidates.iter().any(|c| c.canonicalize().map(|c| self.inside(&c)).unwrap_or(false)) {
+            return Err(ApiError::invalid(field, "the path is outside the allowed LoRA folders"));
+        }
+        Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "lora_not_found",
+            Some(field),
+            format!("no LoRA file at {raw:?} inside the allowed folders; GET /v1/models lists them"),
+        ))
+    }
+
+    fn inside(&self, canonical: &Path) -> bool {
+        self.roots.iter().any(|r| canonical.starts_with(r))
+    }
+
+    /// The canonical path of `candidate` if it is an existing file inside an allowed folder.
+    fn confined(&self, candidate: &Path) -> Option<PathBuf> {
+        let c = candidate.canonicalize().ok()?;
+        (c.is_file() && self.inside(&c)).then_some(c)
+    }
+
+    /// Every `.safetensors` file in the folders (three levels deep), sorted by name.
+    pub fn list(&self) -> Vec<AvailableLora> {
+        let mut out = Vec::new();
+        for root in &self.roots {
+            self.walk(root, root, 0, &mut out);
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name).then(a.path.cmp(&b.path)));
+        out
+    }
+
+    fn walk(&self, root: &Path, dir: &Path, depth: usize, out: &mut Vec<AvailableLora>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries.flatten() {
+            let p = e.path();
+            // Symlinks are listed only when they resolve inside an allowed folder.
+            let Ok(canonical) = p.canonicalize() else { continue };
+            if !self.inside(&canonical) {
+                continue;
+            }
+            if canonical.is_dir() {
+                if depth < 3 {
+                    self.walk(root, &p, depth + 1, out);
+                }
+            } else if p.extension().and_then(|e| e.to_str()) == Some("safetensors") {
+                let rel = p.strip_prefix(root).unwrap_or(&p).to_string_lossy().replace('\\', "/");
+                let name = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                out.push(AvailableLora { name, path: rel });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("sd-worker-lora-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("loras/sub")).expect("temp dir");
+        std::fs::write(d.join("loras/a.safetensors"), b"x").expect("write");
+        std::fs::write(d.join("loras/sub/b.safetensors"), b"x").expect("write");
+        std::fs::write(d.join("secret.safetensors"), b"x").expect("write");
+        d
+    }
+
+    fn req(name: Option<&str>, path: Option<&str>) -> LoraRequest {
+        LoraRequest { name: name.map(Into::into), path: path.map(Into::into), strength: None }
+    }
+
+    #[test]
+    fn resolves_inside_and_rejects_escapes() {
+        let d = tmp("esc");
+        let f = LoraFolders::new(&[d.join("loras")]);
+        assert_eq!(f.resolve_all(&[req(Some("a"), None)]).expect("a")[0].name, "a");
+        assert_eq!(f.resolve_all(&[req(None, Some("sub/b.safetensors"))]).expect("b")[0].name, "b");
+        let err = f.resolve_all(&[req(None, Some("../secret.safetensors"))]).expect_err("dotdot");
+        assert_eq!(err.field.as_deref(), Some("loras[0].path"));
+        let abs = d.join("secret.safetensors").to_string_lossy().into_owned();
+        let err = f.resolve_all(&[req(None, Some(&abs))]).expect_err("abs");
+        assert_eq!(err.status, axum::http::StatusCode::BAD_REQUEST);
+        let err = f.resolve_all(&[req(Some("../secret"), None)]).expect_err("name");
+        assert_eq!(err.field.as_deref(), Some("loras[0].name"));
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(d.join("secret.safetensors"), d.join("loras/link.safetensors")).expect("symlink");
+            assert!(f.resolve_all(&[req(Some("link"), None)]).is_err());
+            assert!(f.list().iter().all(|l| l.name != "link"));
+        }
+        let names: Vec<String> = f.list().into_iter().map(|l| l.name).collect();
+        assert_eq!(names, ["a", "b"]);
+        let bad = LoraRequest { name: Some("a".into()), path: None, strength: Some(f64::NAN) };
+        assert_eq!(f.resolve_all(&[bad]).expect_err("nan").field.as_deref(), Some("loras[0].strength"));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}

@@ -1,0 +1,419 @@
+//! Turning requests of every API into validated [`JobSpec`]s; every error names the field as the
+//! client spelled it.
+
+use std::io::Cursor;
+
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+use base64::engine::DecodePaddingMode;
+use base64::Engine as _;
+use image::{DynamicImage, GenericImageView};
+use sd_pipelines::pipeline::{GenerationParams, NoiseKind};
+use sd_pipelines::schedulers::{Sampler, SamplerKind, SigmaSchedule};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::jobs::{JobSpec, Operation};
+use crate::lora::LoraRequest;
+use crate::state::{AppState, ModelInfo};
+
+/// Largest side of an uploaded image, in pixels (decoding stops before allocating more).
+pub const MAX_INPUT_SIDE: u32 = 8192;
+
+/// How an API names the shared fields, so errors name them as the client sent them.
+#[derive(Debug, Clone, Copy)]
+pub struct FieldNames {
+    /// Width.
+    pub width: &'static str,
+    /// Height.
+    pub height: &'static str,
+    /// Steps.
+    pub steps: &'static str,
+    /// Guidance scale.
+    pub guidance: &'static str,
+    /// Sampler.
+    pub sampler: &'static str,
+    /// Sigma schedule.
+    pub schedule: &'static str,
+    /// Batch size.
+    pub batch: &'static str,
+    /// Clip skip.
+    pub clip_skip: &'static str,
+    /// Strength (img2img / inpaint).
+    pub strength: &'static str,
+    /// Seed.
+    pub seed: &'static str,
+}
+
+/// The native API's names.
+pub const NATIVE_NAMES: FieldNames = FieldNames {
+    width: "width",
+    height: "height",
+    steps: "steps",
+    guidance: "guidance_scale",
+    sampler: "sampler",
+    schedule: "schedule",
+    batch: "batch",
+    clip_skip: "clip_skip",
+    strength: "strength",
+    seed: "seed",
+};
+
+/// Request fields every operation shares, before defaults.
+#[derive(Debug, Clone, Default)]
+pub struct CommonInput {
+    /// Prompt.
+    pub prompt: String,
+    /// Negative prompt.
+    pub negative_prompt: String,
+    /// Width in pixels.
+    pub width: Option<u64>,
+    /// Height in pixels.
+    pub height: Option<u64>,
+    /// Steps.
+    pub steps: Option<u64>,
+    /// Guidance scale.
+    pub guidance_scale: Option<f64>,
+    /// Seed; negative or absent means random.
+    pub seed: Option<i64>,
+    /// Sampler name.
+    pub sampler: Option<String>,
+    /// Sigma schedule name.
+    pub schedule: Option<String>,
+    /// Images per job.
+    pub batch: Option<u64>,
+    /// Clip skip (0 and 1 both mean the last layer).
+    pub clip_skip: Option<u64>,
+    /// LoRAs.
+    pub loras: Vec<LoraRequest>,
+    /// Noise generator: `philox` (default, the same on every device) or `torch` (diffusers' CPU generator).
+    pub noise: Option<String>,
+}
+
+/// The operation-specific part of a request, images already decoded.
+#[derive(Debug, Clone)]
+pub enum OpInput {
+    /// txt2img.
+    Generation,
+    /// img2img.
+    Transform {
+        /// The image.
+        image: DynamicImage,
+        /// Its field name.
+        image_field: &'static str,
+        /// Requested strength.
+        strength: Option<f64>,
+    },
+    /// Inpaint.
+    Inpaint {
+        /// The image.
+        image: DynamicImage,
+        /// Its field name.
+        image_field: &'static str,
+        /// The mask (white = repaint).
+        mask: DynamicImage,
+        /// Its field name.
+        mask_field: &'static str,
+        /// Requested strength.
+        strength: Option<f64>,
+    },
+}
+
+/// Default img2img strength (A1111's `denoising_strength` default).
+pub const DEFAULT_TRANSFORM_STRENGTH: f64 = 0.75;
+/// Default inpainting strength (repaint the masked area from noise, as diffusers does).
+pub const DEFAULT_INPAINT_STRENGTH: f64 = 1.0;
+
+/// A random seed (53 bits, so it survives JSON doubles).
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.finish() >> 11
+}
+
+fn base64_engine() -> GeneralPurpose {
+    GeneralPurpose::new(&base64::alphabet::STANDARD, GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent))
+}
+
+/// Decodes base64 (an optional `data:…;base64,` prefix and whitespace allowed).
+pub fn decode_base64(field: &str, s: &str) -> Result<Vec<u8>, ApiError> {
+    let s = s.trim();
+    let s = match s.strip_prefix("data:") {
+        Some(rest) => rest.split_once(',').map(|(_, d)| d).ok_or_else(|| ApiError::invalid(field, "a data URL without a `,` before its data"))?,
+        None => s,
+    };
+    let clean: String = s.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    if clean.is_empty() {
+        return Err(ApiError::invalid(field, "the image is empty; send a base64-encoded PNG or JPEG"));
+    }
+    base64_engine().decode(clean.as_bytes()).map_err(|e| ApiError::invalid(field, format!("not valid base64 ({e}); send a base64-encoded PNG or JPEG")))
+}
+
+/// Decodes image bytes (PNG or JPEG) with size limits.
+pub fn decode_image_bytes(field: &str, bytes: &[u8]) -> Result<DynamicImage, ApiError> {
+    let mut reader = image::ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| ApiError::invalid(field, format!("cannot read the image: {e}")))?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_INPUT_SIDE);
+    limits.max_image_height = Some(MAX_INPUT_SIDE);
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| ApiError::invalid(field, format!("not a decodable PNG or JPEG image ({e})")))?;
+    if img.width() == 0 || img.height() == 0 {
+        return Err(ApiError::invalid(field, "the image has no pixels"));
+    }
+    Ok(img)
+}
+
+/// Decodes a base64 PNG/JPEG.
+pub fn decode_image(field: &str, s: &str) -> Result<DynamicImage, ApiError> {
+    decode_image_bytes(field, &decode_base64(field, s)?)
+}
+
+/// Deserializes `v` naming the failing field in the error.
+pub fn from_value<T: DeserializeOwned>(v: Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize::<_, T>(v).map_err(|e| {
+        let path = e.path().to_string();
+        let msg = e.inner().to_string();
+        let field = if path.is_empty() || path == "." {
+            // Unknown and missing fields are reported on the parent; the name is in backticks.
+            msg.split('`').nth(1).unwrap_or("body").to_string()
+        } else {
+            path
+        };
+        ApiError::invalid(field, msg)
+    })
+}
+
+/// Parses a body as a JSON object.
+pub fn parse_json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(axum::http::StatusCode::BAD_REQUEST, "malformed_json", Some("body".into()), format!("the body is not valid JSON: {e}"))
+    })?;
+    match v {
+        Value::Object(m) => Ok(m),
+        _ => Err(ApiError::new(axum::http::StatusCode::BAD_REQUEST, "malformed_json", Some("body".into()), "the body must be a JSON object")),
+    }
+}
+
+/// The native `POST /v1/jobs` body, minus `operation`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NativeRequest {
+    prompt: Option<String>,
+    negative_prompt: Option<String>,
+    width: Option<u64>,
+    height: Option<u64>,
+    steps: Option<u64>,
+    guidance_scale: Option<f64>,
+    seed: Option<i64>,
+    sampler: Option<String>,
+    schedule: Option<String>,
+    batch: Option<u64>,
+    clip_skip: Option<u64>,
+    loras: Option<Vec<LoraRequest>>,
+    noise: Option<String>,
+    input_image: Option<String>,
+    init_image: Option<String>,
+    mask_image: Option<String>,
+    strength: Option<f64>,
+}
+
+const OPERATIONS: &str = "image_generation, image_transform, image_inpaint";
+
+/// Parses and validates a native job request.
+pub fn native_job(state: &AppState, model: &ModelInfo, body: &[u8]) -> Result<(JobSpec, Value), ApiError> {
+    let mut obj = parse_json_object(body)?;
+    let op = match obj.remove("operation") {
+        None => return Err(ApiError::invalid("operation", format!("missing; use one of {OPERATIONS}"))),
+        Some(Value::String(s)) => s,
+        Some(other) => return Err(ApiError::invalid("operation", format!("expected a string, got {other}; use one of {OPERATIONS}"))),
+    };
+    if !["image_generation", "image_transform", "image_inpaint"].contains(&op.as_str()) {
+        return Err(ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "unknown_operation",
+            Some("operation".into()),
+            format!("unknown operation {op:?}; use one of {OPERATIONS}"),
+        ));
+    }
+    let r: NativeRequest = from_value(Value::Object(obj))?;
+    type Presence<'a> = &'a [(&'a str, bool)];
+    let (needed, forbidden): (Presence, Presence) = match op.as_str() {
+        "image_generation" => (&[], &[("input_image", r.input_image.is_some()), ("init_image", r.init_image.is_some()), ("mask_image", r.mask_image.is_some()), ("strength", r.strength.is_some())]),
+        "image_transform" => (&[("input_image", r.input_image.is_some())], &[("init_image", r.init_image.is_some()), ("mask_image", r.mask_image.is_some())]),
+        _ => (&[("init_image", r.init_image.is_some()), ("mask_image", r.mask_image.is_some())], &[("input_image", r.input_image.is_some())]),
+    };
+    if let Some((f, _)) = forbidden.iter().find(|(_, present)| *present) {
+        return Err(ApiError::invalid(*f, format!("`{f}` is not a field of {op}")));
+    }
+    if let Some((f, _)) = needed.iter().find(|(_, present)| !*present) {
+        return Err(ApiError::invalid(*f, format!("missing; {op} needs a base64 PNG or JPEG `{f}`")));
+    }
+    let prompt = r.prompt.ok_or_else(|| ApiError::invalid("prompt", "missing; give the text to generate (an empty string is allowed)"))?;
+    let input = CommonInput {
+        prompt,
+        negative_prompt: r.negative_prompt.unwrap_or_default(),
+        width: r.width,
+        height: r.height,
+        steps: r.steps,
+        guidance_scale: r.guidance_scale,
+        seed: r.seed,
+        sampler: r.sampler,
+        schedule: r.schedule,
+        batch: r.batch,
+        clip_skip: r.clip_skip,
+        loras: r.loras.unwrap_or_default(),
+        noise: r.noise,
+    };
+    let op_input = match op.as_str() {
+        "image_generation" => OpInput::Generation,
+        "image_transform" => OpInput::Transform {
+            image: decode_image("input_image", r.input_image.as_deref().unwrap_or_default())?,
+            image_field: "input_image",
+            strength: r.strength,
+        },
+        _ => OpInput::Inpaint {
+            image: decode_image("init_image", r.init_image.as_deref().unwrap_or_default())?,
+            image_field: "init_image",
+            mask: decode_image("mask_image", r.mask_image.as_deref().unwrap_or_default())?,
+            mask_field: "mask_image",
+            strength: r.strength,
+        },
+    };
+    build_job(state, model, input, &NATIVE_NAMES, op_input)
+}
+
+fn check_side(field: &str, v: u64, max: usize, multiple: usize) -> Result<usize, ApiError> {
+    if v == 0 || v > max as u64 {
+        return Err(ApiError::invalid(field, format!("{v} px is outside 1..={max} (this worker's limit)")));
+    }
+    if v % multiple as u64 != 0 {
+        return Err(ApiError::invalid(field, format!("{v} px is not a multiple of {multiple}")));
+    }
+    Ok(v as usize)
+}
+
+/// Applies defaults and limits to a request of any API.
+pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names: &FieldNames, op: OpInput) -> Result<(JobSpec, Value), ApiError> {
+    let limits = &state.config.limits;
+    let multiple = model.vae_scale_factor.max(8);
+    // img2img and inpaint default to the input image's size, rounded down to the size multiple.
+    let (def_w, def_h) = match &op {
+        OpInput::Generation => (model.default_width as u64, model.default_height as u64),
+        OpInput::Transform { image, .. } | OpInput::Inpaint { image, .. } => {
+            let (w, h) = image.dimensions();
+            let round = |v: u32| (v as u64 / multiple as u64) * multiple as u64;
+            (round(w).max(multiple as u64), round(h).max(multiple as u64))
+        }
+    };
+    let width = check_side(names.width, input.width.unwrap_or(def_w), limits.max_width, multiple)?;
+    let height = check_side(names.height, input.height.unwrap_or(def_h), limits.max_height, multiple)?;
+    let steps = input.steps.unwrap_or(model.default_steps as u64);
+    if steps == 0 || steps > limits.max_steps as u64 {
+        return Err(ApiError::invalid(names.steps, format!("{steps} is outside 1..={} (this worker's limit)", limits.max_steps)));
+    }
+    let steps = steps as usize;
+    let batch = input.batch.unwrap_or(1);
+    if batch == 0 || batch > limits.max_batch as u64 {
+        return Err(ApiError::invalid(names.batch, format!("{batch} is outside 1..={} (this worker's limit)", limits.max_batch)));
+    }
+    let guidance = input.guidance_scale.unwrap_or(model.default_guidance);
+    if !guidance.is_finite() || !(0.0..=100.0).contains(&guidance) {
+        return Err(ApiError::invalid(names.guidance, format!("{guidance} is outside 0..=100")));
+    }
+    let clip_skip = input.clip_skip.unwrap_or(1).max(1);
+    if clip_skip > model.text_layers as u64 {
+        return Err(ApiError::invalid(names.clip_skip, format!("{clip_skip} exceeds the text encoder's {} layers", model.text_layers)));
+    }
+    let mut sampler: Sampler = match input.sampler.as_deref().map(str::trim) {
+        None | Some("") => SamplerKind::Euler.into(),
+        Some(name) => name.parse().map_err(|e: sd_pipelines::Error| ApiError::invalid(names.sampler, e.to_string()))?,
+    };
+    if let Some(s) = input.schedule.as_deref() {
+        let schedule: SigmaSchedule = s.parse().map_err(|e: sd_pipelines::Error| ApiError::invalid(names.schedule, e.to_string()))?;
+        if schedule != SigmaSchedule::Default {
+            if !sampler.kind.supports_sigma_schedules() {
+                return Err(ApiError::invalid(
+                    names.schedule,
+                    format!("{} has no {} schedule; use Euler, Heun, DPM++ 2M (SDE) or UniPC with it", sampler.kind, schedule.as_str()),
+                ));
+            }
+            sampler.schedule = Some(schedule);
+        }
+    }
+    let seed = match input.seed {
+        Some(s) if s >= 0 => s as u64,
+        _ => random_seed(),
+    };
+    let noise = match input.noise.as_deref().map(|n| n.trim().to_ascii_lowercase()) {
+        None => NoiseKind::Philox,
+        Some(n) if n.is_empty() || n == "philox" => NoiseKind::Philox,
+        Some(n) if n == "torch" => NoiseKind::Torch,
+        Some(n) => return Err(ApiError::invalid("noise", format!("unknown noise generator {n:?}; use \"philox\" or \"torch\""))),
+    };
+    let resolved = state.loras.resolve_all(&input.loras)?;
+    let (operation, strength) = match op {
+        OpInput::Generation => (Operation::Generation, None),
+        OpInput::Transform { image, strength, .. } => {
+            let s = check_strength(names.strength, strength.unwrap_or(DEFAULT_TRANSFORM_STRENGTH), steps, false)?;
+            (Operation::Transform { image, strength: s }, Some(s))
+        }
+        OpInput::Inpaint { image, image_field: _, mask, mask_field, strength } => {
+            if mask.dimensions() != image.dimensions() {
+                let (mw, mh) = mask.dimensions();
+                let (iw, ih) = image.dimensions();
+                return Err(ApiError::invalid(mask_field, format!("the mask is {mw}×{mh} but the image is {iw}×{ih}; send a mask of the image's size")));
+            }
+            let s = check_strength(names.strength, strength.unwrap_or(DEFAULT_INPAINT_STRENGTH), steps, true)?;
+            (Operation::Inpaint { image, mask, strength: s }, Some(s))
+        }
+    };
+    let params = GenerationParams {
+        prompt: input.prompt,
+        negative_prompt: input.negative_prompt,
+        width,
+        height,
+        steps,
+        guidance_scale: guidance,
+        seed,
+        batch_size: batch as usize,
+        sampler,
+        clip_skip: clip_skip as usize,
+        vae_tiling: None,
+        noise,
+    };
+    let parameters = json!({
+        "operation": operation.name(),
+        "model": model.name,
+        "prompt": params.prompt,
+        "negative_prompt": params.negative_prompt,
+        "width": width,
+        "height": height,
+        "steps": steps,
+        "guidance_scale": guidance,
+        "seed": seed,
+        "sampler": sampler.to_string(),
+        "schedule": sampler.schedule.map(|s| s.as_str()).unwrap_or("default"),
+        "batch": batch,
+        "clip_skip": clip_skip,
+        "strength": strength,
+        "loras": resolved,
+        "noise": if noise == NoiseKind::Torch { "torch" } else { "philox" },
+    });
+    Ok((JobSpec { operation, params, loras: resolved }, parameters))
+}
+
+fn check_strength(field: &str, s: f64, steps: usize, inpaint: bool) -> Result<f64, ApiError> {
+    if !s.is_finite() || !(0.0..=1.0).contains(&s) {
+        return Err(ApiError::invalid(field, format!("{s} is outside [0, 1]")));
+    }
+    // Inpainting at full strength runs every step; otherwise floor(steps · strength) steps run.
+    let runs = if inpaint && s >= 1.0 { steps } else { (steps as f64 * s) as usize };
+    if runs == 0 {
+        return Err(ApiError::invalid(field, format!("{s} × {steps} steps leaves no denoising step; raise the strength or the steps")));
+    }
+    Ok(s)
+}

@@ -1,0 +1,262 @@
+//! Shared worker state: the loaded model's description, the job table and the bounded queue.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, RwLock};
+
+use axum::http::StatusCode;
+use sd_models::{ModelFamily, SdVariant};
+use serde_json::Value;
+
+use crate::config::WorkerConfig;
+use crate::error::{ApiError, JobError};
+use crate::jobs::{lock, Job, JobSpec};
+use crate::lora::LoraFolders;
+use crate::metrics::Metrics;
+
+/// What the HTTP side knows about the loaded model (the models themselves stay on the engine thread).
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// Display name (folder or file stem, or the repo id).
+    pub name: String,
+    /// Where it was loaded from.
+    pub source: String,
+    /// Variant.
+    pub variant: SdVariant,
+    /// Family (preview colours, SDXL conditioning).
+    pub family: ModelFamily,
+    /// Weight dtype.
+    pub dtype: String,
+    /// Device.
+    pub device: String,
+    /// Default width in pixels.
+    pub default_width: usize,
+    /// Default height in pixels.
+    pub default_height: usize,
+    /// Default steps.
+    pub default_steps: usize,
+    /// Default guidance scale.
+    pub default_guidance: f64,
+    /// Pixels per latent pixel.
+    pub vae_scale_factor: usize,
+    /// Layers of the first text encoder (bounds clip skip).
+    pub text_layers: usize,
+    /// Whether the UNet is a 9-channel inpainting one.
+    pub is_inpaint: bool,
+}
+
+/// Model loading state.
+#[derive(Debug, Clone)]
+pub enum ModelState {
+    /// The engine is loading the model.
+    Loading,
+    /// Loaded and serving.
+    Ready(Arc<ModelInfo>),
+    /// Loading failed; the message says why.
+    Failed(String),
+}
+
+#[derive(Debug)]
+struct Queue {
+    waiting: usize,
+    shutting_down: bool,
+    tx: Option<mpsc::Sender<Arc<Job>>>,
+}
+
+/// State shared by every handler and the engine thread.
+#[derive(Debug)]
+pub struct AppState {
+    /// Validated configuration.
+    pub config: WorkerConfig,
+    /// Allowed LoRA folders.
+    pub loras: LoraFolders,
+    model: RwLock<ModelState>,
+    jobs: Mutex<HashMap<String, Arc<Job>>>,
+    queue: Mutex<Queue>,
+    current: Mutex<Option<Arc<Job>>>,
+    /// Counters and histograms.
+    pub metrics: Metrics,
+    id_seed: u64,
+    next_id: AtomicU64,
+}
+
+impl AppState {
+    /// State with an empty queue feeding `tx`.
+    pub fn new(config: WorkerConfig, tx: mpsc::Sender<Arc<Job>>) -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(crate::jobs::unix_now());
+        let loras = LoraFolders::new(&config.lora_dirs);
+        Self {
+            config,
+            loras,
+            model: RwLock::new(ModelState::Loading),
+            jobs: Mutex::new(HashMap::new()),
+            queue: Mutex::new(Queue { waiting: 0, shutting_down: false, tx: Some(tx) }),
+            current: Mutex::new(None),
+            metrics: Metrics::default(),
+            id_seed: h.finish(),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// The loading state.
+    pub fn model_state(&self) -> ModelState {
+        self.model.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Sets the loading state (engine only).
+    pub fn set_model_state(&self, s: ModelState) {
+        *self.model.write().unwrap_or_else(|e| e.into_inner()) = s;
+    }
+
+    /// The model description, or a 503 while loading / after a failed load.
+    pub fn ready_model(&self) -> Result<Arc<ModelInfo>, ApiError> {
+        match self.model_state() {
+            ModelState::Ready(m) => Ok(m),
+            ModelState::Loading => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "model_loading",
+                None,
+                "the model is still loading; retry when GET /ready answers 200",
+            )
+            .with_retry_after(5)),
+            ModelState::Failed(msg) => {
+                Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "model_failed", None, format!("the model failed to load: {msg}")))
+            }
+        }
+    }
+
+    fn new_id(&self) -> String {
+        use std::hash::{BuildHasher, Hasher};
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(self.id_seed ^ n);
+        format!("job_{:012x}{:04x}", h.finish() >> 16, n & 0xffff)
+    }
+
+    /// Queues a job, or answers 429 (queue full) / 503 (shutting down).
+    pub fn submit(&self, spec: JobSpec, parameters: Value) -> Result<Arc<Job>, ApiError> {
+        let mut q = lock(&self.queue);
+        if q.shutting_down {
+            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", None, "the worker is shutting down; use another worker"));
+        }
+        if q.waiting >= self.config.queue_capacity {
+            self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
+            let per_job = self.metrics.mean_job_seconds().unwrap_or(5.0);
+            let wait = (per_job * (q.waiting as f64 + 1.0)).ceil().clamp(1.0, 3600.0) as u64;
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "queue_full",
+                None,
+                format!("{} jobs are already waiting (the queue capacity); retry after the Retry-After seconds", q.waiting),
+            )
+            .with_retry_after(wait));
+        }
+        let job = Arc::new(Job::new(self.new_id(), spec, parameters));
+        let Some(tx) = q.tx.as_ref() else {
+            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", None, "the engine has stopped"));
+        };
+        lock(&self.jobs).insert(job.id.clone(), job.clone());
+        if tx.send(job.clone()).is_err() {
+            lock(&self.jobs).remove(&job.id);
+            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "engine_stopped", None, "the engine thread has stopped; restart the worker"));
+        }
+        // The queue lock is held, so the engine cannot unqueue this job before it is counted.
+        q.waiting += 1;
+        tracing::info!(job_id = %job.id, operation = job.operation, queued = q.waiting, "job queued");
+        Ok(job)
+    }
+
+    /// Called once per job when it leaves the queue (started by the engine or cancelled).
+    pub fn unqueue(&self) {
+        let mut q = lock(&self.queue);
+        q.waiting = q.waiting.saturating_sub(1);
+    }
+
+    /// Jobs waiting behind the running one.
+    pub fn queue_depth(&self) -> usize {
+        lock(&self.queue).waiting
+    }
+
+    /// Looks a job up.
+    pub fn job(&self, id: &str) -> Option<Arc<Job>> {
+        lock(&self.jobs).get(id).cloned()
+    }
+
+    /// The job on the engine, if any.
+    pub fn current(&self) -> Option<Arc<Job>> {
+        lock(&self.current).clone()
+    }
+
+    /// Sets the job on the engine (engine only).
+    pub fn set_current(&self, job: Option<Arc<Job>>) {
+        *lock(&self.current) = job;
+    }
+
+    /// Cancels a job: at once if it is queued, within one step if it is running.
+    pub fn cancel(&self, job: &Job, err: JobError) {
+        tracing::info!(job_id = %job.id, reason = %err.message, "cancel requested");
+        if job.request_cancel() {
+            self.unqueue();
+            self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+            job.finish_error(crate::jobs::JobStatus::Cancelled, err);
+        }
+    }
+
+    /// Drops finished jobs older than the expiry; returns how many went.
+    pub fn expire(&self) -> usize {
+        let ttl = self.config.job_expiry;
+        let mut jobs = lock(&self.jobs);
+        let before = jobs.len();
+        jobs.retain(|_, j| j.with_inner(|g| g.finished_at.map(|t| t.elapsed() < ttl).unwrap_or(true)));
+        before - jobs.len()
+    }
+
+    /// Stops accepting jobs and cancels every queued one; returns the running job, if any.
+    pub fn begin_shutdown(&self) -> Option<Arc<Job>> {
+        lock(&self.queue).shutting_down = true;
+        let jobs: Vec<Arc<Job>> = lock(&self.jobs).values().cloned().collect();
+        for j in jobs {
+            if j.status() == crate::jobs::JobStatus::Queued {
+                self.cancel(&j, JobError::new("shutdown", "the worker is shutting down; submit the job again elsewhere"));
+            }
+        }
+        self.current()
+    }
+
+    /// Closes the queue so the engine thread exits once idle.
+    pub fn close_queue(&self) {
+        lock(&self.queue).tx = None;
+    }
+}
+
+/// Cancels its job when dropped while armed: a synchronous route whose client went away stops its work.
+pub struct CancelOnDrop {
+    state: Arc<AppState>,
+    job: Option<Arc<Job>>,
+}
+
+impl CancelOnDrop {
+    /// Guards `job`.
+    pub fn new(state: Arc<AppState>, job: Arc<Job>) -> Self {
+        Self { state, job: Some(job) }
+    }
+
+    /// Keeps the job running after the guard is dropped.
+    pub fn disarm(&mut self) {
+        self.job = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(job) = self.job.take() {
+            if !job.status().is_terminal() {
+                tracing::info!(job_id = %job.id, "client disconnected; cancelling its job");
+                self.state.cancel(&job, JobError::new("cancelled", "the client disconnected"));
+            }
+        }
+    }
+}

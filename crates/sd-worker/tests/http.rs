@@ -1,0 +1,875 @@
+//! Integration tests: the real router on a real socket (127.0.0.1), the tiny fixture models, and a
+//! plain HTTP/1.1 client, so every byte goes over the wire as a client would send it.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use sd_worker::{ModelSource, Worker, WorkerConfig};
+use serde_json::{json, Value};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name)
+}
+
+fn config(model: &str) -> WorkerConfig {
+    let mut c = WorkerConfig::new(ModelSource::Path(fixture(model)));
+    c.limits.max_width = 256;
+    c.limits.max_height = 256;
+    c.limits.max_batch = 4;
+    c.limits.max_steps = 1000;
+    c.limits.max_body_bytes = 256 * 1024;
+    c
+}
+
+struct Server {
+    addr: SocketAddr,
+    rt: tokio::runtime::Runtime,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Server {
+    fn start(cfg: WorkerConfig) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        let worker = Worker::start(cfg).expect("worker");
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let handle = rt.spawn(worker.serve(listener, async move {
+            let _ = rx.await;
+        }));
+        let s = Self { addr, rt, stop: Some(tx), handle: Some(handle) };
+        let t0 = Instant::now();
+        loop {
+            let r = s.get("/ready");
+            if r.status == 200 {
+                break;
+            }
+            assert_eq!(r.status, 503, "{}", r.text());
+            assert!(t0.elapsed() < Duration::from_secs(120), "model never became ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    fn request(&self, method: &str, path: &str, content_type: &str, body: &[u8]) -> Resp {
+        raw_request(self.addr, method, path, content_type, body)
+    }
+    fn get(&self, path: &str) -> Resp {
+        self.request("GET", path, "application/json", b"")
+    }
+    fn post(&self, path: &str, body: &Value) -> Resp {
+        self.request("POST", path, "application/json", body.to_string().as_bytes())
+    }
+    fn delete(&self, path: &str) -> Resp {
+        self.request("DELETE", path, "application/json", b"")
+    }
+
+    /// Submits a native job and returns its id.
+    fn submit(&self, body: &Value) -> String {
+        let r = self.post("/v1/jobs", body);
+        assert_eq!(r.status, 202, "{}", r.text());
+        let v = r.json();
+        let id = v["job_id"].as_str().expect("job_id").to_string();
+        assert_eq!(v["sse_url"], format!("/v1/jobs/{id}/stream"));
+        id
+    }
+
+    /// Reads a job's SSE stream to its end.
+    fn stream(&self, id: &str) -> Vec<(String, Value)> {
+        let r = self.get(&format!("/v1/jobs/{id}/stream"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(r.header("content-type").unwrap_or_default().starts_with("text/event-stream"));
+        parse_sse(&r.text())
+    }
+
+    fn wait_status(&self, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let t0 = Instant::now();
+        loop {
+            let v = self.get(&format!("/v1/jobs/{id}")).json();
+            if pred(&v) {
+                return v;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(120), "job never reached the state: {v}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The worker still answers and still runs jobs.
+    fn assert_serving(&self) {
+        assert_eq!(self.get("/health").status, 200);
+        let id = self.submit(&json!({"operation": "image_generation", "prompt": "ok", "width": 32, "height": 32, "steps": 2, "seed": 1}));
+        let ev = self.stream(&id);
+        assert_eq!(ev.last().map(|e| e.0.as_str()), Some("complete"), "{ev:?}");
+    }
+
+    fn shutdown(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            let r = self.rt.block_on(h).expect("join");
+            r.expect("serve");
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+    fn header(&self, name: &str) -> Option<String> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone())
+    }
+}
+
+fn raw_request(addr: SocketAddr, method: &str, path: &str, content_type: &str, body: &[u8]) -> Resp {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).expect("write head");
+    // The server may answer (413) before reading a too-large body; the answer is still readable.
+    let _ = s.write_all(body);
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !buf.is_empty() => break,
+            Err(e) => panic!("read: {e} after {} bytes", buf.len()),
+        }
+    }
+    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").expect("response head");
+    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).expect("status");
+    let headers: Vec<(String, String)> =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect();
+    let raw = buf[split + 4..].to_vec();
+    let chunked = headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let body = if chunked { dechunk(&raw) } else { raw };
+    Resp { status, headers, body }
+}
+
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(String::from_utf8_lossy(&raw[..eol]).split(';').next().unwrap_or("0").trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        let start = eol + 2;
+        out.extend_from_slice(&raw[start..(start + size).min(raw.len())]);
+        raw = &raw[(start + size + 2).min(raw.len())..];
+    }
+    out
+}
+
+fn parse_sse(text: &str) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    for block in text.split("\n\n") {
+        let mut event = None;
+        let mut data = String::new();
+        for line in block.lines() {
+            if let Some(v) = line.strip_prefix("event:") {
+                event = Some(v.trim().to_string());
+            } else if let Some(v) = line.strip_prefix("data:") {
+                data.push_str(v.trim_start());
+            }
+        }
+        if let Some(e) = event {
+            out.push((e, serde_json::from_str(&data).unwrap_or_else(|err| panic!("bad SSE data ({err}): {data}"))));
+        }
+    }
+    out
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn unb64(s: &str) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD.decode(s).expect("base64")
+}
+
+fn png(w: u32, h: u32, f: impl Fn(u32, u32) -> [u8; 3]) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb(f(x, y)));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).expect("png");
+    out.into_inner()
+}
+
+fn test_image() -> Vec<u8> {
+    png(32, 32, |x, y| [(x * 8) as u8, (y * 8) as u8, 128])
+}
+
+fn test_mask(w: u32, h: u32) -> Vec<u8> {
+    png(w, h, |x, _| if x >= w / 2 { [255, 255, 255] } else { [0, 0, 0] })
+}
+
+fn decode_png(b: &str) -> image::DynamicImage {
+    image::load_from_memory(&unb64(b)).expect("decodable image")
+}
+
+fn assert_error(r: &Resp, status: u16, field: &str) -> Value {
+    assert_eq!(r.status, status, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["error"]["field"], field, "{v}");
+    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    assert!(v["error"]["code"].is_string(), "{v}");
+    v
+}
+
+#[test]
+fn txt2img_streams_progress_previews_and_a_png_with_metadata() {
+    let s = Server::start(config("sd15"));
+    let models = s.get("/v1/models").json();
+    assert_eq!(models["data"][0]["variant"], "sd15");
+    let id = s.submit(&json!({"operation": "image_generation", "prompt": "a red fox", "negative_prompt": "blurry",
+        "width": 32, "height": 48, "steps": 6, "seed": 42, "sampler": "Euler a", "batch": 2, "guidance_scale": 5.0}));
+    let events = s.stream(&id);
+    let progress: Vec<usize> = events.iter().filter(|e| e.0 == "progress").map(|e| e.1["step"].as_u64().expect("step") as usize).collect();
+    assert!(!progress.is_empty(), "{events:?}");
+    assert!(progress.windows(2).all(|w| w[0] < w[1]), "progress out of order: {progress:?}");
+    assert_eq!(progress.last(), Some(&6));
+    for e in events.iter().filter(|e| e.0 == "progress") {
+        assert_eq!(e.1["total"], 6);
+        assert!(e.1["percent"].as_f64().is_some());
+    }
+    let previews: Vec<&Value> = events.iter().filter(|e| e.0 == "preview").map(|e| &e.1).collect();
+    assert!(!previews.is_empty());
+    for p in &previews {
+        let img = decode_png(p["image"].as_str().expect("preview image"));
+        assert!(img.width() <= 32 && img.height() <= 48 && img.width() > 0);
+    }
+    let (last, complete) = events.last().expect("events");
+    assert_eq!(last, "complete");
+    assert_eq!(complete["seed"], 42);
+    assert_eq!(complete["parameters"]["sampler"], "Euler a");
+    let images = complete["images"].as_array().expect("images");
+    assert_eq!(images.len(), 2);
+    for b in images {
+        let bytes = unb64(b.as_str().expect("b64"));
+        let img = image::load_from_memory(&bytes).expect("png");
+        assert_eq!((img.width(), img.height()), (32, 48));
+        let meta = sd_pipelines::image_io::read_png_parameters(&bytes).expect("png").expect("parameters chunk");
+        assert!(meta.starts_with("a red fox\nNegative prompt: blurry\n"), "{meta}");
+        assert!(meta.contains("Steps: 6") && meta.contains("Seed: 42") && meta.contains("Size: 32x48") && meta.contains("Sampler: Euler a"), "{meta}");
+    }
+    // Status and result by id; a late subscriber gets the final state instead of a 404.
+    let st = s.get(&format!("/v1/jobs/{id}")).json();
+    assert_eq!(st["status"], "completed");
+    assert_eq!(st["result"]["images"].as_array().map(Vec::len), Some(2));
+    let late = s.stream(&id);
+    assert_eq!(late.last().map(|e| e.0.as_str()), Some("complete"));
+    assert_eq!(late.last().map(|e| &e.1["images"]), Some(&complete["images"]));
+    // Same seed, same images.
+    let id2 = s.submit(&json!({"operation": "image_generation", "prompt": "a red fox", "negative_prompt": "blurry",
+        "width": 32, "height": 48, "steps": 6, "seed": 42, "sampler": "Euler a", "batch": 2, "guidance_scale": 5.0}));
+    assert_eq!(s.stream(&id2).last().map(|e| &e.1["images"]), Some(&complete["images"]));
+    let metrics = s.get("/metrics");
+    assert!(metrics.header("content-type").unwrap_or_default().starts_with("text/plain"));
+    let m = metrics.text();
+    assert!(m.contains("sd_worker_jobs_total{outcome=\"completed\"} 2"), "{m}");
+    assert!(m.contains("sd_worker_step_seconds_count 12"), "{m}");
+    assert!(m.contains("sd_worker_queue_depth 0"), "{m}");
+    s.shutdown();
+}
+
+#[test]
+fn img2img_and_inpaint_jobs_complete() {
+    let s = Server::start(config("sd15"));
+    let id = s.submit(&json!({"operation": "image_transform", "prompt": "a painting", "input_image": b64(&test_image()),
+        "strength": 0.5, "steps": 4, "seed": 3}));
+    let ev = s.stream(&id);
+    let (name, done) = ev.last().expect("events");
+    assert_eq!(name, "complete", "{ev:?}");
+    // strength 0.5 of 4 steps runs 2.
+    assert_eq!(ev.iter().rfind(|e| e.0 == "progress").map(|e| e.1["total"].clone()), Some(json!(2)));
+    let img = decode_png(done["images"][0].as_str().expect("image"));
+    assert_eq!((img.width(), img.height()), (32, 32), "size defaults to the input's");
+    let bytes = unb64(done["images"][0].as_str().expect("image"));
+    let meta = sd_pipelines::image_io::read_png_parameters(&bytes).expect("png").expect("meta");
+    assert!(meta.contains("Denoising strength: 0.5"), "{meta}");
+
+    let id = s.submit(&json!({"operation": "image_inpaint", "prompt": "a cat", "init_image": b64(&test_image()),
+        "mask_image": b64(&test_mask(32, 32)), "steps": 3, "seed": 4}));
+    let ev = s.stream(&id);
+    assert_eq!(ev.last().map(|e| e.0.as_str()), Some("complete"), "{ev:?}");
+    s.shutdown();
+
+    // A 9-channel inpainting model.
+    let s = Server::start(config("sd15-inpaint"));
+    let id = s.submit(&json!({"operation": "image_inpaint", "prompt": "a cat", "init_image": b64(&test_image()),
+        "mask_image": b64(&test_mask(32, 32)), "steps": 3, "seed": 4, "strength": 0.9}));
+    let ev = s.stream(&id);
+    let (name, done) = ev.last().expect("events");
+    assert_eq!(name, "complete", "{ev:?}");
+    assert_eq!(decode_png(done["images"][0].as_str().expect("image")).width(), 32);
+    s.shutdown();
+}
+
+#[test]
+fn cancelling_a_running_job_stops_it_within_a_step() {
+    let s = Server::start(config("sd15"));
+    let id = s.submit(&json!({"operation": "image_generation", "prompt": "long", "width": 32, "height": 32, "steps": 1000, "seed": 1}));
+    s.wait_status(&id, |v| v["status"] == "running" && v["progress"]["step"].as_u64().unwrap_or(0) >= 2);
+    let r = s.delete(&format!("/v1/jobs/{id}"));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let ev = s.stream(&id);
+    let (name, err) = ev.last().expect("events");
+    assert_eq!(name, "error");
+    assert_eq!(err["code"], "cancelled");
+    let st = s.get(&format!("/v1/jobs/{id}")).json();
+    assert_eq!(st["status"], "cancelled");
+    assert!(st["progress"]["step"].as_u64().expect("step") < 1000);
+    // Cancelling again is a conflict, not a crash; unknown ids are 404 JSON.
+    assert_error(&s.delete(&format!("/v1/jobs/{id}")), 409, "id");
+    assert_error(&s.delete("/v1/jobs/job_nope"), 404, "id");
+    assert_error(&s.get("/v1/jobs/job_nope/stream"), 404, "id");
+    s.assert_serving();
+    assert!(s.get("/metrics").text().contains("sd_worker_jobs_total{outcome=\"cancelled\"} 1"));
+    s.shutdown();
+}
+
+#[test]
+fn a_full_queue_answers_429_with_retry_after() {
+    let mut cfg = config("sd15");
+    cfg.queue_capacity = 1;
+    let s = Server::start(cfg);
+    let long = json!({"operation": "image_generation", "prompt": "long", "width": 32, "height": 32, "steps": 1000, "seed": 1});
+    let a = s.submit(&long);
+    s.wait_status(&a, |v| v["status"] == "running");
+    let b = s.submit(&json!({"operation": "image_generation", "prompt": "b", "width": 32, "height": 32, "steps": 2, "seed": 2}));
+    let r = s.post("/v1/jobs", &long);
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert!(r.header("retry-after").and_then(|v| v.parse::<u64>().ok()).is_some_and(|v| v >= 1));
+    assert_eq!(r.json()["error"]["code"], "queue_full");
+    assert!(s.get("/metrics").text().contains("sd_worker_queue_depth 1"));
+    assert_eq!(s.get(&format!("/v1/jobs/{b}")).json()["status"], "queued");
+    assert_eq!(s.delete(&format!("/v1/jobs/{a}")).status, 202);
+    assert_eq!(s.stream(&b).last().map(|e| e.0.as_str()), Some("complete"));
+    assert!(s.get("/metrics").text().contains("sd_worker_rejected_total 1"));
+    s.shutdown();
+}
+
+#[test]
+fn cancelling_a_queued_job_frees_its_slot() {
+    let mut cfg = config("sd15");
+    cfg.queue_capacity = 1;
+    let s = Server::start(cfg);
+    let long = json!({"operation": "image_generation", "prompt": "long", "width": 32, "height": 32, "steps": 1000, "seed": 1});
+    let a = s.submit(&long);
+    s.wait_status(&a, |v| v["status"] == "running");
+    let b = s.submit(&long);
+    assert_eq!(s.delete(&format!("/v1/jobs/{b}")).status, 202);
+    let ev = s.stream(&b);
+    assert_eq!(ev.last().map(|e| (e.0.as_str(), e.1["code"].clone())), Some(("error", json!("cancelled"))));
+    // The slot is free again.
+    let c = s.submit(&json!({"operation": "image_generation", "prompt": "c", "width": 32, "height": 32, "steps": 2, "seed": 2}));
+    assert_eq!(s.delete(&format!("/v1/jobs/{a}")).status, 202);
+    assert_eq!(s.stream(&c).last().map(|e| e.0.as_str()), Some("complete"));
+    s.shutdown();
+}
+
+#[test]
+fn two_subscribers_watch_one_job() {
+    let s = Server::start(config("sd15"));
+    let id = s.submit(&json!({"operation": "image_generation", "prompt": "shared", "width": 32, "height": 32, "steps": 40, "seed": 9}));
+    let addr = s.addr;
+    let watchers: Vec<_> = (0..2)
+        .map(|_| {
+            let path = format!("/v1/jobs/{id}/stream");
+            std::thread::spawn(move || parse_sse(&raw_request(addr, "GET", &path, "application/json", b"").text()))
+        })
+        .collect();
+    let results: Vec<Vec<(String, Value)>> = watchers.into_iter().map(|h| h.join().expect("watcher")).collect();
+    for ev in &results {
+        let steps: Vec<u64> = ev.iter().filter(|e| e.0 == "progress").filter_map(|e| e.1["step"].as_u64()).collect();
+        assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
+        assert_eq!(ev.last().map(|e| e.0.as_str()), Some("complete"));
+    }
+    assert_eq!(results[0].last().map(|e| &e.1["images"]), results[1].last().map(|e| &e.1["images"]));
+    s.shutdown();
+}
+
+#[test]
+fn openai_routes_return_decodable_images() {
+    let s = Server::start(config("sd15"));
+    let r = s.post("/v1/images/generations", &json!({"prompt": "a lighthouse", "n": 2, "size": "32x32", "response_format": "b64_json", "steps": 2, "seed": 5}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert!(v["created"].as_u64().is_some());
+    let data = v["data"].as_array().expect("data");
+    assert_eq!(data.len(), 2);
+    for d in data {
+        let img = decode_png(d["b64_json"].as_str().expect("b64_json"));
+        assert_eq!((img.width(), img.height()), (32, 32));
+    }
+    assert_error(&s.post("/v1/images/generations", &json!({"prompt": "x", "size": "32x32", "response_format": "url"})), 400, "response_format");
+    assert_error(&s.post("/v1/images/generations", &json!({"prompt": "x", "size": "big"})), 400, "size");
+    assert_error(&s.post("/v1/images/generations", &json!({"size": "32x32"})), 400, "prompt");
+
+    // Edits as OpenAI sends them: multipart with an image file and a transparent-area mask.
+    let mask = {
+        let m = image::RgbaImage::from_fn(32, 32, |x, _| image::Rgba([0, 0, 0, if x < 16 { 0 } else { 255 }]));
+        let mut out = std::io::Cursor::new(Vec::new());
+        m.write_to(&mut out, image::ImageFormat::Png).expect("png");
+        out.into_inner()
+    };
+    let boundary = "XyZboundary";
+    let mut body = Vec::new();
+    let mut field = |name: &str, filename: Option<&str>, data: &[u8]| {
+        body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+        match filename {
+            Some(f) => body.extend_from_slice(format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\nContent-Type: image/png\r\n\r\n").as_bytes()),
+            None => body.extend_from_slice(format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes()),
+        }
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n");
+    };
+    field("image", Some("image.png"), &test_image());
+    field("mask", Some("mask.png"), &mask);
+    field("prompt", None, b"a window");
+    field("n", None, b"1");
+    field("steps", None, b"2");
+    field("response_format", None, b"b64_json");
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    let r = s.request("POST", "/v1/images/edits", &format!("multipart/form-data; boundary={boundary}"), &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let img = decode_png(r.json()["data"][0]["b64_json"].as_str().expect("b64_json"));
+    assert_eq!((img.width(), img.height()), (32, 32));
+
+    // JSON edits without a mask are img2img.
+    let r = s.post("/v1/images/edits", &json!({"image": b64(&test_image()), "prompt": "x", "steps": 4, "strength": 0.5}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    decode_png(r.json()["data"][0]["b64_json"].as_str().expect("b64_json"));
+    assert_error(&s.post("/v1/images/edits", &json!({"prompt": "x"})), 400, "image");
+    s.shutdown();
+}
+
+#[test]
+fn a1111_routes_return_decodable_images() {
+    let s = Server::start(config("sd15"));
+    let r = s.post("/sdapi/v1/txt2img", &json!({"prompt": "a boat", "negative_prompt": "", "steps": 3, "width": 32, "height": 32,
+        "cfg_scale": 6, "sampler_name": "DPM++ 2M", "scheduler": "Karras", "seed": 11, "batch_size": 1, "n_iter": 2,
+        "override_settings": {"CLIP_stop_at_last_layers": 2}}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let images = v["images"].as_array().expect("images");
+    assert_eq!(images.len(), 2);
+    for b in images {
+        let bytes = unb64(b.as_str().expect("b64"));
+        image::load_from_memory(&bytes).expect("png");
+        let meta = sd_pipelines::image_io::read_png_parameters(&bytes).expect("png").expect("meta");
+        assert!(meta.contains("Sampler: DPM++ 2M") && meta.contains("Clip skip: 2") && meta.contains("CFG scale: 6"), "{meta}");
+    }
+    let info: Value = serde_json::from_str(v["info"].as_str().expect("info string")).expect("info JSON");
+    assert_eq!(info["seed"], 11);
+    assert_eq!(v["parameters"]["prompt"], "a boat");
+
+    let r = s.post("/sdapi/v1/img2img", &json!({"prompt": "a boat", "init_images": [format!("data:image/png;base64,{}", b64(&test_image()))],
+        "denoising_strength": 0.5, "steps": 4, "width": 32, "height": 32, "seed": 1}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    decode_png(r.json()["images"][0].as_str().expect("image"));
+    let r = s.post("/sdapi/v1/img2img", &json!({"prompt": "a boat", "init_images": [b64(&test_image())], "mask": b64(&test_mask(32, 32)),
+        "denoising_strength": 1.0, "steps": 2, "width": 32, "height": 32}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    decode_png(r.json()["images"][0].as_str().expect("image"));
+    // A1111 defaults are 512×512, over this worker's limit: the error names the field.
+    assert_error(&s.post("/sdapi/v1/txt2img", &json!({"prompt": "x"})), 400, "width");
+    assert_error(&s.post("/sdapi/v1/txt2img", &json!({"prompt": "x", "width": 32, "height": 32, "sampler_name": "Nope"})), 400, "sampler_name");
+
+    let samplers = s.get("/sdapi/v1/samplers").json();
+    assert!(samplers.as_array().is_some_and(|a| a.iter().any(|x| x["name"] == "Euler a")));
+    let models = s.get("/sdapi/v1/sd-models").json();
+    assert_eq!(models[0]["model_name"], "sd15");
+    let idle = s.get("/sdapi/v1/progress").json();
+    assert_eq!(idle["progress"], 0.0);
+
+    // Progress with a preview while a job runs, then interrupt.
+    let id = s.submit(&json!({"operation": "image_generation", "prompt": "long", "width": 32, "height": 32, "steps": 1000, "seed": 1}));
+    s.wait_status(&id, |v| v["progress"]["step"].as_u64().unwrap_or(0) >= 2);
+    let p = s.get("/sdapi/v1/progress").json();
+    assert!(p["progress"].as_f64().is_some_and(|f| f > 0.0 && f < 1.0), "{p}");
+    assert_eq!(p["state"]["sampling_steps"], 1000);
+    decode_png(p["current_image"].as_str().expect("current_image"));
+    assert!(s.get("/sdapi/v1/progress?skip_current_image=true").json()["current_image"].is_null());
+    assert_eq!(s.post("/sdapi/v1/interrupt", &json!({})).status, 200);
+    assert_eq!(s.stream(&id).last().map(|e| e.1["code"].clone()), Some(json!("cancelled")));
+    s.shutdown();
+}
+
+#[test]
+fn finished_jobs_expire() {
+    let mut cfg = config("sd15");
+    cfg.job_expiry = Duration::from_millis(300);
+    let s = Server::start(cfg);
+    let id = s.submit(&json!({"operation": "image_generation", "prompt": "x", "width": 32, "height": 32, "steps": 1, "seed": 1}));
+    assert_eq!(s.stream(&id).last().map(|e| e.0.as_str()), Some("complete"));
+    let t0 = Instant::now();
+    while s.get(&format!("/v1/jobs/{id}")).status == 200 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the job never expired");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_error(&s.get(&format!("/v1/jobs/{id}")), 404, "id");
+    s.shutdown();
+}
+
+#[test]
+fn shutdown_cancels_queued_jobs_and_finishes_the_running_one() {
+    let mut cfg = config("sd15");
+    cfg.shutdown_grace = Duration::from_secs(60);
+    let s = Server::start(cfg);
+    // Long enough that it is still running when shutdown begins, so `b` is still queued then.
+    let a = s.submit(&json!({"operation": "image_generation", "prompt": "a", "width": 32, "height": 32, "steps": 400, "seed": 1}));
+    s.wait_status(&a, |v| v["status"] == "running");
+    let b = s.submit(&json!({"operation": "image_generation", "prompt": "b", "width": 32, "height": 32, "steps": 2, "seed": 1}));
+    let addr = s.addr;
+    let watch = |id: &str| {
+        let path = format!("/v1/jobs/{id}/stream");
+        std::thread::spawn(move || parse_sse(&raw_request(addr, "GET", &path, "application/json", b"").text()))
+    };
+    let (wa, wb) = (watch(&a), watch(&b));
+    std::thread::sleep(Duration::from_millis(50));
+    s.shutdown();
+    let ea = wa.join().expect("a");
+    let eb = wb.join().expect("b");
+    assert_eq!(ea.last().map(|e| e.0.as_str()), Some("complete"), "the running job finishes: {ea:?}");
+    assert_eq!(eb.last().map(|e| e.1["code"].clone()), Some(json!("shutdown")), "{eb:?}");
+}
+
+#[test]
+fn model_listing_health_and_unknown_routes() {
+    let s = Server::start(config("sdxl"));
+    assert_eq!(s.get("/health").json()["status"], "ok");
+    assert_eq!(s.get("/ready").json()["status"], "ready");
+    let m = s.get("/v1/models").json();
+    assert_eq!(m["object"], "list");
+    assert_eq!(m["data"][0]["variant"], "sdxl");
+    assert!(m["loras"].as_array().is_some());
+    let r = s.get("/nope");
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error"]["code"], "not_found");
+    let r = s.get("/v1/jobs");
+    assert_eq!(r.status, 405);
+    assert_eq!(r.json()["error"]["code"], "method_not_allowed");
+    let id = s.submit(&json!({"operation": "image_generation", "prompt": "xl", "width": 32, "height": 32, "steps": 2, "seed": 1}));
+    assert_eq!(s.stream(&id).last().map(|e| e.0.as_str()), Some("complete"));
+    s.shutdown();
+}
+
+// ---- bad input: each a 4xx JSON error naming the field, and the worker keeps serving ----
+
+fn bad(body: &[u8], status: u16, field: &str) {
+    let s = Server::start(config("sd15"));
+    let r = s.request("POST", "/v1/jobs", "application/json", body);
+    assert_error(&r, status, field);
+    s.assert_serving();
+    s.shutdown();
+}
+
+fn gen(extra: Value) -> Vec<u8> {
+    let mut v = json!({"operation": "image_generation", "prompt": "p", "width": 32, "height": 32, "steps": 2});
+    if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+        for (k, x) in e {
+            if x.is_null() {
+                o.remove(k);
+            } else {
+                o.insert(k.clone(), x.clone());
+            }
+        }
+    }
+    v.to_string().into_bytes()
+}
+
+#[test]
+fn bad_malformed_json() {
+    bad(br#"{"operation": "image_generation", "prompt": "#, 400, "body");
+}
+
+#[test]
+fn bad_unknown_operation() {
+    bad(&gen(json!({"operation": "video_generation"})), 400, "operation");
+}
+
+#[test]
+fn bad_missing_operation() {
+    bad(&gen(json!({"operation": null})), 400, "operation");
+}
+
+#[test]
+fn bad_missing_prompt() {
+    bad(&gen(json!({"prompt": null})), 400, "prompt");
+}
+
+#[test]
+fn bad_unknown_field() {
+    bad(&gen(json!({"stepz": 3})), 400, "stepz");
+}
+
+#[test]
+fn bad_steps_zero() {
+    bad(&gen(json!({"steps": 0})), 400, "steps");
+}
+
+#[test]
+fn bad_steps_huge() {
+    bad(&gen(json!({"steps": 1_000_000_000u64})), 400, "steps");
+}
+
+#[test]
+fn bad_steps_not_a_number() {
+    bad(&gen(json!({"steps": "many"})), 400, "steps");
+}
+
+#[test]
+fn bad_size_over_limit() {
+    bad(&gen(json!({"width": 4096})), 400, "width");
+}
+
+#[test]
+fn bad_size_not_multiple_of_8() {
+    bad(&gen(json!({"height": 36})), 400, "height");
+}
+
+#[test]
+fn bad_batch_over_limit() {
+    bad(&gen(json!({"batch": 64})), 400, "batch");
+}
+
+#[test]
+fn bad_unknown_sampler() {
+    bad(&gen(json!({"sampler": "Warp Drive"})), 400, "sampler");
+}
+
+#[test]
+fn bad_schedule_for_sampler() {
+    bad(&gen(json!({"sampler": "DDIM", "schedule": "karras"})), 400, "schedule");
+}
+
+#[test]
+fn bad_invalid_base64() {
+    let body = json!({"operation": "image_transform", "prompt": "p", "input_image": "%%%not base64%%%"}).to_string();
+    bad(body.as_bytes(), 400, "input_image");
+}
+
+#[test]
+fn bad_non_image() {
+    let body = json!({"operation": "image_transform", "prompt": "p", "input_image": b64(b"just some text, not a picture")}).to_string();
+    bad(body.as_bytes(), 400, "input_image");
+}
+
+#[test]
+fn bad_mask_of_another_size() {
+    let body = json!({"operation": "image_inpaint", "prompt": "p", "init_image": b64(&test_image()), "mask_image": b64(&test_mask(16, 32))}).to_string();
+    bad(body.as_bytes(), 400, "mask_image");
+}
+
+#[test]
+fn bad_missing_mask() {
+    let body = json!({"operation": "image_inpaint", "prompt": "p", "init_image": b64(&test_image())}).to_string();
+    bad(body.as_bytes(), 400, "mask_image");
+}
+
+#[test]
+fn bad_strength() {
+    let body = json!({"operation": "image_transform", "prompt": "p", "input_image": b64(&test_image()), "strength": 1.5}).to_string();
+    bad(body.as_bytes(), 400, "strength");
+}
+
+#[test]
+fn bad_body_over_limit() {
+    let big = "A".repeat(400 * 1024);
+    let body = json!({"operation": "image_transform", "prompt": "p", "input_image": big}).to_string();
+    bad(body.as_bytes(), 413, "body");
+}
+
+fn lora_dirs() -> (PathBuf, PathBuf) {
+    let d = std::env::temp_dir().join(format!("sd-worker-http-lora-{}-{:?}", std::process::id(), std::thread::current().id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(d.join("loras")).expect("dir");
+    std::fs::write(d.join("loras/style.safetensors"), b"not really").expect("write");
+    std::fs::write(d.join("secret.safetensors"), b"outside").expect("write");
+    (d.join("loras"), d)
+}
+
+fn bad_lora(lora: Value, field: &str) {
+    let (loras, root) = lora_dirs();
+    let mut cfg = config("sd15");
+    cfg.lora_dirs = vec![loras];
+    let s = Server::start(cfg);
+    let listed = s.get("/v1/models").json();
+    assert_eq!(listed["loras"][0]["name"], "style");
+    let r = s.request("POST", "/v1/jobs", "application/json", &gen(json!({"loras": [lora]})));
+    assert_error(&r, 400, field);
+    s.assert_serving();
+    s.shutdown();
+    let _ = std::fs::remove_dir_all(root);
+}
+
+#[test]
+fn bad_lora_path_with_dotdot() {
+    bad_lora(json!({"path": "../secret.safetensors", "strength": 0.8}), "loras[0].path");
+}
+
+#[test]
+fn bad_lora_absolute_path_outside() {
+    let (_, root) = lora_dirs();
+    let abs = root.join("secret.safetensors").to_string_lossy().into_owned();
+    bad_lora(json!({"path": abs}), "loras[0].path");
+}
+
+#[cfg(unix)]
+#[test]
+fn bad_lora_symlink_escape() {
+    let (loras, root) = lora_dirs();
+    let _ = std::os::unix::fs::symlink(root.join("secret.safetensors"), loras.join("escape.safetensors"));
+    let mut cfg = config("sd15");
+    cfg.lora_dirs = vec![loras];
+    let s = Server::start(cfg);
+    let r = s.request("POST", "/v1/jobs", "application/json", &gen(json!({"loras": [{"name": "escape"}]})));
+    assert!(r.status == 400 || r.status == 404, "{}", r.text());
+    assert_eq!(r.json()["error"]["field"], "loras[0].name");
+    s.assert_serving();
+    s.shutdown();
+    let _ = std::fs::remove_dir_all(root);
+}
+
+#[test]
+fn bad_lora_strength() {
+    bad_lora(json!({"name": "style", "strength": 1e9}), "loras[0].strength");
+}
+
+#[test]
+fn loras_are_applied_per_request_and_removed_again() {
+    let mut cfg = config("sd15");
+    cfg.lora_dirs = vec![fixture("lora")];
+    let s = Server::start(cfg);
+    let listed = s.get("/v1/models").json();
+    assert!(listed["loras"].as_array().is_some_and(|l| l.iter().any(|x| x["name"] == "sd15_kohya")), "{listed}");
+    let job = |loras: Value| {
+        let id = s.submit(&json!({"operation": "image_generation", "prompt": "a tree", "width": 32, "height": 32, "steps": 3, "seed": 7, "loras": loras}));
+        let ev = s.stream(&id);
+        let (name, data) = ev.last().cloned().expect("events");
+        assert_eq!(name, "complete", "{ev:?}");
+        data
+    };
+    let plain = job(json!([]));
+    let with = job(json!([{"name": "sd15_kohya", "strength": 1.0}]));
+    assert_ne!(plain["images"], with["images"], "the LoRA changed nothing");
+    let bytes = unb64(with["images"][0].as_str().expect("image"));
+    let meta = sd_pipelines::image_io::read_png_parameters(&bytes).expect("png").expect("meta");
+    assert!(meta.contains("Lora weights: \"sd15_kohya: 1\""), "{meta}");
+    assert_eq!(with["parameters"]["loras"][0]["name"], "sd15_kohya");
+    let by_path = job(json!([{"path": "sd15_kohya.safetensors", "strength": 1.0}]));
+    assert_eq!(by_path["images"], with["images"]);
+    let again = job(json!([]));
+    assert_eq!(again["images"], plain["images"], "removing the LoRA restores the model");
+    s.shutdown();
+}
+
+#[test]
+fn a_broken_lora_file_fails_its_job_only() {
+    let (loras, root) = lora_dirs();
+    let mut cfg = config("sd15");
+    cfg.lora_dirs = vec![loras];
+    let s = Server::start(cfg);
+    let id = s.submit(&json!({"operation": "image_generation", "prompt": "p", "width": 32, "height": 32, "steps": 2, "loras": [{"name": "style"}]}));
+    let ev = s.stream(&id);
+    let (name, err) = ev.last().expect("events");
+    assert_eq!(name, "error");
+    assert_eq!(err["code"], "invalid_lora");
+    assert_eq!(err["field"], "loras[0]");
+    assert_eq!(s.get(&format!("/v1/jobs/{id}")).json()["status"], "failed");
+    s.assert_serving();
+    assert!(s.get("/metrics").text().contains("sd_worker_jobs_total{outcome=\"failed\"} 1"));
+    s.shutdown();
+    let _ = std::fs::remove_dir_all(root);
+}
+
+#[test]
+fn a_synchronous_request_whose_client_leaves_is_cancelled() {
+    let s = Server::start(config("sd15"));
+    let body = json!({"prompt": "long", "width": 32, "height": 32, "steps": 1000}).to_string();
+    let mut conn = TcpStream::connect(s.addr).expect("connect");
+    let head = format!("POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len());
+    conn.write_all(head.as_bytes()).expect("head");
+    conn.write_all(body.as_bytes()).expect("body");
+    let t0 = Instant::now();
+    let job = loop {
+        let p = s.get("/sdapi/v1/progress?skip_current_image=true").json();
+        if p["state"]["sampling_step"].as_u64().unwrap_or(0) >= 1 {
+            break p["current_task"].as_str().expect("task").to_string();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "never started");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    drop(conn);
+    let st = s.wait_status(&job, |v| v["status"] != "running");
+    assert_eq!(st["status"], "cancelled", "{st}");
+    s.shutdown();
+}
+
+#[test]
+fn a_single_file_checkpoint_loads_with_its_config_folder() {
+    let mut cfg = config("sd15.safetensors");
+    cfg.model_config = Some(fixture("sd15"));
+    let s = Server::start(cfg);
+    let m = s.get("/v1/models").json();
+    assert_eq!(m["data"][0]["id"], "sd15");
+    assert_eq!(m["data"][0]["variant"], "sd15");
+    // A lone file gets the bundled full CLIP vocabulary, whose ids the tiny fixture's 1000-token
+    // text encoder cannot embed, so generation fails, as a job error and not a crash.
+    let r = s.post("/v1/images/generations", &json!({"prompt": "file", "size": "32x32", "steps": 2}));
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "generation_failed");
+    assert_eq!(s.get("/health").status, 200);
+    s.shutdown();
+}
+
+#[test]
+fn a_queued_synchronous_request_whose_client_leaves_frees_its_slot() {
+    let mut cfg = config("sd15");
+    cfg.queue_capacity = 1;
+    let s = Server::start(cfg);
+    let a = s.submit(&json!({"operation": "image_generation", "prompt": "long", "width": 32, "height": 32, "steps": 1000, "seed": 1}));
+    s.wait_status(&a, |v| v["status"] == "running");
+    let body = json!({"prompt": "queued", "size": "32x32", "steps": 2}).to_string();
+    let mut conn = TcpStream::connect(s.addr).expect("connect");
+    let head = format!("POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len());
+    conn.write_all(head.as_bytes()).expect("head");
+    conn.write_all(body.as_bytes()).expect("body");
+    let t0 = Instant::now();
+    while !s.get("/metrics").text().contains("sd_worker_queue_depth 1") {
+        assert!(t0.elapsed() < Duration::from_secs(60), "never queued");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(conn);
+    let t0 = Instant::now();
+    while !s.get("/metrics").text().contains("sd_worker_queue_depth 0") {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the slot was never freed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let c = s.submit(&json!({"operation": "image_generation", "prompt": "c", "width": 32, "height": 32, "steps": 2, "seed": 2}));
+    assert_eq!(s.delete(&format!("/v1/jobs/{a}")).status, 202);
+    assert_eq!(s.stream(&c).last().map(|e| e.0.as_str()), Some("complete"));
+    s.shutdown();
+}
