@@ -37,7 +37,9 @@ fn specials(tok: &ClipTokenizer) -> Result<SpecialTokens> {
     Ok(SpecialTokens { bos: tok.bos_id(), eos: tok.eos_id(), pad: tok.pad_id(), comma })
 }
 
-fn tokenize_chunks(tok: &ClipTokenizer, prompt: &str, max_len: usize) -> Result<Vec<TokenChunk>> {
+/// Parses a prompt's A1111 syntax and tokenizes it into `max_len`-token chunks with per-token weights,
+/// exactly as [`encode_prompt`] feeds them to a text encoder.
+pub fn prompt_chunks(tok: &ClipTokenizer, prompt: &str, max_len: usize) -> Result<Vec<TokenChunk>> {
     let parts = parse_prompt_attention(prompt);
     let special = specials(tok)?;
     chunk_tokens(&parts, max_len, special, |text| {
@@ -104,7 +106,7 @@ pub fn encode_prompt(models: &StableDiffusionModels, prompt: &str, clip_skip: us
     let max_len = models.config.text_encoder.max_position_embeddings;
     match models.config.variant.family() {
         ModelFamily::Sd1 | ModelFamily::Sd2 => {
-            let chunks = tokenize_chunks(&models.tokenizer, prompt, max_len)?;
+            let chunks = prompt_chunks(&models.tokenizer, prompt, max_len)?;
             let (context, _) = encode_chunks(&models.text_encoder, &chunks, Layer::Normed(skip), device)?;
             Ok(PromptEmbeds { context, pooled: None })
         }
@@ -113,8 +115,8 @@ pub fn encode_prompt(models: &StableDiffusionModels, prompt: &str, clip_skip: us
                 (Some(e), Some(t)) => (e, t),
                 _ => return Err(Error::InvalidRequest { field: "model", reason: "an SDXL model needs its second text encoder and tokenizer".into() }),
             };
-            let c1 = tokenize_chunks(&models.tokenizer, prompt, max_len)?;
-            let c2 = tokenize_chunks(tok2, prompt, max_len)?;
+            let c1 = prompt_chunks(&models.tokenizer, prompt, max_len)?;
+            let c2 = prompt_chunks(tok2, prompt, max_len)?;
             let (e1, _) = encode_chunks(&models.text_encoder, &c1, Layer::Raw(1 + skip), device)?;
             let (e2, pooled) = encode_chunks(enc2, &c2, Layer::Raw(1 + skip), device)?;
             // The two tokenizers can split a long prompt into different chunk counts only through
@@ -170,22 +172,25 @@ pub fn build_conditioning(
     let sdxl = models.config.variant.family() == ModelFamily::Sdxl;
     let pos = encode_prompt(models, prompt, clip_skip)?;
     let mut halves = Vec::new();
+    let mut len = pos.context.dim(1)?;
     if guided {
+        // SDXL with an empty negative prompt gets zero embeddings (built below at the final length).
         let neg = if sdxl && negative.is_empty() {
-            PromptEmbeds { context: pos.context.zeros_like()?, pooled: pos.pooled.as_ref().map(|p| p.zeros_like()).transpose()? }
+            None
         } else {
-            encode_prompt(models, negative, clip_skip)?
+            let neg = encode_prompt(models, negative, clip_skip)?;
+            len = len.max(neg.context.dim(1)?);
+            Some(pad_to(models, neg, len, clip_skip)?)
         };
-        let len = pos.context.dim(1)?.max(neg.context.dim(1)?);
-        let neg = if sdxl && negative.is_empty() {
-            let z = Tensor::zeros((1, len, neg.context.dim(2)?), neg.context.dtype(), neg.context.device())?;
-            PromptEmbeds { context: z, pooled: neg.pooled }
-        } else {
-            pad_to(models, neg, len, clip_skip)?
+        let neg = match neg {
+            Some(neg) => neg,
+            None => PromptEmbeds {
+                context: Tensor::zeros((1, len, pos.context.dim(2)?), pos.context.dtype(), pos.context.device())?,
+                pooled: pos.pooled.as_ref().map(|p| p.zeros_like()).transpose()?,
+            },
         };
         halves.push(neg);
     }
-    let len = halves.first().map(|n| n.context.dim(1)).transpose()?.unwrap_or(0).max(pos.context.dim(1)?);
     halves.push(pad_to(models, pos, len, clip_skip)?);
 
     let repeat = |t: &Tensor| -> Result<Tensor> {
