@@ -63,7 +63,8 @@ fn configs() -> (UNetConfig, stock::UNet2DConditionModelConfig, usize) {
 fn bench_unet(c: &mut Criterion) {
     let (ours_cfg, stock_cfg, side) = configs();
     let dev = Device::Cpu;
-    let sample = Tensor::randn(0f32, 1., (2, 4, side, side), &dev).unwrap_or_else(|e| panic!("sample: {e}"));
+    let sample =
+        Tensor::randn(0f32, 1., (2, 4, side, side), &dev).unwrap_or_else(|e| panic!("sample: {e}"));
     let context = Tensor::randn(0f32, 1., (2, 77, ours_cfg.cross_attention_dim), &dev)
         .unwrap_or_else(|e| panic!("context: {e}"));
 
@@ -81,17 +82,22 @@ fn bench_unet(c: &mut Criterion) {
         group.bench_function("ours", |b| {
             b.iter(|| {
                 black_box(
-                    unet.forward_simple(&sample, TIMESTEP, &context).unwrap_or_else(|e| panic!("our UNet forward: {e}")),
+                    unet.forward_simple(&sample, TIMESTEP, &context)
+                        .unwrap_or_else(|e| panic!("our UNet forward: {e}")),
                 )
             })
         });
     }
     {
-        let unet = stock::UNet2DConditionModel::new(common::random_vb(DType::F32), 4, 4, false, stock_cfg)
-            .unwrap_or_else(|e| panic!("building the stock UNet: {e}"));
+        let unet =
+            stock::UNet2DConditionModel::new(common::random_vb(DType::F32), 4, 4, false, stock_cfg)
+                .unwrap_or_else(|e| panic!("building the stock UNet: {e}"));
         group.bench_function("stock", |b| {
             b.iter(|| {
-                black_box(unet.forward(&sample, TIMESTEP, &context).unwrap_or_else(|e| panic!("stock UNet forward: {e}")))
+                black_box(
+                    unet.forward(&sample, TIMESTEP, &context)
+                        .unwrap_or_else(|e| panic!("stock UNet forward: {e}")),
+                )
             })
         });
     }

@@ -18,7 +18,14 @@ use sd_models::VaeConfig;
 
 fn bench_vae(c: &mut Criterion) {
     let (cfg, side) = if common::small() {
-        (VaeConfig { block_out_channels: vec![32, 32, 64, 64], layers_per_block: 1, ..VaeConfig::sd() }, 16)
+        (
+            VaeConfig {
+                block_out_channels: vec![32, 32, 64, 64],
+                layers_per_block: 1,
+                ..VaeConfig::sd()
+            },
+            16,
+        )
     } else {
         (VaeConfig::sd(), 64)
     };
@@ -43,14 +50,24 @@ fn bench_vae(c: &mut Criterion) {
         let vae = AutoencoderKL::new(common::random_vb(DType::F32), &cfg)
             .unwrap_or_else(|e| panic!("building our VAE: {e}"));
         group.bench_function("ours", |b| {
-            b.iter(|| black_box(vae.decode(&latents).unwrap_or_else(|e| panic!("our VAE decode: {e}"))))
+            b.iter(|| {
+                black_box(
+                    vae.decode(&latents)
+                        .unwrap_or_else(|e| panic!("our VAE decode: {e}")),
+                )
+            })
         });
     }
     {
         let vae = stock::AutoEncoderKL::new(common::random_vb(DType::F32), 3, 3, stock_cfg)
             .unwrap_or_else(|e| panic!("building the stock VAE: {e}"));
         group.bench_function("stock", |b| {
-            b.iter(|| black_box(vae.decode(&latents).unwrap_or_else(|e| panic!("stock VAE decode: {e}"))))
+            b.iter(|| {
+                black_box(
+                    vae.decode(&latents)
+                        .unwrap_or_else(|e| panic!("stock VAE decode: {e}")),
+                )
+            })
         });
     }
     group.finish();

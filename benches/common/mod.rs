@@ -10,7 +10,14 @@ use candle_nn::{Init, VarBuilder};
 struct RandomWeights;
 
 impl candle_nn::var_builder::SimpleBackend for RandomWeights {
-    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let dims = s.dims();
         let t = if dims.len() >= 2 {
             let fan_in = s.elem_count() / dims[0].max(1);

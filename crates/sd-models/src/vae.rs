@@ -31,8 +31,11 @@ struct ResnetBlock {
 
 impl ResnetBlock {
     fn new(vb: VarBuilder, c_in: usize, c_out: usize, groups: usize) -> candle_core::Result<Self> {
-        let conv_shortcut =
-            if c_in != c_out { Some(Conv2d::load(vb.pp("conv_shortcut"), c_in, c_out, 1, 1, 0)?) } else { None };
+        let conv_shortcut = if c_in != c_out {
+            Some(Conv2d::load(vb.pp("conv_shortcut"), c_in, c_out, 1, 1, 0)?)
+        } else {
+            None
+        };
         Ok(Self {
             norm1: ops::group_norm(vb.pp("norm1"), groups, c_in, NORM_EPS)?,
             conv1: Conv2d::load(vb.pp("conv1"), c_in, c_out, 3, 1, 1)?,
@@ -76,7 +79,12 @@ impl MidAttention {
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let tokens = self.group_norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let tokens = self
+            .group_norm
+            .forward(x)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?;
         let q = self.to_q.forward(&tokens)?;
         let k = self.to_k.forward(&tokens)?;
         let v = self.to_v.forward(&tokens)?;
@@ -178,14 +186,29 @@ impl Encoder {
             let mut resnets = Vec::with_capacity(cfg.layers_per_block);
             for j in 0..cfg.layers_per_block {
                 let c_in = if j == 0 { c_prev } else { c_out };
-                resnets.push(ResnetBlock::new(vb_b.pp(format!("resnets.{j}")), c_in, c_out, groups)?);
+                resnets.push(ResnetBlock::new(
+                    vb_b.pp(format!("resnets.{j}")),
+                    c_in,
+                    c_out,
+                    groups,
+                )?);
             }
             let downsampler = if i + 1 < chans.len() {
-                Some(Conv2d::load(vb_b.pp("downsamplers.0.conv"), c_out, c_out, 3, 2, 0)?)
+                Some(Conv2d::load(
+                    vb_b.pp("downsamplers.0.conv"),
+                    c_out,
+                    c_out,
+                    3,
+                    2,
+                    0,
+                )?)
             } else {
                 None
             };
-            down_blocks.push(DownBlock { resnets, downsampler });
+            down_blocks.push(DownBlock {
+                resnets,
+                downsampler,
+            });
             c_prev = c_out;
         }
         Ok(Self {
@@ -230,10 +253,22 @@ impl Decoder {
             let mut resnets = Vec::with_capacity(cfg.layers_per_block + 1);
             for j in 0..=cfg.layers_per_block {
                 let c_in = if j == 0 { c_prev } else { c_out };
-                resnets.push(ResnetBlock::new(vb_b.pp(format!("resnets.{j}")), c_in, c_out, groups)?);
+                resnets.push(ResnetBlock::new(
+                    vb_b.pp(format!("resnets.{j}")),
+                    c_in,
+                    c_out,
+                    groups,
+                )?);
             }
             let upsampler = if i + 1 < chans.len() {
-                Some(Conv2d::load(vb_b.pp("upsamplers.0.conv"), c_out, c_out, 3, 1, 1)?)
+                Some(Conv2d::load(
+                    vb_b.pp("upsamplers.0.conv"),
+                    c_out,
+                    c_out,
+                    3,
+                    1,
+                    1,
+                )?)
             } else {
                 None
             };
@@ -326,17 +361,38 @@ impl AutoencoderKL {
         if cfg.norm_num_groups == 0 {
             candle_core::bail!("VAE config has norm_num_groups 0; check vae/config.json");
         }
-        if let Some(c) = cfg.block_out_channels.iter().find(|&&c| c % cfg.norm_num_groups != 0) {
+        if let Some(c) = cfg
+            .block_out_channels
+            .iter()
+            .find(|&&c| c % cfg.norm_num_groups != 0)
+        {
             candle_core::bail!(
                 "VAE config: {c} channels cannot be split into {} GroupNorm groups; check block_out_channels/norm_num_groups in vae/config.json",
                 cfg.norm_num_groups
             );
         }
         let latent2 = 2 * cfg.latent_channels;
-        let quant_conv =
-            if cfg.use_quant_conv { Some(Conv2d::load(vb.pp("quant_conv"), latent2, latent2, 1, 1, 0)?) } else { None };
+        let quant_conv = if cfg.use_quant_conv {
+            Some(Conv2d::load(
+                vb.pp("quant_conv"),
+                latent2,
+                latent2,
+                1,
+                1,
+                0,
+            )?)
+        } else {
+            None
+        };
         let post_quant_conv = if cfg.use_post_quant_conv {
-            Some(Conv2d::load(vb.pp("post_quant_conv"), cfg.latent_channels, cfg.latent_channels, 1, 1, 0)?)
+            Some(Conv2d::load(
+                vb.pp("post_quant_conv"),
+                cfg.latent_channels,
+                cfg.latent_channels,
+                1,
+                1,
+                0,
+            )?)
         } else {
             None
         };
@@ -394,13 +450,25 @@ impl AutoencoderKL {
         let latents = self.check_latents(latents, "decode_tiled")?;
         check_tiling(tile, overlap, 1, "decode_tiled", "latent")?;
         let f = self.scale_factor();
-        Ok(tiled(&latents, tile, overlap, f, |t| self.decode_raw(t), true)?)
+        Ok(tiled(
+            &latents,
+            tile,
+            overlap,
+            f,
+            |t| self.decode_raw(t),
+            true,
+        )?)
     }
 
     /// Encodes like [`Self::encode`] but in overlapping `tile`×`tile` image-pixel tiles that overlap
     /// by `overlap` image pixels (both multiples of [`Self::scale_factor`]); the latent moments of
     /// neighbouring tiles are cross-faded linearly over the overlap, as diffusers does.
-    pub fn encode_tiled(&self, image: &Tensor, tile: usize, overlap: usize) -> Result<DiagonalGaussian> {
+    pub fn encode_tiled(
+        &self,
+        image: &Tensor,
+        tile: usize,
+        overlap: usize,
+    ) -> Result<DiagonalGaussian> {
         let image = self.check_image(image, "encode_tiled")?;
         let f = self.scale_factor();
         check_tiling(tile, overlap, f, "encode_tiled", "image")?;
@@ -445,7 +513,8 @@ impl AutoencoderKL {
 
     fn check_latents(&self, latents: &Tensor, what: &str) -> Result<Tensor> {
         let dims = latents.dims();
-        let ok = dims.len() == 4 && dims[1] == self.cfg.latent_channels && dims.iter().all(|&d| d > 0);
+        let ok =
+            dims.len() == 4 && dims[1] == self.cfg.latent_channels && dims.iter().all(|&d| d > 0);
         if !ok {
             return Err(Error::InvalidInput(format!(
                 "VAE {what} expects latents [batch, {}, height, width] but got shape {dims:?}",
@@ -456,7 +525,13 @@ impl AutoencoderKL {
     }
 }
 
-fn check_tiling(tile: usize, overlap: usize, multiple: usize, what: &str, unit: &str) -> Result<()> {
+fn check_tiling(
+    tile: usize,
+    overlap: usize,
+    multiple: usize,
+    what: &str,
+    unit: &str,
+) -> Result<()> {
     if tile == 0 || overlap >= tile {
         return Err(Error::InvalidInput(format!(
             "VAE {what}: tile {tile} and overlap {overlap} ({unit} pixels) need 0 ≤ overlap < tile; e.g. tile {} overlap {}",
@@ -499,8 +574,16 @@ fn axis_weights(starts: &[usize], len: usize, size: usize, ramp: usize) -> Vec<V
             (0..len)
                 .map(|i| {
                     let denom = (ramp + 1) as f32;
-                    let left = if s > 0 { ((i + 1) as f32 / denom).min(1.0) } else { 1.0 };
-                    let right = if s + len < size { ((len - i) as f32 / denom).min(1.0) } else { 1.0 };
+                    let left = if s > 0 {
+                        ((i + 1) as f32 / denom).min(1.0)
+                    } else {
+                        1.0
+                    };
+                    let right = if s + len < size {
+                        ((len - i) as f32 / denom).min(1.0)
+                    } else {
+                        1.0
+                    };
                     left.min(right)
                 })
                 .collect()
@@ -515,14 +598,26 @@ fn axis_weights(starts: &[usize], len: usize, size: usize, ramp: usize) -> Vec<V
     starts
         .iter()
         .zip(raw)
-        .map(|(&s, w)| w.into_iter().enumerate().map(|(i, v)| v / total[s + i]).collect())
+        .map(|(&s, w)| {
+            w.into_iter()
+                .enumerate()
+                .map(|(i, v)| v / total[s + i])
+                .collect()
+        })
         .collect()
 }
 
 /// Runs `f` on overlapping tiles of `x` and blends the outputs. Tile geometry is given in input
 /// pixels; `scale` relates input and output pixels (output = input·scale when `upscale`, else
 /// input/scale).
-fn tiled<F>(x: &Tensor, tile: usize, overlap: usize, scale: usize, f: F, upscale: bool) -> candle_core::Result<Tensor>
+fn tiled<F>(
+    x: &Tensor,
+    tile: usize,
+    overlap: usize,
+    scale: usize,
+    f: F,
+    upscale: bool,
+) -> candle_core::Result<Tensor>
 where
     F: Fn(&Tensor) -> candle_core::Result<Tensor>,
 {
@@ -549,7 +644,9 @@ where
             let wx_t = Tensor::from_slice(&wx[ix], (1, 1, 1, to_out(tw)), x.device())?;
             let weight = wy_t.broadcast_mul(&wx_t)?.to_dtype(out.dtype())?;
             let left = xs_out[ix];
-            let placed = out.broadcast_mul(&weight)?.pad_with_zeros(3, left, ow - left - to_out(tw))?;
+            let placed =
+                out.broadcast_mul(&weight)?
+                    .pad_with_zeros(3, left, ow - left - to_out(tw))?;
             strip = Some(match strip {
                 Some(s) => (s + placed)?,
                 None => placed,
@@ -584,7 +681,9 @@ mod tests {
     }
 
     fn ramp_input(h: usize, w: usize) -> candle_core::Result<Tensor> {
-        let data: Vec<f32> = (0..2 * h * w).map(|i| ((i * 37) % 101) as f32 / 101.0 - 0.5).collect();
+        let data: Vec<f32> = (0..2 * h * w)
+            .map(|i| ((i * 37) % 101) as f32 / 101.0 - 0.5)
+            .collect();
         Tensor::from_vec(data, (1, 2, h, w), &Device::Cpu)
     }
 
@@ -622,7 +721,9 @@ mod tests {
     fn tiles_that_disagree_are_cross_faded_without_seams() -> candle_core::Result<()> {
         // Each tile outputs a constant (its mean), as a per-tile normalisation drift would: the
         // blend must turn the steps between tiles into ramps over the overlap.
-        let x = Tensor::arange(0f32, 40., &Device::Cpu)?.reshape((1, 1, 1, 40))?.repeat((1, 1, 8, 1))?;
+        let x = Tensor::arange(0f32, 40., &Device::Cpu)?
+            .reshape((1, 1, 1, 40))?
+            .repeat((1, 1, 8, 1))?;
         let constant = |t: &Tensor| t.mean_all()?.broadcast_as(t.shape())?.contiguous();
         let (tile, overlap) = (16, 4);
         let out = tiled(&x, tile, overlap, 1, constant, true)?;
@@ -630,8 +731,14 @@ mod tests {
         // Tiles start at 0, 12, 24, so their means step by 12; a hard seam would jump by 12, a
         // linear cross-fade over the 4-pixel overlap by 12/5 per pixel.
         let step = (tile - overlap) as f32;
-        let max_jump = row.windows(2).map(|p| (p[1] - p[0]).abs()).fold(0f32, f32::max);
-        assert!(max_jump <= step / (overlap as f32 + 1.0) + 1e-4, "max jump {max_jump} in {row:?}");
+        let max_jump = row
+            .windows(2)
+            .map(|p| (p[1] - p[0]).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            max_jump <= step / (overlap as f32 + 1.0) + 1e-4,
+            "max jump {max_jump} in {row:?}"
+        );
         Ok(())
     }
 
@@ -647,7 +754,10 @@ mod tests {
         }
         assert!(total.iter().all(|t| (t - 1.0).abs() < 1e-6), "{total:?}");
         // Overlap of tile 0 (positions 6, 7) fades out linearly while tile 1 fades in.
-        assert!((w[0][6] - 2.0 / 3.0).abs() < 1e-6 && (w[1][0] - 1.0 / 3.0).abs() < 1e-6, "{w:?}");
+        assert!(
+            (w[0][6] - 2.0 / 3.0).abs() < 1e-6 && (w[1][0] - 1.0 / 3.0).abs() < 1e-6,
+            "{w:?}"
+        );
         assert!((w[0][5] - 1.0).abs() < 1e-6);
     }
 }

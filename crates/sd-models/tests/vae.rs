@@ -22,22 +22,43 @@ fn fixtures() -> PathBuf {
 fn load_vae(model: &str) -> std::result::Result<AutoencoderKL, Box<dyn std::error::Error>> {
     let dir = fixtures().join(model).join("vae");
     let cfg_path = dir.join("config.json");
-    let cfg_text = std::fs::read_to_string(&cfg_path)
-        .map_err(|e| format!("{}: {e}; generate fixtures with tools/make_fixtures.py", cfg_path.display()))?;
+    let cfg_text = std::fs::read_to_string(&cfg_path).map_err(|e| {
+        format!(
+            "{}: {e}; generate fixtures with tools/make_fixtures.py",
+            cfg_path.display()
+        )
+    })?;
     let cfg: VaeConfig = serde_json::from_str(&cfg_text)?;
-    let weights = candle_core::safetensors::load(dir.join("diffusion_pytorch_model.safetensors"), &Device::Cpu)?;
+    let weights = candle_core::safetensors::load(
+        dir.join("diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )?;
     let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
     Ok(AutoencoderKL::new(vb, &cfg)?)
 }
 
-fn goldens(model: &str) -> std::result::Result<HashMap<String, Tensor>, Box<dyn std::error::Error>> {
-    let path = fixtures().join("goldens").join(format!("{model}_vae.safetensors"));
-    Ok(candle_core::safetensors::load(&path, &Device::Cpu)
-        .map_err(|e| format!("{}: {e}; generate fixtures with tools/make_fixtures.py", path.display()))?)
+fn goldens(
+    model: &str,
+) -> std::result::Result<HashMap<String, Tensor>, Box<dyn std::error::Error>> {
+    let path = fixtures()
+        .join("goldens")
+        .join(format!("{model}_vae.safetensors"));
+    Ok(
+        candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| {
+            format!(
+                "{}: {e}; generate fixtures with tools/make_fixtures.py",
+                path.display()
+            )
+        })?,
+    )
 }
 
-fn golden<'a>(g: &'a HashMap<String, Tensor>, name: &str) -> std::result::Result<&'a Tensor, String> {
-    g.get(name).ok_or_else(|| format!("golden tensor {name} missing"))
+fn golden<'a>(
+    g: &'a HashMap<String, Tensor>,
+    name: &str,
+) -> std::result::Result<&'a Tensor, String> {
+    g.get(name)
+        .ok_or_else(|| format!("golden tensor {name} missing"))
 }
 
 fn max_abs(t: &Tensor) -> candle_core::Result<f32> {
@@ -61,10 +82,22 @@ fn check_golden(model: &str) -> TestResult {
     let vae = load_vae(model)?;
     let g = goldens(model)?;
     let posterior = vae.encode(golden(&g, "image")?)?;
-    assert_close(&format!("{model} posterior_mean"), &posterior.mean, golden(&g, "posterior_mean")?)?;
-    assert_close(&format!("{model} posterior_logvar"), &posterior.logvar, golden(&g, "posterior_logvar")?)?;
+    assert_close(
+        &format!("{model} posterior_mean"),
+        &posterior.mean,
+        golden(&g, "posterior_mean")?,
+    )?;
+    assert_close(
+        &format!("{model} posterior_logvar"),
+        &posterior.logvar,
+        golden(&g, "posterior_logvar")?,
+    )?;
     let decoded = vae.decode(golden(&g, "latent")?)?;
-    assert_close(&format!("{model} decoded"), &decoded, golden(&g, "decoded")?)?;
+    assert_close(
+        &format!("{model} decoded"),
+        &decoded,
+        golden(&g, "decoded")?,
+    )?;
     Ok(())
 }
 
@@ -86,7 +119,10 @@ fn smooth_latent(c: usize, h: usize, w: usize) -> candle_core::Result<Tensor> {
             for x in 0..w {
                 let (fy, fx) = (y as f32 / h as f32, x as f32 / w as f32);
                 let phase = ch as f32 * 0.7;
-                data.push(0.8 * (2.0 * fx + phase).sin() * (1.5 * fy - phase).cos() + 0.2 * ch as f32 - 0.3);
+                data.push(
+                    0.8 * (2.0 * fx + phase).sin() * (1.5 * fy - phase).cos() + 0.2 * ch as f32
+                        - 0.3,
+                );
             }
         }
     }
@@ -179,7 +215,10 @@ fn posterior_sample_and_std() -> TestResult {
     assert!(max_diff(&posterior.sample(&ones)?, &expected)? < 1e-6);
     assert!(max_diff(&posterior.std()?, &(&posterior.logvar * 0.5)?.exp()?)? < 1e-6);
     let bad = Tensor::zeros((1, 3, 2, 2), DType::F32, &Device::Cpu)?;
-    assert!(matches!(posterior.sample(&bad), Err(Error::InvalidInput(_))));
+    assert!(matches!(
+        posterior.sample(&bad),
+        Err(Error::InvalidInput(_))
+    ));
     Ok(())
 }
 
@@ -189,22 +228,36 @@ fn rejects_bad_shapes_with_clear_errors() -> TestResult {
     let f = vae.scale_factor();
     let dev = Device::Cpu;
     let expect_invalid = |r: sd_models::Result<()>, needle: &str| match r {
-        Err(Error::InvalidInput(msg)) => assert!(msg.contains(needle), "message {msg:?} lacks {needle:?}"),
+        Err(Error::InvalidInput(msg)) => {
+            assert!(msg.contains(needle), "message {msg:?} lacks {needle:?}")
+        }
         Err(e) => panic!("expected InvalidInput mentioning {needle:?}, got {e}"),
         Ok(()) => panic!("expected InvalidInput mentioning {needle:?}, got Ok"),
     };
     let wrong_channels = Tensor::zeros((1, 4, 8 * f, 8 * f), DType::F32, &dev)?;
-    expect_invalid(vae.encode(&wrong_channels).map(|_| ()), "[batch, 3, height, width]");
+    expect_invalid(
+        vae.encode(&wrong_channels).map(|_| ()),
+        "[batch, 3, height, width]",
+    );
     let odd_size = Tensor::zeros((1, 3, 8 * f + 1, 8 * f), DType::F32, &dev)?;
-    expect_invalid(vae.encode(&odd_size).map(|_| ()), &format!("multiple of {f}"));
+    expect_invalid(
+        vae.encode(&odd_size).map(|_| ()),
+        &format!("multiple of {f}"),
+    );
     let three_d = Tensor::zeros((4, 8, 8), DType::F32, &dev)?;
-    expect_invalid(vae.decode(&three_d).map(|_| ()), "[batch, 4, height, width]");
+    expect_invalid(
+        vae.decode(&three_d).map(|_| ()),
+        "[batch, 4, height, width]",
+    );
     let z = Tensor::zeros((1, 4, 8, 8), DType::F32, &dev)?;
     expect_invalid(vae.decode_tiled(&z, 4, 4).map(|_| ()), "overlap < tile");
     expect_invalid(vae.decode_tiled(&z, 0, 0).map(|_| ()), "overlap < tile");
     if f > 1 {
         let image = Tensor::zeros((1, 3, 8 * f, 8 * f), DType::F32, &dev)?;
-        expect_invalid(vae.encode_tiled(&image, 4 * f + 1, f).map(|_| ()), "multiples of the VAE scale factor");
+        expect_invalid(
+            vae.encode_tiled(&image, 4 * f + 1, f).map(|_| ()),
+            "multiples of the VAE scale factor",
+        );
     }
     Ok(())
 }
