@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates every committed fixture, in dependency order: tiny models and component goldens, scheduler
-# goldens, end-to-end pipeline goldens (which load the tiny models), then the LoRA fixtures if present.
+# goldens, end-to-end pipeline goldens (which load the tiny models), then the LoRA fixtures if present and
+# the ControlNet and FLUX fixtures.
 # Usage: tools/make_all_fixtures.sh [python]   (default: tools/.venv/bin/python)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,4 +10,6 @@ PY=${1:-tools/.venv/bin/python}
 "$PY" tools/scheduler_goldens.py
 "$PY" tools/pipeline_goldens.py
 if [ -f tools/lora_fixtures.py ]; then "$PY" tools/lora_fixtures.py; fi
+"$PY" tools/controlnet_fixtures.py
+"$PY" tools/flux_fixtures.py
 du -sh fixtures

@@ -529,6 +529,7 @@ pub fn family_name(f: ModelFamily) -> &'static str {
         ModelFamily::Sd1 => "SD 1.x",
         ModelFamily::Sd2 => "SD 2.x",
         ModelFamily::Sdxl => "SDXL",
+        ModelFamily::Flux => "FLUX",
     }
 }
 

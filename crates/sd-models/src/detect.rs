@@ -33,8 +33,8 @@ pub struct Detection {
     pub evidence: String,
 }
 
-fn pick(family: ModelFamily, inpaint: bool, turbo: bool) -> SdVariant {
-    match (family, inpaint, turbo) {
+fn pick(path: &Path, family: ModelFamily, inpaint: bool, turbo: bool) -> Result<SdVariant> {
+    Ok(match (family, inpaint, turbo) {
         (ModelFamily::Sd1, false, _) => SdVariant::V1_5,
         (ModelFamily::Sd1, true, _) => SdVariant::V1_5Inpaint,
         (ModelFamily::Sd2, false, false) => SdVariant::V2_1,
@@ -43,8 +43,14 @@ fn pick(family: ModelFamily, inpaint: bool, turbo: bool) -> SdVariant {
         (ModelFamily::Sdxl, false, false) => SdVariant::Xl,
         (ModelFamily::Sdxl, false, true) => SdVariant::XlTurbo,
         (ModelFamily::Sdxl, true, _) => SdVariant::XlInpaint,
-    }
+        (ModelFamily::Flux, ..) => {
+            return Err(Error::UnknownArchitecture { path: path.to_path_buf(), reason: FLUX_HINT.to_string() })
+        }
+    })
 }
+
+/// What to tell a user who hands a FLUX model to the Stable Diffusion loader.
+const FLUX_HINT: &str = "this is a FLUX checkpoint (double_blocks.*); load it with sd-flux (sd_flux::load)";
 
 /// Whether a file or folder name hints at a turbo model.
 pub fn name_hints_turbo(path: &Path) -> bool {
@@ -68,9 +74,10 @@ fn check_in_channels(path: &Path, in_channels: usize) -> Result<bool> {
 /// Explains what a file that is not an SD checkpoint seems to be.
 fn describe_foreign(tensors: &[TensorInfo]) -> String {
     let has = |p: &str| tensors.iter().any(|t| t.name.starts_with(p) || t.name.contains(p));
-    let what = if has("double_blocks.") {
-        "a FLUX transformer (double_blocks.*), which is not supported".to_string()
-    } else if has("joint_blocks.") {
+    if has("double_blocks.") {
+        return FLUX_HINT.to_string();
+    }
+    let what = if has("joint_blocks.") {
         "an SD3 MMDiT (joint_blocks.*), which is not supported".to_string()
     } else if tensors.iter().any(|t| t.name.starts_with("lora_") || t.name.contains(".lora_")) {
         "a LoRA, not a full checkpoint: load a base model and apply the LoRA to it".to_string()
@@ -138,7 +145,7 @@ pub fn detect_single_file(path: &Path, tensors: &[TensorInfo]) -> Result<Detecti
         );
     }
     let turbo = name_hints_turbo(path);
-    let variant = pick(family, inpaint, turbo);
+    let variant = pick(path, family, inpaint, turbo)?;
     let evidence = format!(
         "{evidence}, {in_channels} UNet input channels{}",
         if turbo && !inpaint { ", \"turbo\" in the name" } else { "" }
@@ -168,7 +175,7 @@ pub fn detect_from_configs(
     let turbo = name_hints_turbo(path) || timestep_spacing == "trailing";
     // SD 2.x v-prediction is 2.1 proper; only epsilon models can be SD-Turbo.
     let turbo = turbo && !(family == ModelFamily::Sd2 && prediction_type == PredictionType::VPrediction);
-    let variant = pick(family, inpaint, turbo);
+    let variant = pick(path, family, inpaint, turbo)?;
     Ok(Detection {
         variant,
         in_channels: unet.in_channels,
@@ -223,7 +230,7 @@ mod tests {
         assert!(e.contains("8 input channels"), "{e}");
         let flux = [t("double_blocks.0.img_attn.qkv.weight", &[9216, 3072])];
         let e = detect_single_file(p, &flux).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(e.contains("FLUX"), "{e}");
+        assert!(e.contains("FLUX") && e.contains("load it with sd-flux"), "{e}");
         let refiner = [conv(4), t("conditioner.embedders.0.model.ln_final.weight", &[1280])];
         assert!(matches!(detect_single_file(p, &refiner), Err(Error::UnknownArchitecture { .. })));
     }

@@ -189,6 +189,7 @@ impl DiffusersFolder {
         let unet_cfg = root.join("unet").join("config.json");
         if !unet_cfg.is_file() {
             let reason = match &pipeline_class {
+                Some(c) if c.starts_with("Flux") => format!("model_index.json declares {c}: this is a FLUX pipeline folder; load it with sd-flux (sd_flux::load)"),
                 Some(c) => format!("model_index.json declares {c} but there is no unet/config.json; only UNet-based Stable Diffusion pipelines (SD 1.x, 2.x, SDXL) are supported"),
                 None => "no unet/config.json: this is not a diffusers Stable Diffusion folder".into(),
             };

@@ -114,6 +114,14 @@ impl SingleFile {
     pub fn contains(&self, name: &str) -> bool {
         self.st.get(name).is_ok()
     }
+
+    /// Loads the stored tensor `name` as stored (dtype and layout of the file) onto `dev`.
+    pub fn load(&self, name: &str, dev: &Device) -> Result<Tensor> {
+        if !self.contains(name) {
+            return Err(Error::MissingTensor { name: name.to_string(), source_desc: self.path.display().to_string() });
+        }
+        Ok(self.st.load(name, dev)?)
+    }
 }
 
 /// Where a [`SingleFileBackend`] leaves the typed error behind the `candle_core::Error` it must return.

@@ -12,6 +12,9 @@ pub enum ModelFamily {
     Sd2,
     /// SDXL: CLIP-L + OpenCLIP-bigG, pooled embeddings and size/crop time ids.
     Sdxl,
+    /// FLUX.1 (dev/schnell): T5-XXL + CLIP-L, 16 latent channels. No [`SdVariant`] belongs to it:
+    /// sd-flux loads and runs these models; the family exists so progress and previews can name it.
+    Flux,
 }
 
 /// A published Stable Diffusion model variant.

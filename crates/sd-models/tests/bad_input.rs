@@ -124,7 +124,7 @@ fn unrelated_tensors_are_an_unknown_architecture() {
     candle_core::safetensors::save(&m, &flux).expect("save");
     let (e, msg) = load_err(&flux, &LoadOptions::default());
     assert!(matches!(e, Error::UnknownArchitecture { .. }), "{e:?}");
-    assert!(msg.contains("FLUX"), "{msg}");
+    assert!(msg.contains("FLUX") && msg.contains("sd-flux"), "{msg}");
     let _ = std::fs::remove_dir_all(d);
 }
 

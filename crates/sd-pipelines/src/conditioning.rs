@@ -110,6 +110,10 @@ pub fn encode_prompt(models: &StableDiffusionModels, prompt: &str, clip_skip: us
             let (context, _) = encode_chunks(&models.text_encoder, &chunks, Layer::Normed(skip), device)?;
             Ok(PromptEmbeds { context, pooled: None })
         }
+        ModelFamily::Flux => Err(Error::InvalidRequest {
+            field: "model",
+            reason: "FLUX models are conditioned by T5 + CLIP in sd-flux; run them with sd_flux::pipeline".into(),
+        }),
         ModelFamily::Sdxl => {
             let (enc2, tok2) = match (&models.text_encoder_2, &models.tokenizer_2) {
                 (Some(e), Some(t)) => (e, t),

@@ -4,6 +4,7 @@
 //! request ([`pipeline::GenerationParams`]); schedulers are checked step by step against diffusers.
 
 pub mod conditioning;
+pub mod control;
 pub mod error;
 pub mod image_io;
 pub mod pipeline;

@@ -8,6 +8,7 @@ use sd_models::unet::{AddedCond, UNetConditioning};
 use sd_models::{ModelFamily, PredictionType as ModelPrediction};
 
 use crate::conditioning::{build_conditioning, Conditioning};
+use crate::control::ResidualHook;
 use crate::error::{Error, Result};
 use crate::schedulers::{
     build_scheduler, NoiseSource, PredictionType, Sampler, SamplerKind, Scheduler, SchedulerConfig, SeededNoise, TimestepSpacing,
@@ -104,7 +105,8 @@ pub struct StepProgress<'a> {
     pub total: usize,
     /// The timestep just denoised.
     pub timestep: f64,
-    /// Current latents `[batch, 4, h/8, w/8]` (call [`crate::preview::latents_to_rgb`] for a preview).
+    /// Current latents `[batch, c, h/8, w/8]`: c = 4 for SD, 16 for FLUX (unpacked); call
+    /// [`crate::preview::latents_to_rgb`] for a preview.
     pub latents: &'a Tensor,
     /// Model family (selects the preview colour projection).
     pub family: ModelFamily,
@@ -257,12 +259,23 @@ pub fn text_to_image_with_noise(
     noise: &mut dyn NoiseSource,
     progress: &mut ProgressFn<'_>,
 ) -> Result<GenerationOutput> {
+    text_to_image_with_hooks(models, p, noise, None, progress)
+}
+
+/// [`text_to_image_with_noise`] with an optional residual hook (ControlNet) consulted at every step.
+pub fn text_to_image_with_hooks(
+    models: &StableDiffusionModels,
+    p: &GenerationParams,
+    noise: &mut dyn NoiseSource,
+    hook: Option<&mut dyn ResidualHook>,
+    progress: &mut ProgressFn<'_>,
+) -> Result<GenerationOutput> {
     validate(models, p)?;
     let mut sched = build_scheduler(p.sampler, &scheduler_config(models), p.steps)?;
     let cond = build_conditioning(models, &p.prompt, &p.negative_prompt, p.clip_skip, guided(p), p.batch_size, (p.height, p.width))?;
     let shape = latent_shape(models, p);
     let latents = (draw(noise, &shape, models)? * sched.init_noise_sigma())?;
-    let latents = denoise(models, p, sched.as_mut(), &cond, latents, 0, None, noise, progress)?;
+    let latents = denoise(models, p, sched.as_mut(), &cond, latents, 0, None, hook, noise, progress)?;
     let images = decode(models, &latents, p)?;
     Ok(GenerationOutput { images, latents, seed: p.seed })
 }
@@ -285,6 +298,18 @@ pub fn image_to_image_with_noise(
     noise: &mut dyn NoiseSource,
     progress: &mut ProgressFn<'_>,
 ) -> Result<GenerationOutput> {
+    image_to_image_with_hooks(models, p, input, noise, None, progress)
+}
+
+/// [`image_to_image_with_noise`] with an optional residual hook (ControlNet) consulted at every step.
+pub fn image_to_image_with_hooks(
+    models: &StableDiffusionModels,
+    p: &GenerationParams,
+    input: &ImageToImage<'_>,
+    noise: &mut dyn NoiseSource,
+    hook: Option<&mut dyn ResidualHook>,
+    progress: &mut ProgressFn<'_>,
+) -> Result<GenerationOutput> {
     validate(models, p)?;
     check_strength(input.strength)?;
     check_image("image", input.image, 3, p)?;
@@ -294,7 +319,7 @@ pub fn image_to_image_with_noise(
     let init = encode(models, input.image, p, noise)?.repeat((p.batch_size, 1, 1, 1))?;
     let eps = draw(noise, &latent_shape(models, p), models)?;
     let latents = sched.add_noise(&init, &eps, start)?;
-    let latents = denoise(models, p, sched.as_mut(), &cond, latents, start, None, noise, progress)?;
+    let latents = denoise(models, p, sched.as_mut(), &cond, latents, start, None, hook, noise, progress)?;
     let images = decode(models, &latents, p)?;
     Ok(GenerationOutput { images, latents, seed: p.seed })
 }
@@ -320,6 +345,19 @@ pub fn inpaint_with_noise(
     p: &GenerationParams,
     input: &Inpaint<'_>,
     noise: &mut dyn NoiseSource,
+    progress: &mut ProgressFn<'_>,
+) -> Result<GenerationOutput> {
+    inpaint_with_hooks(models, p, input, noise, None, progress)
+}
+
+/// [`inpaint_with_noise`] with an optional residual hook (ControlNet) consulted at every step; the hook
+/// sees the 4-channel latents, never the mask channels of 9-channel models.
+pub fn inpaint_with_hooks(
+    models: &StableDiffusionModels,
+    p: &GenerationParams,
+    input: &Inpaint<'_>,
+    noise: &mut dyn NoiseSource,
+    hook: Option<&mut dyn ResidualHook>,
     progress: &mut ProgressFn<'_>,
 ) -> Result<GenerationOutput> {
     validate(models, p)?;
@@ -362,7 +400,7 @@ pub fn inpaint_with_noise(
         let init = image_latents.ok_or_else(|| Error::InvalidRequest { field: "image", reason: "image latents missing".into() })?;
         InpaintState { extra_channels: None, blend: Some((latent_mask, init, eps)) }
     };
-    let latents = denoise(models, p, sched.as_mut(), &cond, latents, start, Some(&state), noise, progress)?;
+    let latents = denoise(models, p, sched.as_mut(), &cond, latents, start, Some(&state), hook, noise, progress)?;
     let images = decode(models, &latents, p)?;
     Ok(GenerationOutput { images, latents, seed: p.seed })
 }
@@ -386,6 +424,7 @@ fn denoise(
     mut latents: Tensor,
     start: usize,
     inpaint: Option<&InpaintState>,
+    mut hook: Option<&mut dyn ResidualHook>,
     noise: &mut dyn NoiseSource,
     progress: &mut ProgressFn<'_>,
 ) -> Result<Tensor> {
@@ -396,10 +435,17 @@ fn denoise(
         (Some(text_embeds), Some(time_ids)) => Some(AddedCond { text_embeds: text_embeds.clone(), time_ids: time_ids.clone() }),
         _ => None,
     };
-    let unet_cond = UNetConditioning { added, ..Default::default() };
+    let mut unet_cond = UNetConditioning { added, ..Default::default() };
     for (i, &t) in timesteps.iter().enumerate().skip(start) {
         let input = if g { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
         let input = sched.scale_model_input(&input, i)?;
+        if let Some(hook) = hook.as_deref_mut() {
+            // The hook sees the latents before the inpainting channels, as diffusers' `control_model_input`.
+            let residuals = hook.residuals(i - start, total, t, &input, &cond.context, unet_cond.added.as_ref())?;
+            let (down, mid) = residuals.map_or((None, None), |(d, m)| (Some(d), Some(m)));
+            unet_cond.down_residuals = down;
+            unet_cond.mid_residual = mid;
+        }
         let input = match inpaint.and_then(|s| s.extra_channels.as_ref()) {
             Some(extra) => Tensor::cat(&[&input, extra], 1)?,
             None => input,

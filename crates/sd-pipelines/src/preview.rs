@@ -1,4 +1,5 @@
-//! Cheap previews: a fixed linear projection from the 4 latent channels to RGB, per model family.
+//! Cheap previews: a fixed linear projection from the latent channels (4 for SD, 16 for FLUX) to
+//! RGB, per model family.
 //! A 64×64 latent takes well under a millisecond, so previews can be sent at every step.
 
 use candle_core::{DType, Device, Tensor};
@@ -7,23 +8,45 @@ use sd_models::ModelFamily;
 
 use crate::error::Result;
 
-/// Latent → RGB factors (rows: latent channels) and bias, fitted to decoded images of each VAE
-/// (the values ComfyUI and A1111 use for their "latent2rgb" previews).
-fn factors(family: ModelFamily) -> ([[f32; 3]; 4], [f32; 3]) {
+/// FLUX.1 latent (scaled and shifted, as the transformer sees it) → RGB, one row per channel, and
+/// the bias: ComfyUI's `comfy/latent_formats.py` (class `Flux`), fitted to FLUX VAE decodes.
+const FLUX_FACTORS: [[f32; 3]; 16] = [
+    [-0.0346, 0.0244, 0.0681],
+    [0.0034, 0.0210, 0.0687],
+    [0.0275, -0.0668, -0.0433],
+    [-0.0174, 0.0160, 0.0617],
+    [0.0859, 0.0721, 0.0329],
+    [0.0004, 0.0383, 0.0115],
+    [0.0405, 0.0861, 0.0915],
+    [-0.0236, -0.0185, -0.0259],
+    [-0.0245, 0.0250, 0.1180],
+    [0.1008, 0.0755, -0.0421],
+    [-0.0515, 0.0201, 0.0011],
+    [0.0428, -0.0012, -0.0036],
+    [0.0817, 0.0765, 0.0749],
+    [-0.1264, -0.0522, -0.1103],
+    [-0.0280, -0.0881, -0.0499],
+    [-0.1262, -0.0982, -0.0778],
+];
+const FLUX_BIAS: [f32; 3] = [-0.0329, -0.0718, -0.0851];
+
+/// SD 1.x / 2.x and SDXL factors, as ComfyUI and A1111 use them for their "latent2rgb" previews.
+const SD_FACTORS: [[f32; 3]; 4] =
+    [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]];
+const SDXL_FACTORS: [[f32; 3]; 4] =
+    [[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]];
+
+/// Latent → RGB factors (rows: latent channels) and bias, fitted to decoded images of each VAE.
+fn factors(family: ModelFamily) -> (&'static [[f32; 3]], [f32; 3]) {
     match family {
-        ModelFamily::Sd1 | ModelFamily::Sd2 => (
-            [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]],
-            [0.0, 0.0, 0.0],
-        ),
-        ModelFamily::Sdxl => (
-            [[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]],
-            [0.1084, -0.0175, -0.0011],
-        ),
+        ModelFamily::Sd1 | ModelFamily::Sd2 => (&SD_FACTORS, [0.0, 0.0, 0.0]),
+        ModelFamily::Sdxl => (&SDXL_FACTORS, [0.1084, -0.0175, -0.0011]),
+        ModelFamily::Flux => (&FLUX_FACTORS, FLUX_BIAS),
     }
 }
 
-/// Projects the first latent of a batch `[b, 4, h, w]` to an RGB preview of `h × w` pixels
-/// (1/8 of the final image size).
+/// Projects the first latent of a batch `[b, c, h, w]` (c = 4 for SD, 16 for FLUX; FLUX latents
+/// unpacked from their 2×2 patches) to an RGB preview of `h × w` pixels (1/8 of the image size).
 pub fn latents_to_rgb(latents: &Tensor, family: ModelFamily) -> Result<RgbImage> {
     let first = latents.get(0)?.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
     let (c, h, w) = first.dims3()?;
@@ -33,7 +56,7 @@ pub fn latents_to_rgb(latents: &Tensor, family: ModelFamily) -> Result<RgbImage>
     let mut img = RgbImage::new(w as u32, h as u32);
     for (i, px) in img.pixels_mut().enumerate() {
         let mut rgb = bias;
-        for (ch, row) in m.iter().enumerate().take(c.min(4)) {
+        for (ch, row) in m.iter().enumerate().take(c) {
             let v = data[ch * plane + i];
             for k in 0..3 {
                 rgb[k] += v * row[k];
@@ -61,6 +84,13 @@ mod tests {
         let t = Tensor::from_vec(v, (1, 4, 6, 10), &dev)?;
         let p = latents_to_rgb(&t, ModelFamily::Sd1)?.get_pixel(0, 0).0;
         assert!(p[2] < 50 && p[0] > 80, "{p:?}");
+        // FLUX: 16 channels all count; channel 15 pulls every colour down.
+        let flux_zero = latents_to_rgb(&Tensor::zeros((1, 16, 2, 3), DType::F32, &dev)?, ModelFamily::Flux)?;
+        let mut v = vec![0f32; 16 * 6];
+        v[15 * 6..].fill(4.0);
+        let flux = latents_to_rgb(&Tensor::from_vec(v, (1, 16, 2, 3), &dev)?, ModelFamily::Flux)?;
+        let (z, f) = (flux_zero.get_pixel(0, 0).0, flux.get_pixel(0, 0).0);
+        assert!((0..3).all(|k| f[k] + 30 < z[k]), "{z:?} {f:?}");
         Ok(())
     }
 }

@@ -43,7 +43,7 @@ fn long_prompt_splits_after_the_last_comma_and_at_break() {
     let tok = ClipTokenizer::bundled(PadToken::EndOfText).expect("bundled vocab");
     // 70 cats, a comma, 10 dogs: the 76th token overflows, the comma is 5 back, so the first
     // chunk ends after the comma and the dogs move to the second.
-    let prompt = format!("{}, {}", vec!["cat"; 70].join(" "), vec!["dog"; 10].join(" "));
+    let prompt = format!("{}, {}", vec!["cat"; 70].join(" "), ["dog"; 10].join(" "));
     let chunks = prompt_chunks(&tok, &prompt, 77).expect("chunks");
     assert_eq!(chunks.len(), 2);
     let mut first = vec![CAT; 70];

@@ -87,6 +87,7 @@ fn common(r: &A1111Request) -> Result<CommonInput, ApiError> {
         clip_skip,
         loras: Vec::new(),
         noise: None,
+        controlnets: Vec::new(),
     })
 }
 

@@ -99,7 +99,7 @@ pub async fn health() -> Json<serde_json::Value> {
 /// `GET /ready`: 200 once the model is loaded, 503 while loading or after a failed load.
 pub async fn ready(State(st): St) -> Response {
     match st.model_state() {
-        ModelState::Ready(m) => Json(json!({"status": "ready", "model": m.name, "variant": m.variant.name()})).into_response(),
+        ModelState::Ready(m) => Json(json!({"status": "ready", "model": m.name, "variant": m.variant})).into_response(),
         ModelState::Loading => (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "5")], Json(json!({"status": "loading"}))).into_response(),
         ModelState::Failed(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "failed", "error": e}))).into_response(),
     }
@@ -116,7 +116,7 @@ pub async fn models(State(st): St) -> Result<Json<serde_json::Value>, ApiError> 
             "object": "model",
             "owned_by": "sd-worker",
             "created": 0,
-            "variant": m.variant.name(),
+            "variant": m.variant,
             "family": format!("{:?}", m.family).to_lowercase(),
             "inpainting": m.is_inpaint,
             "source": m.source,
@@ -125,6 +125,7 @@ pub async fn models(State(st): St) -> Result<Json<serde_json::Value>, ApiError> 
             "defaults": {"width": m.default_width, "height": m.default_height, "steps": m.default_steps, "guidance_scale": m.default_guidance},
         }],
         "loras": st.loras.list(),
+        "controlnets": st.controlnets.list(),
         "samplers": samplers,
         "limits": {
             "max_width": st.config.limits.max_width,

@@ -11,14 +11,18 @@ use sd_models::SdVariant;
 #[derive(Parser, Debug, Clone)]
 #[command(version, about)]
 pub struct Cli {
-    /// Model: a diffusers folder, a single-file `.safetensors` checkpoint, or a Hugging Face repo id
-    /// (`hub:owner/name`, needs the `hub` feature).
+    /// Model: a diffusers folder (Stable Diffusion or FLUX), a single-file `.safetensors` checkpoint,
+    /// a FLUX transformer file (BFL `.safetensors` or `.gguf`), or a Hugging Face repo id
+    /// (`hub:owner/name`, needs the `hub` feature; Stable Diffusion only).
     #[arg(long, short = 'm', env = "SD_WORKER_MODEL")]
     pub model: String,
-    /// Variant (sd15, sd15-inpaint, sd21, sd2-inpaint, sd-turbo, sdxl, sdxl-inpaint, sdxl-turbo) or `auto` to detect.
+    /// Variant (sd15, sd15-inpaint, sd21, sd2-inpaint, sd-turbo, sdxl, sdxl-inpaint, sdxl-turbo) or `auto` to detect
+    /// (FLUX models are always detected: dev or schnell from the weights).
     #[arg(long, env = "SD_WORKER_VARIANT", default_value = "auto")]
     pub variant: String,
-    /// A diffusers folder whose configs describe a single-file checkpoint of non-standard size.
+    /// A diffusers folder whose configs describe a single-file checkpoint of non-standard size; for a
+    /// FLUX transformer file, the diffusers FLUX folder that provides its VAE, T5, CLIP and tokenizers
+    /// (default: the file's own folder).
     #[arg(long, env = "SD_WORKER_MODEL_CONFIG")]
     pub model_config: Option<PathBuf>,
     /// Device: `auto` (a GPU when compiled in and present), `cpu`, `cuda[:N]` or `metal[:N]`.
@@ -51,6 +55,9 @@ pub struct Cli {
     /// Folder of LoRA `.safetensors` files requests may use (repeat the flag, or separate with `,` in the env var).
     #[arg(long = "lora-dir", env = "SD_WORKER_LORA_DIRS", value_delimiter = ',')]
     pub lora_dirs: Vec<PathBuf>,
+    /// Folder of ControlNets (diffusers folders or `.safetensors` files) requests may use (repeatable; `,` in the env var).
+    #[arg(long = "controlnet-dir", env = "SD_WORKER_CONTROLNET_DIRS", value_delimiter = ',')]
+    pub controlnet_dirs: Vec<PathBuf>,
     /// Seconds a finished job's result is kept.
     #[arg(long, env = "SD_WORKER_JOB_EXPIRY_SECS", default_value_t = 3600)]
     pub job_expiry_secs: u64,
@@ -108,6 +115,8 @@ pub struct WorkerConfig {
     pub limits: Limits,
     /// Folders LoRA requests are confined to.
     pub lora_dirs: Vec<PathBuf>,
+    /// Folders ControlNet requests are confined to.
+    pub controlnet_dirs: Vec<PathBuf>,
     /// How long finished jobs are kept.
     pub job_expiry: Duration,
     /// Preview every N steps (0 = never).
@@ -128,6 +137,7 @@ impl WorkerConfig {
             queue_capacity: 16,
             limits: Limits { max_width: 2048, max_height: 2048, max_batch: 4, max_steps: 150, max_body_bytes: 50 * 1024 * 1024 },
             lora_dirs: Vec::new(),
+            controlnet_dirs: Vec::new(),
             job_expiry: Duration::from_secs(3600),
             preview_every: 1,
             shutdown_grace: Duration::from_secs(30),
@@ -168,6 +178,7 @@ impl Cli {
                 max_body_bytes: self.max_body_bytes,
             },
             lora_dirs: self.lora_dirs,
+            controlnet_dirs: self.controlnet_dirs,
             job_expiry: Duration::from_secs(self.job_expiry_secs),
             preview_every: self.preview_every,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),

@@ -10,12 +10,20 @@ use std::time::Instant;
 use base64::Engine as _;
 use sd_models::loader::{load, read_folder_config, LoadOptions, StableDiffusionModels};
 use sd_pipelines::image_io::{a1111_parameters, encode_png, image_to_tensor, mask_to_tensor, tensor_to_images};
-use sd_pipelines::pipeline::{image_to_image, inpaint, text_to_image, ImageToImage, Inpaint, StepProgress};
+use sd_controlnet::preprocess::prepare_image;
+use sd_controlnet::{ControlNetHook, ControlNetModel, ControlUnit};
+use sd_pipelines::control::ResidualHook;
+use sd_pipelines::pipeline::{
+    image_to_image_with_hooks, inpaint_with_hooks, text_to_image_with_hooks, GenerationParams, ImageToImage, Inpaint, StepProgress,
+};
+use sd_pipelines::schedulers::SamplerKind;
 use sd_pipelines::preview::latents_to_rgb;
+use sd_flux::{FluxLoadOptions, FluxModels, FluxParams};
 
 use crate::config::{describe_device, ModelSource, WorkerConfig};
 use crate::error::JobError;
 use crate::jobs::{Job, JobResult, JobSpec, JobStatus, Operation, Preview};
+use crate::controlnet::ResolvedControlNet;
 use crate::lora::ResolvedLora;
 use crate::state::{AppState, ModelInfo, ModelState};
 
@@ -70,7 +78,7 @@ fn describe(models: &StableDiffusionModels, cfg: &WorkerConfig) -> ModelInfo {
             ModelSource::Path(p) => p.display().to_string(),
             ModelSource::Hub(id) => format!("hub:{id}"),
         },
-        variant: c.variant,
+        variant: c.variant.name().to_string(),
         family: c.variant.family(),
         dtype: format!("{:?}", models.dtype).to_lowercase(),
         device: describe_device(&models.device),
@@ -78,23 +86,82 @@ fn describe(models: &StableDiffusionModels, cfg: &WorkerConfig) -> ModelInfo {
         default_height: c.default_height,
         default_steps: c.default_steps,
         default_guidance: c.default_guidance,
-        vae_scale_factor: c.vae_scale_factor(),
+        size_multiple: c.vae_scale_factor().max(8),
         text_layers: c.text_encoder.num_hidden_layers,
         is_inpaint: c.is_inpaint(),
+        unet: Some(models.unet.config().clone()),
     }
 }
 
-/// The models and what is merged into them.
-struct Engine {
+fn describe_flux(models: &FluxModels, cfg: &WorkerConfig) -> ModelInfo {
+    let v = models.variant;
+    ModelInfo {
+        name: model_name(&cfg.model),
+        source: match &cfg.model {
+            ModelSource::Path(p) => p.display().to_string(),
+            ModelSource::Hub(id) => format!("hub:{id}"),
+        },
+        variant: format!("flux-{}", v.name()),
+        family: sd_models::ModelFamily::Flux,
+        dtype: format!("{:?}", models.dtype).to_lowercase(),
+        device: describe_device(&models.device),
+        default_width: 1024,
+        default_height: 1024,
+        default_steps: v.default_steps(),
+        default_guidance: v.default_guidance(),
+        // 2×2 latent patches: twice the VAE factor (16 for FLUX.1).
+        size_multiple: 2 * models.vae_scale_factor(),
+        // FLUX reads CLIP's pooled output only; clip skip does not apply.
+        text_layers: 1,
+        is_inpaint: false,
+        unet: None,
+    }
+}
+
+/// Loads a FLUX model: a diffusers folder, or a transformer file (BFL `.safetensors` or `.gguf`)
+/// whose other components come from `--model-config` or the file's folder.
+fn load_flux(cfg: &WorkerConfig, path: &std::path::Path) -> Result<FluxModels, String> {
+    let opts = FluxLoadOptions { dtype: cfg.dtype, device: cfg.device.clone(), ..FluxLoadOptions::default() };
+    match (&cfg.model_config, path.is_dir()) {
+        (Some(repo), false) => {
+            let files = sd_flux::FluxFiles::with_components_from(path, None, repo);
+            sd_flux::load_source(&sd_flux::FluxSource::Files(files), &opts)
+        }
+        _ => sd_flux::load(path, &opts),
+    }
+    .map_err(|e| e.to_string())
+}
+
+/// A Stable Diffusion model and what is merged into or attached to it.
+struct SdBackend {
     models: StableDiffusionModels,
-    info: Arc<ModelInfo>,
     /// Options of the plain model (no LoRA hook).
     opts: LoadOptions,
     /// The LoRA files and strengths merged into `models` now (empty: the plain model).
     applied: Vec<(std::path::PathBuf, f64)>,
+    /// ControlNets loaded for earlier jobs, most recently used last (kept so a client that sends the
+    /// same ControlNet with every job does not pay its load each time).
+    controlnets: Vec<(std::path::PathBuf, ControlNetModel)>,
 }
 
-impl Engine {
+/// ControlNets kept loaded between jobs.
+const CONTROLNET_CACHE: usize = 4;
+
+/// What the engine thread serves.
+enum Backend {
+    /// Stable Diffusion 1.x/2.x/SDXL, with LoRAs and ControlNets.
+    Sd(Box<SdBackend>),
+    /// FLUX.1 dev or schnell.
+    Flux(Box<FluxModels>),
+}
+
+/// The loaded model and its description.
+struct Engine {
+    backend: Backend,
+    info: Arc<ModelInfo>,
+}
+
+impl SdBackend {
     /// Makes the loaded weights carry exactly `wanted`: LoRAs are merged into the weights at load
     /// time, so a different set means a reload; the last set stays loaded for the next job.
     fn ensure_loras(&mut self, cfg: &WorkerConfig, wanted: &[ResolvedLora]) -> Result<(), JobError> {
@@ -123,6 +190,42 @@ impl Engine {
         tracing::info!(secs = t.elapsed().as_secs_f64(), loras = wanted.len(), report = %set.report(), "model reloaded with LoRAs");
         Ok(())
     }
+
+    /// The hook running the job's ControlNets, each loaded once and then kept in the cache.
+    fn controlnet_hook(&mut self, units: &[ResolvedControlNet], width: usize, height: usize) -> Result<Option<ControlNetHook>, JobError> {
+        if units.is_empty() {
+            return Ok(None);
+        }
+        let mut out = Vec::with_capacity(units.len());
+        for (i, u) in units.iter().enumerate() {
+            let field = Some(format!("controlnets[{i}].model"));
+            let model = match self.controlnets.iter().position(|(p, _)| *p == u.path) {
+                Some(k) => {
+                    let entry = self.controlnets.remove(k);
+                    self.controlnets.push(entry);
+                    self.controlnets[self.controlnets.len() - 1].1.clone()
+                }
+                None => {
+                    let t = Instant::now();
+                    let m = ControlNetModel::load(&u.path, self.models.unet.config(), self.models.dtype, &self.models.device)
+                        .map_err(|e| JobError { code: "invalid_controlnet", message: format!("cannot load ControlNet {:?}: {e}", u.name), field: field.clone() })?;
+                    tracing::info!(name = %u.name, secs = t.elapsed().as_secs_f64(), "ControlNet loaded");
+                    if self.controlnets.len() >= CONTROLNET_CACHE {
+                        self.controlnets.remove(0);
+                    }
+                    self.controlnets.push((u.path.clone(), m.clone()));
+                    m
+                }
+            };
+            let bad = |e: sd_controlnet::Error| JobError { code: "invalid_controlnet", message: e.to_string(), field: Some(format!("controlnets[{i}]")) };
+            let picture = u.preprocessor.apply(&u.image).map_err(bad)?;
+            let image = prepare_image(&picture, width, height).map_err(bad)?;
+            out.push(ControlUnit { model, image, scale: u.scale, start: u.start, end: u.end });
+        }
+        ControlNetHook::new(out, self.models.unet.config())
+            .map(Some)
+            .map_err(|e| JobError { code: "invalid_controlnet", message: e.to_string(), field: Some("controlnets".into()) })
+    }
 }
 
 /// Starts the engine thread: it loads the model, then runs jobs from `rx` until the queue closes.
@@ -132,18 +235,28 @@ pub fn spawn(state: Arc<AppState>, rx: mpsc::Receiver<Arc<Job>>) -> std::io::Res
 
 fn engine_main(state: Arc<AppState>, rx: mpsc::Receiver<Arc<Job>>) {
     let t0 = Instant::now();
-    let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        let opts = load_options(&state.config)?;
-        load_models(&state.config, &opts).map(|m| (m, opts))
+    let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<Engine, String> {
+        let cfg = &state.config;
+        if let ModelSource::Path(p) = &cfg.model {
+            if sd_flux::detect::is_flux(p) {
+                let models = load_flux(cfg, p)?;
+                let info = Arc::new(describe_flux(&models, cfg));
+                return Ok(Engine { backend: Backend::Flux(Box::new(models)), info });
+            }
+        }
+        let opts = load_options(cfg)?;
+        let models = load_models(cfg, &opts)?;
+        let info = Arc::new(describe(&models, cfg));
+        Ok(Engine { backend: Backend::Sd(Box::new(SdBackend { models, opts, applied: Vec::new(), controlnets: Vec::new() })), info })
     }))
     .unwrap_or_else(|_| Err("the loader panicked".into()));
     let mut engine = match loaded {
-        Ok((models, opts)) => {
-            let info = Arc::new(describe(&models, &state.config));
+        Ok(engine) => {
+            let info = &engine.info;
             tracing::info!(model = %info.name, variant = %info.variant, device = %info.device, dtype = %info.dtype,
                 secs = t0.elapsed().as_secs_f64(), "model loaded");
             state.set_model_state(ModelState::Ready(info.clone()));
-            Engine { models, info, opts, applied: Vec::new() }
+            engine
         }
         Err(msg) => {
             tracing::error!(error = %msg, "model failed to load");
@@ -208,10 +321,8 @@ fn failure(e: sd_pipelines::Error) -> Failure {
 }
 
 fn run_job(state: &AppState, engine: &mut Engine, job: &Job) -> Result<JobResult, Failure> {
-    let JobSpec { operation, params: p, loras } =
+    let JobSpec { operation, params: p, loras, controlnets } =
         job.take_spec().ok_or_else(|| (JobStatus::Failed, JobError::new("internal_error", "the job has no request")))?;
-    engine.ensure_loras(&state.config, &loras).map_err(|e| (JobStatus::Failed, e))?;
-    let models = &engine.models;
     let every = state.config.preview_every;
     let mut last = Instant::now();
     let mut cb = |s: &StepProgress<'_>| -> ControlFlow<()> {
@@ -231,29 +342,93 @@ fn run_job(state: &AppState, engine: &mut Engine, job: &Job) -> Result<JobResult
             ControlFlow::Continue(())
         }
     };
-    let out = match &operation {
-        Operation::Generation => text_to_image(models, &p, &mut cb),
-        Operation::Transform { image, strength } => image_to_tensor(image, p.width, p.height)
-            .and_then(|t| image_to_image(models, &p, &ImageToImage { image: &t, strength: *strength }, &mut cb)),
-        Operation::Inpaint { image, mask, strength } => image_to_tensor(image, p.width, p.height).and_then(|img| {
-            let m = mask_to_tensor(mask, p.width, p.height)?;
-            inpaint(models, &p, &Inpaint { image: &img, mask: &m, strength: *strength }, &mut cb)
-        }),
-    }
-    .map_err(failure)?;
     let mut extra: Vec<(&str, String)> = Vec::new();
     if let Operation::Transform { strength, .. } | Operation::Inpaint { strength, .. } = &operation {
         extra.push(("Denoising strength", format!("{strength}")));
+    }
+    let (images, seed, infotext_params) = match &mut engine.backend {
+        Backend::Sd(sd) => {
+            sd.ensure_loras(&state.config, &loras).map_err(|e| (JobStatus::Failed, e))?;
+            let mut hook = sd.controlnet_hook(&controlnets, p.width, p.height).map_err(|e| (JobStatus::Failed, e))?;
+            let hook = hook.as_mut().map(|h| h as &mut dyn ResidualHook);
+            let models = &sd.models;
+            let mut noise = p.noise.source(p.seed);
+            let noise = noise.as_mut();
+            let out = match &operation {
+                Operation::Generation => text_to_image_with_hooks(models, &p, noise, hook, &mut cb),
+                Operation::Transform { image, strength } => image_to_tensor(image, p.width, p.height)
+                    .and_then(|t| image_to_image_with_hooks(models, &p, &ImageToImage { image: &t, strength: *strength }, noise, hook, &mut cb)),
+                Operation::Inpaint { image, mask, strength } => image_to_tensor(image, p.width, p.height).and_then(|img| {
+                    let m = mask_to_tensor(mask, p.width, p.height)?;
+                    inpaint_with_hooks(models, &p, &Inpaint { image: &img, mask: &m, strength: *strength }, noise, hook, &mut cb)
+                }),
+            }
+            .map_err(failure)?;
+            (out.images, out.seed, p.clone())
+        }
+        Backend::Flux(models) => {
+            let fp = FluxParams {
+                prompt: p.prompt.clone(),
+                width: p.width,
+                height: p.height,
+                steps: p.steps,
+                guidance_scale: p.guidance_scale,
+                seed: p.seed,
+                batch_size: p.batch_size,
+                max_sequence_length: None,
+                noise: p.noise,
+            };
+            let out = match &operation {
+                Operation::Generation => sd_flux::pipeline::text_to_image(models, &fp, &mut cb),
+                Operation::Transform { image, strength } => image_to_tensor(image, p.width, p.height)
+                    .map_err(sd_flux::Error::from)
+                    .and_then(|t| sd_flux::pipeline::image_to_image(models, &fp, &t, *strength, &mut cb)),
+                // Requests are checked before queueing; this guards the engine against a future route.
+                Operation::Inpaint { .. } => {
+                    return Err((JobStatus::Failed, JobError { code: "invalid_request", message: FLUX_NO_INPAINT.into(), field: Some("operation".into()) }))
+                }
+            }
+            .map_err(flux_failure)?;
+            // Forge's convention: FLUX's embedded guidance is the "Distilled CFG Scale"; true CFG is off.
+            if models.variant == sd_flux::FluxVariant::Dev {
+                extra.push(("Distilled CFG Scale", format!("{}", p.guidance_scale)));
+            }
+            let shown = GenerationParams { guidance_scale: 1.0, negative_prompt: String::new(), sampler: SamplerKind::Euler.into(), clip_skip: 1, ..p.clone() };
+            (out.images, out.seed, shown)
+        }
+    };
+    // The infotext entries A1111's ControlNet extension writes, so front ends can read them back.
+    const UNIT_KEYS: [&str; crate::controlnet::MAX_CONTROLNETS] = ["ControlNet 0", "ControlNet 1", "ControlNet 2", "ControlNet 3"];
+    for (key, c) in UNIT_KEYS.iter().zip(&controlnets) {
+        let value = format!(
+            "\"Module: {}, Model: {}, Weight: {}, Guidance Start: {}, Guidance End: {}\"",
+            c.preprocessor_name, c.name, c.scale, c.start, c.end
+        );
+        extra.push((key, value));
     }
     if !loras.is_empty() {
         let list: Vec<String> = loras.iter().map(|l| format!("{}: {}", l.name, l.strength)).collect();
         extra.push(("Lora weights", format!("\"{}\"", list.join(", "))));
     }
-    let infotext = a1111_parameters(&p, &engine.info.name, &extra);
-    let images = tensor_to_images(&out.images)
+    let infotext = a1111_parameters(&infotext_params, &engine.info.name, &extra);
+    let images = tensor_to_images(&images)
         .and_then(|imgs| imgs.iter().map(|img| encode_png(img, Some(&infotext)).map(|png| b64(&png))).collect::<Result<Vec<_>, _>>())
         .map_err(failure)?;
-    Ok(JobResult { images, seed: out.seed, parameters: job.parameters.clone(), infotext })
+    Ok(JobResult { images, seed, parameters: job.parameters.clone(), infotext })
+}
+
+/// Why a FLUX worker refuses inpainting.
+pub const FLUX_NO_INPAINT: &str =
+    "FLUX.1 dev/schnell cannot inpaint (that needs FLUX.1 Fill, not supported); use image_generation or image_transform";
+
+fn flux_failure(e: sd_flux::Error) -> Failure {
+    use sd_flux::Error as E;
+    match e {
+        E::Cancelled { step, total } => (JobStatus::Cancelled, JobError::new("cancelled", format!("cancelled after step {step} of {total}"))),
+        E::Pipelines(e) => failure(e),
+        E::InvalidRequest { field, reason } => (JobStatus::Failed, JobError { code: "invalid_request", message: reason, field: Some(field.to_string()) }),
+        e => (JobStatus::Failed, JobError::new("generation_failed", e.to_string())),
+    }
 }
 
 fn preview(s: &StepProgress<'_>) -> sd_pipelines::Result<Preview> {

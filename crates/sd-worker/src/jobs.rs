@@ -174,6 +174,8 @@ pub struct JobSpec {
     pub params: sd_pipelines::pipeline::GenerationParams,
     /// LoRAs to apply.
     pub loras: Vec<ResolvedLora>,
+    /// ControlNets to run at every step.
+    pub controlnets: Vec<crate::controlnet::ResolvedControlNet>,
 }
 
 /// Mutable state of a job.

@@ -1,6 +1,6 @@
 #![warn(missing_docs)]
-//! An HTTP worker serving Stable Diffusion image jobs, composed from `sd-models` (loading) and
-//! `sd-pipelines` (generation) with no model logic of its own.
+//! An HTTP worker serving Stable Diffusion image jobs, composed from `sd-models` (loading),
+//! `sd-pipelines` (generation), `sd-lora` and `sd-controlnet` with no model logic of its own.
 //!
 //! One engine thread owns the models and runs jobs one at a time from a bounded queue. Jobs are
 //! submitted through the native API (`POST /v1/jobs`, progress and previews over Server-Sent
@@ -9,6 +9,7 @@
 pub mod a1111;
 pub mod api;
 pub mod config;
+pub mod controlnet;
 pub mod engine;
 pub mod error;
 pub mod jobs;

@@ -89,6 +89,7 @@ fn common(r: &ImagesRequest) -> Result<CommonInput, ApiError> {
         clip_skip: r.clip_skip,
         loras: Vec::new(),
         noise: None,
+        controlnets: Vec::new(),
     })
 }
 

@@ -14,9 +14,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
+use crate::controlnet::ControlNetRequest;
 use crate::jobs::{JobSpec, Operation};
 use crate::lora::LoraRequest;
 use crate::state::{AppState, ModelInfo};
+use sd_models::ModelFamily;
 
 /// Largest side of an uploaded image, in pixels (decoding stops before allocating more).
 pub const MAX_INPUT_SIDE: u32 = 8192;
@@ -89,6 +91,8 @@ pub struct CommonInput {
     pub loras: Vec<LoraRequest>,
     /// Noise generator: `philox` (default, the same on every device) or `torch` (diffusers' CPU generator).
     pub noise: Option<String>,
+    /// ControlNets.
+    pub controlnets: Vec<ControlNetRequest>,
 }
 
 /// The operation-specific part of a request, images already decoded.
@@ -215,6 +219,7 @@ struct NativeRequest {
     clip_skip: Option<u64>,
     loras: Option<Vec<LoraRequest>>,
     noise: Option<String>,
+    controlnets: Option<Vec<ControlNetRequest>>,
     input_image: Option<String>,
     init_image: Option<String>,
     mask_image: Option<String>,
@@ -267,6 +272,7 @@ pub fn native_job(state: &AppState, model: &ModelInfo, body: &[u8]) -> Result<(J
         clip_skip: r.clip_skip,
         loras: r.loras.unwrap_or_default(),
         noise: r.noise,
+        controlnets: r.controlnets.unwrap_or_default(),
     };
     let op_input = match op.as_str() {
         "image_generation" => OpInput::Generation,
@@ -299,7 +305,34 @@ fn check_side(field: &str, v: u64, max: usize, multiple: usize) -> Result<usize,
 /// Applies defaults and limits to a request of any API.
 pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names: &FieldNames, op: OpInput) -> Result<(JobSpec, Value), ApiError> {
     let limits = &state.config.limits;
-    let multiple = model.vae_scale_factor.max(8);
+    let multiple = model.size_multiple;
+    let flux = model.family == ModelFamily::Flux;
+    // FLUX has no negative prompt, no sampler choice (flow-matching Euler) and reads only CLIP's
+    // pooled output; those fields are accepted (front ends always send them) and recorded as ignored.
+    let mut ignored: Vec<&str> = Vec::new();
+    if flux {
+        if matches!(op, OpInput::Inpaint { .. }) {
+            return Err(ApiError::invalid("operation", crate::engine::FLUX_NO_INPAINT));
+        }
+        if !input.loras.is_empty() {
+            return Err(ApiError::invalid("loras", "LoRAs are not supported on FLUX models by this worker yet; remove `loras`"));
+        }
+        if !input.controlnets.is_empty() {
+            return Err(ApiError::invalid("controlnets", "ControlNets work with Stable Diffusion models; this worker serves FLUX"));
+        }
+        if !input.negative_prompt.trim().is_empty() {
+            ignored.push("negative_prompt");
+        }
+        if input.sampler.as_deref().is_some_and(|s| !s.trim().is_empty()) {
+            ignored.push(names.sampler);
+        }
+        if input.schedule.is_some() {
+            ignored.push(names.schedule);
+        }
+        if input.clip_skip.is_some_and(|c| c > 1) {
+            ignored.push(names.clip_skip);
+        }
+    }
     // img2img and inpaint default to the input image's size, rounded down to the size multiple.
     let (def_w, def_h) = match &op {
         OpInput::Generation => (model.default_width as u64, model.default_height as u64),
@@ -324,15 +357,15 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
     if !guidance.is_finite() || !(0.0..=100.0).contains(&guidance) {
         return Err(ApiError::invalid(names.guidance, format!("{guidance} is outside 0..=100")));
     }
-    let clip_skip = input.clip_skip.unwrap_or(1).max(1);
+    let clip_skip = if flux { 1 } else { input.clip_skip.unwrap_or(1).max(1) };
     if clip_skip > model.text_layers as u64 {
         return Err(ApiError::invalid(names.clip_skip, format!("{clip_skip} exceeds the text encoder's {} layers", model.text_layers)));
     }
-    let mut sampler: Sampler = match input.sampler.as_deref().map(str::trim) {
+    let mut sampler: Sampler = match input.sampler.as_deref().map(str::trim).filter(|_| !flux) {
         None | Some("") => SamplerKind::Euler.into(),
         Some(name) => name.parse().map_err(|e: sd_pipelines::Error| ApiError::invalid(names.sampler, e.to_string()))?,
     };
-    if let Some(s) = input.schedule.as_deref() {
+    if let Some(s) = input.schedule.as_deref().filter(|_| !flux) {
         let schedule: SigmaSchedule = s.parse().map_err(|e: sd_pipelines::Error| ApiError::invalid(names.schedule, e.to_string()))?;
         if schedule != SigmaSchedule::Default {
             if !sampler.kind.supports_sigma_schedules() {
@@ -355,6 +388,8 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
         Some(n) => return Err(ApiError::invalid("noise", format!("unknown noise generator {n:?}; use \"philox\" or \"torch\""))),
     };
     let resolved = state.loras.resolve_all(&input.loras)?;
+    let controlnets = state.controlnets.resolve_all(&input.controlnets, model.unet.as_ref())?;
+    let control_summary: Vec<_> = controlnets.iter().map(|c| c.summary()).collect();
     let (operation, strength) = match op {
         OpInput::Generation => (Operation::Generation, None),
         OpInput::Transform { image, strength, .. } => {
@@ -373,7 +408,7 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
     };
     let params = GenerationParams {
         prompt: input.prompt,
-        negative_prompt: input.negative_prompt,
+        negative_prompt: if flux { String::new() } else { input.negative_prompt },
         width,
         height,
         steps,
@@ -401,9 +436,15 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
         "clip_skip": clip_skip,
         "strength": strength,
         "loras": resolved,
+        "controlnets": control_summary,
         "noise": if noise == NoiseKind::Torch { "torch" } else { "philox" },
     });
-    Ok((JobSpec { operation, params, loras: resolved }, parameters))
+    let mut parameters = parameters;
+    if flux {
+        parameters["sampler"] = json!("Euler (flow matching)");
+        parameters["ignored"] = json!(ignored);
+    }
+    Ok((JobSpec { operation, params, loras: resolved, controlnets }, parameters))
 }
 
 fn check_strength(field: &str, s: f64, steps: usize, inpaint: bool) -> Result<f64, ApiError> {

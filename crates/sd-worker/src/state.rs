@@ -6,12 +6,13 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 
 use axum::http::StatusCode;
-use sd_models::{ModelFamily, SdVariant};
+use sd_models::ModelFamily;
 use serde_json::Value;
 
 use crate::config::WorkerConfig;
 use crate::error::{ApiError, JobError};
 use crate::jobs::{lock, Job, JobSpec};
+use crate::controlnet::ControlNetFolders;
 use crate::lora::LoraFolders;
 use crate::metrics::Metrics;
 
@@ -22,8 +23,8 @@ pub struct ModelInfo {
     pub name: String,
     /// Where it was loaded from.
     pub source: String,
-    /// Variant.
-    pub variant: SdVariant,
+    /// Variant name (`sd15`, `sdxl`, … or `flux-dev`, `flux-schnell`).
+    pub variant: String,
     /// Family (preview colours, SDXL conditioning).
     pub family: ModelFamily,
     /// Weight dtype.
@@ -38,12 +39,14 @@ pub struct ModelInfo {
     pub default_steps: usize,
     /// Default guidance scale.
     pub default_guidance: f64,
-    /// Pixels per latent pixel.
-    pub vae_scale_factor: usize,
+    /// Width and height must be multiples of this (8 for SD; 16 for FLUX.1's 2×2 latent patches).
+    pub size_multiple: usize,
     /// Layers of the first text encoder (bounds clip skip).
     pub text_layers: usize,
     /// Whether the UNet is a 9-channel inpainting one.
     pub is_inpaint: bool,
+    /// The UNet's config, which ControlNets are checked against before a job is queued.
+    pub unet: Option<sd_models::UNetConfig>,
 }
 
 /// Model loading state.
@@ -71,6 +74,8 @@ pub struct AppState {
     pub config: WorkerConfig,
     /// Allowed LoRA folders.
     pub loras: LoraFolders,
+    /// Allowed ControlNet folders.
+    pub controlnets: ControlNetFolders,
     model: RwLock<ModelState>,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     queue: Mutex<Queue>,
@@ -88,9 +93,11 @@ impl AppState {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u64(crate::jobs::unix_now());
         let loras = LoraFolders::new(&config.lora_dirs);
+        let controlnets = ControlNetFolders::new(&config.controlnet_dirs);
         Self {
             config,
             loras,
+            controlnets,
             model: RwLock::new(ModelState::Loading),
             jobs: Mutex::new(HashMap::new()),
             queue: Mutex::new(Queue { waiting: 0, shutting_down: false, tx: Some(tx) }),

@@ -873,3 +873,176 @@ fn a_queued_synchronous_request_whose_client_leaves_frees_its_slot() {
     assert_eq!(s.stream(&c).last().map(|e| e.0.as_str()), Some("complete"));
     s.shutdown();
 }
+
+// ---- ControlNets ----
+
+fn control_png(w: u32, h: u32) -> Vec<u8> {
+    png(w, h, |x, y| {
+        let (dx, dy) = (x as f32 - w as f32 / 2.0, y as f32 - h as f32 / 2.0);
+        if (dx * dx + dy * dy).sqrt() < w as f32 / 4.0 { [230, 230, 230] } else { [20, 20, 20] }
+    })
+}
+
+fn controlnet_config() -> WorkerConfig {
+    let mut cfg = config("sd15");
+    cfg.controlnet_dirs = vec![fixture("controlnet")];
+    cfg
+}
+
+#[test]
+fn controlnet_jobs_run_in_every_operation() {
+    let s = Server::start(controlnet_config());
+    let listed = s.get("/v1/models").json();
+    let names: Vec<&str> = listed["controlnets"].as_array().expect("controlnets").iter().filter_map(|c| c["name"].as_str()).collect();
+    assert_eq!(names, ["control_sd15_ldm", "sd15", "sd15b", "sdxl"], "{listed}");
+    let run = |body: Value| {
+        let id = s.submit(&body);
+        let ev = s.stream(&id);
+        let (name, data) = ev.last().cloned().expect("events");
+        assert_eq!(name, "complete", "{ev:?}");
+        data
+    };
+    let base = json!({"operation": "image_generation", "prompt": "a tree", "width": 32, "height": 32, "steps": 3, "seed": 7});
+    let with = |units: Value| {
+        let mut b = base.clone();
+        b["controlnets"] = units;
+        b
+    };
+    let plain = run(base.clone());
+    let unit = json!({"model": "sd15", "image": b64(&control_png(32, 32)), "preprocessor": "canny", "scale": 0.8,
+        "low_threshold": 50, "high_threshold": 120});
+    let controlled = run(with(json!([unit])));
+    assert_ne!(plain["images"], controlled["images"], "the ControlNet changed nothing");
+    assert_eq!(controlled["parameters"]["controlnets"][0]["model"], "sd15");
+    assert_eq!(controlled["parameters"]["controlnets"][0]["preprocessor"], "canny");
+    let meta = sd_pipelines::image_io::read_png_parameters(&unb64(controlled["images"][0].as_str().expect("image"))).expect("png").expect("meta");
+    assert!(meta.contains("ControlNet 0: \"Module: canny, Model: sd15, Weight: 0.8"), "{meta}");
+    // The same weights as an A1111 single file give the same image; a loaded ControlNet is reused.
+    let mut single = unit.clone();
+    single["model"] = json!("control_sd15_ldm");
+    let pixels = |v: &Value| decode_png(v["images"][0].as_str().expect("image")).to_rgb8().into_raw();
+    assert_eq!(pixels(&run(with(json!([single])))), pixels(&controlled));
+    assert_eq!(run(with(json!([unit.clone()])))["images"], controlled["images"]);
+    // Two units, a control image of another size (resized to the generation size), start/end.
+    let second = json!({"model": "sd15b", "image": b64(&control_png(48, 40)), "scale": 0.5, "start": 0.2, "end": 0.8});
+    let two = run(with(json!([unit.clone(), second])));
+    assert_ne!(two["images"], controlled["images"]);
+    assert_eq!(two["parameters"]["controlnets"][1]["end"], 0.8);
+    // img2img and inpainting take ControlNets too.
+    let mut t = json!({"operation": "image_transform", "prompt": "a painting", "input_image": b64(&test_image()), "strength": 0.7, "steps": 3, "seed": 3});
+    t["controlnets"] = json!([unit.clone()]);
+    run(t);
+    let mut i = json!({"operation": "image_inpaint", "prompt": "a cat", "init_image": b64(&test_image()), "mask_image": b64(&test_mask(32, 32)), "steps": 3, "seed": 4});
+    i["controlnets"] = json!([unit]);
+    run(i);
+    s.shutdown();
+}
+
+#[test]
+fn bad_controlnet_requests_name_the_field() {
+    let s = Server::start(controlnet_config());
+    let img = b64(&control_png(32, 32));
+    let outside = fixture("sd15.safetensors").to_string_lossy().into_owned();
+    let cases: Vec<(Value, u16, &str)> = vec![
+        (json!([{"model": "nope", "image": img}]), 404, "controlnets[0].model"),
+        (json!([{"model": "../sd15.safetensors", "image": img}]), 400, "controlnets[0].model"),
+        (json!([{"model": outside, "image": img}]), 400, "controlnets[0].model"),
+        (json!([{"image": img}]), 400, "controlnets[0].model"),
+        // An SDXL ControlNet on an SD 1.5 model is refused before the job is queued.
+        (json!([{"model": "sdxl", "image": img}]), 400, "controlnets[0].model"),
+        (json!([{"model": "sd15", "image": img, "scale": 3.0}]), 400, "controlnets[0].scale"),
+        (json!([{"model": "sd15", "image": img, "scale": -1}]), 400, "controlnets[0].scale"),
+        (json!([{"model": "sd15", "image": img, "start": 0.8, "end": 0.2}]), 400, "controlnets[0].end"),
+        (json!([{"model": "sd15", "image": img, "start": 1.5}]), 400, "controlnets[0].start"),
+        (json!([{"model": "sd15", "image": img, "preprocessor": "depth_midas"}]), 400, "controlnets[0].preprocessor"),
+        (json!([{"model": "sd15", "image": img, "preprocessor": "canny", "low_threshold": 300, "high_threshold": 100}]), 400, "controlnets[0].low_threshold"),
+        (json!([{"model": "sd15", "image": "%%%not base64"}]), 400, "controlnets[0].image"),
+        (json!([{"model": "sd15", "image": b64(b"plain text, not an image")}]), 400, "controlnets[0].image"),
+        (json!([{"model": "sd15"}]), 400, "controlnets[0].image"),
+        (json!([{"model": "sd15", "image": img, "scale": "high"}]), 400, "controlnets[0].scale"),
+        (json!(vec![json!({"model": "sd15", "image": img}); 5]), 400, "controlnets"),
+    ];
+    for (units, status, field) in cases {
+        let r = s.request("POST", "/v1/jobs", "application/json", &gen(json!({ "controlnets": units })));
+        assert_error(&r, status, field);
+    }
+    s.assert_serving();
+    s.shutdown();
+    // Without a configured folder, ControlNet requests are refused.
+    let s = Server::start(config("sd15"));
+    let r = s.request("POST", "/v1/jobs", "application/json", &gen(json!({"controlnets": [{"model": "sd15", "image": img}]})));
+    assert_error(&r, 400, "controlnets[0].model");
+    s.shutdown();
+}
+
+// ---- FLUX ----
+
+#[test]
+fn flux_models_serve_generation_and_transform_jobs() {
+    let s = Server::start(config("flux/schnell"));
+    let m = s.get("/v1/models").json();
+    assert_eq!(m["data"][0]["variant"], "flux-schnell", "{m}");
+    assert_eq!(m["data"][0]["family"], "flux", "{m}");
+    let id = s.submit(&json!({"operation": "image_generation", "prompt": "a photo of a cat", "width": 16, "height": 16,
+        "steps": 3, "seed": 5, "negative_prompt": "blurry", "sampler": "DPM++ 2M"}));
+    let ev = s.stream(&id);
+    let (name, done) = ev.last().cloned().expect("events");
+    assert_eq!(name, "complete", "{ev:?}");
+    let steps: Vec<u64> = ev.iter().filter(|e| e.0 == "progress").filter_map(|e| e.1["step"].as_u64()).collect();
+    assert_eq!(steps, [1, 2, 3]);
+    let preview = ev.iter().find(|e| e.0 == "preview").expect("a preview");
+    let p = decode_png(preview.1["image"].as_str().expect("preview image"));
+    assert_eq!((p.width(), p.height()), (8, 8), "previews are at latent size");
+    let img = decode_png(done["images"][0].as_str().expect("image"));
+    assert_eq!((img.width(), img.height()), (16, 16));
+    assert_eq!(done["parameters"]["ignored"], json!(["negative_prompt", "sampler"]), "{done}");
+    let meta = sd_pipelines::image_io::read_png_parameters(&unb64(done["images"][0].as_str().expect("image"))).expect("png").expect("meta");
+    assert!(meta.starts_with("a photo of a cat\nSteps: 3, Sampler: Euler"), "{meta}");
+    // The same seed gives the same image.
+    let again = s.submit(&json!({"operation": "image_generation", "prompt": "a photo of a cat", "width": 16, "height": 16, "steps": 3, "seed": 5}));
+    let again = s.stream(&again).last().cloned().expect("events");
+    assert_eq!(pixels_of(&again.1), pixels_of(&done));
+    // img2img: 0.5 of 4 steps runs 2.
+    let id = s.submit(&json!({"operation": "image_transform", "prompt": "a painting", "input_image": b64(&test_image()),
+        "width": 16, "height": 16, "strength": 0.5, "steps": 4, "seed": 3}));
+    let ev = s.stream(&id);
+    assert_eq!(ev.last().map(|e| e.0.as_str()), Some("complete"), "{ev:?}");
+    assert_eq!(ev.iter().rfind(|e| e.0 == "progress").map(|e| e.1["total"].clone()), Some(json!(2)));
+    // What FLUX cannot do is refused before queueing, naming the field.
+    let inpaint = json!({"operation": "image_inpaint", "prompt": "x", "init_image": b64(&test_image()), "mask_image": b64(&test_mask(32, 32))});
+    assert_error(&s.post("/v1/jobs", &inpaint), 400, "operation");
+    let lora = json!({"operation": "image_generation", "prompt": "x", "width": 16, "height": 16, "loras": [{"name": "a"}]});
+    assert_error(&s.post("/v1/jobs", &lora), 400, "loras");
+    let cn = json!({"operation": "image_generation", "prompt": "x", "width": 16, "height": 16, "controlnets": [{"model": "a"}]});
+    assert_error(&s.post("/v1/jobs", &cn), 400, "controlnets");
+    let odd = json!({"operation": "image_generation", "prompt": "x", "width": 18, "height": 16});
+    assert_error(&s.post("/v1/jobs", &odd), 400, "width");
+    // Cancelling a running FLUX job stops it within a step.
+    let id = s.submit(&json!({"operation": "image_generation", "prompt": "long", "width": 16, "height": 16, "steps": 1000, "seed": 1}));
+    s.wait_status(&id, |v| v["status"] == "running" && v["progress"]["step"].as_u64().unwrap_or(0) >= 2);
+    assert_eq!(s.delete(&format!("/v1/jobs/{id}")).status, 202);
+    assert_eq!(s.stream(&id).last().map(|e| e.1["code"].clone()), Some(json!("cancelled")));
+    // OpenAI route on FLUX.
+    let r = s.post("/v1/images/generations", &json!({"prompt": "a cat", "size": "16x16", "n": 1, "response_format": "b64_json"}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    decode_png(r.json()["data"][0]["b64_json"].as_str().expect("b64"));
+    s.shutdown();
+}
+
+#[test]
+fn a_flux_transformer_file_loads_with_components_from_model_config() {
+    let mut cfg = config("flux/flux-tiny-dev.safetensors");
+    cfg.model_config = Some(fixture("flux/dev"));
+    let s = Server::start(cfg);
+    assert_eq!(s.get("/v1/models").json()["data"][0]["variant"], "flux-dev");
+    let id = s.submit(&json!({"operation": "image_generation", "prompt": "a cat", "width": 16, "height": 16, "steps": 2, "seed": 1, "guidance_scale": 4.0}));
+    let (name, done) = s.stream(&id).last().cloned().expect("events");
+    assert_eq!(name, "complete");
+    let meta = sd_pipelines::image_io::read_png_parameters(&unb64(done["images"][0].as_str().expect("image"))).expect("png").expect("meta");
+    assert!(meta.contains("Distilled CFG Scale: 4"), "{meta}");
+    s.shutdown();
+}
+
+fn pixels_of(done: &Value) -> Vec<u8> {
+    decode_png(done["images"][0].as_str().expect("image")).to_rgb8().into_raw()
+}

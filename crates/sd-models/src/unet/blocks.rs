@@ -9,7 +9,7 @@ use crate::ops;
 
 /// diffusers' `ResnetBlock2D` (default time-embedding norm, output scale 1).
 #[derive(Debug, Clone)]
-pub(crate) struct ResnetBlock2D {
+pub struct ResnetBlock2D {
     norm1: ops::GroupNorm,
     conv1: ops::Conv2d,
     time_emb_proj: Linear,
@@ -20,7 +20,7 @@ pub(crate) struct ResnetBlock2D {
 
 impl ResnetBlock2D {
     /// Loads a block mapping `c_in` to `c_out` channels.
-    pub(crate) fn new(vb: VarBuilder, c_in: usize, c_out: usize, temb_dim: usize, groups: usize, eps: f64) -> Result<Self> {
+    pub fn new(vb: VarBuilder, c_in: usize, c_out: usize, temb_dim: usize, groups: usize, eps: f64) -> Result<Self> {
         let conv_shortcut = if c_in != c_out { Some(ops::Conv2d::load(vb.pp("conv_shortcut"), c_in, c_out, 1, 1, 0)?) } else { None };
         Ok(Self {
             norm1: ops::group_norm(vb.pp("norm1"), groups, c_in, eps)?,
@@ -34,7 +34,7 @@ impl ResnetBlock2D {
 
     /// `temb_act` is `silu(emb)` `[b, temb_dim]`, computed once per step by the caller since every
     /// block would otherwise recompute the same activation.
-    pub(crate) fn forward(&self, x: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
         let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let t = self.time_emb_proj.forward(temb_act)?;
         let (b, c) = t.dims2()?;
@@ -49,18 +49,18 @@ impl ResnetBlock2D {
 
 /// What every resnet of a UNet shares.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct ResnetSpec {
+pub struct ResnetSpec {
     /// Width of the time embedding.
-    pub(crate) temb_dim: usize,
+    pub temb_dim: usize,
     /// GroupNorm groups.
-    pub(crate) groups: usize,
+    pub groups: usize,
     /// GroupNorm epsilon.
-    pub(crate) eps: f64,
+    pub eps: f64,
 }
 
 /// One down level: `layers` × (resnet [+ transformer]) then an optional stride-2 convolution.
 #[derive(Debug, Clone)]
-pub(crate) struct DownBlock {
+pub struct DownBlock {
     resnets: Vec<ResnetBlock2D>,
     attentions: Vec<Transformer2D>,
     downsampler: Option<ops::Conv2d>,
@@ -68,7 +68,7 @@ pub(crate) struct DownBlock {
 
 impl DownBlock {
     /// Loads `resnets.*`, `attentions.*` (when `attn` is given) and `downsamplers.0.conv`.
-    pub(crate) fn new(
+    pub fn new(
         vb: VarBuilder,
         c_in: usize,
         c_out: usize,
@@ -92,7 +92,7 @@ impl DownBlock {
     }
 
     /// Runs the level, pushing every intermediate output onto `skips` for the up path.
-    pub(crate) fn forward(&self, x: &Tensor, temb_act: &Tensor, context: &Tensor, skips: &mut Vec<Tensor>) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, temb_act: &Tensor, context: &Tensor, skips: &mut Vec<Tensor>) -> Result<Tensor> {
         let mut x = x.clone();
         for (j, resnet) in self.resnets.iter().enumerate() {
             x = resnet.forward(&x, temb_act)?;
@@ -111,7 +111,7 @@ impl DownBlock {
 
 /// `UNetMidBlock2DCrossAttn` with one layer: resnet, transformer, resnet.
 #[derive(Debug, Clone)]
-pub(crate) struct MidBlock {
+pub struct MidBlock {
     resnet0: ResnetBlock2D,
     attention: Transformer2D,
     resnet1: ResnetBlock2D,
@@ -119,13 +119,13 @@ pub(crate) struct MidBlock {
 
 impl MidBlock {
     /// Loads `resnets.0`, `attentions.0`, `resnets.1`.
-    pub(crate) fn new(vb: VarBuilder, c: usize, resnet: ResnetSpec, attn: TransformerSpec) -> Result<Self> {
+    pub fn new(vb: VarBuilder, c: usize, resnet: ResnetSpec, attn: TransformerSpec) -> Result<Self> {
         let res = |j: usize| ResnetBlock2D::new(vb.pp("resnets").pp(j), c, c, resnet.temb_dim, resnet.groups, resnet.eps);
         Ok(Self { resnet0: res(0)?, attention: Transformer2D::new(vb.pp("attentions.0"), attn)?, resnet1: res(1)? })
     }
 
     /// Runs the bottleneck.
-    pub(crate) fn forward(&self, x: &Tensor, temb_act: &Tensor, context: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, temb_act: &Tensor, context: &Tensor) -> Result<Tensor> {
         let x = self.resnet0.forward(x, temb_act)?;
         let x = self.attention.forward(&x, context)?;
         self.resnet1.forward(&x, temb_act)
@@ -135,7 +135,7 @@ impl MidBlock {
 /// One up level: `layers` × (concat skip, resnet [+ transformer]) then an optional nearest 2×
 /// upsampling followed by a 3×3 convolution.
 #[derive(Debug, Clone)]
-pub(crate) struct UpBlock {
+pub struct UpBlock {
     resnets: Vec<ResnetBlock2D>,
     attentions: Vec<Transformer2D>,
     upsampler: Option<ops::Conv2d>,
@@ -143,18 +143,18 @@ pub(crate) struct UpBlock {
 
 /// Channel bookkeeping of an up level, named as in diffusers' `get_up_block`.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct UpChannels {
+pub struct UpChannels {
     /// Channels of the matching down level's input (the last skip this level consumes).
-    pub(crate) c_in: usize,
+    pub c_in: usize,
     /// Channels this level produces.
-    pub(crate) c_out: usize,
+    pub c_out: usize,
     /// Channels coming from the previous up level (or the mid block).
-    pub(crate) c_prev: usize,
+    pub c_prev: usize,
 }
 
 impl UpBlock {
     /// Loads `resnets.*`, `attentions.*` (when `attn` is given) and `upsamplers.0.conv`.
-    pub(crate) fn new(
+    pub fn new(
         vb: VarBuilder,
         ch: UpChannels,
         layers: usize,
@@ -185,12 +185,12 @@ impl UpBlock {
     }
 
     /// Number of skip tensors this level consumes.
-    pub(crate) fn num_skips(&self) -> usize {
+    pub fn num_skips(&self) -> usize {
         self.resnets.len()
     }
 
     /// Runs the level, popping its skips from the end of `skips`.
-    pub(crate) fn forward(&self, x: &Tensor, temb_act: &Tensor, context: &Tensor, skips: &mut Vec<Tensor>) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, temb_act: &Tensor, context: &Tensor, skips: &mut Vec<Tensor>) -> Result<Tensor> {
         let mut x = x.clone();
         for (j, resnet) in self.resnets.iter().enumerate() {
             let Some(skip) = skips.pop() else {

@@ -6,15 +6,15 @@
 //! erf GELU. Every convolution goes through [`crate::ops::Conv2d`] and every attention through
 //! [`crate::ops::attention`] so performance work happens in one place.
 
-mod blocks;
-mod embeddings;
-mod transformer;
+pub mod blocks;
+pub mod embeddings;
+pub mod transformer;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use self::blocks::{DownBlock, MidBlock, ResnetSpec, UpBlock, UpChannels};
-use self::embeddings::SinusoidalEmbedding;
+use self::embeddings::TimeEmbedding;
 use self::transformer::TransformerSpec;
 use crate::config::UNetConfig;
 use crate::ops;
@@ -43,24 +43,11 @@ pub struct UNetConditioning {
     pub mid_residual: Option<Tensor>,
 }
 
-/// diffusers' SDXL `add_embedding`: sinusoidal time ids concatenated with the pooled text.
-#[derive(Debug, Clone)]
-struct AddEmbedding {
-    time_proj: SinusoidalEmbedding,
-    time_dim: usize,
-    in_dim: usize,
-    linear_1: Linear,
-    linear_2: Linear,
-}
-
 /// The denoising UNet of Stable Diffusion (diffusers `UNet2DConditionModel`).
 #[derive(Debug, Clone)]
 pub struct UNet2DConditionModel {
     cfg: UNetConfig,
-    time_proj: SinusoidalEmbedding,
-    time_linear_1: Linear,
-    time_linear_2: Linear,
-    add_embedding: Option<AddEmbedding>,
+    time_embedding: TimeEmbedding,
     conv_in: ops::Conv2d,
     down_blocks: Vec<DownBlock>,
     mid_block: MidBlock,
@@ -94,19 +81,7 @@ impl UNet2DConditionModel {
             upcast_attention: cfg.upcast_attention,
         };
 
-        let time_proj = SinusoidalEmbedding::new(boc[0], cfg.flip_sin_to_cos, cfg.freq_shift, &device)?;
-        let time_linear_1 = ops::linear(vb.pp("time_embedding.linear_1"), boc[0], temb_dim, true)?;
-        let time_linear_2 = ops::linear(vb.pp("time_embedding.linear_2"), temb_dim, temb_dim, true)?;
-        let add_embedding = match (cfg.has_text_time(), cfg.addition_time_embed_dim, cfg.projection_class_embeddings_input_dim) {
-            (true, Some(time_dim), Some(in_dim)) => Some(AddEmbedding {
-                time_proj: SinusoidalEmbedding::new(time_dim, cfg.flip_sin_to_cos, cfg.freq_shift, &device)?,
-                time_dim,
-                in_dim,
-                linear_1: ops::linear(vb.pp("add_embedding.linear_1"), in_dim, temb_dim, true)?,
-                linear_2: ops::linear(vb.pp("add_embedding.linear_2"), temb_dim, temb_dim, true)?,
-            }),
-            _ => None,
-        };
+        let time_embedding = TimeEmbedding::new(vb.clone(), cfg)?;
         let conv_in = ops::Conv2d::load(vb.pp("conv_in"), cfg.in_channels, boc[0], 3, 1, 1)?;
 
         let mut down_blocks = Vec::with_capacity(n);
@@ -138,10 +113,7 @@ impl UNet2DConditionModel {
         let conv_out = ops::Conv2d::load(vb.pp("conv_out"), boc[0], cfg.out_channels, 3, 1, 1)?;
         Ok(Self {
             cfg: cfg.clone(),
-            time_proj,
-            time_linear_1,
-            time_linear_2,
-            add_embedding,
+            time_embedding,
             conv_in,
             down_blocks,
             mid_block,
@@ -215,11 +187,7 @@ impl UNet2DConditionModel {
         let sample = sample.to_device(&self.device)?.to_dtype(self.dtype)?;
         let context = encoder_hidden_states.to_device(&self.device)?.to_dtype(self.dtype)?;
 
-        let t_emb = self.time_proj.forward(&timesteps)?.to_dtype(self.dtype)?;
-        let mut emb = self.time_linear_2.forward(&ops::silu(&self.time_linear_1.forward(&t_emb)?)?)?;
-        if let (Some(add), Some(added)) = (&self.add_embedding, &cond.added) {
-            emb = (emb + self.add_embed(add, added, b)?)?;
-        }
+        let emb = self.time_embedding.forward(&timesteps, cond.added.as_ref())?;
         // Every resnet projects silu(emb); computing it once saves a pass per resnet.
         let temb_act = ops::silu(&emb)?;
 
@@ -244,17 +212,6 @@ impl UNet2DConditionModel {
         }
         let x = self.conv_norm_out.forward_silu(&x)?;
         Ok(self.conv_out.forward(&x)?)
-    }
-
-    /// SDXL's `aug_emb`: embeds each time id, flattens, appends to the pooled text and projects.
-    fn add_embed(&self, add: &AddEmbedding, added: &AddedCond, b: usize) -> Result<Tensor> {
-        let n_ids = added.time_ids.dim(1)?;
-        let ids = added.time_ids.to_device(&self.device)?.flatten_all()?;
-        let time_embeds = add.time_proj.forward(&ids)?.reshape((b, n_ids * add.time_dim))?;
-        // diffusers concatenates in F32 (the time embeds are F32) and casts the result once.
-        let text = added.text_embeds.to_device(&self.device)?.to_dtype(DType::F32)?;
-        let add_embeds = Tensor::cat(&[&text, &time_embeds], 1)?.to_dtype(self.dtype)?;
-        Ok(add.linear_2.forward(&ops::silu(&add.linear_1.forward(&add_embeds)?)?)?)
     }
 
     /// Turns a scalar, `[1]` or `[b]` timestep tensor into `[b]` on the model's device.
@@ -297,7 +254,7 @@ impl UNet2DConditionModel {
                 ))
             }
         }
-        match (&self.add_embedding, &cond.added) {
+        match (self.time_embedding.add_dims(), &cond.added) {
             (Some(add), Some(added)) => {
                 let (tb, td) = match added.text_embeds.dims() {
                     &[tb, td] => (tb, td),

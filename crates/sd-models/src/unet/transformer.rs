@@ -105,26 +105,26 @@ enum Projection {
 
 /// Geometry and options of one `Transformer2DModel`.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct TransformerSpec {
+pub struct TransformerSpec {
     /// Channels in and out (also the attention width).
-    pub(crate) channels: usize,
+    pub channels: usize,
     /// Attention heads.
-    pub(crate) heads: usize,
+    pub heads: usize,
     /// Number of `BasicTransformerBlock`s.
-    pub(crate) depth: usize,
+    pub depth: usize,
     /// Width of the encoder hidden states.
-    pub(crate) context_dim: usize,
+    pub context_dim: usize,
     /// GroupNorm groups.
-    pub(crate) groups: usize,
+    pub groups: usize,
     /// Linear instead of 1×1 conv projections.
-    pub(crate) linear_projection: bool,
+    pub linear_projection: bool,
     /// Compute attention in F32.
-    pub(crate) upcast_attention: bool,
+    pub upcast_attention: bool,
 }
 
 /// diffusers' `Transformer2DModel` (continuous input) on NCHW feature maps.
 #[derive(Debug, Clone)]
-pub(crate) struct Transformer2D {
+pub struct Transformer2D {
     norm: ops::GroupNorm,
     proj_in: Projection,
     blocks: Vec<BasicTransformerBlock>,
@@ -133,7 +133,7 @@ pub(crate) struct Transformer2D {
 
 impl Transformer2D {
     /// Loads `norm`, `proj_in`, `transformer_blocks.*` and `proj_out` from `vb`.
-    pub(crate) fn new(vb: VarBuilder, spec: TransformerSpec) -> Result<Self> {
+    pub fn new(vb: VarBuilder, spec: TransformerSpec) -> Result<Self> {
         let c = spec.channels;
         if spec.heads == 0 || c % spec.heads != 0 {
             candle_core::bail!(
@@ -160,7 +160,7 @@ impl Transformer2D {
     }
 
     /// `x`: `[b, c, h, w]`, `context`: `[b, seq, context_dim]`; returns `[b, c, h, w]`.
-    pub(crate) fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let normed = self.norm.forward(x)?;
         let mut hs = match &self.proj_in {

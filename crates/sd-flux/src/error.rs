@@ -1,0 +1,125 @@
+//! The error type of sd-flux.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while loading or running a FLUX model.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A tensor operation failed inside Candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+
+    /// Loading a shared component (CLIP, VAE, safetensors parsing) failed in sd-models.
+    #[error(transparent)]
+    Models(#[from] sd_models::Error),
+
+    /// A shared pipeline piece (noise, image conversion) failed in sd-pipelines.
+    #[error(transparent)]
+    Pipelines(#[from] sd_pipelines::Error),
+
+    /// A file or folder the loader needs is missing.
+    #[error("{what} not found at {path}; {hint}")]
+    NotFound {
+        /// What was looked for.
+        what: String,
+        /// Where it was looked for.
+        path: PathBuf,
+        /// What to download or pass instead.
+        hint: String,
+    },
+
+    /// Reading a file failed.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A file is not what the FLUX loader expects (an SD checkpoint, a LoRA, a corrupt file…).
+    #[error("{path} is not a FLUX model: {reason}")]
+    NotFlux {
+        /// The file or folder.
+        path: PathBuf,
+        /// What it looks like instead, and what to do.
+        reason: String,
+    },
+
+    /// A JSON config is unreadable or asks for something this crate does not implement.
+    #[error("invalid config {path}: {reason}")]
+    InvalidConfig {
+        /// The config file (or a description of where the config came from).
+        path: PathBuf,
+        /// What is wrong and what would work.
+        reason: String,
+    },
+
+    /// A weight the transformer needs is absent or has an unexpected shape.
+    #[error("{source_desc}: {reason}; is this file a complete FLUX.1 transformer?")]
+    BadWeights {
+        /// The weight source.
+        source_desc: String,
+        /// The missing or mis-shaped tensor.
+        reason: String,
+    },
+
+    /// A LoRA could not be read or applied.
+    #[error(transparent)]
+    Lora(#[from] sd_lora::Error),
+
+    /// A LoRA matches no weight of the transformer.
+    #[error("LoRA {path} matches no weight of this FLUX transformer ({modules} modules, e.g. {example}); use a LoRA trained for FLUX.1 (kohya lora_unet_double_blocks_* or diffusers/PEFT transformer.* names)")]
+    LoraNoMatch {
+        /// The LoRA file.
+        path: PathBuf,
+        /// How many modules it has.
+        modules: usize,
+        /// One of its module keys.
+        example: String,
+    },
+
+    /// A LoRA's update does not fit the weight it targets.
+    #[error("LoRA {path}: {reason}")]
+    LoraMismatch {
+        /// The LoRA file.
+        path: PathBuf,
+        /// Which module and weight disagree, and why.
+        reason: String,
+    },
+
+    /// A tokenizer file is missing or invalid, or tokenizing failed.
+    #[error("tokenizer error: {0}")]
+    Tokenizer(String),
+
+    /// The dtype cannot be used for this model or device.
+    #[error("dtype {dtype:?} is not supported here: {reason}")]
+    UnsupportedDtype {
+        /// The requested dtype.
+        dtype: candle_core::DType,
+        /// Why, and what to use instead.
+        reason: String,
+    },
+
+    /// A request field has an invalid value.
+    #[error("invalid `{field}`: {reason}")]
+    InvalidRequest {
+        /// The offending field, as named in [`crate::pipeline::FluxParams`].
+        field: &'static str,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
+
+    /// The progress callback asked the pipeline to stop.
+    #[error("generation cancelled at step {step} of {total}")]
+    Cancelled {
+        /// Steps completed before the stop.
+        step: usize,
+        /// Steps the run would have taken.
+        total: usize,
+    },
+}
+
+/// The result type of sd-flux.
+pub type Result<T> = std::result::Result<T, Error>;

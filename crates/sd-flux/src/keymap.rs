@@ -1,0 +1,278 @@
+//! Weight names: serving the Black Forest Labs names candle's FLUX model asks for out of files
+//! stored with diffusers names (the `transformer/` folder) or LDM names (`ae.safetensors`).
+//!
+//! Both are `candle_nn` [`SimpleBackend`]s, so nothing is converted ahead of time: each tensor is
+//! renamed, fused (q/k/v → `qkv`, single blocks' q/k/v/MLP-in → `linear1`) or reordered
+//! (`norm_out.linear` halves) when the model asks for it.
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+
+/// How one BFL tensor is assembled from diffusers tensors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiffusersSource {
+    /// The same tensor under another name.
+    Rename(String),
+    /// Several tensors concatenated along dim 0 (fused q/k/v projections, single blocks' `linear1`).
+    Concat(Vec<String>),
+    /// One tensor with its two halves along dim 0 swapped: BFL's final adaLN emits (shift, scale),
+    /// diffusers' `AdaLayerNormContinuous` (scale, shift).
+    SwapHalves(String),
+}
+
+/// Where the BFL tensor `name` (e.g. `double_blocks.3.img_attn.qkv.weight`) lives in a diffusers
+/// `FluxTransformer2DModel` state dict; `None` for names FLUX does not have.
+///
+/// The inverse of diffusers' `convert_flux_transformer_checkpoint_to_diffusers`.
+pub fn bfl_to_diffusers(name: &str) -> Option<DiffusersSource> {
+    use DiffusersSource::*;
+    let (stem, param) = name.rsplit_once('.')?;
+    // qk-norm gains are `scale` in BFL files and `weight` in diffusers.
+    let dparam = if param == "scale" { "weight" } else { param };
+    let top = |d: &str| Some(Rename(format!("{d}.{dparam}")));
+    match stem {
+        "img_in" => return top("x_embedder"),
+        "txt_in" => return top("context_embedder"),
+        "time_in.in_layer" => return top("time_text_embed.timestep_embedder.linear_1"),
+        "time_in.out_layer" => return top("time_text_embed.timestep_embedder.linear_2"),
+        "vector_in.in_layer" => return top("time_text_embed.text_embedder.linear_1"),
+        "vector_in.out_layer" => return top("time_text_embed.text_embedder.linear_2"),
+        "guidance_in.in_layer" => return top("time_text_embed.guidance_embedder.linear_1"),
+        "guidance_in.out_layer" => return top("time_text_embed.guidance_embedder.linear_2"),
+        "final_layer.linear" => return top("proj_out"),
+        "final_layer.adaLN_modulation.1" => return Some(SwapHalves(format!("norm_out.linear.{dparam}"))),
+        _ => {}
+    }
+    let (kind, rest) = stem.split_once('.')?;
+    let (index, rest) = rest.split_once('.')?;
+    let index: usize = index.parse().ok()?;
+    let (prefix, one): (String, &str) = match (kind, rest) {
+        ("double_blocks", r) => (
+            format!("transformer_blocks.{index}."),
+            match r {
+                "img_mod.lin" => "norm1.linear",
+                "txt_mod.lin" => "norm1_context.linear",
+                "img_attn.norm.query_norm" => "attn.norm_q",
+                "img_attn.norm.key_norm" => "attn.norm_k",
+                "txt_attn.norm.query_norm" => "attn.norm_added_q",
+                "txt_attn.norm.key_norm" => "attn.norm_added_k",
+                "img_attn.proj" => "attn.to_out.0",
+                "txt_attn.proj" => "attn.to_add_out",
+                "img_mlp.0" => "ff.net.0.proj",
+                "img_mlp.2" => "ff.net.2",
+                "txt_mlp.0" => "ff_context.net.0.proj",
+                "txt_mlp.2" => "ff_context.net.2",
+                "img_attn.qkv" => {
+                    let p = format!("transformer_blocks.{index}.attn.");
+                    return Some(Concat(["to_q", "to_k", "to_v"].iter().map(|x| format!("{p}{x}.{dparam}")).collect()));
+                }
+                "txt_attn.qkv" => {
+                    let p = format!("transformer_blocks.{index}.attn.");
+                    return Some(Concat(
+                        ["add_q_proj", "add_k_proj", "add_v_proj"].iter().map(|x| format!("{p}{x}.{dparam}")).collect(),
+                    ));
+                }
+                _ => return None,
+            },
+        ),
+        ("single_blocks", r) => (
+            format!("single_transformer_blocks.{index}."),
+            match r {
+                "modulation.lin" => "norm.linear",
+                "linear2" => "proj_out",
+                "norm.query_norm" => "attn.norm_q",
+                "norm.key_norm" => "attn.norm_k",
+                "linear1" => {
+                    let p = format!("single_transformer_blocks.{index}.");
+                    return Some(Concat(
+                        ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"].iter().map(|x| format!("{p}{x}.{dparam}")).collect(),
+                    ));
+                }
+                _ => return None,
+            },
+        ),
+        _ => return None,
+    };
+    Some(Rename(format!("{prefix}{one}.{dparam}")))
+}
+
+fn msg(e: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+/// Serves BFL names from a diffusers `transformer/` state dict (one file or all shards).
+pub struct DiffusersFluxBackend {
+    st: MmapedSafetensors,
+    source: String,
+}
+
+impl DiffusersFluxBackend {
+    /// Wraps the mapped `transformer/` weights; `source` describes them in errors.
+    pub fn new(st: MmapedSafetensors, source: impl Into<String>) -> Self {
+        Self { st, source: source.into() }
+    }
+
+    /// Every stored (diffusers) tensor name.
+    pub fn stored_names(&self) -> Vec<String> {
+        self.st.tensors().into_iter().map(|(n, _)| n).collect()
+    }
+
+    fn stored_shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.st.get(name).ok().map(|v| v.shape().to_vec())
+    }
+
+    /// The shape the BFL tensor `name` will have, if all its parts are stored.
+    pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        match bfl_to_diffusers(name)? {
+            DiffusersSource::Rename(n) | DiffusersSource::SwapHalves(n) => self.stored_shape(&n),
+            DiffusersSource::Concat(parts) => {
+                let shapes: Option<Vec<Vec<usize>>> = parts.iter().map(|p| self.stored_shape(p)).collect();
+                let shapes = shapes?;
+                let mut out = shapes.first()?.clone();
+                out[0] = shapes.iter().map(|s| s.first().copied().unwrap_or(0)).sum();
+                Some(out)
+            }
+        }
+    }
+
+    /// Loads the BFL tensor `name` as `dtype` on `dev`.
+    pub fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let src = bfl_to_diffusers(name)
+            .ok_or_else(|| msg(format!("{}: FLUX has no tensor {name}", self.source)))?;
+        let get = |n: &str| {
+            self.st.load(n, dev).map_err(|_| {
+                msg(format!("{}: tensor {n} (for {name}) is missing; is this a FLUX transformer folder?", self.source))
+            })
+        };
+        let t = match src {
+            DiffusersSource::Rename(n) => get(&n)?,
+            DiffusersSource::Concat(parts) => {
+                let ts = parts.iter().map(|p| get(p)).collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&ts, 0)?
+            }
+            DiffusersSource::SwapHalves(n) => {
+                let t = get(&n)?;
+                let rows = t.dim(0)?;
+                if rows % 2 != 0 {
+                    return Err(msg(format!("{}: {n} has an odd number of rows ({rows})", self.source)));
+                }
+                Tensor::cat(&[t.narrow(0, rows / 2, rows / 2)?, t.narrow(0, 0, rows / 2)?], 0)?
+            }
+        };
+        t.to_dtype(dtype)?.contiguous()
+    }
+}
+
+impl SimpleBackend for DiffusersFluxBackend {
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.load(name, dtype, dev)?;
+        if t.shape() != &s {
+            return Err(msg(format!(
+                "{}: {name} has shape {:?} but the model expects {:?}",
+                self.source,
+                t.dims(),
+                s.dims()
+            )));
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.load(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.shape_of(name).is_some()
+    }
+}
+
+/// Serves diffusers VAE names (what `sd_models::vae::AutoencoderKL` asks for) from an LDM-named
+/// autoencoder such as BFL's `ae.safetensors` (`encoder.down.0.block.0.…`, no prefix) or a full
+/// checkpoint's `first_stage_model.*`.
+pub struct LdmVaeBackend {
+    st: MmapedSafetensors,
+    blocks: usize,
+    source: String,
+}
+
+impl LdmVaeBackend {
+    /// Wraps the mapped file of a VAE with `blocks` resolution levels.
+    pub fn new(st: MmapedSafetensors, blocks: usize, source: impl Into<String>) -> Self {
+        Self { st, blocks, source: source.into() }
+    }
+
+    fn stored(&self, name: &str) -> Option<String> {
+        let ldm = sd_models::keymap::vae_to_ldm(name, self.blocks)?;
+        [format!("{}{ldm}", sd_models::keymap::LDM_VAE_PREFIX), ldm].into_iter().find(|n| self.st.get(n).is_ok())
+    }
+
+    fn load(&self, name: &str, expected: Option<&Shape>, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let stored = self
+            .stored(name)
+            .ok_or_else(|| msg(format!("{}: the VAE tensor {name} is missing; is this a FLUX autoencoder (ae.safetensors)?", self.source)))?;
+        let t = self.st.load(&stored, dev)?;
+        let t = match expected {
+            // LDM keeps the mid-block attention projections as 1×1 convolutions; diffusers as linears.
+            Some(s) if t.shape() != s && t.elem_count() == s.elem_count() && t.rank() != s.rank() => t.reshape(s.clone())?,
+            Some(s) if t.shape() != s => {
+                return Err(msg(format!("{}: {stored} has shape {:?}, expected {:?}", self.source, t.dims(), s.dims())))
+            }
+            _ => t,
+        };
+        t.to_dtype(dtype)?.contiguous()
+    }
+}
+
+impl SimpleBackend for LdmVaeBackend {
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.load(name, Some(&s), dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.load(name, None, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.stored(name).is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_diffusers_converter() {
+        use DiffusersSource::*;
+        assert_eq!(bfl_to_diffusers("img_in.weight"), Some(Rename("x_embedder.weight".into())));
+        assert_eq!(
+            bfl_to_diffusers("double_blocks.2.txt_attn.norm.key_norm.scale"),
+            Some(Rename("transformer_blocks.2.attn.norm_added_k.weight".into()))
+        );
+        assert_eq!(
+            bfl_to_diffusers("double_blocks.0.img_attn.qkv.bias"),
+            Some(Concat(vec![
+                "transformer_blocks.0.attn.to_q.bias".into(),
+                "transformer_blocks.0.attn.to_k.bias".into(),
+                "transformer_blocks.0.attn.to_v.bias".into()
+            ]))
+        );
+        assert_eq!(
+            bfl_to_diffusers("single_blocks.37.linear1.weight"),
+            Some(Concat(vec![
+                "single_transformer_blocks.37.attn.to_q.weight".into(),
+                "single_transformer_blocks.37.attn.to_k.weight".into(),
+                "single_transformer_blocks.37.attn.to_v.weight".into(),
+                "single_transformer_blocks.37.proj_mlp.weight".into()
+            ]))
+        );
+        assert_eq!(
+            bfl_to_diffusers("final_layer.adaLN_modulation.1.bias"),
+            Some(SwapHalves("norm_out.linear.bias".into()))
+        );
+        assert_eq!(bfl_to_diffusers("single_blocks.1.linear2.weight"), Some(Rename("single_transformer_blocks.1.proj_out.weight".into())));
+        assert_eq!(bfl_to_diffusers("double_blocks.x.img_mod.lin.weight"), None);
+        assert_eq!(bfl_to_diffusers("model.diffusion_model.input_blocks.0.0.weight"), None);
+    }
+}

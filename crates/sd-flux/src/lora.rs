@@ -1,0 +1,286 @@
+//! LoRA adapters for the FLUX transformer, merged into the weights while it loads.
+//!
+//! sd-lora parses the files (kohya, PEFT, LyCORIS) and computes each module's update; this module
+//! maps the module keys onto the BFL weights candle's model asks for. Three naming schemes are
+//! understood: kohya with BFL names (`lora_unet_double_blocks_0_img_attn_qkv`), kohya with
+//! diffusers names (`lora_transformer_single_transformer_blocks_0_attn_to_q`) and PEFT/diffusers
+//! (`transformer.transformer_blocks.0.attn.to_q`). Updates to diffusers' separate q/k/v (and the
+//! single blocks' `proj_mlp`) land in their rows of the fused BFL weight; updates to
+//! `norm_out.linear` get their halves swapped, as the weight itself.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_transformers::models::flux::model::Config;
+use sd_lora::{AdapterReport, LoraAdapter};
+
+use crate::error::{Error, Result};
+use crate::keymap::{bfl_to_diffusers, DiffusersSource};
+
+/// Where a LoRA module's update goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoraTarget {
+    /// The BFL weight (`double_blocks.0.img_attn.qkv.weight`).
+    pub weight: String,
+    /// `(first row, rows)` inside a fused weight, or `None` for the whole weight.
+    pub rows: Option<(usize, usize)>,
+    /// Whether the update's two halves are swapped (diffusers' `norm_out.linear`).
+    pub swap_halves: bool,
+}
+
+/// The linear layers of a FLUX transformer with `config`, as BFL module names (no `.weight`).
+pub fn linear_modules(config: &Config) -> Vec<String> {
+    let mut m: Vec<String> = ["img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "vector_in.in_layer", "vector_in.out_layer"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    if config.guidance_embed {
+        m.extend(["guidance_in.in_layer".to_string(), "guidance_in.out_layer".to_string()]);
+    }
+    for i in 0..config.depth {
+        for l in ["img_mod.lin", "txt_mod.lin", "img_attn.qkv", "txt_attn.qkv", "img_attn.proj", "txt_attn.proj", "img_mlp.0", "img_mlp.2", "txt_mlp.0", "txt_mlp.2"] {
+            m.push(format!("double_blocks.{i}.{l}"));
+        }
+    }
+    for i in 0..config.depth_single_blocks {
+        for l in ["linear1", "linear2", "modulation.lin"] {
+            m.push(format!("single_blocks.{i}.{l}"));
+        }
+    }
+    m.extend(["final_layer.linear".to_string(), "final_layer.adaLN_modulation.1".to_string()]);
+    m
+}
+
+/// Every module name a LoRA may use for `config` (BFL and diffusers, dotted), with its target.
+pub fn lora_targets(config: &Config) -> HashMap<String, LoraTarget> {
+    let hidden = config.hidden_size;
+    let mlp = (hidden as f64 * config.mlp_ratio) as usize;
+    let mut out = HashMap::new();
+    for module in linear_modules(config) {
+        let weight = format!("{module}.weight");
+        out.insert(module.clone(), LoraTarget { weight: weight.clone(), rows: None, swap_halves: false });
+        match bfl_to_diffusers(&weight) {
+            Some(DiffusersSource::Rename(d)) => {
+                let d = d.trim_end_matches(".weight").to_string();
+                out.insert(d, LoraTarget { weight, rows: None, swap_halves: false });
+            }
+            Some(DiffusersSource::SwapHalves(d)) => {
+                let d = d.trim_end_matches(".weight").to_string();
+                out.insert(d, LoraTarget { weight, rows: None, swap_halves: true });
+            }
+            Some(DiffusersSource::Concat(parts)) => {
+                let mut start = 0;
+                for p in parts {
+                    // q, k and v are `hidden` rows each; the single blocks' MLP input follows them.
+                    let rows = if p.contains("proj_mlp") { mlp } else { hidden };
+                    let d = p.trim_end_matches(".weight").to_string();
+                    out.insert(d, LoraTarget { weight: weight.clone(), rows: Some((start, rows)), swap_halves: false });
+                    start += rows;
+                }
+            }
+            None => {}
+        }
+    }
+    out
+}
+
+/// The target of a LoRA module key, after stripping the prefixes trainers put in front.
+pub fn resolve_key<'a>(targets: &'a HashMap<String, LoraTarget>, underscored: &'a HashMap<String, String>, key: &str) -> Option<&'a LoraTarget> {
+    for prefix in ["lora_unet_", "lora_transformer_"] {
+        if let Some(rest) = key.strip_prefix(prefix) {
+            return underscored.get(rest).and_then(|k| targets.get(k));
+        }
+    }
+    let mut k = key;
+    for prefix in ["base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer."] {
+        k = k.strip_prefix(prefix).unwrap_or(k);
+    }
+    targets.get(k)
+}
+
+/// A LoRA to merge, with its strength (may be negative).
+#[derive(Debug, Clone)]
+pub struct FluxLora {
+    /// The file.
+    pub path: PathBuf,
+    /// Multiplier of its update.
+    pub strength: f32,
+}
+
+impl FluxLora {
+    /// A LoRA at `path` with `strength`.
+    pub fn new(path: impl Into<PathBuf>, strength: f32) -> Self {
+        Self { path: path.into(), strength }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Merge {
+    adapter: usize,
+    module: usize,
+    strength: f32,
+    target: LoraTarget,
+}
+
+/// Serves `inner`'s BFL weights with the planned LoRA updates added (in F32, then cast).
+pub struct FluxLoraBackend {
+    inner: Box<dyn SimpleBackend>,
+    merges: HashMap<String, Vec<Merge>>,
+    adapters: Vec<Arc<LoraAdapter>>,
+}
+
+fn msg(e: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+/// Opens `loras`, matches their modules against a transformer with `config`, and wraps `inner`
+/// so the merged weights are served; returns the backend and what each adapter matched.
+///
+/// An adapter that matches nothing is an error; unmatched modules of a partly matching one (CLIP
+/// `lora_te1_*` modules, for instance) are reported and logged.
+pub fn wrap_backend(
+    inner: Box<dyn SimpleBackend>,
+    config: &Config,
+    loras: &[FluxLora],
+) -> Result<(Box<dyn SimpleBackend>, Vec<AdapterReport>)> {
+    if loras.is_empty() {
+        return Ok((inner, Vec::new()));
+    }
+    let targets = lora_targets(config);
+    let underscored: HashMap<String, String> = targets.keys().map(|k| (k.replace('.', "_"), k.clone())).collect();
+    let mut merges: HashMap<String, Vec<Merge>> = HashMap::new();
+    let mut adapters = Vec::new();
+    let mut reports = Vec::new();
+    for (ai, lora) in loras.iter().enumerate() {
+        let adapter = LoraAdapter::open(&lora.path)?;
+        let mut report = AdapterReport { path: lora.path.clone(), strength: lora.strength, applied: Vec::new(), unmatched: Vec::new() };
+        for (mi, m) in adapter.modules().iter().enumerate() {
+            match resolve_key(&targets, &underscored, &m.key) {
+                Some(t) => {
+                    report.applied.push(m.key.clone());
+                    merges.entry(t.weight.clone()).or_default().push(Merge { adapter: ai, module: mi, strength: lora.strength, target: t.clone() });
+                }
+                None => report.unmatched.push(m.key.clone()),
+            }
+        }
+        if report.applied.is_empty() {
+            return Err(Error::LoraNoMatch {
+                path: lora.path.clone(),
+                modules: adapter.modules().len(),
+                example: adapter.modules().first().map(|m| m.key.clone()).unwrap_or_default(),
+            });
+        }
+        if let Some(first) = report.unmatched.first() {
+            tracing::warn!(
+                "LoRA {}: {} of {} modules match no FLUX transformer weight and are ignored (e.g. {first})",
+                lora.path.display(),
+                report.unmatched.len(),
+                adapter.modules().len()
+            );
+        }
+        adapters.push(Arc::new(adapter));
+        reports.push(report);
+    }
+    Ok((Box::new(FluxLoraBackend { inner, merges, adapters }), reports))
+}
+
+impl FluxLoraBackend {
+    fn merged(&self, name: &str, merges: &[Merge], base: Tensor) -> Result<Tensor> {
+        let mut acc = base;
+        for m in merges.iter().filter(|m| m.strength != 0.0) {
+            let adapter = &self.adapters[m.adapter];
+            let module = &adapter.modules()[m.module];
+            let delta = adapter.delta(module, acc.device())?;
+            let (rows, cols) = acc.dims2()?;
+            let (d_rows, d_cols) = delta.dims2()?;
+            let want = m.target.rows.map_or(rows, |(_, n)| n);
+            if d_cols != cols || d_rows != want {
+                return Err(Error::LoraMismatch {
+                    path: adapter.path().to_path_buf(),
+                    reason: format!(
+                        "module {} gives a [{d_rows}, {d_cols}] update but {name}{} is [{want}, {cols}]; the LoRA was trained for a FLUX model of another size",
+                        module.key,
+                        if m.target.rows.is_some() { " (its slice)" } else { "" }
+                    ),
+                });
+            }
+            let delta = if m.target.swap_halves {
+                Tensor::cat(&[delta.narrow(0, d_rows / 2, d_rows - d_rows / 2)?, delta.narrow(0, 0, d_rows / 2)?], 0)?
+            } else {
+                delta
+            };
+            let delta = match m.target.rows {
+                Some((start, n)) => {
+                    let mut parts = Vec::with_capacity(3);
+                    if start > 0 {
+                        parts.push(Tensor::zeros((start, cols), DType::F32, acc.device())?);
+                    }
+                    parts.push(delta);
+                    if start + n < rows {
+                        parts.push(Tensor::zeros((rows - start - n, cols), DType::F32, acc.device())?);
+                    }
+                    Tensor::cat(&parts, 0)?
+                }
+                None => delta,
+            };
+            acc = (acc + (delta * m.strength as f64)?)?;
+        }
+        Ok(acc)
+    }
+
+    fn fetch(&self, name: &str, shape: Option<Shape>, h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let get = |d: DType| match &shape {
+            Some(s) => self.inner.get(s.clone(), name, h, d, dev),
+            None => self.inner.get_unchecked(name, d, dev),
+        };
+        let Some(merges) = self.merges.get(name) else { return get(dtype) };
+        let base = get(DType::F32)?;
+        self.merged(name, merges, base).map_err(msg)?.to_dtype(dtype)
+    }
+}
+
+impl SimpleBackend for FluxLoraBackend {
+    fn get(&self, s: Shape, name: &str, h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.fetch(name, Some(s), h, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.fetch(name, None, candle_nn::Init::Const(0.), dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
+    }
+}
+
+/// Parses `path[:strength]` (strength defaults to 1 and may be negative), as sd-lora's specs.
+pub fn parse_lora_spec(spec: &str) -> Result<FluxLora> {
+    let (path, strength) = sd_lora::parse_spec(spec)?;
+    Ok(FluxLora { path, strength })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_of_every_naming_scheme_resolve() {
+        let cfg = Config::dev();
+        let t = lora_targets(&cfg);
+        let u: HashMap<String, String> = t.keys().map(|k| (k.replace('.', "_"), k.clone())).collect();
+        let r = |k: &str| resolve_key(&t, &u, k).cloned();
+        let qkv = |rows| Some(LoraTarget { weight: "double_blocks.3.img_attn.qkv.weight".into(), rows, swap_halves: false });
+        assert_eq!(r("lora_unet_double_blocks_3_img_attn_qkv"), qkv(None));
+        assert_eq!(r("transformer.transformer_blocks.3.attn.to_k"), qkv(Some((3072, 3072))));
+        assert_eq!(r("lora_transformer_transformer_blocks_3_attn_to_v"), qkv(Some((6144, 3072))));
+        let mlp = r("transformer.single_transformer_blocks.37.proj_mlp").expect("proj_mlp");
+        assert_eq!((mlp.weight.as_str(), mlp.rows), ("single_blocks.37.linear1.weight", Some((9216, 12288))));
+        assert!(r("transformer.norm_out.linear").expect("norm_out").swap_halves);
+        assert_eq!(r("lora_unet_final_layer_adaLN_modulation_1").map(|t| t.swap_halves), Some(false));
+        assert_eq!(r("lora_te1_text_model_encoder_layers_0_mlp_fc1"), None);
+        assert_eq!(r("transformer.transformer_blocks.19.attn.to_q"), None);
+    }
+}

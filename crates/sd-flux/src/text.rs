@@ -1,0 +1,166 @@
+//! Prompt conditioning: T5-XXL token embeddings and CLIP-L's pooled output.
+//!
+//! As in diffusers' `FluxPipeline.encode_prompt`: T5 gets the prompt padded with its pad token to
+//! exactly `max_sequence_length` ids (truncated, end-of-sequence kept) and no attention mask; CLIP
+//! gets the usual 77 tokens and contributes only its pooled (end-of-text) output.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::t5::{Config as T5Config, T5EncoderModel};
+use sd_models::clip::ClipTextModel;
+use sd_models::tokenizer::ClipTokenizer;
+use tokenizers::{Tokenizer, TruncationDirection};
+
+use crate::error::{Error, Result};
+use crate::transformer::{innermost, mmap};
+
+/// Where to get the T5 encoder when it is missing.
+const T5_HINT: &str = "FLUX needs the T5-XXL encoder: download text_encoder_2/ (config.json and model*.safetensors, \
+                       with model.safetensors.index.json when sharded) and tokenizer_2/ (tokenizer.json) from \
+                       black-forest-labs/FLUX.1-schnell (or FLUX.1-dev) and pass their paths";
+
+/// CLIP's context length.
+pub const CLIP_MAX_LEN: usize = 77;
+
+/// Longest T5 sequence FLUX accepts (diffusers rejects more).
+pub const T5_MAX_LEN: usize = 512;
+
+/// Loads the T5 encoder from a transformers `text_encoder_2/` folder (`config.json` +
+/// `model.safetensors` or shards listed in `model.safetensors.index.json`).
+///
+/// F16 is replaced by BF16: T5's activations overflow in F16.
+pub fn load_t5(dir: &Path, dtype: DType, device: &Device) -> Result<T5EncoderModel> {
+    let cfg_path = dir.join("config.json");
+    if !dir.is_dir() {
+        return Err(Error::NotFound { what: "T5 text encoder folder (text_encoder_2/)".into(), path: dir.to_path_buf(), hint: T5_HINT.into() });
+    }
+    if !cfg_path.is_file() {
+        return Err(Error::NotFound { what: "T5 config".into(), path: cfg_path, hint: T5_HINT.into() });
+    }
+    let text = std::fs::read_to_string(&cfg_path).map_err(|source| Error::Io { path: cfg_path.clone(), source })?;
+    let cfg: T5Config = serde_json::from_str(&text).map_err(|e| Error::InvalidConfig {
+        path: cfg_path.clone(),
+        reason: format!("{e}; expected a transformers T5 config (d_model, d_kv, num_heads, feed_forward_proj, …)"),
+    })?;
+    let files = sd_models::diffusers::find_weight_files(dir, false).map_err(|e| match e {
+        sd_models::Error::NotFound { what, path } => Error::NotFound { what, path, hint: T5_HINT.into() },
+        other => Error::Models(other),
+    })?;
+    let st = mmap(&files, dir)?;
+    let dtype = if dtype == DType::F16 { DType::BF16 } else { dtype };
+    let vb = VarBuilder::from_backend(Box::new(st), dtype, device.clone());
+    T5EncoderModel::load(vb, &cfg).map_err(|e| Error::BadWeights {
+        source_desc: dir.display().to_string(),
+        reason: format!("T5 encoder: {}", innermost(&e)),
+    })
+}
+
+/// Loads the T5 tokenizer from a `tokenizer_2/` folder or a `tokenizer.json` file.
+pub fn load_t5_tokenizer(path: &Path) -> Result<Tokenizer> {
+    let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_path_buf() };
+    if !file.is_file() {
+        return Err(Error::NotFound { what: "T5 tokenizer (tokenizer_2/tokenizer.json)".into(), path: file, hint: T5_HINT.into() });
+    }
+    let mut tok = Tokenizer::from_file(&file).map_err(|e| Error::Tokenizer(format!("{}: {e}", file.display())))?;
+    // Padding and truncation are applied by `t5_input_ids`; a saved setting would interfere.
+    tok.with_padding(None);
+    tok.with_truncation(None).map_err(|e| Error::Tokenizer(format!("{}: {e}", file.display())))?;
+    if tok.token_to_id("<pad>").is_none() {
+        return Err(Error::Tokenizer(format!("{} has no <pad> token; it is not a T5 tokenizer", file.display())));
+    }
+    Ok(tok)
+}
+
+/// Exactly `max_len` T5 ids for `prompt`: the prompt's tokens, truncated so the end-of-sequence
+/// token still fits, then `</s>`, then `<pad>` (transformers' `padding="max_length", truncation=True`).
+pub fn t5_input_ids(tok: &Tokenizer, prompt: &str, max_len: usize) -> Result<Vec<u32>> {
+    let pad = tok.token_to_id("<pad>").ok_or_else(|| Error::Tokenizer("the T5 tokenizer has no <pad> token".into()))?;
+    let mut enc = tok.encode(prompt, false).map_err(|e| Error::Tokenizer(format!("cannot tokenize the prompt: {e}")))?;
+    let added = tok.get_post_processor().map_or(0, |p| tokenizers::PostProcessor::added_tokens(p, false));
+    enc.truncate(max_len.saturating_sub(added), 0, TruncationDirection::Right);
+    let enc = tok.post_process(enc, None, true).map_err(|e| Error::Tokenizer(format!("cannot finish the T5 tokens: {e}")))?;
+    let mut ids = enc.get_ids().to_vec();
+    ids.truncate(max_len);
+    ids.resize(max_len, pad);
+    Ok(ids)
+}
+
+/// Runs T5 on ids `[b, seq]` and returns the last hidden state `[b, seq, d_model]` as `dtype`.
+///
+/// The encoder is cloned (tensors are shared) because candle's T5 takes `&mut self`.
+pub fn t5_embeddings(t5: &T5EncoderModel, ids: &Tensor, dtype: DType) -> Result<Tensor> {
+    let mut t5 = t5.clone();
+    let ids = ids.to_dtype(DType::U32)?.to_device(t5.device())?;
+    Ok(t5.forward(&ids)?.to_dtype(dtype)?)
+}
+
+/// CLIP's pooled output `[b, hidden]` for ids `[b, 77]`, as `dtype`.
+pub fn clip_pooled(clip: &ClipTextModel, ids: &Tensor, dtype: DType) -> Result<Tensor> {
+    Ok(clip.forward(ids)?.pooled.to_dtype(dtype)?)
+}
+
+/// Loads CLIP-L from a transformers `text_encoder/` folder.
+pub fn load_clip(dir: &Path, dtype: DType, device: &Device) -> Result<ClipTextModel> {
+    let cfg_path = dir.join("config.json");
+    if !cfg_path.is_file() {
+        return Err(Error::NotFound {
+            what: "CLIP text encoder config (text_encoder/config.json)".into(),
+            path: cfg_path,
+            hint: "FLUX needs CLIP-L: download text_encoder/ and tokenizer/ from black-forest-labs/FLUX.1-schnell".into(),
+        });
+    }
+    let cfg = sd_models::diffusers::read_clip_config(&cfg_path)?;
+    let files = sd_models::diffusers::find_weight_files(dir, false)?;
+    let st = mmap(&files, dir)?;
+    let vb = VarBuilder::from_backend(Box::new(st), dtype, device.clone());
+    ClipTextModel::new(vb, &cfg).map_err(|e| Error::BadWeights {
+        source_desc: dir.display().to_string(),
+        reason: format!("CLIP text encoder: {}", innermost(&e)),
+    })
+}
+
+/// Loads the CLIP tokenizer from a `tokenizer/` folder.
+pub fn load_clip_tokenizer(dir: &Path) -> Result<ClipTokenizer> {
+    Ok(ClipTokenizer::from_folder(dir)?)
+}
+
+/// The conditioning of one prompt, as the transformer takes it.
+#[derive(Debug, Clone)]
+pub struct PromptEmbeds {
+    /// T5 embeddings `[1, max_sequence_length, 4096]`.
+    pub prompt_embeds: Tensor,
+    /// Pooled CLIP output `[1, 768]`.
+    pub pooled: Tensor,
+    /// Text position ids `[max_sequence_length, 3]`, all zero as in diffusers.
+    pub text_ids: Tensor,
+}
+
+/// Encodes `prompt` with both text encoders into `dtype` tensors on `device`.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_prompt(
+    t5: &T5EncoderModel,
+    t5_tokenizer: &Tokenizer,
+    clip: &ClipTextModel,
+    clip_tokenizer: &ClipTokenizer,
+    prompt: &str,
+    max_sequence_length: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<PromptEmbeds> {
+    if max_sequence_length == 0 || max_sequence_length > T5_MAX_LEN {
+        return Err(Error::InvalidRequest {
+            field: "max_sequence_length",
+            reason: format!("{max_sequence_length} is outside 1..={T5_MAX_LEN}"),
+        });
+    }
+    let ids = t5_input_ids(t5_tokenizer, prompt, max_sequence_length)?;
+    let ids = Tensor::from_vec(ids, (1, max_sequence_length), device)?;
+    let prompt_embeds = t5_embeddings(t5, &ids, dtype)?;
+    let clip_ids = clip_tokenizer.encode_padded(prompt, CLIP_MAX_LEN)?;
+    let clip_ids = Tensor::from_vec(clip_ids, (1, CLIP_MAX_LEN), device)?;
+    let pooled = clip_pooled(clip, &clip_ids, dtype)?;
+    let text_ids = Tensor::zeros((max_sequence_length, 3), dtype, device)?;
+    Ok(PromptEmbeds { prompt_embeds, pooled, text_ids })
+}

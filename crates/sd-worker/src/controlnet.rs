@@ -1,0 +1,222 @@
+//! ControlNet requests: models resolved strictly inside the configured ControlNet folders, control
+//! images decoded and parameters checked before a job is queued.
+//!
+//! A ControlNet is a diffusers folder (with `config.json`) or a single `.safetensors` file. Every
+//! candidate is canonicalized (resolving symlinks) and must still lie under a canonicalized allowed
+//! folder, as LoRA paths must.
+
+use std::path::{Component, Path, PathBuf};
+
+use image::DynamicImage;
+use sd_controlnet::hook::MAX_CONDITIONING_SCALE;
+use sd_controlnet::preprocess::Preprocessor;
+use sd_controlnet::ControlNetModel;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+use crate::request::decode_image;
+
+/// Most ControlNets one request may stack.
+pub const MAX_CONTROLNETS: usize = 4;
+
+/// One ControlNet as a request names it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlNetRequest {
+    /// Folder name or `.safetensors` file (stem or relative path) inside an allowed ControlNet folder.
+    pub model: Option<String>,
+    /// Control image, base64 PNG or JPEG (resized to the generation size).
+    pub image: Option<String>,
+    /// `none` (default), `canny`, `threshold`, `scribble` or `softedge`.
+    pub preprocessor: Option<String>,
+    /// Conditioning scale, 0–2 (default 1).
+    pub scale: Option<f64>,
+    /// Fraction of the schedule where the ControlNet starts acting (default 0).
+    pub start: Option<f64>,
+    /// Fraction of the schedule after which it stops (default 1).
+    pub end: Option<f64>,
+    /// Canny lower threshold (with `preprocessor: canny`; default 100).
+    pub low_threshold: Option<f32>,
+    /// Canny upper threshold (with `preprocessor: canny`; default 200).
+    pub high_threshold: Option<f32>,
+}
+
+/// A validated ControlNet unit, ready for the engine.
+#[derive(Debug, Clone)]
+pub struct ResolvedControlNet {
+    /// Display name (folder name or file stem).
+    pub name: String,
+    /// Canonical path of the folder or file.
+    pub path: PathBuf,
+    /// The decoded control picture, before preprocessing.
+    pub image: DynamicImage,
+    /// Preprocessor to apply.
+    pub preprocessor: Preprocessor,
+    /// Its name as requested (lower case).
+    pub preprocessor_name: String,
+    /// Conditioning scale.
+    pub scale: f64,
+    /// Start fraction.
+    pub start: f64,
+    /// End fraction.
+    pub end: f64,
+}
+
+/// What the job parameters record about a unit.
+#[derive(Debug, Clone, Serialize)]
+pub struct ControlNetSummary {
+    /// Name.
+    pub model: String,
+    /// Preprocessor as requested.
+    pub preprocessor: String,
+    /// Scale.
+    pub scale: f64,
+    /// Start fraction.
+    pub start: f64,
+    /// End fraction.
+    pub end: f64,
+}
+
+/// A ControlNet found by listing the allowed folders.
+#[derive(Debug, Clone, Serialize)]
+pub struct AvailableControlNet {
+    /// Name to request it by.
+    pub name: String,
+    /// `folder` or `file`.
+    pub kind: &'static str,
+}
+
+/// The allowed ControlNet folders, canonicalized once at startup.
+#[derive(Debug, Clone, Default)]
+pub struct ControlNetFolders {
+    roots: Vec<PathBuf>,
+}
+
+impl ControlNetFolders {
+    /// Canonicalizes `dirs`; folders that do not exist are skipped (and logged).
+    pub fn new(dirs: &[PathBuf]) -> Self {
+        let roots = dirs
+            .iter()
+            .filter_map(|d| match d.canonicalize() {
+                Ok(c) if c.is_dir() => Some(c),
+                _ => {
+                    tracing::warn!(path = %d.display(), "ControlNet folder cannot be opened or is not a directory; ignored");
+                    None
+                }
+            })
+            .collect();
+        Self { roots }
+    }
+
+    fn inside(&self, canonical: &Path) -> bool {
+        self.roots.iter().any(|r| canonical.starts_with(r))
+    }
+
+    /// The canonical path of `candidate` if it is a ControlNet (folder with config.json, or
+    /// `.safetensors` file) inside an allowed folder.
+    fn confined(&self, candidate: &Path) -> Option<PathBuf> {
+        let c = candidate.canonicalize().ok()?;
+        let usable = (c.is_dir() && c.join("config.json").is_file()) || (c.is_file() && c.extension().is_some_and(|e| e == "safetensors"));
+        (usable && self.inside(&c)).then_some(c)
+    }
+
+    /// Resolves a request's `model` to a ControlNet inside the allowed folders.
+    fn resolve_model(&self, field: &str, raw: &str) -> Result<PathBuf, ApiError> {
+        if self.roots.is_empty() {
+            return Err(ApiError::invalid(field, "this worker has no ControlNet folder configured (start it with --controlnet-dir)"));
+        }
+        let p = Path::new(raw);
+        if raw.trim().is_empty() || raw.contains('\0') {
+            return Err(ApiError::invalid(field, "the ControlNet name is empty"));
+        }
+        if p.is_absolute() || p.components().any(|c| !matches!(c, Component::Normal(_))) {
+            return Err(ApiError::invalid(field, "give a name or relative path inside an allowed ControlNet folder (no `..`, no absolute paths)"));
+        }
+        for root in &self.roots {
+            let base = root.join(p);
+            let with_ext = root.join(format!("{raw}.safetensors"));
+            if let Some(found) = self.confined(&base).or_else(|| self.confined(&with_ext)) {
+                return Ok(found);
+            }
+        }
+        Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "controlnet_not_found",
+            Some(field.to_string()),
+            format!("no ControlNet {raw:?} in the allowed folders; GET /v1/models lists them"),
+        ))
+    }
+
+    /// Validates every unit of a request against the loaded UNet; errors name the field
+    /// (`controlnets[1].scale` …).
+    pub fn resolve_all(&self, reqs: &[ControlNetRequest], unet: Option<&sd_models::UNetConfig>) -> Result<Vec<ResolvedControlNet>, ApiError> {
+        if reqs.len() > MAX_CONTROLNETS {
+            return Err(ApiError::invalid("controlnets", format!("{} ControlNets requested; at most {MAX_CONTROLNETS} may be stacked", reqs.len())));
+        }
+        if !reqs.is_empty() && unet.is_none() {
+            return Err(ApiError::invalid("controlnets", "the loaded model has no UNet; ControlNets work with Stable Diffusion models"));
+        }
+        reqs.iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let f = |name: &str| format!("controlnets[{i}].{name}");
+                let raw = r.model.as_deref().ok_or_else(|| ApiError::invalid(f("model"), "missing; name a ControlNet from GET /v1/models"))?;
+                let path = self.resolve_model(&f("model"), raw)?;
+                if let Some(unet) = unet {
+                    ControlNetModel::inspect(&path, unet).map_err(|e| ApiError::invalid(f("model"), e.to_string()))?;
+                }
+                let image = decode_image(&f("image"), r.image.as_deref().ok_or_else(|| ApiError::invalid(f("image"), "missing; send the control image as base64 PNG or JPEG"))?)?;
+                let preprocessor_name = r.preprocessor.as_deref().unwrap_or("none").trim().to_ascii_lowercase();
+                let mut preprocessor: Preprocessor = preprocessor_name.parse().map_err(|e: sd_controlnet::Error| ApiError::invalid(f("preprocessor"), e.to_string()))?;
+                if let Preprocessor::Canny { low, high } = preprocessor {
+                    preprocessor = Preprocessor::Canny { low: r.low_threshold.unwrap_or(low), high: r.high_threshold.unwrap_or(high) };
+                    preprocessor.validate().map_err(|e| ApiError::invalid(f("low_threshold"), e.to_string()))?;
+                } else if r.low_threshold.is_some() || r.high_threshold.is_some() {
+                    return Err(ApiError::invalid(f("low_threshold"), "thresholds apply to the canny preprocessor only"));
+                }
+                let scale = r.scale.unwrap_or(1.0);
+                if !scale.is_finite() || !(0.0..=MAX_CONDITIONING_SCALE).contains(&scale) {
+                    return Err(ApiError::invalid(f("scale"), format!("{scale} is outside 0..={MAX_CONDITIONING_SCALE}")));
+                }
+                let (start, end) = (r.start.unwrap_or(0.0), r.end.unwrap_or(1.0));
+                if !start.is_finite() || !(0.0..1.0).contains(&start) {
+                    return Err(ApiError::invalid(f("start"), format!("{start} is outside [0, 1)")));
+                }
+                if !(end.is_finite() && end > start && end <= 1.0) {
+                    return Err(ApiError::invalid(f("end"), format!("{end} must be above start ({start}) and at most 1")));
+                }
+                let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                Ok(ResolvedControlNet { name, path, image, preprocessor, preprocessor_name, scale, start, end })
+            })
+            .collect()
+    }
+
+    /// Every ControlNet in the folders (folders with config.json and `.safetensors` files, one level deep).
+    pub fn list(&self) -> Vec<AvailableControlNet> {
+        let mut out = Vec::new();
+        for root in &self.roots {
+            let Ok(entries) = std::fs::read_dir(root) else { continue };
+            for e in entries.flatten() {
+                let Some(c) = self.confined(&e.path()) else { continue };
+                let kind = if c.is_dir() { "folder" } else { "file" };
+                let name = e.path().file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                out.push(AvailableControlNet { name, kind });
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+}
+
+impl ResolvedControlNet {
+    /// What the job's parameters record.
+    pub fn summary(&self) -> ControlNetSummary {
+        ControlNetSummary {
+            model: self.name.clone(),
+            preprocessor: self.preprocessor_name.clone(),
+            scale: self.scale,
+            start: self.start,
+            end: self.end,
+        }
+    }
+}

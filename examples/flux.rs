@@ -1,0 +1,147 @@
+//! FLUX.1 text to image (and image to image with `-i`):
+//! `cargo run --release --example flux -- -m ~/models/FLUX.1-schnell -p "a red fox in the snow"`.
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use sd_flux::pipeline::{image_to_image, text_to_image, FluxParams};
+use sd_flux::lora::parse_lora_spec;
+use sd_flux::{load, load_source, FluxFiles, FluxLoadOptions, FluxSource};
+use sd_pipelines::image_io::{image_to_tensor, save_png, tensor_to_images};
+use sd_pipelines::pipeline::NoiseKind;
+use sd_toolkit::{device, model_name, parse_dtype, progress_bar, AnyResult};
+
+/// Generate images with FLUX.1 [dev] or [schnell].
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// A diffusers FLUX folder, or a transformer file (BFL `flux1-*.safetensors` or `.gguf`).
+    #[arg(long, short = 'm')]
+    model: PathBuf,
+    /// For a transformer file: the diffusers folder holding the other components
+    /// (default: the file's folder).
+    #[arg(long)]
+    components: Option<PathBuf>,
+    /// For a transformer file: the autoencoder (`ae.safetensors` or a `vae/` folder).
+    #[arg(long)]
+    vae: Option<PathBuf>,
+    /// Weight dtype: f32, f16 or bf16 (default: f32 on CPU, bf16 on GPUs).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Run on the CPU even when a GPU backend is compiled in.
+    #[arg(long)]
+    cpu: bool,
+    /// The prompt.
+    #[arg(long, short = 'p', default_value = "")]
+    prompt: String,
+    /// Sampling steps (default: 28 for dev, 4 for schnell).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Embedded guidance for dev (default 3.5); schnell ignores it.
+    #[arg(long)]
+    guidance: Option<f64>,
+    /// Seed (default: random).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Width in pixels (a multiple of 16).
+    #[arg(long, default_value_t = 1024)]
+    width: usize,
+    /// Height in pixels (a multiple of 16).
+    #[arg(long, default_value_t = 1024)]
+    height: usize,
+    /// Images to generate.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// T5 tokens (default: 512 for dev, 256 for schnell).
+    #[arg(long)]
+    max_sequence_length: Option<usize>,
+    /// Noise generator behind the seed: `philox` or `torch` (a diffusers CPU seed reproduces its image).
+    #[arg(long, default_value = "philox")]
+    noise: String,
+    /// An input image for image to image.
+    #[arg(long, short = 'i')]
+    init_image: Option<PathBuf>,
+    /// Fraction of the schedule re-noised in image to image (0 keeps the input, 1 ignores it).
+    #[arg(long, default_value_t = 0.6)]
+    strength: f64,
+    /// A FLUX LoRA to merge, as `path.safetensors[:strength]` (strength defaults to 1); repeatable.
+    #[arg(long = "lora", value_name = "PATH[:STRENGTH]")]
+    loras: Vec<String>,
+    /// Output PNG (with `-N` appended for batches).
+    #[arg(long, short = 'o', default_value = "flux.png")]
+    output: PathBuf,
+}
+
+fn main() -> AnyResult<()> {
+    let cli = Cli::parse();
+    let opts = FluxLoadOptions {
+        dtype: cli.dtype.as_deref().map(parse_dtype).transpose()?,
+        device: device(cli.cpu)?,
+        loras: cli.loras.iter().map(|s| parse_lora_spec(s)).collect::<Result<_, _>>()?,
+        ..FluxLoadOptions::default()
+    };
+    let t0 = std::time::Instant::now();
+    let models = if cli.model.is_dir() || (cli.components.is_none() && cli.vae.is_none()) {
+        load(&cli.model, &opts)?
+    } else {
+        let repo = cli.components.clone().unwrap_or_else(|| cli.model.parent().unwrap_or(Path::new(".")).to_path_buf());
+        load_source(&FluxSource::Files(FluxFiles::with_components_from(&cli.model, cli.vae.clone(), &repo)), &opts)?
+    };
+    eprintln!("loaded {} in {:.1}s", models.variant, t0.elapsed().as_secs_f64());
+    for r in &models.lora_report {
+        eprintln!("LoRA {} (strength {}): {} modules merged, {} unmatched", r.path.display(), r.strength, r.applied.len(), r.unmatched.len());
+    }
+
+    let mut p = FluxParams::for_model(&models, cli.prompt.clone());
+    p.steps = cli.steps.unwrap_or(p.steps);
+    p.guidance_scale = cli.guidance.unwrap_or(p.guidance_scale);
+    p.width = cli.width;
+    p.height = cli.height;
+    p.batch_size = cli.batch;
+    p.max_sequence_length = cli.max_sequence_length;
+    p.seed = cli.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64 >> 11).unwrap_or(0)
+    });
+    p.noise = match cli.noise.as_str() {
+        "philox" => NoiseKind::Philox,
+        "torch" => NoiseKind::Torch,
+        other => return Err(format!("unknown --noise {other:?}: use philox or torch").into()),
+    };
+
+    let mut bar = progress_bar(p.steps);
+    let out = match &cli.init_image {
+        Some(path) => {
+            let img = image::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let x = image_to_tensor(&img, p.width, p.height)?;
+            image_to_image(&models, &p, &x, cli.strength, &mut bar)?
+        }
+        None => text_to_image(&models, &p, &mut bar)?,
+    };
+
+    // A1111-style metadata; "Distilled CFG Scale" is the name Forge gives FLUX's embedded guidance.
+    let mut text = format!(
+        "{}\nSteps: {}, Sampler: Euler (flow matching), Distilled CFG Scale: {}, Seed: {}, Size: {}x{}, Model: {}",
+        p.prompt,
+        p.steps,
+        p.guidance_scale,
+        out.seed,
+        p.width,
+        p.height,
+        model_name(&cli.model.to_string_lossy())
+    );
+    if cli.init_image.is_some() {
+        text.push_str(&format!(", Denoising strength: {}", cli.strength));
+    }
+    let images = tensor_to_images(&out.images)?;
+    for (i, img) in images.iter().enumerate() {
+        let target = if images.len() == 1 {
+            cli.output.clone()
+        } else {
+            let stem = cli.output.file_stem().and_then(|s| s.to_str()).unwrap_or("flux");
+            cli.output.with_file_name(format!("{stem}-{i}.png"))
+        };
+        save_png(img, &target, Some(&text))?;
+        println!("{} (seed {})", target.display(), out.seed);
+    }
+    Ok(())
+}
