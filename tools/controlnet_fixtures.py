@@ -20,6 +20,7 @@ Run after make_fixtures.py:
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -219,23 +220,42 @@ def controlnet_to_ldm(sd: dict, cfg) -> dict:
     return out
 
 
+def canny_test_pictures() -> list[np.ndarray]:
+    """Three grey pictures with edges of different kinds: shapes on a ramp, thin lines and a ring at
+    several contrasts, and smoothed seeded noise blobs (natural-looking, many curved edges)."""
+    n = 64
+    y, x = np.mgrid[0:n, 0:n].astype(np.float64)
+    a = 40 + 60 * (x / n)  # a soft ramp that must not produce edges
+    a[np.hypot(x - 22, y - 24) < 12] = 210  # disc
+    a[40:56, 30:58] = 120  # rectangle
+    a[8:14, 36:60] = 20  # dark bar
+    a += 6 * np.sin(0.7 * x + 0.3 * y)  # texture below the thresholds
+    b = np.full((n, n), 128.0)
+    for k, level in enumerate([60, 90, 200, 240]):
+        b[:, 6 + 14 * k: 8 + 14 * k] = level  # 2-px lines of rising contrast
+    b[np.abs(np.hypot(x - 32, y - 40) - 14) < 2.5] = 30  # a dark ring
+    rng = np.random.default_rng(1234)
+    c = rng.normal(0, 1, (n, n))
+    for _ in range(6):  # smooth the noise into blobs
+        c = (c + np.roll(c, 1, 0) + np.roll(c, -1, 0) + np.roll(c, 1, 1) + np.roll(c, -1, 1)) / 5
+    c = 128 + 110 * np.tanh(4 * c / c.std())
+    return [np.clip(p, 0, 255).round().astype(np.uint8) for p in (a, b, c)]
+
+
 def canny_goldens() -> None:
     """OpenCV Canny with the same pre-blur as imageproc's canny (Gaussian σ 1.4, radius 3, replicated border)."""
     import cv2
 
-    n = 64
-    y, x = np.mgrid[0:n, 0:n].astype(np.float64)
-    img = 40 + 60 * (x / n)  # a soft ramp that must not produce edges
-    img[np.hypot(x - 22, y - 24) < 12] = 210  # disc
-    img[40:56, 30:58] = 120  # rectangle
-    img[8:14, 36:60] = 20  # dark bar
-    img += 6 * np.sin(0.7 * x + 0.3 * y)  # texture below the thresholds
-    gray = np.clip(img, 0, 255).round().astype(np.uint8)
-    blurred = cv2.GaussianBlur(gray, (7, 7), 1.4, borderType=cv2.BORDER_REPLICATE)
-    edges = cv2.Canny(blurred, 100, 200, L2gradient=True)
-    print(f"  canny: {int((edges > 0).sum())} edge pixels of {n * n}")
-    save_tensors(OUT / "canny.safetensors", {"image": torch.from_numpy(gray), "edges": torch.from_numpy(edges)},
-                 metadata={"low": "100", "high": "200", "opencv": cv2.__version__})
+    tensors = {}
+    for i, gray in enumerate(canny_test_pictures()):
+        blurred = cv2.GaussianBlur(gray, (7, 7), 1.4, borderType=cv2.BORDER_REPLICATE)
+        edges = cv2.Canny(blurred, 100, 200, L2gradient=True)
+        print(f"  canny {i}: {int((edges > 0).sum())} edge pixels of {gray.size}")
+        tensors[f"image{i}"] = torch.from_numpy(gray)
+        tensors[f"edges{i}"] = torch.from_numpy(edges)
+    # One metadata key: several would be written in hash order and the file would differ between runs.
+    meta = json.dumps({"low": 100, "high": 200, "opencv": cv2.__version__, "L2gradient": True}, sort_keys=True)
+    save_tensors(OUT / "canny.safetensors", tensors, metadata={"params": meta})
 
 
 @torch.no_grad()

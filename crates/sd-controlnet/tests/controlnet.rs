@@ -318,25 +318,35 @@ fn canny_agrees_with_opencv() {
     use image::{DynamicImage, GrayImage};
     use sd_controlnet::preprocess::Preprocessor;
     let g = goldens("canny.safetensors");
-    let (h, w) = g["image"].dims2().unwrap();
-    let pixels = g["image"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
-    let img = DynamicImage::ImageLuma8(GrayImage::from_raw(w as u32, h as u32, pixels).unwrap());
-    let ours = Preprocessor::Canny { low: 100.0, high: 200.0 }.apply(&img).unwrap().to_luma8();
-    let theirs = g["edges"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
-    let (mut agree, mut both, mut ours_n, mut theirs_n) = (0usize, 0usize, 0usize, 0usize);
-    for (a, &b) in ours.pixels().map(|p| p.0[0] > 0).zip(theirs.iter().map(|&v| v > 0).collect::<Vec<_>>().iter()) {
-        agree += usize::from(a == b);
-        both += usize::from(a && b);
-        ours_n += usize::from(a);
-        theirs_n += usize::from(b);
+    let n = g.keys().filter(|k| k.starts_with("image")).count();
+    assert!(n >= 3, "the fixture holds {n} pictures");
+    let mut results = Vec::new();
+    for i in 0..n {
+        let (h, w) = g[&format!("image{i}")].dims2().unwrap();
+        let pixels = g[&format!("image{i}")].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+        let img = DynamicImage::ImageLuma8(GrayImage::from_raw(w as u32, h as u32, pixels).unwrap());
+        let ours = Preprocessor::Canny { low: 100.0, high: 200.0 }.apply(&img).unwrap().to_luma8();
+        let theirs = g[&format!("edges{i}")].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+        let (mut agree, mut both, mut ours_n, mut theirs_n) = (0usize, 0usize, 0usize, 0usize);
+        for (a, b) in ours.pixels().map(|p| p.0[0] > 0).zip(theirs.iter().map(|&v| v > 0)) {
+            agree += usize::from(a == b);
+            both += usize::from(a && b);
+            ours_n += usize::from(a);
+            theirs_n += usize::from(b);
+        }
+        let rate = agree as f64 / (w * h) as f64;
+        // Exact-position F1 (no 1-pixel slack) is the strict measure; pixel agreement is dominated by background.
+        let f1 = 2.0 * both as f64 / (ours_n + theirs_n).max(1) as f64;
+        eprintln!("canny vs OpenCV, picture {i}: pixel agreement {rate:.4}, edge F1 {f1:.3} (ours {ours_n}, OpenCV {theirs_n} edge pixels)");
+        results.push((i, rate, f1, ours_n, theirs_n));
     }
-    let rate = agree as f64 / (w * h) as f64;
-    // Edge F1 with 1-pixel tolerance would be kinder; exact-position F1 is the stricter measure.
-    let f1 = 2.0 * both as f64 / (ours_n + theirs_n).max(1) as f64;
-    eprintln!("canny vs OpenCV: pixel agreement {:.4}, edge F1 {f1:.3} (ours {ours_n}, OpenCV {theirs_n} edge pixels)", rate);
-    assert!(theirs_n > 0 && ours_n > 0, "both detectors must find edges");
-    assert!(rate >= 0.99, "pixel agreement {rate} below 0.99");
-    assert!(f1 >= 0.85, "edge F1 {f1} below 0.85");
+    for (i, rate, f1, ours_n, theirs_n) in results {
+        assert!(theirs_n > 0 && ours_n > 0, "picture {i}: both detectors must find edges");
+        // Measured (imageproc 0.25 vs OpenCV 5.0): agreement 0.986–0.999, F1 0.909–0.968; the differences
+        // sit on 2-pixel lines and dense curved edges, where non-maximum suppression ties break differently.
+        assert!(rate >= 0.98, "picture {i}: pixel agreement {rate} below 0.98");
+        assert!(f1 >= 0.88, "picture {i}: edge F1 {f1} below 0.88");
+    }
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::flux::WithForward;
-use common::{diff, fixtures, folder, get, golden};
+use common::{assert_close, diff, fixtures, folder, get, golden};
 use sd_flux::transformer::{load_transformer, load_transformer_with_loras};
 use sd_flux::{Error, FluxLora};
 
@@ -120,6 +120,29 @@ fn kohya_and_peft_loras_merge_like_a_hand_merge() {
     let (t, _) = load_transformer_with_loras(&base_path, DType::F32, &Device::Cpu, Some(&axes), &[FluxLora::new(&peft_path, 0.0)]).expect("zero");
     assert_eq!(diff(&run(&t), &plain).0, 0.0);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn loras_match_diffusers_fuse_lora() {
+    // Goldens: FluxPipeline.load_lora_weights + set_adapters + fuse_lora (tools/flux_fixtures.py), with a
+    // kohya file in BFL names (fused qkv split by diffusers' converter, per-module alphas) and a PEFT
+    // file in diffusers names (q/k/v and proj_mlp rows of the fused weights, norm_out halves).
+    let g = golden("lora_dev.safetensors");
+    let kohya = fixtures().join("flux/lora/flux_kohya.safetensors");
+    let peft = fixtures().join("flux/lora/flux_peft.safetensors");
+    let axes = [4usize, 6, 6];
+    let cases = [
+        ("out_kohya_0.8", vec![FluxLora::new(&kohya, 0.8)]),
+        ("out_peft_0.6", vec![FluxLora::new(&peft, 0.6)]),
+        ("out_both_0.8_-0.5", vec![FluxLora::new(&kohya, 0.8), FluxLora::new(&peft, -0.5)]),
+    ];
+    for (name, loras) in cases {
+        for source in [folder("dev"), fixtures().join("flux/flux-tiny-dev.safetensors")] {
+            let (t, reports) = load_transformer_with_loras(&source, DType::F32, &Device::Cpu, Some(&axes), &loras).expect("with loras");
+            assert!(reports.iter().all(|r| r.unmatched.is_empty()), "{reports:?}");
+            assert_close(&format!("{name} ({})", source.display()), &run(&t), &get(&g, name), 1e-4);
+        }
+    }
 }
 
 #[test]

@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::api::{blocking, body_bytes, run_sync, St};
+use crate::controlnet::{ControlNetNames, ControlNetRequest};
 use crate::error::{ApiError, JobError};
 use crate::jobs::{unix_now, JobResult};
 use crate::request::{build_job, decode_image, from_value, parse_json_object, CommonInput, FieldNames, OpInput};
@@ -29,6 +30,17 @@ const NAMES: FieldNames = FieldNames {
     clip_skip: "override_settings.CLIP_stop_at_last_layers",
     strength: "denoising_strength",
     seed: "seed",
+    controlnet: ControlNetNames {
+        list: "alwayson_scripts.controlnet.args",
+        model: "model",
+        image: "image",
+        preprocessor: "module",
+        scale: "weight",
+        start: "guidance_start",
+        end: "guidance_end",
+        low: "threshold_a",
+        high: "threshold_b",
+    },
 };
 
 /// A1111 API defaults.
@@ -60,6 +72,69 @@ struct A1111Request {
     mask: Option<String>,
     denoising_strength: Option<f64>,
     inpainting_mask_invert: Option<u64>,
+    // Extensions; only the ControlNet extension's units are read.
+    alwayson_scripts: Option<Map<String, Value>>,
+}
+
+/// The units of A1111's ControlNet extension (`alwayson_scripts.controlnet.args`), disabled ones
+/// left out, each with its index in the client's list.
+fn controlnet_units(r: &A1111Request) -> Result<Vec<(usize, ControlNetRequest)>, ApiError> {
+    let list = NAMES.controlnet.list;
+    let Some(cn) = r.alwayson_scripts.as_ref().and_then(|s| s.get("controlnet").or_else(|| s.get("ControlNet"))) else {
+        return Ok(Vec::new());
+    };
+    let args = cn.get("args").and_then(Value::as_array).ok_or_else(|| ApiError::invalid(list, "expected a list of ControlNet units"))?;
+    let mut out = Vec::with_capacity(args.len());
+    for (i, a) in args.iter().enumerate() {
+        let f = |k: &str| format!("{list}[{i}].{k}");
+        let o = a.as_object().ok_or_else(|| ApiError::invalid(format!("{list}[{i}]"), "expected an object"))?;
+        if o.get("enabled").and_then(Value::as_bool) == Some(false) {
+            continue;
+        }
+        let text = |k: &str| -> Result<Option<String>, ApiError> {
+            match o.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(_) => Err(ApiError::invalid(f(k), "expected a string")),
+            }
+        };
+        let num = |k: &str| -> Result<Option<f64>, ApiError> {
+            match o.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v.as_f64().map(Some).ok_or_else(|| ApiError::invalid(f(k), "expected a number")),
+            }
+        };
+        // The extension lists models as "name [hash]"; the hash is not part of the file name.
+        let model = text("model")?.map(|m| match m.rsplit_once(" [") {
+            Some((name, hash)) if hash.ends_with(']') => name.to_string(),
+            _ => m,
+        });
+        // `image` is base64, or `{"image": base64, "mask": …}` in newer versions; `input_image` is the old name.
+        let image = match o.get("image").or_else(|| o.get("input_image")) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Object(m)) => m.get("image").and_then(Value::as_str).map(String::from),
+            Some(_) => return Err(ApiError::invalid(f("image"), "expected a base64 PNG or JPEG")),
+        };
+        let module = text("module")?;
+        // Clients send threshold_a/b (often -1) for every module; they mean Canny's thresholds only there.
+        let canny = module.as_deref().is_some_and(|m| m.eq_ignore_ascii_case("canny"));
+        let threshold = |k: &str| -> Result<Option<f32>, ApiError> { Ok(num(k)?.filter(|v| canny && *v >= 0.0).map(|v| v as f32)) };
+        out.push((
+            i,
+            ControlNetRequest {
+                model,
+                image,
+                preprocessor: module,
+                scale: num("weight")?,
+                start: num("guidance_start")?,
+                end: num("guidance_end")?,
+                low_threshold: threshold("threshold_a")?,
+                high_threshold: threshold("threshold_b")?,
+            },
+        ));
+    }
+    Ok(out)
 }
 
 fn common(r: &A1111Request) -> Result<CommonInput, ApiError> {
@@ -87,7 +162,7 @@ fn common(r: &A1111Request) -> Result<CommonInput, ApiError> {
         clip_skip,
         loras: Vec::new(),
         noise: None,
-        controlnets: Vec::new(),
+        controlnets: controlnet_units(r)?,
     })
 }
 

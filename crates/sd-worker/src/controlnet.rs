@@ -41,6 +41,42 @@ pub struct ControlNetRequest {
     pub high_threshold: Option<f32>,
 }
 
+/// How an API names the ControlNet list and its fields, so errors name them as the client sent them.
+#[derive(Debug, Clone, Copy)]
+pub struct ControlNetNames {
+    /// The list (`controlnets`).
+    pub list: &'static str,
+    /// Model.
+    pub model: &'static str,
+    /// Control image.
+    pub image: &'static str,
+    /// Preprocessor.
+    pub preprocessor: &'static str,
+    /// Conditioning scale.
+    pub scale: &'static str,
+    /// Start fraction.
+    pub start: &'static str,
+    /// End fraction.
+    pub end: &'static str,
+    /// Canny lower threshold.
+    pub low: &'static str,
+    /// Canny upper threshold.
+    pub high: &'static str,
+}
+
+/// The native API's names.
+pub const NATIVE_CONTROLNET_NAMES: ControlNetNames = ControlNetNames {
+    list: "controlnets",
+    model: "model",
+    image: "image",
+    preprocessor: "preprocessor",
+    scale: "scale",
+    start: "start",
+    end: "end",
+    low: "low_threshold",
+    high: "high_threshold",
+};
+
 /// A validated ControlNet unit, ready for the engine.
 #[derive(Debug, Clone)]
 pub struct ResolvedControlNet {
@@ -147,43 +183,49 @@ impl ControlNetFolders {
         ))
     }
 
-    /// Validates every unit of a request against the loaded UNet; errors name the field
-    /// (`controlnets[1].scale` …).
-    pub fn resolve_all(&self, reqs: &[ControlNetRequest], unet: Option<&sd_models::UNetConfig>) -> Result<Vec<ResolvedControlNet>, ApiError> {
+    /// Validates every unit of a request against the loaded UNet; each unit comes with its index
+    /// in the client's list, and errors name the field as the client spelled it (`controlnets[1].scale` …).
+    pub fn resolve_all(
+        &self,
+        reqs: &[(usize, ControlNetRequest)],
+        names: &ControlNetNames,
+        unet: Option<&sd_models::UNetConfig>,
+    ) -> Result<Vec<ResolvedControlNet>, ApiError> {
         if reqs.len() > MAX_CONTROLNETS {
-            return Err(ApiError::invalid("controlnets", format!("{} ControlNets requested; at most {MAX_CONTROLNETS} may be stacked", reqs.len())));
+            return Err(ApiError::invalid(names.list, format!("{} ControlNets requested; at most {MAX_CONTROLNETS} may be stacked", reqs.len())));
         }
         if !reqs.is_empty() && unet.is_none() {
-            return Err(ApiError::invalid("controlnets", "the loaded model has no UNet; ControlNets work with Stable Diffusion models"));
+            return Err(ApiError::invalid(names.list, "ControlNets work with Stable Diffusion models; this worker serves FLUX"));
         }
         reqs.iter()
-            .enumerate()
             .map(|(i, r)| {
-                let f = |name: &str| format!("controlnets[{i}].{name}");
-                let raw = r.model.as_deref().ok_or_else(|| ApiError::invalid(f("model"), "missing; name a ControlNet from GET /v1/models"))?;
-                let path = self.resolve_model(&f("model"), raw)?;
+                let f = |name: &str| format!("{}[{i}].{name}", names.list);
+                let raw = r.model.as_deref().ok_or_else(|| ApiError::invalid(f(names.model), "missing; name a ControlNet from GET /v1/models"))?;
+                let path = self.resolve_model(&f(names.model), raw)?;
                 if let Some(unet) = unet {
-                    ControlNetModel::inspect(&path, unet).map_err(|e| ApiError::invalid(f("model"), e.to_string()))?;
+                    ControlNetModel::inspect(&path, unet).map_err(|e| ApiError::invalid(f(names.model), e.to_string()))?;
                 }
-                let image = decode_image(&f("image"), r.image.as_deref().ok_or_else(|| ApiError::invalid(f("image"), "missing; send the control image as base64 PNG or JPEG"))?)?;
+                let image = r.image.as_deref().ok_or_else(|| ApiError::invalid(f(names.image), "missing; send the control image as base64 PNG or JPEG"))?;
+                let image = decode_image(&f(names.image), image)?;
                 let preprocessor_name = r.preprocessor.as_deref().unwrap_or("none").trim().to_ascii_lowercase();
-                let mut preprocessor: Preprocessor = preprocessor_name.parse().map_err(|e: sd_controlnet::Error| ApiError::invalid(f("preprocessor"), e.to_string()))?;
+                let mut preprocessor: Preprocessor =
+                    preprocessor_name.parse().map_err(|e: sd_controlnet::Error| ApiError::invalid(f(names.preprocessor), e.to_string()))?;
                 if let Preprocessor::Canny { low, high } = preprocessor {
                     preprocessor = Preprocessor::Canny { low: r.low_threshold.unwrap_or(low), high: r.high_threshold.unwrap_or(high) };
-                    preprocessor.validate().map_err(|e| ApiError::invalid(f("low_threshold"), e.to_string()))?;
+                    preprocessor.validate().map_err(|e| ApiError::invalid(f(names.low), e.to_string()))?;
                 } else if r.low_threshold.is_some() || r.high_threshold.is_some() {
-                    return Err(ApiError::invalid(f("low_threshold"), "thresholds apply to the canny preprocessor only"));
+                    return Err(ApiError::invalid(f(names.low), "thresholds apply to the canny preprocessor only"));
                 }
                 let scale = r.scale.unwrap_or(1.0);
                 if !scale.is_finite() || !(0.0..=MAX_CONDITIONING_SCALE).contains(&scale) {
-                    return Err(ApiError::invalid(f("scale"), format!("{scale} is outside 0..={MAX_CONDITIONING_SCALE}")));
+                    return Err(ApiError::invalid(f(names.scale), format!("{scale} is outside 0..={MAX_CONDITIONING_SCALE}")));
                 }
                 let (start, end) = (r.start.unwrap_or(0.0), r.end.unwrap_or(1.0));
                 if !start.is_finite() || !(0.0..1.0).contains(&start) {
-                    return Err(ApiError::invalid(f("start"), format!("{start} is outside [0, 1)")));
+                    return Err(ApiError::invalid(f(names.start), format!("{start} is outside [0, 1)")));
                 }
                 if !(end.is_finite() && end > start && end <= 1.0) {
-                    return Err(ApiError::invalid(f("end"), format!("{end} must be above start ({start}) and at most 1")));
+                    return Err(ApiError::invalid(f(names.end), format!("{end} must be above start ({start}) and at most 1")));
                 }
                 let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
                 Ok(ResolvedControlNet { name, path, image, preprocessor, preprocessor_name, scale, start, end })

@@ -151,8 +151,45 @@ const CONTROLNET_CACHE: usize = 4;
 enum Backend {
     /// Stable Diffusion 1.x/2.x/SDXL, with LoRAs and ControlNets.
     Sd(Box<SdBackend>),
-    /// FLUX.1 dev or schnell.
-    Flux(Box<FluxModels>),
+    /// FLUX.1 dev or schnell, with LoRAs.
+    Flux(Box<FluxBackend>),
+}
+
+/// A FLUX model, where its transformer came from and the LoRAs merged into it.
+struct FluxBackend {
+    models: FluxModels,
+    /// The transformer file or diffusers folder, reloaded when the LoRA set changes.
+    transformer: std::path::PathBuf,
+    /// Rotary split from a diffusers `transformer/config.json`, when one describes the file.
+    axes: Option<Vec<usize>>,
+    /// The LoRA files and strengths merged into the transformer now.
+    applied: Vec<(std::path::PathBuf, f64)>,
+}
+
+impl FluxBackend {
+    /// As [`SdBackend::ensure_loras`], but only the transformer is reloaded: FLUX LoRAs touch only it,
+    /// and T5-XXL is the largest part of the model.
+    fn ensure_loras(&mut self, wanted: &[ResolvedLora]) -> Result<(), JobError> {
+        let key: Vec<(std::path::PathBuf, f64)> = wanted.iter().map(|l| (l.path.clone(), l.strength)).collect();
+        if key == self.applied {
+            return Ok(());
+        }
+        let loras: Vec<sd_flux::FluxLora> = wanted.iter().map(|l| sd_flux::FluxLora::new(&l.path, l.strength as f32)).collect();
+        let t = Instant::now();
+        let m = &self.models;
+        let (transformer, reports) =
+            sd_flux::transformer::load_transformer_with_loras(&self.transformer, m.transformer.dtype(), &m.device, self.axes.as_deref(), &loras)
+                .map_err(|e| JobError { code: "invalid_lora", message: format!("the LoRAs could not be applied: {e}"), field: Some("loras".into()) })?;
+        for (l, r) in wanted.iter().zip(&reports) {
+            if !r.unmatched.is_empty() {
+                tracing::warn!(lora = %l.name, applied = r.applied.len(), unmatched = r.unmatched.len(), "FLUX LoRA partly matched");
+            }
+        }
+        self.models.transformer = transformer;
+        self.applied = key;
+        tracing::info!(secs = t.elapsed().as_secs_f64(), loras = wanted.len(), "FLUX transformer reloaded with LoRAs");
+        Ok(())
+    }
 }
 
 /// The loaded model and its description.
@@ -241,7 +278,15 @@ fn engine_main(state: Arc<AppState>, rx: mpsc::Receiver<Arc<Job>>) {
             if sd_flux::detect::is_flux(p) {
                 let models = load_flux(cfg, p)?;
                 let info = Arc::new(describe_flux(&models, cfg));
-                return Ok(Engine { backend: Backend::Flux(Box::new(models)), info });
+                // Where the transformer's rotary split is described: the components folder, or the model's own.
+                let repo = match (&cfg.model_config, p.is_dir()) {
+                    (Some(r), false) => r.clone(),
+                    (None, false) => p.parent().map(|d| d.to_path_buf()).unwrap_or_default(),
+                    (_, true) => p.clone(),
+                };
+                let axes = sd_flux::transformer::folder_axes(&repo.join("transformer")).map_err(|e| e.to_string())?;
+                let backend = FluxBackend { models, transformer: p.clone(), axes, applied: Vec::new() };
+                return Ok(Engine { backend: Backend::Flux(Box::new(backend)), info });
             }
         }
         let opts = load_options(cfg)?;
@@ -366,7 +411,9 @@ fn run_job(state: &AppState, engine: &mut Engine, job: &Job) -> Result<JobResult
             .map_err(failure)?;
             (out.images, out.seed, p.clone())
         }
-        Backend::Flux(models) => {
+        Backend::Flux(flux) => {
+            flux.ensure_loras(&loras).map_err(|e| (JobStatus::Failed, e))?;
+            let models = &flux.models;
             let fp = FluxParams {
                 prompt: p.prompt.clone(),
                 width: p.width,

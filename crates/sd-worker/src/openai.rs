@@ -29,6 +29,7 @@ const NAMES: FieldNames = FieldNames {
     clip_skip: "clip_skip",
     strength: "strength",
     seed: "seed",
+    controlnet: crate::controlnet::NATIVE_CONTROLNET_NAMES,
 };
 
 /// OpenAI's fields, plus the diffusion settings it lacks (`negative_prompt`, `steps`, …).

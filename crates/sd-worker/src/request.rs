@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
-use crate::controlnet::ControlNetRequest;
+use crate::controlnet::{ControlNetNames, ControlNetRequest, NATIVE_CONTROLNET_NAMES};
 use crate::jobs::{JobSpec, Operation};
 use crate::lora::LoraRequest;
 use crate::state::{AppState, ModelInfo};
@@ -46,6 +46,8 @@ pub struct FieldNames {
     pub strength: &'static str,
     /// Seed.
     pub seed: &'static str,
+    /// The ControlNet list and its fields.
+    pub controlnet: ControlNetNames,
 }
 
 /// The native API's names.
@@ -60,6 +62,7 @@ pub const NATIVE_NAMES: FieldNames = FieldNames {
     clip_skip: "clip_skip",
     strength: "strength",
     seed: "seed",
+    controlnet: NATIVE_CONTROLNET_NAMES,
 };
 
 /// Request fields every operation shares, before defaults.
@@ -91,8 +94,8 @@ pub struct CommonInput {
     pub loras: Vec<LoraRequest>,
     /// Noise generator: `philox` (default, the same on every device) or `torch` (diffusers' CPU generator).
     pub noise: Option<String>,
-    /// ControlNets.
-    pub controlnets: Vec<ControlNetRequest>,
+    /// ControlNets, each with its index in the client's list.
+    pub controlnets: Vec<(usize, ControlNetRequest)>,
 }
 
 /// The operation-specific part of a request, images already decoded.
@@ -272,7 +275,7 @@ pub fn native_job(state: &AppState, model: &ModelInfo, body: &[u8]) -> Result<(J
         clip_skip: r.clip_skip,
         loras: r.loras.unwrap_or_default(),
         noise: r.noise,
-        controlnets: r.controlnets.unwrap_or_default(),
+        controlnets: r.controlnets.unwrap_or_default().into_iter().enumerate().collect(),
     };
     let op_input = match op.as_str() {
         "image_generation" => OpInput::Generation,
@@ -314,11 +317,8 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
         if matches!(op, OpInput::Inpaint { .. }) {
             return Err(ApiError::invalid("operation", crate::engine::FLUX_NO_INPAINT));
         }
-        if !input.loras.is_empty() {
-            return Err(ApiError::invalid("loras", "LoRAs are not supported on FLUX models by this worker yet; remove `loras`"));
-        }
         if !input.controlnets.is_empty() {
-            return Err(ApiError::invalid("controlnets", "ControlNets work with Stable Diffusion models; this worker serves FLUX"));
+            return Err(ApiError::invalid(names.controlnet.list, "ControlNets work with Stable Diffusion models; this worker serves FLUX"));
         }
         if !input.negative_prompt.trim().is_empty() {
             ignored.push("negative_prompt");
@@ -388,7 +388,7 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
         Some(n) => return Err(ApiError::invalid("noise", format!("unknown noise generator {n:?}; use \"philox\" or \"torch\""))),
     };
     let resolved = state.loras.resolve_all(&input.loras)?;
-    let controlnets = state.controlnets.resolve_all(&input.controlnets, model.unet.as_ref())?;
+    let controlnets = state.controlnets.resolve_all(&input.controlnets, &names.controlnet, model.unet.as_ref())?;
     let control_summary: Vec<_> = controlnets.iter().map(|c| c.summary()).collect();
     let (operation, strength) = match op {
         OpInput::Generation => (Operation::Generation, None),

@@ -1011,8 +1011,6 @@ fn flux_models_serve_generation_and_transform_jobs() {
     // What FLUX cannot do is refused before queueing, naming the field.
     let inpaint = json!({"operation": "image_inpaint", "prompt": "x", "init_image": b64(&test_image()), "mask_image": b64(&test_mask(32, 32))});
     assert_error(&s.post("/v1/jobs", &inpaint), 400, "operation");
-    let lora = json!({"operation": "image_generation", "prompt": "x", "width": 16, "height": 16, "loras": [{"name": "a"}]});
-    assert_error(&s.post("/v1/jobs", &lora), 400, "loras");
     let cn = json!({"operation": "image_generation", "prompt": "x", "width": 16, "height": 16, "controlnets": [{"model": "a"}]});
     assert_error(&s.post("/v1/jobs", &cn), 400, "controlnets");
     let odd = json!({"operation": "image_generation", "prompt": "x", "width": 18, "height": 16});
@@ -1026,6 +1024,33 @@ fn flux_models_serve_generation_and_transform_jobs() {
     let r = s.post("/v1/images/generations", &json!({"prompt": "a cat", "size": "16x16", "n": 1, "response_format": "b64_json"}));
     assert_eq!(r.status, 200, "{}", r.text());
     decode_png(r.json()["data"][0]["b64_json"].as_str().expect("b64"));
+    s.shutdown();
+}
+
+#[test]
+fn flux_loras_are_applied_per_request() {
+    let mut cfg = config("flux/dev");
+    cfg.lora_dirs = vec![fixture("flux/lora"), fixture("lora")];
+    let s = Server::start(cfg);
+    let job = |loras: Value| {
+        let id = s.submit(&json!({"operation": "image_generation", "prompt": "a cat", "width": 16, "height": 16, "steps": 2, "seed": 9, "loras": loras}));
+        s.stream(&id).last().cloned().expect("events")
+    };
+    let (name, plain) = job(json!([]));
+    assert_eq!(name, "complete");
+    let (name, with) = job(json!([{"name": "flux_peft", "strength": 0.6}, {"name": "flux_kohya", "strength": -0.4}]));
+    assert_eq!(name, "complete", "{with}");
+    assert_ne!(pixels_of(&with), pixels_of(&plain), "the LoRAs changed nothing");
+    let meta = sd_pipelines::image_io::read_png_parameters(&unb64(with["images"][0].as_str().expect("image"))).expect("png").expect("meta");
+    assert!(meta.contains("Lora weights: \"flux_peft: 0.6, flux_kohya: -0.4\""), "{meta}");
+    // Removing them restores the model; an SD LoRA fails its job only, naming the field.
+    assert_eq!(pixels_of(&job(json!([])).1), pixels_of(&plain));
+    let (name, err) = job(json!([{"name": "sd15_kohya"}]));
+    assert_eq!(name, "error");
+    assert_eq!(err["code"], "invalid_lora");
+    assert_eq!(err["field"], "loras");
+    assert!(err["message"].as_str().is_some_and(|m| m.contains("FLUX")), "{err}");
+    assert_eq!(pixels_of(&job(json!([])).1), pixels_of(&plain));
     s.shutdown();
 }
 
@@ -1045,4 +1070,46 @@ fn a_flux_transformer_file_loads_with_components_from_model_config() {
 
 fn pixels_of(done: &Value) -> Vec<u8> {
     decode_png(done["images"][0].as_str().expect("image")).to_rgb8().into_raw()
+}
+
+#[test]
+fn a1111_controlnet_extension_units_are_honoured() {
+    let s = Server::start(controlnet_config());
+    let img = b64(&control_png(32, 32));
+    let base = json!({"prompt": "a tree", "steps": 3, "width": 32, "height": 32, "seed": 7, "cfg_scale": 7.5, "sampler_name": "Euler"});
+    let with = |units: Value| {
+        let mut b = base.clone();
+        b["alwayson_scripts"] = json!({"controlnet": {"args": units}});
+        b
+    };
+    let first_image = |r: &Resp| decode_png(r.json()["images"][0].as_str().expect("image")).to_rgb8().into_raw();
+    let plain = s.post("/sdapi/v1/txt2img", &base);
+    assert_eq!(plain.status, 200, "{}", plain.text());
+    // A disabled unit (even a broken one) is skipped; the enabled one is named as the extension lists it.
+    let units = json!([
+        {"enabled": false, "model": "nope", "module": "depth_midas"},
+        {"enabled": true, "image": img, "module": "canny", "model": "sd15 [0123abcd]", "weight": 0.8,
+         "guidance_start": 0.0, "guidance_end": 1.0, "threshold_a": 50, "threshold_b": 120, "resize_mode": "Crop and Resize"}
+    ]);
+    let controlled = s.post("/sdapi/v1/txt2img", &with(units));
+    assert_eq!(controlled.status, 200, "{}", controlled.text());
+    assert_ne!(first_image(&controlled), first_image(&plain), "the ControlNet unit changed nothing");
+    // The native API with the same unit gives the same pixels.
+    let id = s.submit(&json!({"operation": "image_generation", "prompt": "a tree", "steps": 3, "width": 32, "height": 32, "seed": 7,
+        "guidance_scale": 7.5, "controlnets": [{"model": "sd15", "image": img, "preprocessor": "canny", "scale": 0.8,
+        "low_threshold": 50, "high_threshold": 120}]}));
+    let (_, native) = s.stream(&id).last().cloned().expect("events");
+    assert_eq!(pixels_of(&native), first_image(&controlled));
+    // Thresholds of -1 (the extension's "unset") on a non-canny module are not an error.
+    let r = s.post("/sdapi/v1/txt2img", &with(json!([{"image": img, "module": "none", "model": "sd15", "threshold_a": -1, "threshold_b": -1}])));
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Errors name the extension's fields.
+    let r = s.post("/sdapi/v1/txt2img", &with(json!([{"image": img, "module": "depth_midas", "model": "sd15"}])));
+    assert_error(&r, 400, "alwayson_scripts.controlnet.args[0].module");
+    let r = s.post("/sdapi/v1/txt2img", &with(json!([{"enabled": false}, {"image": img, "model": "sd15", "weight": 5}])));
+    assert_error(&r, 400, "alwayson_scripts.controlnet.args[1].weight");
+    let r = s.post("/sdapi/v1/txt2img", &with(json!([{"image": img, "model": "../sd15.safetensors"}])));
+    assert_error(&r, 400, "alwayson_scripts.controlnet.args[0].model");
+    s.assert_serving();
+    s.shutdown();
 }
