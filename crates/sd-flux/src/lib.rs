@@ -41,6 +41,8 @@ pub mod vae;
 
 pub use config::FluxVariant;
 pub use error::{Error, Result};
+#[cfg(feature = "hub")]
+pub use loader::load_from_hub;
 pub use loader::{load, load_source, FluxFiles, FluxLoadOptions, FluxModels, FluxSource};
 pub use lora::FluxLora;
 pub use pipeline::{FluxOutput, FluxParams};

@@ -239,3 +239,11 @@ fn folder_files(dir: &Path) -> Result<FluxFiles> {
     }
     Ok(FluxFiles::with_components_from(transformer, None, dir))
 }
+
+/// Loads a diffusers-format FLUX repo (e.g. `black-forest-labs/FLUX.1-schnell`) from the Hugging Face
+/// hub at `revision` (default `main`), downloading only the pipeline's files into the hub cache.
+#[cfg(feature = "hub")]
+pub fn load_from_hub(repo_id: &str, revision: Option<&str>, opts: &FluxLoadOptions) -> Result<FluxModels> {
+    let dir = sd_models::hub::download_diffusers_repo(repo_id, revision, false)?;
+    load_source(&FluxSource::Folder(dir), opts)
+}

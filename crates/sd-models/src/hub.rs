@@ -1,4 +1,5 @@
-//! Fetching diffusers-format repos from the Hugging Face hub (feature `hub`).
+//! Fetching diffusers-format repos (Stable Diffusion, and FLUX for sd-flux) from the Hugging Face
+//! hub (feature `hub`).
 //!
 //! Only the files a pipeline needs are downloaded (configs, one weight variant per component,
 //! tokenizers, scheduler), into the standard hub cache; the snapshot folder is then an ordinary
@@ -13,7 +14,7 @@ use serde::Deserialize;
 
 use crate::{Error, Result};
 
-const WEIGHT_FOLDERS: [&str; 4] = ["unet", "vae", "text_encoder", "text_encoder_2"];
+const WEIGHT_FOLDERS: [&str; 5] = ["unet", "transformer", "vae", "text_encoder", "text_encoder_2"];
 const OTHER_FOLDERS: [&str; 3] = ["tokenizer", "tokenizer_2", "scheduler"];
 
 fn hub_err(repo: &str, e: impl std::fmt::Display) -> Error {
@@ -58,15 +59,16 @@ pub fn download_diffusers_repo(repo_id: &str, revision: Option<&str>, prefer_fp1
         api.repo(Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.unwrap_or("main").to_string()));
     let info = repo.info().map_err(|e| hub_err(repo_id, e))?;
     let files: BTreeSet<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
-    if !files.contains("unet/config.json") {
+    // The denoiser's config anchors the snapshot: a UNet (Stable Diffusion) or a transformer (FLUX).
+    let Some(anchor) = ["unet/config.json", "transformer/config.json"].into_iter().find(|f| files.contains(*f)) else {
         return Err(hub_err(
             repo_id,
-            "the repo has no unet/config.json; only diffusers-format Stable Diffusion repos can be loaded by id \
-             (download a single-file checkpoint and pass its path instead)",
+            "the repo has neither unet/config.json nor transformer/config.json; only diffusers-format repos can be \
+             loaded by id (download a single-file checkpoint and pass its path instead)",
         ));
-    }
-    let unet_config = fetch(&repo, repo_id, "unet/config.json")?;
-    let root = unet_config
+    };
+    let anchor_config = fetch(&repo, repo_id, anchor)?;
+    let root = anchor_config
         .parent()
         .and_then(Path::parent)
         .map(Path::to_path_buf)

@@ -13,7 +13,7 @@ use sd_models::SdVariant;
 pub struct Cli {
     /// Model: a diffusers folder (Stable Diffusion or FLUX), a single-file `.safetensors` checkpoint,
     /// a FLUX transformer file (BFL `.safetensors` or `.gguf`), or a Hugging Face repo id
-    /// (`hub:owner/name`, needs the `hub` feature; Stable Diffusion only).
+    /// (`hub:owner/name` of a diffusers-format SD or FLUX repo, needs the `hub` feature).
     #[arg(long, short = 'm', env = "SD_WORKER_MODEL")]
     pub model: String,
     /// Variant (sd15, sd15-inpaint, sd21, sd2-inpaint, sd-turbo, sdxl, sdxl-inpaint, sdxl-turbo) or `auto` to detect

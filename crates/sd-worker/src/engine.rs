@@ -53,9 +53,44 @@ fn load_options(cfg: &WorkerConfig) -> Result<LoadOptions, String> {
         dtype: cfg.dtype,
         device: cfg.device.clone(),
         config,
-        prefer_fp16_files: !cfg.device.is_cpu() && cfg.dtype != Some(candle_core::DType::F32),
+        prefer_fp16_files: prefer_fp16(cfg),
         ..LoadOptions::default()
     })
+}
+
+/// Loads a FLUX model and remembers where its transformer came from, for LoRA reloads.
+fn flux_engine(cfg: &WorkerConfig, p: &std::path::Path) -> Result<Engine, String> {
+    let models = load_flux(cfg, p)?;
+    let info = Arc::new(describe_flux(&models, cfg));
+    // Where the transformer's rotary split is described: the components folder, or the model's own.
+    let repo = match (&cfg.model_config, p.is_dir()) {
+        (Some(r), false) => r.clone(),
+        (None, false) => p.parent().map(|d| d.to_path_buf()).unwrap_or_default(),
+        (_, true) => p.to_path_buf(),
+    };
+    let axes = sd_flux::transformer::folder_axes(&repo.join("transformer")).map_err(|e| e.to_string())?;
+    let backend = FluxBackend { models, transformer: p.to_path_buf(), axes, applied: Vec::new() };
+    Ok(Engine { backend: Backend::Flux(Box::new(backend)), info })
+}
+
+/// Half-precision weight files are worth fetching only for half-precision GPU runs.
+fn prefer_fp16(cfg: &WorkerConfig) -> bool {
+    !cfg.device.is_cpu() && cfg.dtype != Some(candle_core::DType::F32)
+}
+
+/// The local folder or file of a FLUX model, when the configured model is one (a hub id is
+/// downloaded first to find out; the SD loader then reads the same cache).
+fn flux_path(cfg: &WorkerConfig) -> Result<Option<std::path::PathBuf>, String> {
+    match &cfg.model {
+        ModelSource::Path(p) => Ok(sd_flux::detect::is_flux(p).then(|| p.clone())),
+        #[cfg(feature = "hub")]
+        ModelSource::Hub(id) => {
+            let dir = sd_models::hub::download_diffusers_repo(id, None, prefer_fp16(cfg)).map_err(|e| e.to_string())?;
+            Ok(sd_flux::detect::is_flux(&dir).then_some(dir))
+        }
+        #[cfg(not(feature = "hub"))]
+        ModelSource::Hub(_) => Ok(None),
+    }
 }
 
 fn load_models(cfg: &WorkerConfig, opts: &LoadOptions) -> Result<StableDiffusionModels, String> {
@@ -274,20 +309,8 @@ fn engine_main(state: Arc<AppState>, rx: mpsc::Receiver<Arc<Job>>) {
     let t0 = Instant::now();
     let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<Engine, String> {
         let cfg = &state.config;
-        if let ModelSource::Path(p) = &cfg.model {
-            if sd_flux::detect::is_flux(p) {
-                let models = load_flux(cfg, p)?;
-                let info = Arc::new(describe_flux(&models, cfg));
-                // Where the transformer's rotary split is described: the components folder, or the model's own.
-                let repo = match (&cfg.model_config, p.is_dir()) {
-                    (Some(r), false) => r.clone(),
-                    (None, false) => p.parent().map(|d| d.to_path_buf()).unwrap_or_default(),
-                    (_, true) => p.clone(),
-                };
-                let axes = sd_flux::transformer::folder_axes(&repo.join("transformer")).map_err(|e| e.to_string())?;
-                let backend = FluxBackend { models, transformer: p.clone(), axes, applied: Vec::new() };
-                return Ok(Engine { backend: Backend::Flux(Box::new(backend)), info });
-            }
+        if let Some(p) = flux_path(cfg)? {
+            return flux_engine(cfg, &p);
         }
         let opts = load_options(cfg)?;
         let models = load_models(cfg, &opts)?;
