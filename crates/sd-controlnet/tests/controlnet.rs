@@ -32,6 +32,7 @@ fn assert_close(what: &str, ours: &Tensor, golden: &Tensor, tol: f32) {
     let diff = (ours.to_dtype(DType::F32).unwrap() - golden).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
     let diff = diff.to_scalar::<f32>().unwrap();
     let scale = golden.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1.0);
+    eprintln!("{what}: max diff {diff:.2e} (bound {:.1e})", tol * scale);
     assert!(diff <= tol * scale, "{what}: max diff {diff} > {tol} × {scale}");
 }
 
