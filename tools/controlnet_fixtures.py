@@ -30,6 +30,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fixture_common import (  # noqa: E402
+    DRAWS,
+    record_randn,
     FIXTURES_DIR,
     GOLDENS_DIR,
     check_goldens,
@@ -53,28 +55,10 @@ from diffusers import (  # noqa: E402
     UNet2DConditionModel,
 )
 from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint  # noqa: E402
-from diffusers.utils import torch_utils  # noqa: E402
 
 OUT = GOLDENS_DIR / "controlnet"
 MODELS = FIXTURES_DIR / "controlnet"
 SIZE = 32  # pixels; 16×16 latents
-
-_ORIGINAL_RANDN = torch_utils.randn_tensor
-_DRAWS: list[torch.Tensor] = []
-
-
-def _recording_randn(*args, **kwargs):
-    t = _ORIGINAL_RANDN(*args, **kwargs)
-    _DRAWS.append(t.detach().clone().float())
-    return t
-
-
-def _patch_randn() -> None:
-    for mod in list(sys.modules.values()):
-        if mod is None or not getattr(mod, "__name__", "").startswith("diffusers"):
-            continue
-        if getattr(mod, "randn_tensor", None) is _ORIGINAL_RANDN:
-            mod.randn_tensor = _recording_randn
 
 
 def control_image(seed: int) -> Image.Image:
@@ -128,17 +112,17 @@ def residual_goldens(label: str, cn: ControlNetModel, ctx_dim: int, sdxl: bool) 
 
 
 def run(label: str, pipe, kwargs: dict, meta: dict) -> None:
-    _patch_randn()
-    _DRAWS.clear()
+    record_randn()
+    DRAWS.clear()
     gen = torch.Generator("cpu").manual_seed(meta["seed"])
     lat = pipe(**kwargs, generator=gen, output_type="latent", return_dict=True).images
     tensors = {"latents": lat.float()}
-    for i, d in enumerate(_DRAWS):
+    for i, d in enumerate(DRAWS):
         tensors[f"draw_{i}"] = d
     check_goldens(label, tensors, skip=tuple(k for k in tensors if k.startswith("draw_")))
     save_tensors(OUT / f"{label}.safetensors", tensors)
-    save_json(OUT / f"{label}.json", dict(meta, draws=len(_DRAWS)))
-    print(f"{label}: {len(_DRAWS)} draws, latents max {lat.abs().max():.3f}")
+    save_json(OUT / f"{label}.json", dict(meta, draws=len(DRAWS)))
+    print(f"{label}: {len(DRAWS)} draws, latents max {lat.abs().max():.3f}")
 
 
 def test_image(seed: int) -> Image.Image:

@@ -123,3 +123,34 @@ def assert_state_dicts_equal(label: str, a: Mapping[str, torch.Tensor], b: Mappi
 def dir_size(path: str | os.PathLike) -> int:
     """Total size in bytes of the files under `path`."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+# ---- Recording every random draw a diffusers pipeline makes, so the Rust tests can replay them.
+
+DRAWS: list[torch.Tensor] = []
+"""Every tensor drawn through diffusers' `randn_tensor` since the last `DRAWS.clear()`, as float32."""
+
+_original_randn = None
+
+
+def _recording_randn(*args, **kwargs):
+    t = _original_randn(*args, **kwargs)
+    DRAWS.append(t.detach().clone().float())
+    return t
+
+
+def record_randn() -> None:
+    """Route every module-level `randn_tensor` name in the loaded diffusers modules (pipelines, VAE,
+    schedulers) through the recorder; call it after the pipelines are imported and before each run."""
+    import sys
+
+    global _original_randn
+    from diffusers.utils import torch_utils
+
+    if _original_randn is None:
+        _original_randn = torch_utils.randn_tensor
+    for mod in list(sys.modules.values()):
+        if mod is None or not getattr(mod, "__name__", "").startswith("diffusers"):
+            continue
+        if getattr(mod, "randn_tensor", None) is _original_randn:
+            mod.randn_tensor = _recording_randn

@@ -34,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ldm_convert as ldm  # noqa: E402
 from fixture_common import (  # noqa: E402
+    DRAWS,
+    record_randn,
     FIXTURES_DIR,
     GOLDENS_DIR,
     assert_state_dicts_equal,
@@ -56,7 +58,6 @@ from diffusers import (  # noqa: E402
     FluxTransformer2DModel,
 )
 from diffusers.loaders import single_file_utils  # noqa: E402
-from diffusers.utils import torch_utils  # noqa: E402
 from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -421,24 +422,6 @@ def write_pipeline_folder(dev: bool, transformer, vae, t5, tok2_dir: Path) -> Pa
 # Goldens
 # ----------------------------------------------------------------------------------------------------------------
 
-_ORIGINAL_RANDN = torch_utils.randn_tensor
-_DRAWS: list[torch.Tensor] = []
-
-
-def _recording_randn(*args, **kwargs):
-    t = _ORIGINAL_RANDN(*args, **kwargs)
-    _DRAWS.append(t.detach().clone().float())
-    return t
-
-
-def _patch_randn() -> None:
-    """Route every module-level `randn_tensor` name (pipelines, VAE) through the recorder."""
-    for mod in list(sys.modules.values()):
-        if mod is None or not getattr(mod, "__name__", "").startswith("diffusers"):
-            continue
-        if getattr(mod, "randn_tensor", None) in (_ORIGINAL_RANDN,):
-            mod.randn_tensor = _recording_randn
-
 
 README: list[str] = []
 PARAMS: dict[str, dict] = {}
@@ -559,12 +542,12 @@ def txt2img_golden(pipe: FluxPipeline, dev: bool) -> None:
     guidance = 3.5 if dev else 0.0
     common = dict(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=guidance,
                   max_sequence_length=L_T5)
-    _patch_randn()
-    _DRAWS.clear()
+    record_randn()
+    DRAWS.clear()
     lat = pipe(**common, latents=packed.clone(), output_type="latent", callback_on_step_end=cb,
                callback_on_step_end_tensor_inputs=["latents"]).images
-    if _DRAWS:
-        raise AssertionError(f"txt2img drew {len(_DRAWS)} random tensors despite explicit latents")
+    if DRAWS:
+        raise AssertionError(f"txt2img drew {len(DRAWS)} random tensors despite explicit latents")
     sigmas = [float(s) for s in pipe.scheduler.sigmas]
     # schedule.json must hold exactly what the pipeline set.
     sched = json.loads((OUT / "schedule.json").read_text())["cases"]
@@ -617,13 +600,13 @@ def img2img_golden(components: dict) -> None:
         ts_seen.append(float(t))
         return {}
 
-    _patch_randn()
-    _DRAWS.clear()
+    record_randn()
+    DRAWS.clear()
     lat = pipe(prompt=PROMPT, image=img, height=SIZE, width=SIZE, strength=0.6, num_inference_steps=STEPS,
                guidance_scale=3.5, max_sequence_length=L_T5, generator=torch.Generator().manual_seed(7),
                output_type="latent", callback_on_step_end=cb).images
     pipe.vae.encode = enc
-    draws = list(_DRAWS)
+    draws = list(DRAWS)
     # Draw order: VAE posterior sample (retrieve_latents sample_mode="sample"), then the img2img noise.
     if len(draws) != 2 or not torch.equal(draws[1], captured["noise"]):
         raise AssertionError(f"unexpected img2img draws: {len(draws)}")

@@ -18,7 +18,15 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fixture_common import FIXTURES_DIR, GOLDENS_DIR, check_goldens, save_json, save_tensors  # noqa: E402
+from fixture_common import (  # noqa: E402
+    DRAWS,
+    FIXTURES_DIR,
+    GOLDENS_DIR,
+    check_goldens,
+    record_randn,
+    save_json,
+    save_tensors,
+)
 
 import diffusers  # noqa: E402
 from diffusers import (  # noqa: E402
@@ -31,28 +39,9 @@ from diffusers import (  # noqa: E402
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
-from diffusers.utils import torch_utils  # noqa: E402
 
 OUT = GOLDENS_DIR / "pipelines"
 SIZE = 32  # tiny VAE has a scale factor of 2: 16×16 latents
-
-_ORIGINAL_RANDN = torch_utils.randn_tensor
-_DRAWS: list[torch.Tensor] = []
-
-
-def _recording_randn(*args, **kwargs):
-    t = _ORIGINAL_RANDN(*args, **kwargs)
-    _DRAWS.append(t.detach().clone().float())
-    return t
-
-
-def _patch_randn() -> None:
-    """Route every module-level `randn_tensor` name (pipelines, VAE, schedulers) through the recorder."""
-    for mod in list(sys.modules.values()):
-        if mod is None or not getattr(mod, "__name__", "").startswith("diffusers"):
-            continue
-        if getattr(mod, "randn_tensor", None) is _ORIGINAL_RANDN:
-            mod.randn_tensor = _recording_randn
 
 
 def scheduler_for(name: str, config):
@@ -91,16 +80,16 @@ def image_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def run(label: str, pipe, kwargs: dict, meta: dict) -> None:
-    _patch_randn()
-    _DRAWS.clear()
+    record_randn()
+    DRAWS.clear()
     gen = torch.Generator("cpu").manual_seed(meta["seed"])
     lat = pipe(**kwargs, generator=gen, output_type="latent", return_dict=True).images
-    draws_latent = list(_DRAWS)
+    draws_latent = list(DRAWS)
     # Same run again with the same generator seed for the decoded image; the draws must repeat.
-    _DRAWS.clear()
+    DRAWS.clear()
     gen = torch.Generator("cpu").manual_seed(meta["seed"])
     img = pipe(**kwargs, generator=gen, output_type="pt", return_dict=True).images
-    assert len(_DRAWS) == len(draws_latent) and all(torch.equal(a, b) for a, b in zip(_DRAWS, draws_latent))
+    assert len(DRAWS) == len(draws_latent) and all(torch.equal(a, b) for a, b in zip(DRAWS, draws_latent))
     tensors = {"latents": lat.float(), "image": img.float()}
     for i, d in enumerate(draws_latent):
         tensors[f"draw_{i}"] = d
