@@ -14,7 +14,8 @@ use sd_models::tokenizer::ClipTokenizer;
 use tokenizers::{Tokenizer, TruncationDirection};
 
 use crate::error::{Error, Result};
-use crate::transformer::{innermost, mmap};
+use crate::transformer::mmap;
+use sd_models::single_file::innermost;
 
 /// Where to get the T5 encoder when it is missing.
 const T5_HINT: &str = "FLUX needs the T5-XXL encoder: download text_encoder_2/ (config.json and model*.safetensors, \

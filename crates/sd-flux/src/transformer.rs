@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::keymap::DiffusersFluxBackend;
 use crate::lora::{wrap_backend, FluxLora};
 use sd_lora::AdapterReport;
+use sd_models::single_file::innermost;
 
 /// A FLUX.1 transformer: candle's dense model or its GGUF-quantized twin.
 ///
@@ -96,16 +97,6 @@ impl WithForward for FluxTransformer {
                 model.forward(img, img_ids, txt, txt_ids, timesteps, y, guidance)
             }
         }
-    }
-}
-
-/// The error inside candle's path/backtrace/context wrappers, for readable messages.
-pub(crate) fn innermost(e: &candle_core::Error) -> &candle_core::Error {
-    match e {
-        candle_core::Error::WithPath { inner, .. }
-        | candle_core::Error::WithBacktrace { inner, .. }
-        | candle_core::Error::Context { inner, .. } => innermost(inner),
-        other => other,
     }
 }
 

@@ -9,7 +9,8 @@ use sd_models::vae::AutoencoderKL;
 use sd_models::VaeConfig;
 
 use crate::error::{Error, Result};
-use crate::transformer::{innermost, mmap};
+use crate::transformer::mmap;
+use sd_models::single_file::innermost;
 
 /// The FLUX.1 VAE config (`black-forest-labs/FLUX.1-dev/vae/config.json`), used for a lone
 /// `ae.safetensors`, which carries no config.

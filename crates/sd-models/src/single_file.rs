@@ -52,8 +52,8 @@ pub(crate) fn open_safetensors(path: &Path) -> Result<MmapedSafetensors> {
         .map_err(|e| Error::InvalidSafetensors { path: path.to_path_buf(), reason: innermost(&e).to_string() })
 }
 
-/// The error inside candle's path/backtrace/context wrappers.
-pub(crate) fn innermost(e: &candle_core::Error) -> &candle_core::Error {
+/// The error inside candle's path/backtrace/context wrappers, for readable messages.
+pub fn innermost(e: &candle_core::Error) -> &candle_core::Error {
     match e {
         candle_core::Error::WithPath { inner, .. }
         | candle_core::Error::WithBacktrace { inner, .. }
