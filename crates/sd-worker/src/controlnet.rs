@@ -1,9 +1,8 @@
 //! ControlNet requests: models resolved strictly inside the configured ControlNet folders, control
 //! images decoded and parameters checked before a job is queued.
 //!
-//! A ControlNet is a diffusers folder (with `config.json`) or a single `.safetensors` file. Every
-//! candidate is canonicalized (resolving symlinks) and must still lie under a canonicalized allowed
-//! folder, as LoRA paths must.
+//! A ControlNet is a diffusers folder (with `config.json`) or a single `.safetensors` file, confined
+//! to the allowed folders by [`crate::folders::AllowedFolders`] as LoRA paths are.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -14,6 +13,7 @@ use sd_controlnet::ControlNetModel;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
+use crate::folders::AllowedFolders;
 use crate::request::decode_image;
 
 /// Most ControlNets one request may stack.
@@ -125,40 +125,26 @@ pub struct AvailableControlNet {
 /// The allowed ControlNet folders, canonicalized once at startup.
 #[derive(Debug, Clone, Default)]
 pub struct ControlNetFolders {
-    roots: Vec<PathBuf>,
+    folders: AllowedFolders,
 }
 
 impl ControlNetFolders {
     /// Canonicalizes `dirs`; folders that do not exist are skipped (and logged).
     pub fn new(dirs: &[PathBuf]) -> Self {
-        let roots = dirs
-            .iter()
-            .filter_map(|d| match d.canonicalize() {
-                Ok(c) if c.is_dir() => Some(c),
-                _ => {
-                    tracing::warn!(path = %d.display(), "ControlNet folder cannot be opened or is not a directory; ignored");
-                    None
-                }
-            })
-            .collect();
-        Self { roots }
-    }
-
-    fn inside(&self, canonical: &Path) -> bool {
-        self.roots.iter().any(|r| canonical.starts_with(r))
+        Self { folders: AllowedFolders::new(dirs, "ControlNet") }
     }
 
     /// The canonical path of `candidate` if it is a ControlNet (folder with config.json, or
     /// `.safetensors` file) inside an allowed folder.
     fn confined(&self, candidate: &Path) -> Option<PathBuf> {
-        let c = candidate.canonicalize().ok()?;
-        let usable = (c.is_dir() && c.join("config.json").is_file()) || (c.is_file() && c.extension().is_some_and(|e| e == "safetensors"));
-        (usable && self.inside(&c)).then_some(c)
+        self.folders.confine(candidate).filter(|c| {
+            (c.is_dir() && c.join("config.json").is_file()) || (c.is_file() && c.extension().is_some_and(|e| e == "safetensors"))
+        })
     }
 
     /// Resolves a request's `model` to a ControlNet inside the allowed folders.
     fn resolve_model(&self, field: &str, raw: &str) -> Result<PathBuf, ApiError> {
-        if self.roots.is_empty() {
+        if self.folders.is_empty() {
             return Err(ApiError::invalid(field, "this worker has no ControlNet folder configured (start it with --controlnet-dir)"));
         }
         let p = Path::new(raw);
@@ -168,7 +154,7 @@ impl ControlNetFolders {
         if p.is_absolute() || p.components().any(|c| !matches!(c, Component::Normal(_))) {
             return Err(ApiError::invalid(field, "give a name or relative path inside an allowed ControlNet folder (no `..`, no absolute paths)"));
         }
-        for root in &self.roots {
+        for root in self.folders.roots() {
             let base = root.join(p);
             let with_ext = root.join(format!("{raw}.safetensors"));
             if let Some(found) = self.confined(&base).or_else(|| self.confined(&with_ext)) {
@@ -236,7 +222,7 @@ impl ControlNetFolders {
     /// Every ControlNet in the folders (folders with config.json and `.safetensors` files, one level deep).
     pub fn list(&self) -> Vec<AvailableControlNet> {
         let mut out = Vec::new();
-        for root in &self.roots {
+        for root in self.folders.roots() {
             let Ok(entries) = std::fs::read_dir(root) else { continue };
             for e in entries.flatten() {
                 let Some(c) = self.confined(&e.path()) else { continue };

@@ -12,6 +12,7 @@ pub mod config;
 pub mod controlnet;
 pub mod engine;
 pub mod error;
+pub mod folders;
 pub mod jobs;
 pub mod lora;
 pub mod metrics;

@@ -8,6 +8,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
+use crate::folders::AllowedFolders;
 
 /// Most LoRAs one request may stack.
 pub const MAX_LORAS: usize = 8;
@@ -51,26 +52,18 @@ pub struct AvailableLora {
 /// The allowed folders, canonicalized once at startup (missing folders are dropped with a warning).
 #[derive(Debug, Clone, Default)]
 pub struct LoraFolders {
-    roots: Vec<PathBuf>,
+    folders: AllowedFolders,
 }
 
 impl LoraFolders {
     /// Canonicalizes `dirs`; folders that do not exist are skipped (and logged).
     pub fn new(dirs: &[PathBuf]) -> Self {
-        let mut roots = Vec::new();
-        for d in dirs {
-            match d.canonicalize() {
-                Ok(c) if c.is_dir() => roots.push(c),
-                Ok(_) => tracing::warn!(path = %d.display(), "LoRA folder is not a directory; ignored"),
-                Err(e) => tracing::warn!(path = %d.display(), error = %e, "LoRA folder cannot be opened; ignored"),
-            }
-        }
-        Self { roots }
+        Self { folders: AllowedFolders::new(dirs, "LoRA") }
     }
 
-    /// Whether any folder is configured.
+    /// Whether no folder is configured.
     pub fn is_empty(&self) -> bool {
-        self.roots.is_empty()
+        self.folders.is_empty()
     }
 
     /// Resolves and validates every requested LoRA; errors name the field (`loras[i].path` …).
@@ -104,7 +97,7 @@ impl LoraFolders {
 
     fn by_name(&self, i: usize, name: &str) -> Result<PathBuf, ApiError> {
         let field = format!("loras[{i}].name");
-        if self.roots.is_empty() {
+        if self.folders.is_empty() {
             return Err(Self::no_folders(field));
         }
         let plain = !name.is_empty() && !name.contains(['/', '\\', '\0']) && name != "." && name != "..";
@@ -112,7 +105,7 @@ impl LoraFolders {
             return Err(ApiError::invalid(field, format!("{name:?} is not a plain file name; use `path` for files in subfolders")));
         }
         let file = if name.ends_with(".safetensors") { name.to_string() } else { format!("{name}.safetensors") };
-        for root in &self.roots {
+        for root in self.folders.roots() {
             if let Some(p) = self.confined(&root.join(&file)) {
                 return Ok(p);
             }
@@ -127,7 +120,7 @@ impl LoraFolders {
 
     fn by_path(&self, i: usize, raw: &str) -> Result<PathBuf, ApiError> {
         let field = format!("loras[{i}].path");
-        if self.roots.is_empty() {
+        if self.folders.is_empty() {
             return Err(Self::no_folders(field));
         }
         let p = Path::new(raw);
@@ -137,13 +130,13 @@ impl LoraFolders {
         if p.components().any(|c| matches!(c, Component::ParentDir)) {
             return Err(ApiError::invalid(field, "`..` is not allowed in LoRA paths; give a path inside an allowed LoRA folder"));
         }
-        let candidates: Vec<PathBuf> = if p.is_absolute() { vec![p.to_path_buf()] } else { self.roots.iter().map(|r| r.join(p)).collect() };
+        let candidates: Vec<PathBuf> = if p.is_absolute() { vec![p.to_path_buf()] } else { self.folders.roots().iter().map(|r| r.join(p)).collect() };
         for c in &candidates {
             if let Some(found) = self.confined(c) {
                 return Ok(found);
             }
         }
-        if p.is_absolute() && !candidates.iter().any(|c| c.canonicalize().map(|c| self.inside(&c)).unwrap_or(false)) {
+        if p.is_absolute() && !candidates.iter().any(|c| self.folders.confine(c).is_some()) {
             return Err(ApiError::invalid(field, "the path is outside the allowed LoRA folders"));
         }
         Err(ApiError::new(
@@ -154,20 +147,15 @@ impl LoraFolders {
         ))
     }
 
-    fn inside(&self, canonical: &Path) -> bool {
-        self.roots.iter().any(|r| canonical.starts_with(r))
-    }
-
     /// The canonical path of `candidate` if it is an existing file inside an allowed folder.
     fn confined(&self, candidate: &Path) -> Option<PathBuf> {
-        let c = candidate.canonicalize().ok()?;
-        (c.is_file() && self.inside(&c)).then_some(c)
+        self.folders.confine(candidate).filter(|c| c.is_file())
     }
 
     /// Every `.safetensors` file in the folders (three levels deep), sorted by name.
     pub fn list(&self) -> Vec<AvailableLora> {
         let mut out = Vec::new();
-        for root in &self.roots {
+        for root in self.folders.roots() {
             self.walk(root, root, 0, &mut out);
         }
         out.sort_by(|a, b| a.name.cmp(&b.name).then(a.path.cmp(&b.path)));
@@ -180,7 +168,7 @@ impl LoraFolders {
             let p = e.path();
             // Symlinks are listed only when they resolve inside an allowed folder.
             let Ok(canonical) = p.canonicalize() else { continue };
-            if !self.inside(&canonical) {
+            if !self.folders.contains(&canonical) {
                 continue;
             }
             if canonical.is_dir() {
