@@ -78,26 +78,14 @@ fn prefer_fp16(cfg: &WorkerConfig) -> bool {
     !cfg.device.is_cpu() && cfg.dtype != Some(candle_core::DType::F32)
 }
 
-/// The local folder or file of a FLUX model, when the configured model is one (a hub id is
-/// downloaded first to find out; the SD loader then reads the same cache).
-fn flux_path(cfg: &WorkerConfig) -> Result<Option<std::path::PathBuf>, String> {
+/// The model's local folder or file. A hub id is downloaded once here (feature `hub`), so the
+/// FLUX check, the loader and every LoRA reload read the same local snapshot without asking the
+/// hub again.
+fn local_model(cfg: &WorkerConfig) -> Result<std::path::PathBuf, String> {
     match &cfg.model {
-        ModelSource::Path(p) => Ok(sd_flux::detect::is_flux(p).then(|| p.clone())),
+        ModelSource::Path(p) => Ok(p.clone()),
         #[cfg(feature = "hub")]
-        ModelSource::Hub(id) => {
-            let dir = sd_models::hub::download_diffusers_repo(id, None, prefer_fp16(cfg)).map_err(|e| e.to_string())?;
-            Ok(sd_flux::detect::is_flux(&dir).then_some(dir))
-        }
-        #[cfg(not(feature = "hub"))]
-        ModelSource::Hub(_) => Ok(None),
-    }
-}
-
-fn load_models(cfg: &WorkerConfig, opts: &LoadOptions) -> Result<StableDiffusionModels, String> {
-    match &cfg.model {
-        ModelSource::Path(p) => load(p, opts).map_err(|e| e.to_string()),
-        #[cfg(feature = "hub")]
-        ModelSource::Hub(id) => sd_models::loader::load_from_hub(id, None, opts).map_err(|e| e.to_string()),
+        ModelSource::Hub(id) => sd_models::hub::download_diffusers_repo(id, None, prefer_fp16(cfg)).map_err(|e| e.to_string()),
         #[cfg(not(feature = "hub"))]
         ModelSource::Hub(id) => Err(format!(
             "{id:?} is neither an existing path nor usable as a hub id: build with `--features hub` to download from the Hugging Face hub"
@@ -170,6 +158,8 @@ fn load_flux(cfg: &WorkerConfig, path: &std::path::Path) -> Result<FluxModels, S
 /// A Stable Diffusion model and what is merged into or attached to it.
 struct SdBackend {
     models: StableDiffusionModels,
+    /// The local folder or file the models were loaded from, reloaded when the LoRA set changes.
+    path: std::path::PathBuf,
     /// Options of the plain model (no LoRA hook).
     opts: LoadOptions,
     /// The LoRA files and strengths merged into `models` now (empty: the plain model).
@@ -236,7 +226,7 @@ struct Engine {
 impl SdBackend {
     /// Makes the loaded weights carry exactly `wanted`: LoRAs are merged into the weights at load
     /// time, so a different set means a reload; the last set stays loaded for the next job.
-    fn ensure_loras(&mut self, cfg: &WorkerConfig, wanted: &[ResolvedLora]) -> Result<(), JobError> {
+    fn ensure_loras(&mut self, wanted: &[ResolvedLora]) -> Result<(), JobError> {
         let key: Vec<(std::path::PathBuf, f64)> = wanted.iter().map(|l| (l.path.clone(), l.strength)).collect();
         if key == self.applied {
             return Ok(());
@@ -252,7 +242,7 @@ impl SdBackend {
         let opts = LoadOptions { backend_hook: (!set.is_empty()).then(|| set.backend_hook()), ..self.opts.clone() };
         let t = Instant::now();
         // The new weights load before the old ones go, so a LoRA that fails leaves the model serving.
-        let models = load_models(cfg, &opts).map_err(|e| JobError {
+        let models = load(&self.path, &opts).map_err(|e| JobError {
             code: "invalid_lora",
             message: format!("the LoRAs could not be applied: {e}"),
             field: Some("loras".into()),
@@ -309,13 +299,14 @@ fn engine_main(state: Arc<AppState>, rx: mpsc::Receiver<Arc<Job>>) {
     let t0 = Instant::now();
     let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<Engine, String> {
         let cfg = &state.config;
-        if let Some(p) = flux_path(cfg)? {
-            return flux_engine(cfg, &p);
+        let path = local_model(cfg)?;
+        if sd_flux::detect::is_flux(&path) {
+            return flux_engine(cfg, &path);
         }
         let opts = load_options(cfg)?;
-        let models = load_models(cfg, &opts)?;
+        let models = load(&path, &opts).map_err(|e| e.to_string())?;
         let info = Arc::new(describe(&models, cfg));
-        Ok(Engine { backend: Backend::Sd(Box::new(SdBackend { models, opts, applied: Vec::new(), controlnets: Vec::new() })), info })
+        Ok(Engine { backend: Backend::Sd(Box::new(SdBackend { models, path, opts, applied: Vec::new(), controlnets: Vec::new() })), info })
     }))
     .unwrap_or_else(|_| Err("the loader panicked".into()));
     let mut engine = match loaded {
@@ -416,7 +407,7 @@ fn run_job(state: &AppState, engine: &mut Engine, job: &Job) -> Result<JobResult
     }
     let (images, seed, infotext_params) = match &mut engine.backend {
         Backend::Sd(sd) => {
-            sd.ensure_loras(&state.config, &loras).map_err(|e| (JobStatus::Failed, e))?;
+            sd.ensure_loras(&loras).map_err(|e| (JobStatus::Failed, e))?;
             let mut hook = sd.controlnet_hook(&controlnets, p.width, p.height).map_err(|e| (JobStatus::Failed, e))?;
             let hook = hook.as_mut().map(|h| h as &mut dyn ResidualHook);
             let models = &sd.models;
