@@ -41,7 +41,11 @@ struct Cli {
     save_control: bool,
 }
 
-fn main() -> AnyResult<()> {
+fn main() -> std::process::ExitCode {
+    sd_toolkit::run(body)
+}
+
+fn body() -> AnyResult<()> {
     let cli = Cli::parse();
     if cli.controlnets.len() != cli.images.len() {
         return Err(format!("{} --controlnet but {} --control-image; give one image per ControlNet", cli.controlnets.len(), cli.images.len()).into());
@@ -68,7 +72,7 @@ fn main() -> AnyResult<()> {
     let mut noise = p.noise.source(p.seed);
     let out = text_to_image_with_hooks(&models, &p, noise.as_mut(), Some(&mut hook), &mut progress_bar(p.steps))?;
     let extra = [("ControlNet", format!("{} unit(s), preprocessor {}", cli.controlnets.len(), cli.preprocessor))];
-    for path in save_outputs(&out, &p, &model_name(&cli.model.model), &cli.gen.output, &extra)? {
+    for path in save_outputs(&out, &p, &model_name(&cli.model.spec()), &cli.gen.output, &extra)? {
         println!("{} (seed {})", path.display(), out.seed);
     }
     Ok(())

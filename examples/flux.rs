@@ -15,7 +15,8 @@ use sd_toolkit::{device, model_name, parse_dtype, progress_bar, AnyResult};
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
-    /// A diffusers FLUX folder, or a transformer file (BFL `flux1-*.safetensors` or `.gguf`).
+    /// A diffusers FLUX folder, a transformer file (BFL `flux1-*.safetensors` or `.gguf`), or a
+    /// diffusers FLUX repo on the hub, `hub:owner/name[@revision]` (gated repos need `HF_TOKEN`).
     #[arg(long, short = 'm')]
     model: PathBuf,
     /// For a transformer file: the diffusers folder holding the other components
@@ -72,7 +73,23 @@ struct Cli {
     output: PathBuf,
 }
 
-fn main() -> AnyResult<()> {
+#[cfg(feature = "hub")]
+fn load_hub(spec: &str, opts: &FluxLoadOptions) -> AnyResult<sd_flux::FluxModels> {
+    let model = sd_models::hub::HubModel::parse(spec)?;
+    let hub = sd_toolkit::hub_options(&model, opts.dtype)?;
+    Ok(sd_flux::load_from_hub(&model, &hub, opts)?)
+}
+
+#[cfg(not(feature = "hub"))]
+fn load_hub(spec: &str, _opts: &FluxLoadOptions) -> AnyResult<sd_flux::FluxModels> {
+    Err(format!("{spec} is a hub model, but this build has no hub support: build with the default features").into())
+}
+
+fn main() -> std::process::ExitCode {
+    sd_toolkit::run(body)
+}
+
+fn body() -> AnyResult<()> {
     let cli = Cli::parse();
     let opts = FluxLoadOptions {
         dtype: cli.dtype.as_deref().map(parse_dtype).transpose()?,
@@ -81,7 +98,10 @@ fn main() -> AnyResult<()> {
         ..FluxLoadOptions::default()
     };
     let t0 = std::time::Instant::now();
-    let models = if cli.model.is_dir() || (cli.components.is_none() && cli.vae.is_none()) {
+    let hub_spec = cli.model.to_str().filter(|s| s.starts_with("hub:"));
+    let models = if let Some(spec) = hub_spec {
+        load_hub(spec, &opts)?
+    } else if cli.model.is_dir() || (cli.components.is_none() && cli.vae.is_none()) {
         load(&cli.model, &opts)?
     } else {
         let repo = cli.components.clone().unwrap_or_else(|| cli.model.parent().unwrap_or(Path::new(".")).to_path_buf());

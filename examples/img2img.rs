@@ -21,7 +21,11 @@ struct Cli {
     strength: f64,
 }
 
-fn main() -> AnyResult<()> {
+fn main() -> std::process::ExitCode {
+    sd_toolkit::run(body)
+}
+
+fn body() -> AnyResult<()> {
     let mut cli = Cli::parse();
     let input = image::open(&cli.image).map_err(|e| format!("cannot open {}: {e}", cli.image.display()))?;
     cli.gen.width = cli.gen.width.or(Some(input.width() as usize / 8 * 8));
@@ -31,7 +35,7 @@ fn main() -> AnyResult<()> {
     let image = image_to_tensor(&input, p.width, p.height)?;
     let out = image_to_image(&models, &p, &ImageToImage { image: &image, strength: cli.strength }, &mut progress_bar(p.steps))?;
     let extra = [("Denoising strength", cli.strength.to_string())];
-    for path in save_outputs(&out, &p, &model_name(&cli.model.model), &cli.gen.output, &extra)? {
+    for path in save_outputs(&out, &p, &model_name(&cli.model.spec()), &cli.gen.output, &extra)? {
         println!("{} (seed {})", path.display(), out.seed);
     }
     Ok(())

@@ -25,7 +25,11 @@ struct Cli {
     strength: f64,
 }
 
-fn main() -> AnyResult<()> {
+fn main() -> std::process::ExitCode {
+    sd_toolkit::run(body)
+}
+
+fn body() -> AnyResult<()> {
     let mut cli = Cli::parse();
     let input = image::open(&cli.image).map_err(|e| format!("cannot open {}: {e}", cli.image.display()))?;
     let mask = image::open(&cli.mask).map_err(|e| format!("cannot open {}: {e}", cli.mask.display()))?;
@@ -37,7 +41,7 @@ fn main() -> AnyResult<()> {
     let mask = mask_to_tensor(&mask, p.width, p.height)?;
     let out = inpaint(&models, &p, &Inpaint { image: &image, mask: &mask, strength: cli.strength }, &mut progress_bar(p.steps))?;
     let extra = [("Denoising strength", cli.strength.to_string())];
-    for path in save_outputs(&out, &p, &model_name(&cli.model.model), &cli.gen.output, &extra)? {
+    for path in save_outputs(&out, &p, &model_name(&cli.model.spec()), &cli.gen.output, &extra)? {
         println!("{} (seed {})", path.display(), out.seed);
     }
     Ok(())

@@ -27,7 +27,11 @@ struct Cli {
     verbose: bool,
 }
 
-fn main() -> AnyResult<()> {
+fn main() -> std::process::ExitCode {
+    sd_toolkit::run(body)
+}
+
+fn body() -> AnyResult<()> {
     let cli = Cli::parse();
     let a = LoraAdapter::open(&cli.file)?;
     println!("file:    {}", a.path().display());

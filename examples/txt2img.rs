@@ -14,14 +14,18 @@ struct Cli {
     gen: GenArgs,
 }
 
-fn main() -> AnyResult<()> {
+fn main() -> std::process::ExitCode {
+    sd_toolkit::run(body)
+}
+
+fn body() -> AnyResult<()> {
     let cli = Cli::parse();
     let t0 = std::time::Instant::now();
     let models = load_model(&cli.model)?;
     eprintln!("loaded {} in {:.1}s", models.config.variant, t0.elapsed().as_secs_f64());
     let p = params(&models, &cli.gen)?;
     let out = text_to_image(&models, &p, &mut progress_bar(p.steps))?;
-    for path in save_outputs(&out, &p, &model_name(&cli.model.model), &cli.gen.output, &[])? {
+    for path in save_outputs(&out, &p, &model_name(&cli.model.spec()), &cli.gen.output, &[])? {
         println!("{} (seed {})", path.display(), out.seed);
     }
     Ok(())

@@ -1,14 +1,17 @@
 //! Shared command-line plumbing for the workspace examples (not published): model/device/dtype
 //! arguments, the generation arguments every example takes, and an indicatif progress bar.
 
+pub mod random;
+
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use candle_core::{DType, Device};
 use clap::Args;
 use sd_models::loader::{load, LoadOptions, StableDiffusionModels};
 use sd_lora::LoraSet;
-use sd_models::SdVariant;
+use sd_models::{SdVariant, DEFAULT_MODEL_REPO};
 use sd_pipelines::image_io::{a1111_parameters, save_png, tensor_to_images};
 use sd_pipelines::pipeline::{GenerationOutput, GenerationParams, NoiseKind, StepProgress};
 use sd_pipelines::schedulers::Sampler;
@@ -16,12 +19,43 @@ use sd_pipelines::schedulers::Sampler;
 /// Boxed error for example `main`s.
 pub type AnyResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
+/// Runs an example's body and turns its error into a sentence on stderr (the error's `Display`
+/// and its causes, never a `Debug` dump) and a non-zero exit status.
+pub fn run(body: impl FnOnce() -> AnyResult<()>) -> ExitCode {
+    match body() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{}", error_report(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `error: <message>` plus one `caused by:` line per source whose text the message does not
+/// already contain (most of our errors quote their cause).
+pub fn error_report(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = format!("error: {e}");
+    let mut shown = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !shown.contains(&text) {
+            out.push_str(&format!("\n  caused by: {text}"));
+            shown.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}
+
 /// Where the model comes from and how it is placed.
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// A diffusers folder, a single-file `.safetensors` checkpoint, or (feature `hub`) `hub:<repo id>`.
+    /// A diffusers folder, a single-file `.safetensors` checkpoint, or a Hugging Face model
+    /// `hub:owner/name[/file.safetensors][@revision]` (a diffusers repo or a single-file repo).
+    /// Default: hub:stabilityai/sd-turbo (downloaded once, ≈ 2.6 GB; non-commercial license).
     #[arg(long, short = 'm')]
-    pub model: String,
+    pub model: Option<String>,
     /// Force a variant (sd15, sd15-inpaint, sd21, sd2-inpaint, sd-turbo, sdxl, sdxl-inpaint, sdxl-turbo); default: detect.
     #[arg(long)]
     pub variant: Option<String>,
@@ -102,6 +136,16 @@ pub fn parse_dtype(s: &str) -> AnyResult<DType> {
     })
 }
 
+impl ModelArgs {
+    /// The model as given, or the default hub model's `hub:` name.
+    pub fn spec(&self) -> String {
+        match &self.model {
+            Some(m) => m.clone(),
+            None => format!("hub:{DEFAULT_MODEL_REPO}"),
+        }
+    }
+}
+
 /// Loads the model the arguments name.
 pub fn load_model(args: &ModelArgs) -> AnyResult<StableDiffusionModels> {
     let variant = match &args.variant {
@@ -116,7 +160,7 @@ pub fn load_model(args: &ModelArgs) -> AnyResult<StableDiffusionModels> {
         backend_hook: (!loras.is_empty()).then(|| loras.backend_hook()),
         ..LoadOptions::default()
     };
-    let models = load_with(args, &opts)?;
+    let models = load_with(args, opts)?;
     for a in loras.report().adapters {
         eprintln!(
             "LoRA {} (strength {}): {} modules merged{}",
@@ -129,16 +173,37 @@ pub fn load_model(args: &ModelArgs) -> AnyResult<StableDiffusionModels> {
     Ok(models)
 }
 
-fn load_with(args: &ModelArgs, opts: &LoadOptions) -> AnyResult<StableDiffusionModels> {
-    let opts = opts.clone();
-    #[cfg(feature = "hub")]
-    if let Some(repo) = args.model.strip_prefix("hub:") {
-        return Ok(sd_models::loader::load_from_hub(repo, None, &opts)?);
+fn load_with(args: &ModelArgs, opts: LoadOptions) -> AnyResult<StableDiffusionModels> {
+    let spec = args.spec();
+    if spec.starts_with("hub:") {
+        return load_hub(&spec, opts);
     }
-    if args.model.starts_with("hub:") {
-        return Err("hub ids need the `hub` feature: cargo run --features hub --example …".into());
+    Ok(load(Path::new(&spec), &opts)?)
+}
+
+#[cfg(feature = "hub")]
+fn load_hub(spec: &str, mut opts: LoadOptions) -> AnyResult<StableDiffusionModels> {
+    let model = sd_models::hub::HubModel::parse(spec)?;
+    if model.is_default_model() && opts.variant.is_none() {
+        opts.variant = Some(sd_models::DEFAULT_MODEL_VARIANT);
     }
-    Ok(load(Path::new(&args.model), &opts)?)
+    let hub = hub_options(&model, opts.dtype)?;
+    Ok(sd_models::loader::load_from_hub(&model, &hub, &opts)?)
+}
+
+/// Hub options from the environment for fetching `model`, announced on stderr.
+#[cfg(feature = "hub")]
+pub fn hub_options(model: &sd_models::hub::HubModel, dtype: Option<DType>) -> AnyResult<sd_models::hub::HubOptions> {
+    let mut hub = sd_models::hub::HubOptions::from_env()?;
+    // fp16 files halve the download; they are widened on load unless f32 files were asked for.
+    hub.prefer_fp16 = dtype != Some(DType::F32);
+    eprintln!("model {model} (Hugging Face cache: {}{})", hub.cache_dir.display(), if hub.offline { ", offline" } else { "" });
+    Ok(hub)
+}
+
+#[cfg(not(feature = "hub"))]
+fn load_hub(spec: &str, _opts: LoadOptions) -> AnyResult<StableDiffusionModels> {
+    Err(format!("{spec} is a hub model, but this build has no hub support: build with the default features, or pass a local path with -m").into())
 }
 
 /// Generation parameters from the arguments, with the model's defaults filling the gaps.

@@ -241,9 +241,9 @@ fn folder_files(dir: &Path) -> Result<FluxFiles> {
 }
 
 /// Loads a diffusers-format FLUX repo (e.g. `black-forest-labs/FLUX.1-schnell`) from the Hugging Face
-/// hub at `revision` (default `main`), downloading only the pipeline's files into the hub cache.
+/// hub, downloading only the pipeline's files into the hub cache (or, offline, reading them from there).
 #[cfg(feature = "hub")]
-pub fn load_from_hub(repo_id: &str, revision: Option<&str>, opts: &FluxLoadOptions) -> Result<FluxModels> {
-    let dir = sd_models::hub::download_diffusers_repo(repo_id, revision, false)?;
-    load_source(&FluxSource::Folder(dir), opts)
+pub fn load_from_hub(model: &sd_models::hub::HubModel, hub: &sd_models::hub::HubOptions, opts: &FluxLoadOptions) -> Result<FluxModels> {
+    let path = sd_models::hub::download(model, hub)?;
+    load(&path, opts)
 }

@@ -52,9 +52,13 @@ fn pick(path: &Path, family: ModelFamily, inpaint: bool, turbo: bool) -> Result<
 /// What to tell a user who hands a FLUX model to the Stable Diffusion loader.
 const FLUX_HINT: &str = "this is a FLUX checkpoint (double_blocks.*); load it with sd-flux (sd_flux::load)";
 
-/// Whether a file or folder name hints at a turbo model.
+/// Whether a file or folder name hints at a turbo model. Inside a Hugging Face cache snapshot
+/// (`models--owner--name/snapshots/<commit>/…`) the repo's folder name counts too, since the
+/// snapshot folder itself is named by a commit hash.
 pub fn name_hints_turbo(path: &Path) -> bool {
-    path.file_name().is_some_and(|n| n.to_string_lossy().to_ascii_lowercase().contains("turbo"))
+    let turbo = |n: &std::ffi::OsStr| n.to_string_lossy().to_ascii_lowercase().contains("turbo");
+    path.file_name().is_some_and(turbo)
+        || path.ancestors().filter_map(Path::file_name).any(|n| n.to_string_lossy().starts_with("models--") && turbo(n))
 }
 
 fn check_in_channels(path: &Path, in_channels: usize) -> Result<bool> {
@@ -233,6 +237,16 @@ mod tests {
         assert!(e.contains("FLUX") && e.contains("load it with sd-flux"), "{e}");
         let refiner = [conv(4), t("conditioner.embedders.0.model.ln_final.weight", &[1280])];
         assert!(matches!(detect_single_file(p, &refiner), Err(Error::UnknownArchitecture { .. })));
+    }
+
+    #[test]
+    fn turbo_hint_reads_hub_cache_repo_names() {
+        assert!(name_hints_turbo(Path::new("/m/sdxl-turbo")));
+        assert!(name_hints_turbo(Path::new("/hf/hub/models--stabilityai--sd-turbo/snapshots/0123abcd")));
+        assert!(name_hints_turbo(Path::new("/hf/hub/models--someone--SD_Turbo_mix/snapshots/ab/model.safetensors")));
+        assert!(!name_hints_turbo(Path::new("/hf/hub/models--stabilityai--stable-diffusion-2-1/snapshots/0123abcd")));
+        // Only the repo folder counts, not any parent folder that happens to say turbo.
+        assert!(!name_hints_turbo(Path::new("/home/turbo/models/v1-5.safetensors")));
     }
 
     #[test]

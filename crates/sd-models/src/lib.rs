@@ -22,3 +22,11 @@ pub mod variant;
 pub use config::{ClipActivation, ClipConfig, PerBlock, PredictionType, UNetConfig, VaeConfig};
 pub use error::{Error, Result};
 pub use variant::{ModelConfig, ModelFamily, SchedulerDefaults, SdVariant};
+
+/// The Hugging Face model used when none is named: SD-Turbo (an SD 2.1 distillation, 1 step at
+/// 512², no guidance), ≈ 2.6 GB in fp16 safetensors. Its license (Stability AI Non-Commercial
+/// Research Community License) allows non-commercial use only.
+pub const DEFAULT_MODEL_REPO: &str = "stabilityai/sd-turbo";
+
+/// The variant of [`DEFAULT_MODEL_REPO`] (turbo models cannot be told from their weights).
+pub const DEFAULT_MODEL_VARIANT: SdVariant = SdVariant::SdTurbo;

@@ -576,9 +576,10 @@ pub fn inspect(path: &Path) -> Result<CheckpointInfo> {
     })
 }
 
-/// Loads a model from the Hugging Face hub (diffusers-format repos), downloading into the hub cache.
+/// Loads a model from the Hugging Face hub (a diffusers repo, or a repo holding one checkpoint
+/// file), downloading into the hub cache or, offline, reading it from there.
 #[cfg(feature = "hub")]
-pub fn load_from_hub(repo_id: &str, revision: Option<&str>, opts: &LoadOptions) -> Result<StableDiffusionModels> {
-    let dir = crate::hub::download_diffusers_repo(repo_id, revision, opts.prefer_fp16_files)?;
-    load_diffusers_folder(&dir, opts)
+pub fn load_from_hub(model: &crate::hub::HubModel, hub: &crate::hub::HubOptions, opts: &LoadOptions) -> Result<StableDiffusionModels> {
+    let path = crate::hub::download(model, hub)?;
+    load(&path, opts)
 }

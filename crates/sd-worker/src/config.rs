@@ -12,10 +12,11 @@ use sd_models::SdVariant;
 #[command(version, about)]
 pub struct Cli {
     /// Model: a diffusers folder (Stable Diffusion or FLUX), a single-file `.safetensors` checkpoint,
-    /// a FLUX transformer file (BFL `.safetensors` or `.gguf`), or a Hugging Face repo id
-    /// (`hub:owner/name` of a diffusers-format SD or FLUX repo, needs the `hub` feature).
+    /// a FLUX transformer file (BFL `.safetensors` or `.gguf`), or a Hugging Face model
+    /// `hub:owner/name[/file.safetensors][@revision]` (a diffusers SD/FLUX repo or a single-file repo).
+    /// Default: hub:stabilityai/sd-turbo, downloaded once into the Hugging Face cache.
     #[arg(long, short = 'm', env = "SD_WORKER_MODEL")]
-    pub model: String,
+    pub model: Option<String>,
     /// Variant (sd15, sd15-inpaint, sd21, sd2-inpaint, sd-turbo, sdxl, sdxl-inpaint, sdxl-turbo) or `auto` to detect
     /// (FLUX models are always detected: dev or schnell from the weights).
     #[arg(long, env = "SD_WORKER_VARIANT", default_value = "auto")]
@@ -70,6 +71,10 @@ pub struct Cli {
     /// On shutdown, seconds the running job may take to finish before it is cancelled.
     #[arg(long, env = "SD_WORKER_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+    /// Log format: `text` (coloured only when stdout is a terminal) or `json` (one object per line,
+    /// for log collectors).
+    #[arg(long, env = "SD_WORKER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
 }
 
 /// Where the model comes from.
@@ -157,7 +162,14 @@ impl Cli {
         };
         let dtype = self.dtype.as_deref().map(parse_dtype).transpose()?;
         let device = parse_device(&self.device)?;
-        let model = parse_model(&self.model);
+        let (model, variant) = match &self.model {
+            Some(m) => (parse_model(m), variant),
+            // The documented first-run model; a turbo variant cannot be told from its weights.
+            None => (
+                ModelSource::Hub(sd_models::DEFAULT_MODEL_REPO.to_string()),
+                variant.or(Some(sd_models::DEFAULT_MODEL_VARIANT)),
+            ),
+        };
         for (name, v) in [("--max-width", self.max_width), ("--max-height", self.max_height), ("--max-batch", self.max_batch), ("--max-steps", self.max_steps)] {
             if v == 0 {
                 return Err(format!("{name} must be at least 1"));

@@ -85,10 +85,17 @@ fn local_model(cfg: &WorkerConfig) -> Result<std::path::PathBuf, String> {
     match &cfg.model {
         ModelSource::Path(p) => Ok(p.clone()),
         #[cfg(feature = "hub")]
-        ModelSource::Hub(id) => sd_models::hub::download_diffusers_repo(id, None, prefer_fp16(cfg)).map_err(|e| e.to_string()),
+        ModelSource::Hub(id) => {
+            let model = sd_models::hub::HubModel::parse(id).map_err(|e| e.to_string())?;
+            let mut hub = sd_models::hub::HubOptions::from_env().map_err(|e| e.to_string())?;
+            // fp16 files halve the download; the loader widens them unless f32 files were asked for.
+            hub.prefer_fp16 = cfg.dtype != Some(candle_core::DType::F32);
+            tracing::info!(model = %model, cache = %hub.cache_dir.display(), offline = hub.offline, "resolving the model on the Hugging Face hub");
+            sd_models::hub::download(&model, &hub).map_err(|e| e.to_string())
+        }
         #[cfg(not(feature = "hub"))]
         ModelSource::Hub(id) => Err(format!(
-            "{id:?} is neither an existing path nor usable as a hub id: build with `--features hub` to download from the Hugging Face hub"
+            "{id:?} is neither an existing path nor usable as a hub id: build with the `hub` feature (on by default) to download from the Hugging Face hub"
         )),
     }
 }

@@ -1,5 +1,6 @@
 //! `sd-worker`: serve a Stable Diffusion model over HTTP.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -9,10 +10,8 @@ use sd_worker::{Cli, Worker};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .init();
     let cli = Cli::parse();
+    init_logging(&cli.log_format);
     let addr = format!("{}:{}", cli.host, cli.port);
     let config = match cli.into_config() {
         Ok(c) => c,
@@ -29,6 +28,18 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(run(config, addr))
+}
+
+/// Logs to stdout: plain text (colour only on a terminal, never escape codes in a file or pipe)
+/// or one JSON object per line.
+fn init_logging(format: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter);
+    if format == "json" {
+        fmt.json().with_ansi(false).init();
+    } else {
+        fmt.with_ansi(std::io::stdout().is_terminal()).init();
+    }
 }
 
 async fn run(config: sd_worker::WorkerConfig, addr: String) -> ExitCode {

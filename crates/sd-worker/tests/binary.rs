@@ -1,6 +1,9 @@
 //! The real `sd-worker` binary: configured through flags and environment variables, serving on
 //! 127.0.0.1, and exiting cleanly on SIGTERM.
 
+#[path = "../../../tests/support/fake_hub.rs"]
+mod fake_hub;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -86,4 +89,97 @@ fn binary_rejects_bad_configuration() {
         .expect("run");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("failed to load"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Starts the binary with `args` and `env`, without any Hugging Face variable from the caller's
+/// environment (CI exports HF_HUB_OFFLINE=1), stdout captured.
+fn spawn_worker(port: u16, args: &[&str], env: &[(&str, String)]) -> std::process::Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sd-worker"));
+    for k in ["SD_WORKER_MODEL", "HF_ENDPOINT", "HF_HOME", "HF_HUB_CACHE", "HF_TOKEN", "HF_TOKEN_PATH", "HF_HUB_OFFLINE", "RUST_LOG"] {
+        cmd.env_remove(k);
+    }
+    cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .args(["--port", &port.to_string(), "--device", "cpu"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn")
+}
+
+fn wait_ready(port: u16, child: &mut std::process::Child) {
+    let t0 = Instant::now();
+    loop {
+        if let Some((200, _)) = http(port, "GET", "/ready", "") {
+            return;
+        }
+        if let Some(status) = child.try_wait().expect("wait") {
+            let mut err = String::new();
+            if let Some(e) = child.stderr.as_mut() {
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!("the worker exited early ({status}): {err}");
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "never ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SIGTERM, then everything the worker wrote to stdout.
+#[cfg(unix)]
+fn stop_and_read_stdout(child: std::process::Child) -> String {
+    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(killed.success());
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "{:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[cfg(unix)]
+#[test]
+fn binary_without_a_model_serves_the_default_hub_model_and_logs_without_colour_to_a_pipe() {
+    let hub = fake_hub::FakeHub::start(vec![fake_hub::sd_turbo_repo()]);
+    let home = std::env::temp_dir().join(format!("sd-worker-first-run-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&home);
+    let port = free_port();
+    let env = [("HF_ENDPOINT", hub.endpoint()), ("HF_HOME", home.to_string_lossy().into_owned())];
+    let mut child = spawn_worker(port, &[], &env);
+    wait_ready(port, &mut child);
+    let (status, models) = http(port, "GET", "/v1/models", "").expect("models");
+    assert_eq!(status, 200, "{models}");
+    assert!(models.contains("\"variant\":\"sd-turbo\"") && models.contains("hub:stabilityai/sd-turbo"), "{models}");
+    assert!(models.contains("\"steps\":1,") && models.contains("\"guidance_scale\":0.0"), "SD-Turbo's defaults: {models}");
+    let (status, text) = http(port, "POST", "/sdapi/v1/txt2img", r#"{"prompt":"a red fox","width":64,"height":64,"steps":1,"cfg_scale":0}"#).expect("txt2img");
+    assert_eq!(status, 200, "{text}");
+    assert!(home.join("hub/models--stabilityai--sd-turbo").is_dir());
+    let log = stop_and_read_stdout(child);
+    assert!(log.contains("listening"), "{log}");
+    assert!(!log.contains('\x1b'), "no colour codes in a pipe: {log:?}");
+}
+
+#[cfg(unix)]
+#[test]
+fn binary_logs_one_json_object_per_line_when_asked() {
+    let port = free_port();
+    let mut child = spawn_worker(
+        port,
+        &["--model", &fixture("sd15").to_string_lossy(), "--log-format", "json"],
+        &[("RUST_LOG", "info".to_string())],
+    );
+    wait_ready(port, &mut child);
+    let log = stop_and_read_stdout(child);
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 2, "{log}");
+    for line in lines {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v.get("level").is_some() && v.get("fields").is_some(), "{line}");
+    }
+    assert!(log.contains("listening") && !log.contains('\x1b'), "{log}");
+}
+
+#[test]
+fn binary_refuses_an_unknown_log_format() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sd-worker")).args(["--log-format", "xml"]).output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--log-format"), "{}", String::from_utf8_lossy(&out.stderr));
 }
