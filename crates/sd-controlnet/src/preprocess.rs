@@ -75,13 +75,26 @@ impl FromStr for Preprocessor {
 }
 
 impl Preprocessor {
-    /// Checks the parameters (thresholds finite, non-negative and ordered).
+    /// Checks the parameters (thresholds finite, positive and ordered). A zero threshold would
+    /// let hysteresis walk onto the image border, where imageproc's Canny indexes out of bounds.
     pub fn validate(&self) -> Result<()> {
         if let Preprocessor::Canny { low, high } = *self {
-            if !(low.is_finite() && high.is_finite() && low >= 0.0 && low <= high) {
+            if !(low.is_finite() && low > 0.0) {
                 return Err(Error::InvalidInput {
-                    field: "canny thresholds",
-                    reason: format!("need 0 ≤ low ≤ high (finite), got low {low} and high {high}"),
+                    field: "canny low threshold",
+                    reason: format!("need a finite low threshold above 0, got {low} (A1111's default is 100)"),
+                });
+            }
+            if !high.is_finite() {
+                return Err(Error::InvalidInput {
+                    field: "canny high threshold",
+                    reason: format!("need a finite high threshold, got {high} (A1111's default is 200)"),
+                });
+            }
+            if low > high {
+                return Err(Error::InvalidInput {
+                    field: "canny low threshold",
+                    reason: format!("the low threshold {low} is above the high one {high}; need 0 < low ≤ high"),
                 });
             }
         }

@@ -380,8 +380,13 @@ fn unknown_preprocessor_and_bad_thresholds_are_rejected() {
     let err = "depth_midas".parse::<Preprocessor>().unwrap_err();
     assert!(err.to_string().contains("unknown preprocessor") && err.to_string().contains("canny"), "{err}");
     let img = image::DynamicImage::new_luma8(8, 8);
-    for (low, high) in [(200.0, 100.0), (-1.0, 10.0), (f32::NAN, 10.0)] {
-        assert!(matches!(Preprocessor::Canny { low, high }.apply(&img), Err(Error::InvalidInput { .. })));
+    for (low, high) in [(200.0, 100.0), (-1.0, 10.0), (f32::NAN, 10.0), (0.0, 10.0), (0.0, 0.0), (10.0, f32::INFINITY)] {
+        assert!(matches!(Preprocessor::Canny { low, high }.apply(&img), Err(Error::InvalidInput { .. })), "{low} {high}");
+    }
+    // The smallest thresholds allowed never reach the border (imageproc indexes past it at 0).
+    let noisy = image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(16, 16, |x, y| image::Luma([((x * 37 + y * 91) % 256) as u8])));
+    for (low, high) in [(f32::MIN_POSITIVE, f32::MIN_POSITIVE), (0.5, 0.5), (1.0, 2000.0)] {
+        Preprocessor::Canny { low, high }.apply(&noisy).expect("small positive thresholds run");
     }
     assert!(Preprocessor::Canny { low: 10.0, high: 20.0 }.apply(&image::DynamicImage::new_luma8(0, 0)).is_err());
 }

@@ -8,7 +8,7 @@ use sd_models::tokenizer::ClipTokenizer;
 use sd_models::ModelFamily;
 
 use crate::error::{Error, Result};
-use crate::prompt::{chunk_tokens, parse_prompt_attention, SpecialTokens, TokenChunk};
+use crate::prompt::{chunk_tokens, parse_prompt_attention, SpecialTokens, TokenChunk, MAX_PROMPT_CHUNKS};
 
 /// Text conditioning for one prompt (or a negative prompt), before batching.
 #[derive(Debug, Clone)]
@@ -40,13 +40,20 @@ fn specials(tok: &ClipTokenizer) -> Result<SpecialTokens> {
 /// Parses a prompt's A1111 syntax and tokenizes it into `max_len`-token chunks with per-token weights,
 /// exactly as [`encode_prompt`] feeds them to a text encoder.
 pub fn prompt_chunks(tok: &ClipTokenizer, prompt: &str, max_len: usize) -> Result<Vec<TokenChunk>> {
-    let parts = parse_prompt_attention(prompt);
+    let parts = parse_prompt_attention(prompt)?;
     let special = specials(tok)?;
-    chunk_tokens(&parts, max_len, special, |text| {
+    let chunks = chunk_tokens(&parts, max_len, special, |text| {
         let ids = tok.encode(text).map_err(Error::Model)?;
         // Strip the bos/eos encode() adds: chunks get their own.
-        Ok(ids.get(1..ids.len().saturating_sub(1)).map(<[u32]>::to_vec).unwrap_or_default())
-    })
+        Ok::<_, Error>(ids.get(1..ids.len().saturating_sub(1)).map(<[u32]>::to_vec).unwrap_or_default())
+    })?;
+    if chunks.len() > MAX_PROMPT_CHUNKS {
+        return Err(Error::InvalidRequest {
+            field: "prompt",
+            reason: format!("the prompt encodes into {} chunks of 75 tokens; at most {MAX_PROMPT_CHUNKS}", chunks.len()),
+        });
+    }
+    Ok(chunks)
 }
 
 /// Which hidden state an encoder contributes.

@@ -171,6 +171,10 @@ pub fn validate(models: &StableDiffusionModels, p: &GenerationParams) -> Result<
     if p.clip_skip > layers {
         return Err(Error::InvalidRequest { field: "clip_skip", reason: format!("{} exceeds the text encoder's {layers} layers", p.clip_skip) });
     }
+    crate::prompt::validate_prompt("prompt", &p.prompt)?;
+    crate::prompt::validate_prompt("negative_prompt", &p.negative_prompt)?;
+    // The sampler's own limits (LCM runs at most its original 50 steps, …), before any allocation.
+    build_scheduler(p.sampler, &scheduler_config(models), p.steps)?;
     Ok(())
 }
 

@@ -18,10 +18,51 @@ pub enum PromptPart {
 const ROUND: f32 = 1.1;
 const SQUARE: f32 = 1.0 / 1.1;
 
+/// Deepest bracket nesting a prompt may use, counting unclosed brackets (A1111 sets no limit; real
+/// prompts stay under ten). The bound keeps parsing linear: every piece is multiplied at most this
+/// many times.
+pub const MAX_PROMPT_NESTING: usize = 32;
+/// Largest attention weight in magnitude, written (`(word:w)`) or reached by nesting.
+pub const MAX_PROMPT_WEIGHT: f32 = 100.0;
+/// Longest prompt in bytes (a 77-token chunk holds about 300 bytes of English).
+pub const MAX_PROMPT_BYTES: usize = 16 * 1024;
+/// Most 77-token chunks one prompt may encode into (long text and `BREAK`s both add chunks).
+pub const MAX_PROMPT_CHUNKS: usize = 32;
+
+use crate::error::{Error, Result};
+
+fn prompt_error(reason: String) -> Error {
+    Error::InvalidRequest { field: "prompt", reason }
+}
+
+/// Checks what can be checked of a prompt without a tokenizer: its size, bracket nesting, attention
+/// weights and `BREAK` count; errors name `field` (`prompt` or `negative_prompt`).
+pub fn validate_prompt(field: &'static str, prompt: &str) -> Result<()> {
+    let relabel = |e: Error| match e {
+        Error::InvalidRequest { reason, .. } => Error::InvalidRequest { field, reason },
+        other => other,
+    };
+    if prompt.len() > MAX_PROMPT_BYTES {
+        return Err(Error::InvalidRequest {
+            field,
+            reason: format!("{} bytes is longer than the {MAX_PROMPT_BYTES} bytes a prompt may have", prompt.len()),
+        });
+    }
+    let breaks = parse_prompt_attention(prompt).map_err(relabel)?.iter().filter(|p| matches!(p, PromptPart::Break)).count();
+    if breaks >= MAX_PROMPT_CHUNKS {
+        return Err(Error::InvalidRequest {
+            field,
+            reason: format!("{breaks} BREAKs make more than the {MAX_PROMPT_CHUNKS} 75-token chunks a prompt may have"),
+        });
+    }
+    Ok(())
+}
+
 enum Tok<'a> {
     Escaped(&'a str),
     Open(bool),
-    CloseWeight(f32),
+    /// `:w)` with its weight and its text (kept literal where it closes nothing).
+    CloseWeight(f32, &'a str),
     Close(bool),
     Text(&'a str),
 }
@@ -60,7 +101,7 @@ fn lex(prompt: &str) -> Vec<Tok<'_>> {
             }
             b':' => match weight_close(&prompt[i + 1..]) {
                 Some((w, len)) => {
-                    out.push(Tok::CloseWeight(w));
+                    out.push(Tok::CloseWeight(w, &prompt[i..i + 1 + len]));
                     i += 1 + len;
                 }
                 None => {
@@ -145,7 +186,11 @@ fn split_break(text: &str) -> Vec<&str> {
 /// Parses A1111 attention syntax into weighted pieces, with A1111's semantics: `(x)` ×1.1, `[x]` ÷1.1,
 /// `(x:w)` ×w, nesting multiplies, unbalanced brackets apply to the end, `\(` is a literal bracket,
 /// neighbouring pieces of equal weight merge, and an empty prompt is one empty piece.
-pub fn parse_prompt_attention(prompt: &str) -> Vec<PromptPart> {
+///
+/// Refused (as [`Error::InvalidRequest`] on `prompt`): brackets nested deeper than
+/// [`MAX_PROMPT_NESTING`], and weights beyond ±[`MAX_PROMPT_WEIGHT`] (or not finite, as `1e39`
+/// is in f32), written or multiplied up by nesting.
+pub fn parse_prompt_attention(prompt: &str) -> Result<Vec<PromptPart>> {
     let mut res: Vec<(String, f32)> = Vec::new(); // weight -1 marks BREAK, as A1111 does
     let mut round: Vec<usize> = Vec::new();
     let mut square: Vec<usize> = Vec::new();
@@ -157,11 +202,17 @@ pub fn parse_prompt_attention(prompt: &str) -> Vec<PromptPart> {
         }
     }
     for tok in lex(prompt) {
+        if matches!(tok, Tok::Open(_)) && round.len() + square.len() >= MAX_PROMPT_NESTING {
+            return Err(prompt_error(format!("brackets nest more than {MAX_PROMPT_NESTING} deep; close some or escape them as \\( \\[")));
+        }
         match tok {
             Tok::Escaped(t) => res.push((t.to_string(), 1.0)),
             Tok::Open(true) => round.push(res.len()),
             Tok::Open(false) => square.push(res.len()),
-            Tok::CloseWeight(w) if !round.is_empty() => {
+            Tok::CloseWeight(w, _) if !round.is_empty() => {
+                if !(w.is_finite() && w.abs() <= MAX_PROMPT_WEIGHT) {
+                    return Err(prompt_error(format!("attention weight {w} is outside ±{MAX_PROMPT_WEIGHT}")));
+                }
                 let from = round.pop().unwrap_or(0);
                 multiply(&mut res, from, w);
             }
@@ -176,7 +227,7 @@ pub fn parse_prompt_attention(prompt: &str) -> Vec<PromptPart> {
             other => {
                 let text: String = match other {
                     Tok::Text(t) => t.to_string(),
-                    Tok::CloseWeight(w) => format!(":{w})"),
+                    Tok::CloseWeight(_, raw) => raw.to_string(),
                     Tok::Close(true) => ")".into(),
                     Tok::Close(false) => "]".into(),
                     _ => String::new(),
@@ -199,6 +250,9 @@ pub fn parse_prompt_attention(prompt: &str) -> Vec<PromptPart> {
     if res.is_empty() {
         res.push((String::new(), 1.0));
     }
+    if let Some((text, w)) = res.iter().find(|(text, w)| !(*w == -1.0 && text == "BREAK") && !(w.is_finite() && w.abs() <= MAX_PROMPT_WEIGHT)) {
+        return Err(prompt_error(format!("nested attention weights multiply to {w} on {text:?}; keep them within ±{MAX_PROMPT_WEIGHT}")));
+    }
     let mut merged: Vec<(String, f32)> = Vec::with_capacity(res.len());
     for (text, w) in res {
         match merged.last_mut() {
@@ -206,10 +260,10 @@ pub fn parse_prompt_attention(prompt: &str) -> Vec<PromptPart> {
             _ => merged.push((text, w)),
         }
     }
-    merged
+    Ok(merged
         .into_iter()
         .map(|(text, weight)| if weight < 0.0 && text == "BREAK" { PromptPart::Break } else { PromptPart::Text { text, weight } })
-        .collect()
+        .collect())
 }
 
 /// One 77-token window of a prompt with a multiplier per token.
@@ -247,8 +301,8 @@ pub fn chunk_tokens<E>(
     parts: &[PromptPart],
     max_len: usize,
     special: SpecialTokens,
-    mut tokenize: impl FnMut(&str) -> Result<Vec<u32>, E>,
-) -> Result<Vec<TokenChunk>, E> {
+    mut tokenize: impl FnMut(&str) -> std::result::Result<Vec<u32>, E>,
+) -> std::result::Result<Vec<TokenChunk>, E> {
     let content = max_len.saturating_sub(2).max(1);
     let mut chunks = Vec::new();
     let mut ids: Vec<u32> = Vec::new();
@@ -311,6 +365,46 @@ mod tests {
         PromptPart::Text { text: text.into(), weight }
     }
 
+    fn p(prompt: &str) -> Vec<PromptPart> {
+        parse_prompt_attention(prompt).expect("a valid prompt")
+    }
+
+    #[test]
+    fn nesting_and_weights_are_bounded() {
+        let deep = "(".repeat(MAX_PROMPT_NESTING) + "x";
+        assert_eq!(p(&deep).len(), 1);
+        let too_deep = "(".repeat(MAX_PROMPT_NESTING + 1) + "x";
+        let e = parse_prompt_attention(&too_deep).unwrap_err().to_string();
+        assert!(e.contains("nest more than 32"), "{e}");
+        // Mixed kinds count together; closed brackets free their level.
+        assert!(parse_prompt_attention(&"[(".repeat(17)).is_err());
+        assert_eq!(p(&"(a)".repeat(10_000)), vec![t(&"a".repeat(10_000), 1.1)]);
+        // 40 nines overflow f32 to infinity.
+        let huge = format!("(a:{})", "9".repeat(40));
+        for bad in [huge.as_str(), "(a:101)", "(a:-100.5)", "((a:100))"] {
+            let e = parse_prompt_attention(bad).unwrap_err().to_string();
+            assert!(e.contains("±100"), "{bad}: {e}");
+        }
+        close(&p("(a:100) (b:-100) (c:0)"), &[t("a", 100.0), t(" ", 1.0), t("b", -100.0), t(" ", 1.0), t("c", 0.0)]);
+        // A weight that closes no bracket stays text as written, whatever its size.
+        let literal = format!("a:{})", "9".repeat(40));
+        close(&p(&literal), &[t(&literal, 1.0)]);
+        close(&p("b:1.50 )"), &[t("b:1.50 )", 1.0)]);
+    }
+
+    #[test]
+    fn validate_prompt_names_the_field() {
+        validate_prompt("negative_prompt", "a (b:1.2) BREAK c").expect("valid");
+        let e = validate_prompt("negative_prompt", &"x".repeat(MAX_PROMPT_BYTES + 1)).unwrap_err();
+        assert!(matches!(e, Error::InvalidRequest { field: "negative_prompt", .. }), "{e}");
+        let e = validate_prompt("negative_prompt", &format!("(a:{})", "9".repeat(40))).unwrap_err();
+        assert!(matches!(e, Error::InvalidRequest { field: "negative_prompt", .. }), "{e}");
+        let breaks = vec!["a"; MAX_PROMPT_CHUNKS + 1].join(" BREAK ");
+        let e = validate_prompt("prompt", &breaks).unwrap_err();
+        assert!(e.to_string().contains("BREAK"), "{e}");
+        validate_prompt("prompt", &vec!["a"; MAX_PROMPT_CHUNKS].join(" BREAK ")).expect("32 chunks are allowed");
+    }
+
     fn close(parts: &[PromptPart], expected: &[PromptPart]) {
         assert_eq!(parts.len(), expected.len(), "{parts:?} vs {expected:?}");
         for (a, b) in parts.iter().zip(expected) {
@@ -328,13 +422,13 @@ mod tests {
     // Cases from the A1111 `parse_prompt_attention` docstring.
     #[test]
     fn a1111_examples() {
-        close(&parse_prompt_attention("normal text"), &[t("normal text", 1.0)]);
-        close(&parse_prompt_attention("an (important) word"), &[t("an ", 1.0), t("important", 1.1), t(" word", 1.0)]);
-        close(&parse_prompt_attention("(unbalanced"), &[t("unbalanced", 1.1)]);
-        close(&parse_prompt_attention("\\(literal\\]"), &[t("(literal]", 1.0)]);
-        close(&parse_prompt_attention("(unnecessary)(parens)"), &[t("unnecessaryparens", 1.1)]);
+        close(&p("normal text"), &[t("normal text", 1.0)]);
+        close(&p("an (important) word"), &[t("an ", 1.0), t("important", 1.1), t(" word", 1.0)]);
+        close(&p("(unbalanced"), &[t("unbalanced", 1.1)]);
+        close(&p("\\(literal\\]"), &[t("(literal]", 1.0)]);
+        close(&p("(unnecessary)(parens)"), &[t("unnecessaryparens", 1.1)]);
         close(
-            &parse_prompt_attention("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky)))."),
+            &p("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky)))."),
             &[
                 t("a ", 1.0),
                 t("house", 1.5730),
@@ -347,21 +441,21 @@ mod tests {
                 t(".", 1.1),
             ],
         );
-        close(&parse_prompt_attention(""), &[t("", 1.0)]);
-        close(&parse_prompt_attention("[faded]"), &[t("faded", 1.0 / 1.1)]);
-        close(&parse_prompt_attention("a:b (c:x)"), &[t("a:b ", 1.0), t("c:x", 1.1)]);
+        close(&p(""), &[t("", 1.0)]);
+        close(&p("[faded]"), &[t("faded", 1.0 / 1.1)]);
+        close(&p("a:b (c:x)"), &[t("a:b ", 1.0), t("c:x", 1.1)]);
     }
 
     #[test]
     fn break_splits() {
-        close(&parse_prompt_attention("a cat BREAK a dog"), &[t("a cat", 1.0), PromptPart::Break, t("a dog", 1.0)]);
+        close(&p("a cat BREAK a dog"), &[t("a cat", 1.0), PromptPart::Break, t("a dog", 1.0)]);
         // BREAK inside a word is not a break.
-        close(&parse_prompt_attention("BREAKFAST"), &[t("BREAKFAST", 1.0)]);
+        close(&p("BREAKFAST"), &[t("BREAKFAST", 1.0)]);
     }
 
     const SP: SpecialTokens = SpecialTokens { bos: 100, eos: 101, pad: 0, comma: Some(7) };
 
-    fn words(s: &str) -> Result<Vec<u32>, ()> {
+    fn words(s: &str) -> std::result::Result<Vec<u32>, ()> {
         Ok(s.split_whitespace().map(|w| w.parse::<u32>().unwrap_or(9)).collect())
     }
 

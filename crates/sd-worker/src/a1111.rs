@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::api::{blocking, body_bytes, run_sync, St};
+use crate::server::Caller;
 use crate::controlnet::{ControlNetNames, ControlNetRequest};
 use crate::error::{ApiError, JobError};
 use crate::jobs::{unix_now, JobResult};
@@ -199,7 +200,7 @@ fn response(result: &JobResult, request: Value, model: &ModelInfo, send_images: 
     Json(json!({"images": images, "parameters": request, "info": info.to_string()}))
 }
 
-async fn run(st: Arc<AppState>, body: Bytes, img2img: bool) -> Result<Json<Value>, ApiError> {
+async fn run(st: Arc<AppState>, caller: Caller, body: Bytes, img2img: bool) -> Result<Json<Value>, ApiError> {
     let model = st.ready_model()?;
     let (st2, model2) = (st.clone(), model.clone());
     let (spec, params, request, send_images) = blocking(move || {
@@ -227,20 +228,20 @@ async fn run(st: Arc<AppState>, body: Bytes, img2img: bool) -> Result<Json<Value
         Ok((spec, params, request, r.send_images.unwrap_or(true)))
     })
     .await?;
-    let result = run_sync(&st, spec, params).await?;
+    let result = run_sync(&st, caller, spec, params).await?;
     Ok(response(&result, request, &model, send_images))
 }
 
 /// `POST /sdapi/v1/txt2img`.
-pub async fn txt2img(State(st): St, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+pub async fn txt2img(State(st): St, caller: Caller, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
     let body = body_bytes(&st, body)?;
-    run(st, body, false).await
+    run(st, caller, body, false).await
 }
 
 /// `POST /sdapi/v1/img2img` (inpainting when `mask` is set; white repaints, as in A1111).
-pub async fn img2img(State(st): St, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+pub async fn img2img(State(st): St, caller: Caller, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
     let body = body_bytes(&st, body)?;
-    run(st, body, true).await
+    run(st, caller, body, true).await
 }
 
 /// Query of `/sdapi/v1/progress`.
@@ -280,8 +281,9 @@ pub async fn progress(State(st): St, q: Result<Query<ProgressQuery>, QueryReject
 }
 
 /// `POST /sdapi/v1/interrupt`: stops the running job within one step.
-pub async fn interrupt(State(st): St) -> Json<Value> {
-    if let Some(job) = st.current() {
+pub async fn interrupt(State(st): St, caller: Caller) -> Json<Value> {
+    // Only the caller's own job: another client's generation is not theirs to stop.
+    if let Some(job) = st.current().filter(|j| j.owner == caller.0) {
         st.cancel(&job, JobError::new("cancelled", "interrupted"));
     }
     Json(json!({}))

@@ -5,8 +5,8 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -19,6 +19,7 @@ use tokio::sync::broadcast;
 use crate::error::{body_rejection, ApiError, JobError};
 use crate::jobs::JobEvent;
 use crate::request::native_job;
+use crate::server::Caller;
 use crate::state::{AppState, ModelState};
 
 /// Shared state as handlers receive it.
@@ -29,28 +30,66 @@ pub fn body_bytes(state: &AppState, body: Result<Bytes, BytesRejection>) -> Resu
     body.map_err(|r| body_rejection(r.status(), r.body_text(), state.config.limits.max_body_bytes))
 }
 
+/// The `{id}` of a job route, or a JSON error naming `id` (a malformed percent-encoding such as
+/// `%FF` is refused here instead of with axum's plain-text answer).
+pub fn job_id(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    p.map(|Path(id)| id).map_err(|e| ApiError::invalid("id", format!("not a valid job id: {}", e.body_text())))
+}
+
 /// `POST /v1/jobs`: validates and queues a job; 202 with its id and stream URL.
-pub async fn submit_job(State(st): St, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+pub async fn submit_job(State(st): St, caller: Caller, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = body_bytes(&st, body)?;
     let model = st.ready_model()?;
     let st2 = st.clone();
     // Image decoding can take a while for large uploads; keep it off the async workers.
     let (spec, params) = blocking(move || native_job(&st2, &model, &body)).await?;
-    let job = st.submit(spec, params)?;
+    let job = st.submit(spec, params, caller.0)?;
     let sse_url = format!("/v1/jobs/{}/stream", job.id);
     let body = json!({"job_id": job.id, "sse_url": sse_url, "status_url": format!("/v1/jobs/{}", job.id), "status": "queued"});
     Ok((StatusCode::ACCEPTED, [(header::LOCATION, format!("/v1/jobs/{}", job.id))], Json(body)).into_response())
 }
 
-/// `GET /v1/jobs/{id}`: status, progress and (when done) the result.
-pub async fn job_status(State(st): St, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+/// `GET /v1/jobs/{id}` query.
+#[derive(Debug, serde::Deserialize)]
+pub struct StatusQuery {
+    /// Add the base64 PNGs to the result (default: only their URLs).
+    #[serde(default)]
+    pub include_images: bool,
+}
+
+/// `GET /v1/jobs/{id}`: status, progress and (when done) the result's metadata with each image's
+/// URL; `?include_images=true` adds the base64 PNGs.
+pub async fn job_status(
+    State(st): St,
+    id: Result<Path<String>, PathRejection>,
+    q: Result<Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = job_id(id)?;
+    let Query(q) = q.map_err(|e| ApiError::invalid("include_images", format!("{}; use include_images=true or false", e.body_text())))?;
     let job = st.job(&id).ok_or_else(|| ApiError::job_not_found(&id))?;
-    Ok(Json(job.status_json()))
+    Ok(Json(job.status_json(q.include_images)))
+}
+
+/// `GET /v1/jobs/{id}/images/{index}`: one finished image as PNG bytes (with its A1111 metadata).
+pub async fn job_image(State(st): St, p: Result<Path<(String, String)>, PathRejection>) -> Result<Response, ApiError> {
+    let (id, index) = p.map(|Path(p)| p).map_err(|e| ApiError::invalid("id", format!("not a valid image path: {}", e.body_text())))?;
+    let job = st.job(&id).ok_or_else(|| ApiError::job_not_found(&id))?;
+    let i: usize = index.trim_end_matches(".png").parse().map_err(|_| ApiError::invalid("index", format!("{index:?} is not an image number")))?;
+    let b64 = job.image(i).ok_or_else(|| {
+        ApiError::new(StatusCode::NOT_FOUND, "image_not_found", Some("index".into()), format!("job {id} has no image {i} (yet); see its image_urls"))
+    })?;
+    let png = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64.as_bytes())
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", None, e.to_string()))?;
+    Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response())
 }
 
 /// `DELETE /v1/jobs/{id}`: cancels a queued or running job.
-pub async fn cancel_job(State(st): St, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn cancel_job(State(st): St, caller: Caller, id: Result<Path<String>, PathRejection>) -> Result<Response, ApiError> {
+    let id = job_id(id)?;
     let job = st.job(&id).ok_or_else(|| ApiError::job_not_found(&id))?;
+    if job.owner != caller.0 {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "not_your_job", Some("id".into()), format!("job {id} was submitted with other credentials")));
+    }
     let status = job.status();
     if status.is_terminal() {
         return Err(ApiError::new(
@@ -66,10 +105,17 @@ pub async fn cancel_job(State(st): St, Path(id): Path<String>) -> Result<Respons
 }
 
 /// `GET /v1/jobs/{id}/stream`: Server-Sent Events from the current state to the end of the job.
-pub async fn stream_job(State(st): St, Path(id): Path<String>) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+pub async fn stream_job(
+    State(st): St,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let id = job_id(id)?;
     let job = st.job(&id).ok_or_else(|| ApiError::job_not_found(&id))?;
+    // Counted against the subscriber caps until the stream is dropped.
+    let subscription = st.subscribe(&job)?;
     let (snapshot, rx) = job.subscribe();
-    let stream = futures_util::stream::unfold((snapshot, Some(rx)), |(mut pending, mut rx): (VecDeque<JobEvent>, Option<broadcast::Receiver<JobEvent>>)| async move {
+    type StreamState = (VecDeque<JobEvent>, Option<broadcast::Receiver<JobEvent>>, crate::state::Subscription);
+    let stream = futures_util::stream::unfold((snapshot, Some(rx), subscription), |(mut pending, mut rx, sub): StreamState| async move {
         loop {
             if let Some(ev) = pending.pop_front() {
                 if ev.is_terminal() {
@@ -77,7 +123,7 @@ pub async fn stream_job(State(st): St, Path(id): Path<String>) -> Result<Sse<imp
                     rx = None;
                 }
                 let event = Event::default().event(ev.name()).data(ev.data().to_string());
-                return Some((Ok(event), (pending, rx)));
+                return Some((Ok(event), (pending, rx, sub)));
             }
             let r = rx.as_mut()?;
             match r.recv().await {
@@ -182,8 +228,8 @@ pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError>
 
 /// Queues a job and waits for its images (the synchronous OpenAI and A1111 routes); the job is
 /// cancelled if the client goes away first.
-pub async fn run_sync(st: &Arc<AppState>, spec: crate::jobs::JobSpec, params: serde_json::Value) -> Result<Arc<crate::jobs::JobResult>, ApiError> {
-    let job = st.submit(spec, params)?;
+pub async fn run_sync(st: &Arc<AppState>, caller: Caller, spec: crate::jobs::JobSpec, params: serde_json::Value) -> Result<Arc<crate::jobs::JobResult>, ApiError> {
+    let job = st.submit(spec, params, caller.0)?;
     let mut guard = crate::state::CancelOnDrop::new(st.clone(), job.clone());
     let r = job.wait().await;
     guard.disarm();

@@ -71,6 +71,41 @@ pub struct Cli {
     /// On shutdown, seconds the running job may take to finish before it is cancelled.
     #[arg(long, env = "SD_WORKER_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+    /// Seconds a client has to send a request's headers; also how long an idle keep-alive
+    /// connection is kept.
+    #[arg(long, env = "SD_WORKER_HEADER_TIMEOUT_SECS", default_value_t = 30.0)]
+    pub header_timeout_secs: f64,
+    /// Seconds a client has to send a request's body once its headers arrived.
+    #[arg(long, env = "SD_WORKER_BODY_TIMEOUT_SECS", default_value_t = 60.0)]
+    pub body_timeout_secs: f64,
+    /// Open connections served at once; more are answered 503 and closed.
+    #[arg(long, env = "SD_WORKER_MAX_CONNECTIONS", default_value_t = 256)]
+    pub max_connections: usize,
+    /// SSE streams open at once, over all jobs (429 beyond).
+    #[arg(long, env = "SD_WORKER_MAX_SUBSCRIBERS", default_value_t = 64)]
+    pub max_subscribers: usize,
+    /// SSE streams open at once on one job (429 beyond).
+    #[arg(long, env = "SD_WORKER_MAX_SUBSCRIBERS_PER_JOB", default_value_t = 8)]
+    pub max_subscribers_per_job: usize,
+    /// Jobs kept in memory (queued, running and finished); the oldest finished go first.
+    #[arg(long, env = "SD_WORKER_MAX_STORED_JOBS", default_value_t = 256)]
+    pub max_stored_jobs: usize,
+    /// Bytes of finished jobs' images, previews and parameters kept in memory; the oldest finished go first.
+    #[arg(long, env = "SD_WORKER_MAX_STORED_BYTES", default_value_t = 512 * 1024 * 1024)]
+    pub max_stored_bytes: usize,
+    /// API key clients must send as `Authorization: Bearer <key>` (repeatable; `,` in the env var).
+    /// With no key and no `--api-auth`, the API is open.
+    #[arg(long = "api-key", env = "SD_WORKER_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Vec<String>,
+    /// `user:password` clients may send as HTTP Basic auth, as A1111's `--api-auth` (repeatable; `,` in the env var).
+    #[arg(long = "api-auth", env = "SD_WORKER_API_AUTH", value_delimiter = ',', hide_env_values = true)]
+    pub api_auth: Vec<String>,
+    /// Serve `/metrics` without credentials (for a scraper) even when auth is on.
+    #[arg(long, env = "SD_WORKER_METRICS_PUBLIC")]
+    pub metrics_public: bool,
+    /// An origin browsers may call the API from (`https://app.example`, or `*`); repeatable. None: no CORS headers.
+    #[arg(long = "cors-origin", env = "SD_WORKER_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
     /// Log format: `text` (coloured only when stdout is a terminal) or `json` (one object per line,
     /// for log collectors).
     #[arg(long, env = "SD_WORKER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
@@ -101,6 +136,48 @@ pub struct Limits {
     pub max_body_bytes: usize,
 }
 
+/// Connection hygiene: timeouts and caps on what clients may hold open.
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    /// Time to send a request's headers, and the idle keep-alive limit.
+    pub header_timeout: Duration,
+    /// Time to send a request's body.
+    pub body_timeout: Duration,
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// SSE streams open at once, over all jobs.
+    pub max_subscribers: usize,
+    /// SSE streams open at once on one job.
+    pub max_subscribers_per_job: usize,
+}
+
+/// Bounds on the job table.
+#[derive(Debug, Clone)]
+pub struct StoreLimits {
+    /// Jobs kept (queued, running and finished).
+    pub max_jobs: usize,
+    /// Bytes of finished jobs' outputs kept.
+    pub max_bytes: usize,
+}
+
+/// Who may call the API.
+#[derive(Debug, Clone, Default)]
+pub struct AuthConfig {
+    /// Bearer keys.
+    pub api_keys: Vec<String>,
+    /// HTTP Basic `(user, password)` pairs.
+    pub basic: Vec<(String, String)>,
+    /// `/metrics` needs no credentials.
+    pub metrics_public: bool,
+}
+
+impl AuthConfig {
+    /// Whether any credential is configured (else the API is open).
+    pub fn enabled(&self) -> bool {
+        !self.api_keys.is_empty() || !self.basic.is_empty()
+    }
+}
+
 /// Everything the worker needs, validated.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -128,6 +205,14 @@ pub struct WorkerConfig {
     pub preview_every: usize,
     /// How long shutdown lets the running job finish.
     pub shutdown_grace: Duration,
+    /// Timeouts and connection caps.
+    pub http: HttpLimits,
+    /// Job table bounds.
+    pub store: StoreLimits,
+    /// Credentials.
+    pub auth: AuthConfig,
+    /// Origins allowed by CORS (`*` for any); empty: no CORS headers.
+    pub cors_origins: Vec<String>,
 }
 
 impl WorkerConfig {
@@ -146,6 +231,16 @@ impl WorkerConfig {
             job_expiry: Duration::from_secs(3600),
             preview_every: 1,
             shutdown_grace: Duration::from_secs(30),
+            http: HttpLimits {
+                header_timeout: Duration::from_secs(30),
+                body_timeout: Duration::from_secs(60),
+                max_connections: 256,
+                max_subscribers: 64,
+                max_subscribers_per_job: 8,
+            },
+            store: StoreLimits { max_jobs: 256, max_bytes: 512 * 1024 * 1024 },
+            auth: AuthConfig::default(),
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -175,6 +270,43 @@ impl Cli {
                 return Err(format!("{name} must be at least 1"));
             }
         }
+        let secs = |name: &str, v: f64| {
+            if v.is_finite() && v > 0.0 && v <= 86_400.0 {
+                Ok(Duration::from_secs_f64(v))
+            } else {
+                Err(format!("{name} must be between 0 and 86400 seconds, got {v}"))
+            }
+        };
+        let http = HttpLimits {
+            header_timeout: secs("--header-timeout-secs", self.header_timeout_secs)?,
+            body_timeout: secs("--body-timeout-secs", self.body_timeout_secs)?,
+            max_connections: self.max_connections,
+            max_subscribers: self.max_subscribers,
+            max_subscribers_per_job: self.max_subscribers_per_job,
+        };
+        for (name, v) in [("--max-connections", http.max_connections), ("--max-subscribers", http.max_subscribers), ("--max-subscribers-per-job", http.max_subscribers_per_job)] {
+            if v == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        // Every queued job and the running one must fit in the table.
+        if self.max_stored_jobs < self.queue_capacity + 1 {
+            return Err(format!(
+                "--max-stored-jobs ({}) must be larger than --queue-capacity ({}): queued and running jobs are never evicted",
+                self.max_stored_jobs, self.queue_capacity
+            ));
+        }
+        let mut basic = Vec::new();
+        for pair in &self.api_auth {
+            match pair.split_once(':') {
+                Some((u, p)) if !u.is_empty() && !p.is_empty() => basic.push((u.to_string(), p.to_string())),
+                _ => return Err("--api-auth takes user:password (both non-empty)".into()),
+            }
+        }
+        if self.api_keys.iter().any(|k| k.trim().is_empty()) {
+            return Err("--api-key must not be empty".into());
+        }
+        let auth = AuthConfig { api_keys: self.api_keys.clone(), basic, metrics_public: self.metrics_public };
         Ok(WorkerConfig {
             model,
             variant,
@@ -194,6 +326,10 @@ impl Cli {
             job_expiry: Duration::from_secs(self.job_expiry_secs),
             preview_every: self.preview_every,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+            http,
+            store: StoreLimits { max_jobs: self.max_stored_jobs, max_bytes: self.max_stored_bytes },
+            auth,
+            cors_origins: self.cors_origins.iter().map(|o| o.trim().trim_end_matches('/').to_string()).filter(|o| !o.is_empty()).collect(),
         })
     }
 }

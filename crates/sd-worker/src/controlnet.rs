@@ -84,11 +84,10 @@ pub struct ResolvedControlNet {
     pub name: String,
     /// Canonical path of the folder or file.
     pub path: PathBuf,
-    /// The decoded control picture, before preprocessing.
+    /// The control picture, already preprocessed (while the request was validated, off the
+    /// engine thread and before the job was queued).
     pub image: DynamicImage,
-    /// Preprocessor to apply.
-    pub preprocessor: Preprocessor,
-    /// Its name as requested (lower case).
+    /// The preprocessor's name as requested (lower case).
     pub preprocessor_name: String,
     /// Conditioning scale.
     pub scale: f64,
@@ -198,7 +197,11 @@ impl ControlNetFolders {
                     preprocessor_name.parse().map_err(|e: sd_controlnet::Error| ApiError::invalid(f(names.preprocessor), e.to_string()))?;
                 if let Preprocessor::Canny { low, high } = preprocessor {
                     preprocessor = Preprocessor::Canny { low: r.low_threshold.unwrap_or(low), high: r.high_threshold.unwrap_or(high) };
-                    preprocessor.validate().map_err(|e| ApiError::invalid(f(names.low), e.to_string()))?;
+                    preprocessor.validate().map_err(|e| {
+                        let high = matches!(e, sd_controlnet::Error::InvalidInput { field: "canny high threshold", .. });
+                        let field = if high { names.high } else { names.low };
+                        ApiError::invalid(f(field), e.to_string())
+                    })?;
                 } else if r.low_threshold.is_some() || r.high_threshold.is_some() {
                     return Err(ApiError::invalid(f(names.low), "thresholds apply to the canny preprocessor only"));
                 }
@@ -214,7 +217,8 @@ impl ControlNetFolders {
                     return Err(ApiError::invalid(f(names.end), format!("{end} must be above start ({start}) and at most 1")));
                 }
                 let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-                Ok(ResolvedControlNet { name, path, image, preprocessor, preprocessor_name, scale, start, end })
+                let image = preprocessor.apply(&image).map_err(|e| ApiError::invalid(f(names.preprocessor), e.to_string()))?;
+                Ok(ResolvedControlNet { name, path, image, preprocessor_name, scale, start, end })
             })
             .collect()
     }

@@ -120,6 +120,7 @@ fn describe(models: &StableDiffusionModels, cfg: &WorkerConfig) -> ModelInfo {
         text_layers: c.text_encoder.num_hidden_layers,
         is_inpaint: c.is_inpaint(),
         unet: Some(models.unet.config().clone()),
+        scheduler: Some(sd_pipelines::pipeline::scheduler_config(models)),
     }
 }
 
@@ -145,6 +146,7 @@ fn describe_flux(models: &FluxModels, cfg: &WorkerConfig) -> ModelInfo {
         text_layers: 1,
         is_inpaint: false,
         unet: None,
+        scheduler: None,
     }
 }
 
@@ -287,8 +289,7 @@ impl SdBackend {
                 }
             };
             let bad = |e: sd_controlnet::Error| JobError { code: "invalid_controlnet", message: e.to_string(), field: Some(format!("controlnets[{i}]")) };
-            let picture = u.preprocessor.apply(&u.image).map_err(bad)?;
-            let image = prepare_image(&picture, width, height).map_err(bad)?;
+            let image = prepare_image(&u.image, width, height).map_err(bad)?;
             out.push(ControlUnit { model, image, scale: u.scale, start: u.start, end: u.end });
         }
         ControlNetHook::new(out, self.models.unet.config())
@@ -346,8 +347,13 @@ fn engine_main(state: Arc<AppState>, rx: mpsc::Receiver<Arc<Job>>) {
         job.set_running();
         tracing::info!("job started");
         let t = Instant::now();
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run_job(&state, &mut engine, &job)))
-            .unwrap_or_else(|_| Err((JobStatus::Failed, JobError::new("internal_error", "the generation panicked; see the worker log"))));
+        // The last net: every input validation can refuse is refused before queueing; a panic
+        // here is a bug, logged and reported as an internal error.
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run_job(&state, &mut engine, &job))).unwrap_or_else(|panic| {
+            let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
+            tracing::error!(panic = %what, "the generation panicked");
+            Err((JobStatus::Failed, JobError::new("internal_error", "the generation panicked; see the worker log")))
+        });
         state.metrics.observe_job(t.elapsed());
         // Counters and `current` are updated before the final event, so whoever sees the event
         // also sees them.
@@ -365,6 +371,7 @@ fn engine_main(state: Arc<AppState>, rx: mpsc::Receiver<Arc<Job>>) {
                 job.finish_error(status, err);
             }
         }
+        state.trim_store();
     }
     tracing::info!("engine stopped");
 }

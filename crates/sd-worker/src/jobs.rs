@@ -208,6 +208,10 @@ pub struct Job {
     pub created_at: u64,
     /// The resolved request, for status answers.
     pub parameters: Value,
+    /// The credential that submitted it (`None` when the API is open); only it may cancel the job.
+    pub owner: Option<String>,
+    /// Open SSE streams on this job.
+    pub subscribers: std::sync::atomic::AtomicUsize,
     spec: Mutex<Option<JobSpec>>,
     cancel: AtomicBool,
     /// Set once by whichever of the engine (dequeue) or a cancel (while queued) gets there first.
@@ -227,14 +231,16 @@ pub fn unix_now() -> u64 {
 }
 
 impl Job {
-    /// A queued job.
-    pub fn new(id: String, spec: JobSpec, parameters: Value) -> Self {
+    /// A queued job submitted by `owner`.
+    pub fn new(id: String, spec: JobSpec, parameters: Value, owner: Option<String>) -> Self {
         let (tx, _) = broadcast::channel(256);
         Self {
             id,
             operation: spec.operation.name(),
             created_at: unix_now(),
             parameters,
+            owner,
+            subscribers: std::sync::atomic::AtomicUsize::new(0),
             spec: Mutex::new(Some(spec)),
             cancel: AtomicBool::new(false),
             claimed: AtomicBool::new(false),
@@ -389,9 +395,23 @@ impl Job {
         }
     }
 
-    /// The status document of `GET /v1/jobs/{id}`.
-    pub fn status_json(&self) -> Value {
+    /// The status document of `GET /v1/jobs/{id}`: the result's metadata and the URL of each
+    /// image as PNG, and the base64 images themselves only with `include_images`.
+    pub fn status_json(&self, include_images: bool) -> Value {
         let g = lock(&self.inner);
+        let result = g.result.as_deref().map(|r| {
+            let urls: Vec<String> = (0..r.images.len()).map(|i| format!("/v1/jobs/{}/images/{i}", self.id)).collect();
+            let mut v = serde_json::json!({
+                "seed": r.seed,
+                "parameters": r.parameters,
+                "infotext": r.infotext,
+                "image_urls": urls,
+            });
+            if include_images {
+                v["images"] = serde_json::json!(r.images);
+            }
+            v
+        });
         serde_json::json!({
             "job_id": self.id,
             "operation": self.operation,
@@ -400,9 +420,29 @@ impl Job {
             "started_at": g.started_at,
             "progress": g.progress,
             "parameters": self.parameters,
-            "result": g.result.as_deref(),
+            "result": result,
             "error": g.error,
             "sse_url": format!("/v1/jobs/{}/stream", self.id),
         })
+    }
+
+    /// Image `index` of the result, as a base64 PNG.
+    pub fn image(&self, index: usize) -> Option<String> {
+        lock(&self.inner).result.as_ref().and_then(|r| r.images.get(index).cloned())
+    }
+
+    /// When it finished, if it has.
+    pub fn finished_at(&self) -> Option<Instant> {
+        lock(&self.inner).finished_at
+    }
+
+    /// Bytes this job holds beyond its fixed size: parameters, preview and images (what the job
+    /// store's byte cap counts).
+    pub fn stored_bytes(&self) -> usize {
+        let g = lock(&self.inner);
+        let params = self.parameters.to_string().len();
+        let preview = g.preview.as_ref().map_or(0, |p| p.image.len());
+        let result = g.result.as_ref().map_or(0, |r| r.images.iter().map(String::len).sum::<usize>() + r.infotext.len() + r.parameters.to_string().len());
+        params + preview + result
     }
 }

@@ -28,6 +28,10 @@ pub struct Metrics {
     pub cancelled: AtomicU64,
     /// Submissions answered 429.
     pub rejected: AtomicU64,
+    /// Connections answered 503 because `--max-connections` were open.
+    pub refused_connections: AtomicU64,
+    /// Finished jobs evicted from the job table by its count or byte cap.
+    pub evicted: AtomicU64,
     steps: Mutex<Histogram>,
     job_seconds: Mutex<(f64, u64)>,
 }
@@ -80,6 +84,12 @@ impl Metrics {
         let _ = writeln!(s, "# HELP sd_worker_rejected_total Submissions refused because the queue was full.");
         let _ = writeln!(s, "# TYPE sd_worker_rejected_total counter");
         let _ = writeln!(s, "sd_worker_rejected_total {}", c(&self.rejected));
+        let _ = writeln!(s, "# HELP sd_worker_refused_connections_total Connections refused because --max-connections were open.");
+        let _ = writeln!(s, "# TYPE sd_worker_refused_connections_total counter");
+        let _ = writeln!(s, "sd_worker_refused_connections_total {}", c(&self.refused_connections));
+        let _ = writeln!(s, "# HELP sd_worker_evicted_jobs_total Finished jobs dropped from memory by the job table's caps.");
+        let _ = writeln!(s, "# TYPE sd_worker_evicted_jobs_total counter");
+        let _ = writeln!(s, "sd_worker_evicted_jobs_total {}", c(&self.evicted));
         let h = lock(&self.steps);
         let _ = writeln!(s, "# HELP sd_worker_step_seconds Duration of one denoising step.");
         let _ = writeln!(s, "# TYPE sd_worker_step_seconds histogram");

@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::api::{blocking, body_bytes, run_sync, St};
+use crate::server::Caller;
 use crate::error::{body_rejection, ApiError};
 use crate::jobs::{unix_now, JobResult};
 use crate::request::{build_job, decode_base64, decode_image_bytes, from_value, parse_json_object, CommonInput, FieldNames, OpInput};
@@ -100,7 +101,7 @@ fn response(result: &JobResult, prompt: &str) -> Json<Value> {
 }
 
 /// `POST /v1/images/generations`.
-pub async fn generations(State(st): St, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+pub async fn generations(State(st): St, caller: Caller, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
     let body = body_bytes(&st, body)?;
     let model = st.ready_model()?;
     let st2 = st.clone();
@@ -112,7 +113,7 @@ pub async fn generations(State(st): St, body: Result<Bytes, BytesRejection>) -> 
         Ok((spec, params, prompt))
     })
     .await?;
-    let result = run_sync(&st, spec, params).await?;
+    let result = run_sync(&st, caller, spec, params).await?;
     Ok(response(&result, &prompt))
 }
 
@@ -212,7 +213,7 @@ fn edit_job(st: &AppState, model: &ModelInfo, parts: EditParts) -> Result<(crate
 }
 
 /// `POST /v1/images/edits`: img2img without a mask, inpainting with one (or with a transparent image).
-pub async fn edits(State(st): St, req: Request) -> Result<Json<Value>, ApiError> {
+pub async fn edits(State(st): St, caller: Caller, req: Request) -> Result<Json<Value>, ApiError> {
     let is_multipart = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -227,6 +228,6 @@ pub async fn edits(State(st): St, req: Request) -> Result<Json<Value>, ApiError>
     let model = st.ready_model()?;
     let st2: Arc<AppState> = st.clone();
     let (spec, params, prompt) = blocking(move || edit_job(&st2, &model, parts)).await?;
-    let result = run_sync(&st, spec, params).await?;
+    let result = run_sync(&st, caller, spec, params).await?;
     Ok(response(&result, &prompt))
 }

@@ -8,7 +8,8 @@ use base64::engine::DecodePaddingMode;
 use base64::Engine as _;
 use image::{DynamicImage, GenericImageView};
 use sd_pipelines::pipeline::{GenerationParams, NoiseKind};
-use sd_pipelines::schedulers::{Sampler, SamplerKind, SigmaSchedule};
+use sd_pipelines::prompt::{validate_prompt, MAX_PROMPT_BYTES};
+use sd_pipelines::schedulers::{build_scheduler, Sampler, SamplerKind, SigmaSchedule};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -20,8 +21,12 @@ use crate::lora::LoraRequest;
 use crate::state::{AppState, ModelInfo};
 use sd_models::ModelFamily;
 
-/// Largest side of an uploaded image, in pixels (decoding stops before allocating more).
+/// Largest side of an uploaded image, in pixels (checked from the header, before decoding).
 pub const MAX_INPUT_SIDE: u32 = 8192;
+/// Most pixels of one uploaded image (4096², checked from the header before any pixel is decoded).
+pub const MAX_INPUT_PIXELS: u64 = 4096 * 4096;
+/// Most decoded input pixels in one job: its image, mask and ControlNet pictures together.
+pub const MAX_JOB_INPUT_PIXELS: u64 = 4 * MAX_INPUT_PIXELS;
 
 /// How an API names the shared fields, so errors name them as the client sent them.
 #[derive(Debug, Clone, Copy)]
@@ -158,14 +163,28 @@ pub fn decode_base64(field: &str, s: &str) -> Result<Vec<u8>, ApiError> {
     base64_engine().decode(clean.as_bytes()).map_err(|e| ApiError::invalid(field, format!("not valid base64 ({e}); send a base64-encoded PNG or JPEG")))
 }
 
-/// Decodes image bytes (PNG or JPEG) with size limits.
+/// Decodes image bytes (PNG or JPEG) with size limits: the dimensions are read from the header
+/// and refused before a single pixel is allocated.
 pub fn decode_image_bytes(field: &str, bytes: &[u8]) -> Result<DynamicImage, ApiError> {
-    let mut reader = image::ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| ApiError::invalid(field, format!("cannot read the image: {e}")))?;
+    let open = || {
+        image::ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| ApiError::invalid(field, format!("cannot read the image: {e}")))
+    };
+    let (w, h) = open()?.into_dimensions().map_err(|e| ApiError::invalid(field, format!("not a readable PNG or JPEG image ({e})")))?;
+    if w == 0 || h == 0 {
+        return Err(ApiError::invalid(field, "the image has no pixels"));
+    }
+    if w > MAX_INPUT_SIDE || h > MAX_INPUT_SIDE || u64::from(w) * u64::from(h) > MAX_INPUT_PIXELS {
+        return Err(ApiError::invalid(
+            field,
+            format!("the image is {w}×{h}; images may have at most {MAX_INPUT_SIDE} px a side and {MAX_INPUT_PIXELS} pixels (4096×4096): scale it down"),
+        ));
+    }
+    let mut reader = open()?;
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_INPUT_SIDE);
     limits.max_image_height = Some(MAX_INPUT_SIDE);
+    // 16-bit RGBA is the widest decoded layout: 8 bytes a pixel.
+    limits.max_alloc = Some(MAX_INPUT_PIXELS * 8 + (1 << 20));
     reader.limits(limits);
     let img = reader.decode().map_err(|e| ApiError::invalid(field, format!("not a decodable PNG or JPEG image ({e})")))?;
     if img.width() == 0 || img.height() == 0 {
@@ -194,8 +213,78 @@ pub fn from_value<T: DeserializeOwned>(v: Value) -> Result<T, ApiError> {
     })
 }
 
-/// Parses a body as a JSON object.
+/// Deepest JSON nesting a request may use.
+pub const MAX_JSON_DEPTH: usize = 32;
+/// Most items of one JSON array (`loras`, `controlnets`, A1111 `script_args`, …).
+pub const MAX_JSON_ARRAY_ITEMS: usize = 1024;
+/// Most JSON values in one body.
+pub const MAX_JSON_VALUES: usize = 100_000;
+
+/// Bounds a JSON body's shape in one linear pass over its bytes, before it is parsed: a 50 MB body
+/// of `[0,0,…]` would otherwise become a 25-million-element tree. Errors name the array or object
+/// as a path (`alwayson_scripts.controlnet.args`).
+pub fn check_json_shape(body: &[u8]) -> Result<(), ApiError> {
+    struct Level {
+        array: bool,
+        items: usize,
+        path: String,
+    }
+    let too_big = |field: &str, msg: String| ApiError::new(axum::http::StatusCode::BAD_REQUEST, "request_too_complex", Some(field.to_string()), msg);
+    let mut stack: Vec<Level> = Vec::new();
+    let mut last_string = (0, 0);
+    let mut key = String::new();
+    let mut values = 0usize;
+    let mut i = 0;
+    while i < body.len() {
+        match body[i] {
+            b'"' => {
+                let start = i + 1;
+                i += 1;
+                while i < body.len() && body[i] != b'"' {
+                    i += if body[i] == b'\\' { 2 } else { 1 };
+                }
+                last_string = (start, i.min(body.len()));
+            }
+            b':' => key = String::from_utf8_lossy(&body[last_string.0..last_string.1.min(last_string.0 + 64)]).into_owned(),
+            c @ (b'[' | b'{') => {
+                let path = match stack.last() {
+                    None => String::new(),
+                    Some(l) if l.array => format!("{}[{}]", l.path, l.items),
+                    Some(l) if l.path.is_empty() => key.clone(),
+                    Some(l) => format!("{}.{key}", l.path),
+                };
+                if stack.len() >= MAX_JSON_DEPTH {
+                    return Err(too_big(if path.is_empty() { "body" } else { &path }, format!("JSON nested more than {MAX_JSON_DEPTH} deep")));
+                }
+                stack.push(Level { array: c == b'[', items: 0, path });
+            }
+            b']' | b'}' => {
+                stack.pop();
+            }
+            b',' => {
+                // n commas separate at least n + 1 values.
+                values += 1;
+                if values >= MAX_JSON_VALUES {
+                    return Err(too_big("body", format!("more than {MAX_JSON_VALUES} JSON values")));
+                }
+                if let Some(top) = stack.last_mut().filter(|l| l.array) {
+                    top.items += 1;
+                    if top.items >= MAX_JSON_ARRAY_ITEMS {
+                        let field = if top.path.is_empty() { "body" } else { top.path.as_str() };
+                        return Err(too_big(field, format!("more than {MAX_JSON_ARRAY_ITEMS} items in one list")));
+                    }
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// Parses a body as a JSON object (its shape bounded first by [`check_json_shape`]).
 pub fn parse_json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> {
+    check_json_shape(body)?;
     let v: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::new(axum::http::StatusCode::BAD_REQUEST, "malformed_json", Some("body".into()), format!("the body is not valid JSON: {e}"))
     })?;
@@ -377,6 +466,27 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
             sampler.schedule = Some(schedule);
         }
     }
+    if let Some(cfg) = &model.scheduler {
+        // The sampler's own limits (LCM's 50 steps, …) are refused here, not when the job runs.
+        build_scheduler(sampler, cfg, steps).map_err(|e| {
+            let field = match e {
+                sd_pipelines::Error::InvalidSteps { .. } => names.steps,
+                sd_pipelines::Error::UnsupportedSchedule { .. } => names.schedule,
+                _ => names.sampler,
+            };
+            ApiError::invalid(field, e.to_string())
+        })?;
+    }
+    for (field, text) in [("prompt", &input.prompt), ("negative_prompt", &input.negative_prompt)] {
+        if flux {
+            // FLUX reads its prompt literally (T5 and CLIP), so only its size is bounded.
+            if text.len() > MAX_PROMPT_BYTES {
+                return Err(ApiError::invalid(field, format!("{} bytes is longer than the {MAX_PROMPT_BYTES} bytes a prompt may have", text.len())));
+            }
+        } else {
+            validate_prompt(field, text).map_err(|e| ApiError::invalid(field, e.to_string()))?;
+        }
+    }
     let seed = match input.seed {
         Some(s) if s >= 0 => s as u64,
         _ => random_seed(),
@@ -389,6 +499,19 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
     };
     let resolved = state.loras.resolve_all(&input.loras)?;
     let controlnets = state.controlnets.resolve_all(&input.controlnets, &names.controlnet, model.unet.as_ref())?;
+    let pixels = |img: &DynamicImage| u64::from(img.width()) * u64::from(img.height());
+    let mut job_pixels: u64 = controlnets.iter().map(|c| pixels(&c.image)).sum();
+    match &op {
+        OpInput::Generation => {}
+        OpInput::Transform { image, .. } => job_pixels += pixels(image),
+        OpInput::Inpaint { image, mask, .. } => job_pixels += pixels(image) + pixels(mask),
+    }
+    if job_pixels > MAX_JOB_INPUT_PIXELS {
+        return Err(ApiError::invalid(
+            names.controlnet.list,
+            format!("the job's images have {job_pixels} pixels together; at most {MAX_JOB_INPUT_PIXELS}: send smaller or fewer pictures"),
+        ));
+    }
     let control_summary: Vec<_> = controlnets.iter().map(|c| c.summary()).collect();
     let (operation, strength) = match op {
         OpInput::Generation => (Operation::Generation, None),
@@ -457,4 +580,30 @@ fn check_strength(field: &str, s: f64, steps: usize, inpaint: bool) -> Result<f6
         return Err(ApiError::invalid(field, format!("{s} × {steps} steps leaves no denoising step; raise the strength or the steps")));
     }
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(body: &str) -> Option<String> {
+        check_json_shape(body.as_bytes()).err().and_then(|e| e.field)
+    }
+
+    #[test]
+    fn json_shape_limits_name_the_list() {
+        assert_eq!(field_of(r#"{"prompt":"a, b, [c] {d}","loras":[{"name":"x"}]}"#), None);
+        let many = format!(r#"{{"loras":[{}]}}"#, vec!["0"; MAX_JSON_ARRAY_ITEMS + 1].join(","));
+        assert_eq!(field_of(&many).as_deref(), Some("loras"));
+        let nested = format!(r#"{{"alwayson_scripts":{{"controlnet":{{"args":[{}]}}}}}}"#, vec!["{}"; MAX_JSON_ARRAY_ITEMS + 1].join(","));
+        assert_eq!(field_of(&nested).as_deref(), Some("alwayson_scripts.controlnet.args"));
+        let deep = "[".repeat(MAX_JSON_DEPTH + 1);
+        assert!(field_of(&deep).is_some());
+        assert_eq!(field_of(&"[".repeat(MAX_JSON_DEPTH)), None);
+        // Commas and brackets inside strings (with escaped quotes) do not count.
+        let text = format!(r#"{{"prompt":"{}\" ,[[["}}"#, ",".repeat(MAX_JSON_VALUES + 5));
+        assert_eq!(field_of(&text), None);
+        let flat = format!(r#"{{{}}}"#, (0..MAX_JSON_VALUES + 1).map(|i| format!(r#""k{i}":0"#)).collect::<Vec<_>>().join(","));
+        assert_eq!(field_of(&flat).as_deref(), Some("body"));
+    }
 }

@@ -47,6 +47,9 @@ pub struct ModelInfo {
     pub is_inpaint: bool,
     /// The UNet's config, which ControlNets are checked against before a job is queued.
     pub unet: Option<sd_models::UNetConfig>,
+    /// The model's scheduler config, which sampler/step choices are checked against before a job
+    /// is queued (`None` for FLUX, whose flow-matching schedule takes any step count).
+    pub scheduler: Option<sd_pipelines::schedulers::SchedulerConfig>,
 }
 
 /// Model loading state.
@@ -82,6 +85,7 @@ pub struct AppState {
     current: Mutex<Option<Arc<Job>>>,
     /// Counters and histograms.
     pub metrics: Metrics,
+    subscribers: std::sync::atomic::AtomicUsize,
     id_seed: u64,
     next_id: AtomicU64,
 }
@@ -103,6 +107,7 @@ impl AppState {
             queue: Mutex::new(Queue { waiting: 0, shutting_down: false, tx: Some(tx) }),
             current: Mutex::new(None),
             metrics: Metrics::default(),
+            subscribers: std::sync::atomic::AtomicUsize::new(0),
             id_seed: h.finish(),
             next_id: AtomicU64::new(1),
         }
@@ -143,8 +148,8 @@ impl AppState {
         format!("job_{:012x}{:04x}", h.finish() >> 16, n & 0xffff)
     }
 
-    /// Queues a job, or answers 429 (queue full) / 503 (shutting down).
-    pub fn submit(&self, spec: JobSpec, parameters: Value) -> Result<Arc<Job>, ApiError> {
+    /// Queues a job for `owner`, or answers 429 (queue full) / 503 (shutting down).
+    pub fn submit(&self, spec: JobSpec, parameters: Value, owner: Option<String>) -> Result<Arc<Job>, ApiError> {
         let mut q = lock(&self.queue);
         if q.shutting_down {
             return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", None, "the worker is shutting down; use another worker"));
@@ -161,7 +166,7 @@ impl AppState {
             )
             .with_retry_after(wait));
         }
-        let job = Arc::new(Job::new(self.new_id(), spec, parameters));
+        let job = Arc::new(Job::new(self.new_id(), spec, parameters, owner));
         let Some(tx) = q.tx.as_ref() else {
             return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", None, "the engine has stopped"));
         };
@@ -173,7 +178,69 @@ impl AppState {
         // The queue lock is held, so the engine cannot unqueue this job before it is counted.
         q.waiting += 1;
         tracing::info!(job_id = %job.id, operation = job.operation, queued = q.waiting, "job queued");
+        drop(q);
+        self.trim_store();
         Ok(job)
+    }
+
+    /// Evicts the oldest finished jobs until the table is within `--max-stored-jobs` and
+    /// `--max-stored-bytes` (queued and running jobs always stay).
+    pub fn trim_store(&self) {
+        let cap = &self.config.store;
+        let mut jobs = lock(&self.jobs);
+        let mut total: usize = 0;
+        let mut finished = Vec::new();
+        for j in jobs.values() {
+            let bytes = j.stored_bytes();
+            total += bytes;
+            if let Some(t) = j.finished_at() {
+                finished.push((t, j.id.clone(), bytes));
+            }
+        }
+        if jobs.len() <= cap.max_jobs && total <= cap.max_bytes {
+            return;
+        }
+        finished.sort_by_key(|f| f.0);
+        let mut evicted = 0usize;
+        for (_, id, bytes) in finished {
+            if jobs.len() <= cap.max_jobs && total <= cap.max_bytes {
+                break;
+            }
+            jobs.remove(&id);
+            total -= bytes;
+            evicted += 1;
+        }
+        self.metrics.evicted.fetch_add(evicted as u64, Ordering::Relaxed);
+        tracing::debug!(evicted, jobs = jobs.len(), bytes = total, "job store trimmed");
+    }
+
+    /// Bytes the job table holds (what `--max-stored-bytes` bounds).
+    pub fn stored_bytes(&self) -> usize {
+        lock(&self.jobs).values().map(|j| j.stored_bytes()).sum()
+    }
+
+    /// Jobs in the table.
+    pub fn stored_jobs(&self) -> usize {
+        lock(&self.jobs).len()
+    }
+
+    /// Registers an SSE stream on `job`, or answers 429 when the per-job or total cap is reached.
+    pub fn subscribe(self: &Arc<Self>, job: &Arc<Job>) -> Result<Subscription, ApiError> {
+        let limits = &self.config.http;
+        let full = |what: &str, n: usize| {
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_subscribers", Some("id".into()), format!("{n} event streams are open {what}, the limit; close one or poll GET /v1/jobs/{{id}}"))
+                .with_retry_after(1)
+        };
+        if self.subscribers.fetch_add(1, Ordering::SeqCst) >= limits.max_subscribers {
+            self.subscribers.fetch_sub(1, Ordering::SeqCst);
+            return Err(full("on this worker", limits.max_subscribers));
+        }
+        if job.subscribers.fetch_add(1, Ordering::SeqCst) >= limits.max_subscribers_per_job {
+            job.subscribers.fetch_sub(1, Ordering::SeqCst);
+            self.subscribers.fetch_sub(1, Ordering::SeqCst);
+            return Err(full("on this job", limits.max_subscribers_per_job));
+        }
+        Ok(Subscription { state: self.clone(), job: job.clone() })
     }
 
     /// Called once per job when it leaves the queue (started by the engine or cancelled).
@@ -209,6 +276,7 @@ impl AppState {
             self.unqueue();
             self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
             job.finish_error(crate::jobs::JobStatus::Cancelled, err);
+            self.trim_store();
         }
     }
 
@@ -236,6 +304,19 @@ impl AppState {
     /// Closes the queue so the engine thread exits once idle.
     pub fn close_queue(&self) {
         lock(&self.queue).tx = None;
+    }
+}
+
+/// An open SSE stream, counted against the subscriber caps until dropped.
+pub struct Subscription {
+    state: Arc<AppState>,
+    job: Arc<Job>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.job.subscribers.fetch_sub(1, Ordering::SeqCst);
+        self.state.subscribers.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -137,10 +137,15 @@ impl Resp {
 }
 
 fn raw_request(addr: SocketAddr, method: &str, path: &str, content_type: &str, body: &[u8]) -> Resp {
+    raw_request_with(addr, method, path, content_type, &[], body)
+}
+
+fn raw_request_with(addr: SocketAddr, method: &str, path: &str, content_type: &str, extra: &[(&str, &str)], body: &[u8]) -> Resp {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
+    let extra: String = extra.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: {content_type}\r\n{extra}Content-Length: {}\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes()).expect("write head");
@@ -274,9 +279,21 @@ fn txt2img_streams_progress_previews_and_a_png_with_metadata() {
         assert!(meta.contains("Steps: 6") && meta.contains("Seed: 42") && meta.contains("Size: 32x48") && meta.contains("Sampler: Euler a"), "{meta}");
     }
     // Status and result by id; a late subscriber gets the final state instead of a 404.
-    let st = s.get(&format!("/v1/jobs/{id}")).json();
+    let st = s.get(&format!("/v1/jobs/{id}?include_images=true")).json();
     assert_eq!(st["status"], "completed");
     assert_eq!(st["result"]["images"].as_array().map(Vec::len), Some(2));
+    // Without include_images a status poll carries each image's URL, not its bytes.
+    let plain = s.get(&format!("/v1/jobs/{id}")).json();
+    assert!(plain["result"].get("images").is_none(), "{plain}");
+    let urls = plain["result"]["image_urls"].as_array().cloned().unwrap_or_default();
+    assert_eq!(urls.len(), 2, "{plain}");
+    for (url, b64) in urls.iter().zip(complete["images"].as_array().cloned().unwrap_or_default()) {
+        let r = s.get(url.as_str().expect("url"));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, unb64(b64.as_str().expect("b64")), "the PNG at {url} is the streamed one");
+    }
+    assert_eq!(s.get(&format!("/v1/jobs/{id}/images/2")).status, 404);
+    assert_eq!(s.get(&format!("/v1/jobs/{id}?include_images=maybe")).status, 400);
     let late = s.stream(&id);
     assert_eq!(late.last().map(|e| e.0.as_str()), Some("complete"));
     assert_eq!(late.last().map(|e| &e.1["images"]), Some(&complete["images"]));
@@ -806,25 +823,41 @@ fn a_broken_lora_file_fails_its_job_only() {
 }
 
 #[test]
-fn a_synchronous_request_whose_client_leaves_is_cancelled() {
+fn a_synchronous_request_whose_client_half_closes_still_gets_its_answer() {
     let s = Server::start(config("sd15"));
-    let body = json!({"prompt": "long", "width": 32, "height": 32, "steps": 1000}).to_string();
+    let body = json!({"prompt": "half", "width": 32, "height": 32, "steps": 3}).to_string();
     let mut conn = TcpStream::connect(s.addr).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
     let head = format!("POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len());
     conn.write_all(head.as_bytes()).expect("head");
     conn.write_all(body.as_bytes()).expect("body");
-    let t0 = Instant::now();
-    let job = loop {
-        let p = s.get("/sdapi/v1/progress?skip_current_image=true").json();
-        if p["state"]["sampling_step"].as_u64().unwrap_or(0) >= 1 {
-            break p["current_task"].as_str().expect("task").to_string();
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "never started");
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    // "Nothing more to send": the request is complete and the answer is still wanted.
+    conn.shutdown(std::net::Shutdown::Write).expect("half-close");
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw).expect("read the answer");
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 200"), "{}", &text[..text.len().min(300)]);
+    assert!(text.contains("\"images\""), "{}", &text[..text.len().min(300)]);
+    s.assert_serving();
+    s.shutdown();
+}
+
+#[test]
+fn a_synchronous_request_whose_client_leaves_does_not_block_the_worker() {
+    // A client that closes its socket cannot be told from one that only half-closed it until the
+    // answer is written, so its job runs to the end; the worker keeps serving meanwhile.
+    let mut cfg = config("sd15");
+    cfg.queue_capacity = 1;
+    let s = Server::start(cfg);
+    let body = json!({"prompt": "gone", "size": "32x32", "steps": 4}).to_string();
+    let mut conn = TcpStream::connect(s.addr).expect("connect");
+    let head = format!("POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len());
+    conn.write_all(head.as_bytes()).expect("head");
+    conn.write_all(body.as_bytes()).expect("body");
     drop(conn);
-    let st = s.wait_status(&job, |v| v["status"] != "running");
-    assert_eq!(st["status"], "cancelled", "{st}");
+    let c = s.submit(&json!({"operation": "image_generation", "prompt": "c", "width": 32, "height": 32, "steps": 2, "seed": 2}));
+    assert_eq!(s.stream(&c).last().map(|e| e.0.as_str()), Some("complete"));
+    s.assert_serving();
     s.shutdown();
 }
 
@@ -842,35 +875,6 @@ fn a_single_file_checkpoint_loads_with_its_config_folder() {
     assert_eq!(r.status, 500, "{}", r.text());
     assert_eq!(r.json()["error"]["code"], "generation_failed");
     assert_eq!(s.get("/health").status, 200);
-    s.shutdown();
-}
-
-#[test]
-fn a_queued_synchronous_request_whose_client_leaves_frees_its_slot() {
-    let mut cfg = config("sd15");
-    cfg.queue_capacity = 1;
-    let s = Server::start(cfg);
-    let a = s.submit(&json!({"operation": "image_generation", "prompt": "long", "width": 32, "height": 32, "steps": 1000, "seed": 1}));
-    s.wait_status(&a, |v| v["status"] == "running");
-    let body = json!({"prompt": "queued", "size": "32x32", "steps": 2}).to_string();
-    let mut conn = TcpStream::connect(s.addr).expect("connect");
-    let head = format!("POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len());
-    conn.write_all(head.as_bytes()).expect("head");
-    conn.write_all(body.as_bytes()).expect("body");
-    let t0 = Instant::now();
-    while !s.get("/metrics").text().contains("sd_worker_queue_depth 1") {
-        assert!(t0.elapsed() < Duration::from_secs(60), "never queued");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    drop(conn);
-    let t0 = Instant::now();
-    while !s.get("/metrics").text().contains("sd_worker_queue_depth 0") {
-        assert!(t0.elapsed() < Duration::from_secs(60), "the slot was never freed");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let c = s.submit(&json!({"operation": "image_generation", "prompt": "c", "width": 32, "height": 32, "steps": 2, "seed": 2}));
-    assert_eq!(s.delete(&format!("/v1/jobs/{a}")).status, 202);
-    assert_eq!(s.stream(&c).last().map(|e| e.0.as_str()), Some("complete"));
     s.shutdown();
 }
 
@@ -956,6 +960,9 @@ fn bad_controlnet_requests_name_the_field() {
         (json!([{"model": "sd15", "image": img, "start": 1.5}]), 400, "controlnets[0].start"),
         (json!([{"model": "sd15", "image": img, "preprocessor": "depth_midas"}]), 400, "controlnets[0].preprocessor"),
         (json!([{"model": "sd15", "image": img, "preprocessor": "canny", "low_threshold": 300, "high_threshold": 100}]), 400, "controlnets[0].low_threshold"),
+        // A zero threshold used to panic inside the edge detector (an internal error, 500 on sync routes).
+        (json!([{"model": "sd15", "image": img, "preprocessor": "canny", "low_threshold": 0}]), 400, "controlnets[0].low_threshold"),
+        (json!([{"model": "sd15", "image": img, "preprocessor": "canny", "low_threshold": 0, "high_threshold": 0}]), 400, "controlnets[0].low_threshold"),
         (json!([{"model": "sd15", "image": "%%%not base64"}]), 400, "controlnets[0].image"),
         (json!([{"model": "sd15", "image": b64(b"plain text, not an image")}]), 400, "controlnets[0].image"),
         (json!([{"model": "sd15"}]), 400, "controlnets[0].image"),
@@ -1111,5 +1118,336 @@ fn a1111_controlnet_extension_units_are_honoured() {
     let r = s.post("/sdapi/v1/txt2img", &with(json!([{"image": img, "model": "../sd15.safetensors"}])));
     assert_error(&r, 400, "alwayson_scripts.controlnet.args[0].model");
     s.assert_serving();
+    s.shutdown();
+}
+
+// ---- Hardening: every limit is checked before a job is queued, nothing can hang or exhaust the worker ----
+
+#[test]
+fn sampler_step_limits_are_refused_before_queueing_on_every_route() {
+    let s = Server::start(config("sd15"));
+    // LCM runs at most its original 50 steps: a 400 naming steps, never a 202 then a failed job.
+    let r = s.post("/sdapi/v1/txt2img", &json!({"prompt": "x", "sampler_name": "LCM", "steps": 60, "width": 32, "height": 32}));
+    assert_error(&r, 400, "steps");
+    let r = s.post("/v1/jobs", &json!({"operation": "image_generation", "prompt": "x", "sampler": "LCM", "steps": 60, "width": 32, "height": 32}));
+    assert_error(&r, 400, "steps");
+    let r = s.post("/v1/jobs", &json!({"operation": "image_generation", "prompt": "x", "sampler": "LCM", "steps": 4, "width": 32, "height": 32}));
+    assert_eq!(r.status, 202, "{}", r.text());
+    s.assert_serving();
+    s.shutdown();
+}
+
+#[test]
+fn hostile_prompts_are_refused_with_the_field_named() {
+    let s = Server::start(config("sd15"));
+    let huge_weight = format!("(a:{})", "9".repeat(40));
+    let cases: Vec<(Value, &str)> = vec![
+        // f32 infinity used to give an all-black image with no error.
+        (json!({"prompt": huge_weight}), "prompt"),
+        (json!({"prompt": "(a:1000)"}), "prompt"),
+        (json!({"prompt": "ok", "negative_prompt": "(".repeat(40) + "deep"}), "negative_prompt"),
+        (json!({"prompt": "x".repeat(sd_pipelines::prompt::MAX_PROMPT_BYTES + 1)}), "prompt"),
+        (json!({"prompt": vec!["a"; 40].join(" BREAK ")}), "prompt"),
+    ];
+    for (fields, field) in cases {
+        let mut body = json!({"operation": "image_generation", "width": 32, "height": 32, "steps": 2});
+        for (k, v) in fields.as_object().expect("object") {
+            body[k] = v.clone();
+        }
+        assert_error(&s.post("/v1/jobs", &body), 400, field);
+        body.as_object_mut().expect("object").remove("operation");
+        assert_error(&s.post("/sdapi/v1/txt2img", &body), 400, field);
+    }
+    // A long, bracket-heavy prompt within the limits is accepted and runs.
+    let id = s.submit(&json!({"operation": "image_generation", "prompt": "(a)[b]".repeat(300), "width": 32, "height": 32, "steps": 1}));
+    assert_eq!(s.stream(&id).last().map(|e| e.0.as_str()), Some("complete"));
+    s.assert_serving();
+    s.shutdown();
+}
+
+#[test]
+fn a_malformed_job_id_gets_a_json_error() {
+    let s = Server::start(config("sd15"));
+    for (method, path) in [("GET", "/v1/jobs/%FF"), ("DELETE", "/v1/jobs/%FF"), ("GET", "/v1/jobs/%FF/stream")] {
+        let r = s.request(method, path, "application/json", b"");
+        assert_error(&r, 400, "id");
+    }
+    s.shutdown();
+}
+
+/// A minimal PNG whose header declares `w`×`h` and whose pixel data is a few bytes: only a check
+/// of the header can refuse it without allocating the pixels.
+fn png_header_only(w: u32, h: u32) -> Vec<u8> {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut c = 0xffff_ffffu32;
+        for b in bytes {
+            c ^= u32::from(*b);
+            for _ in 0..8 {
+                c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
+            }
+        }
+        !c
+    }
+    fn chunk(out: &mut Vec<u8>, kind: &[u8], data: &[u8]) {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        out.extend_from_slice(&body);
+        out.extend_from_slice(&crc32(&body).to_be_bytes());
+    }
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[16, 6, 0, 0, 0]); // 16-bit RGBA: 8 bytes a pixel once decoded
+    chunk(&mut out, b"IHDR", &ihdr);
+    chunk(&mut out, b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
+    chunk(&mut out, b"IEND", &[]);
+    out
+}
+
+#[test]
+fn image_dimensions_are_checked_from_the_header_before_decoding() {
+    let s = Server::start(config("sd15"));
+    // 30000² × 8 bytes would be 7.2 GB decoded; 5000×4000 passes the side limit but not the pixel cap.
+    for (w, h) in [(30000, 30000), (5000, 4000), (8192, 8192)] {
+        let bytes = png_header_only(w, h);
+        assert!(bytes.len() < 100 * 1024);
+        let r = s.post("/v1/jobs", &json!({"operation": "image_transform", "prompt": "x", "input_image": b64(&bytes), "steps": 2}));
+        let v = assert_error(&r, 400, "input_image");
+        assert!(v["error"]["message"].as_str().unwrap_or_default().contains(&format!("{w}×{h}")), "{v}");
+        let r = s.post("/sdapi/v1/img2img", &json!({"prompt": "x", "init_images": [b64(&bytes)], "steps": 2}));
+        assert_eq!(r.status, 400, "{}", r.text());
+    }
+    s.assert_serving();
+    s.shutdown();
+}
+
+#[test]
+fn oversized_json_lists_are_refused_before_parsing() {
+    let s = Server::start(config("sd15"));
+    let loras: Vec<Value> = (0..5000).map(|i| json!({"name": format!("l{i}")})).collect();
+    let r = s.post("/v1/jobs", &json!({"operation": "image_generation", "prompt": "x", "loras": loras}));
+    assert_error(&r, 400, "loras");
+    let args: Vec<Value> = (0..5000).map(|_| json!({})).collect();
+    let r = s.post("/sdapi/v1/txt2img", &json!({"prompt": "x", "alwayson_scripts": {"controlnet": {"args": args}}}));
+    assert_error(&r, 400, "alwayson_scripts.controlnet.args");
+    s.assert_serving();
+    s.shutdown();
+}
+
+fn quick_timeouts(mut cfg: WorkerConfig) -> WorkerConfig {
+    cfg.http.header_timeout = Duration::from_millis(500);
+    cfg.http.body_timeout = Duration::from_millis(500);
+    cfg
+}
+
+#[test]
+fn a_huge_announced_body_is_refused_at_once() {
+    let s = Server::start(config("sd15"));
+    let mut conn = TcpStream::connect(s.addr).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let head = "POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000000000000\r\n\r\n{";
+    conn.write_all(head.as_bytes()).expect("head");
+    let mut buf = vec![0u8; 4096];
+    let n = conn.read(&mut buf).expect("an answer without sending the terabyte");
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("\"field\":\"body\""), "{text}");
+    s.assert_serving();
+    s.shutdown();
+}
+
+#[test]
+fn slow_headers_and_slow_bodies_are_cut_off() {
+    let s = Server::start(quick_timeouts(config("sd15")));
+    // Headers that never end: the connection is closed after the header timeout.
+    let mut slow = TcpStream::connect(s.addr).expect("connect");
+    slow.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").expect("partial head");
+    let t0 = Instant::now();
+    let mut buf = Vec::new();
+    let _ = slow.read_to_end(&mut buf);
+    assert!(t0.elapsed() < Duration::from_secs(5), "held for {:?}", t0.elapsed());
+    // An idle keep-alive connection goes the same way.
+    let mut idle = TcpStream::connect(s.addr).expect("connect");
+    idle.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let t0 = Instant::now();
+    let _ = idle.read_to_end(&mut Vec::new());
+    assert!(t0.elapsed() < Duration::from_secs(5), "idle connection held for {:?}", t0.elapsed());
+    // A body that stops arriving: a JSON error naming the body.
+    let mut conn = TcpStream::connect(s.addr).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    conn.write_all(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\":").expect("partial body");
+    let mut buf = Vec::new();
+    let _ = conn.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 4"), "{text}");
+    assert!(text.contains("\"field\":\"body\""), "{text}");
+    s.assert_serving();
+    s.shutdown();
+}
+
+#[test]
+fn connections_beyond_the_cap_get_a_503_and_the_worker_recovers() {
+    let mut cfg = config("sd15");
+    cfg.http.max_connections = 2;
+    cfg.http.header_timeout = Duration::from_secs(3);
+    let s = Server::start(cfg);
+    let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(s.addr).expect("connect")).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut third = TcpStream::connect(s.addr).expect("connect");
+    third.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut buf = Vec::new();
+    let _ = third.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 503") && text.contains("too_many_connections"), "{text}");
+    drop(held);
+    let t0 = Instant::now();
+    while s.get("/metrics").status != 200 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "never recovered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!s.get("/metrics").text().contains("sd_worker_refused_connections_total 0"));
+    s.assert_serving();
+    s.shutdown();
+}
+
+#[test]
+fn the_job_store_is_bounded_in_count_and_bytes_oldest_finished_first() {
+    let mut cfg = config("sd15");
+    cfg.queue_capacity = 1;
+    cfg.store.max_jobs = 3;
+    let s = Server::start(cfg);
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let id = s.submit(&json!({"operation": "image_generation", "prompt": "x", "width": 32, "height": 32, "steps": 1, "seed": i}));
+        s.stream(&id);
+        ids.push(id);
+    }
+    let kept: Vec<bool> = ids.iter().map(|id| s.get(&format!("/v1/jobs/{id}")).status == 200).collect();
+    assert_eq!(kept, [false, false, true, true, true]);
+    assert!(s.get("/metrics").text().contains("sd_worker_evicted_jobs_total 2"));
+    s.shutdown();
+
+    // A byte cap below two results keeps only the newest finished job.
+    let mut cfg = config("sd15");
+    cfg.store.max_bytes = 1;
+    let s = Server::start(cfg);
+    let a = s.submit(&json!({"operation": "image_generation", "prompt": "a", "width": 32, "height": 32, "steps": 1}));
+    s.stream(&a);
+    assert_eq!(s.get(&format!("/v1/jobs/{a}")).status, 404, "over the byte cap on its own");
+    s.shutdown();
+}
+
+#[test]
+fn event_streams_are_capped_per_job_and_in_total() {
+    let mut cfg = config("sd15");
+    cfg.http.max_subscribers_per_job = 1;
+    cfg.http.max_subscribers = 2;
+    let s = Server::start(cfg);
+    let a = s.submit(&json!({"operation": "image_generation", "prompt": "long", "width": 32, "height": 32, "steps": 1000, "seed": 1}));
+    let open = |id: &str| {
+        let mut c = TcpStream::connect(s.addr).expect("connect");
+        c.write_all(format!("GET /v1/jobs/{id}/stream HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).expect("write");
+        c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let mut buf = [0u8; 12];
+        c.read_exact(&mut buf).expect("status line");
+        assert_eq!(&buf, b"HTTP/1.1 200");
+        c
+    };
+    let first = open(&a);
+    assert_error(&s.get(&format!("/v1/jobs/{a}/stream")), 429, "id");
+    let b = s.submit(&json!({"operation": "image_generation", "prompt": "b", "width": 32, "height": 32, "steps": 1, "seed": 2}));
+    let second = open(&b);
+    let c = s.submit(&json!({"operation": "image_generation", "prompt": "c", "width": 32, "height": 32, "steps": 1, "seed": 3}));
+    assert_error(&s.get(&format!("/v1/jobs/{c}/stream")), 429, "id");
+    // A closed stream frees its place once the worker notices (at its next event or keep-alive).
+    drop((first, second));
+    assert_eq!(s.delete(&format!("/v1/jobs/{a}")).status, 202);
+    s.wait_status(&b, |v| v["status"] == "completed");
+    let t0 = Instant::now();
+    loop {
+        let r = s.get(&format!("/v1/jobs/{c}/stream"));
+        if r.status == 200 {
+            break;
+        }
+        assert_error(&r, 429, "id");
+        assert!(t0.elapsed() < Duration::from_secs(30), "closed streams were never released");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.shutdown();
+}
+
+fn b64_basic(user: &str, pass: &str) -> String {
+    format!("Basic {}", b64(format!("{user}:{pass}").as_bytes()))
+}
+
+#[test]
+fn api_keys_and_basic_auth_guard_every_route_but_the_probes_and_jobs_belong_to_their_caller() {
+    let mut cfg = config("sd15");
+    cfg.auth.api_keys = vec!["key-one".into(), "key-two".into()];
+    cfg.auth.basic = vec![("webui".into(), "secret".into())];
+    let s = Server::start(cfg);
+    let call = |method: &str, path: &str, auth: Option<&str>, body: &[u8]| {
+        let h: Vec<(&str, &str)> = auth.map(|a| vec![("Authorization", a)]).unwrap_or_default();
+        raw_request_with(s.addr, method, path, "application/json", &h, body)
+    };
+    assert_eq!(call("GET", "/health", None, b"").status, 200);
+    assert_eq!(call("GET", "/ready", None, b"").status, 200);
+    for (method, path) in [("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/jobs"), ("GET", "/sdapi/v1/progress"), ("POST", "/sdapi/v1/interrupt"), ("GET", "/v1/jobs/x")] {
+        let r = call(method, path, None, b"{}");
+        assert_error(&r, 401, "authorization");
+        assert!(r.header("www-authenticate").is_some_and(|v| v.contains("Basic")), "{method} {path}");
+        assert_error(&call(method, path, Some("Bearer key-three"), b"{}"), 401, "authorization");
+        assert_error(&call(method, path, Some(&b64_basic("webui", "wrong")), b"{}"), 401, "authorization");
+    }
+    assert_eq!(call("GET", "/v1/models", Some("Bearer key-two"), b"").status, 200);
+    assert_eq!(call("GET", "/sdapi/v1/sd-models", Some(&b64_basic("webui", "secret")), b"").status, 200);
+    // A job submitted with one credential is not another's to cancel or interrupt.
+    let body = json!({"operation": "image_generation", "prompt": "mine", "width": 32, "height": 32, "steps": 1000}).to_string();
+    let r = call("POST", "/v1/jobs", Some("Bearer key-one"), body.as_bytes());
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["job_id"].as_str().expect("id").to_string();
+    let t0 = Instant::now();
+    while call("GET", &format!("/v1/jobs/{id}"), Some("Bearer key-one"), b"").json()["status"] != "running" {
+        assert!(t0.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_error(&call("DELETE", &format!("/v1/jobs/{id}"), Some("Bearer key-two"), b""), 403, "id");
+    assert_eq!(call("POST", "/sdapi/v1/interrupt", Some(&b64_basic("webui", "secret")), b"").status, 200);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(call("GET", &format!("/v1/jobs/{id}"), Some("Bearer key-one"), b"").json()["status"], "running", "someone else's interrupt");
+    assert_eq!(call("POST", "/sdapi/v1/interrupt", Some("Bearer key-one"), b"").status, 200);
+    let t0 = Instant::now();
+    while call("GET", &format!("/v1/jobs/{id}"), Some("Bearer key-one"), b"").json()["status"] != "cancelled" {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the owner's interrupt stops it");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    s.shutdown();
+}
+
+#[test]
+fn cors_is_off_by_default_and_answers_only_configured_origins() {
+    let s = Server::start(config("sd15"));
+    let r = raw_request_with(s.addr, "GET", "/health", "application/json", &[("Origin", "https://app.example")], b"");
+    assert!(r.header("access-control-allow-origin").is_none());
+    s.shutdown();
+
+    let mut cfg = config("sd15");
+    cfg.cors_origins = vec!["https://app.example".into()];
+    cfg.auth.api_keys = vec!["k".into()];
+    let s = Server::start(cfg);
+    // A preflight carries no credentials and is answered before authentication.
+    let pre = [("Origin", "https://app.example"), ("Access-Control-Request-Method", "POST")];
+    let r = raw_request_with(s.addr, "OPTIONS", "/v1/jobs", "application/json", &pre, b"");
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(r.header("access-control-allow-origin"), Some("https://app.example".to_string()));
+    assert!(r.header("access-control-allow-headers").is_some_and(|h| h.contains("authorization")));
+    let r = raw_request_with(s.addr, "GET", "/v1/models", "application/json", &[("Origin", "https://app.example"), ("Authorization", "Bearer k")], b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("access-control-allow-origin"), Some("https://app.example".to_string()));
+    let r = raw_request_with(s.addr, "GET", "/v1/models", "application/json", &[("Origin", "https://evil.example"), ("Authorization", "Bearer k")], b"");
+    assert!(r.header("access-control-allow-origin").is_none());
     s.shutdown();
 }
