@@ -102,6 +102,25 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
 }
 
+impl Error {
+    /// The LoRA file the error is about, when it is about one (callers that applied several map
+    /// it back to the request that named it).
+    pub fn path(&self) -> Option<&std::path::Path> {
+        match self {
+            Error::NotFound { path }
+            | Error::Io { path, .. }
+            | Error::InvalidFile { path, .. }
+            | Error::NotALora { path, .. }
+            | Error::Unsupported { path, .. }
+            | Error::MissingPart { path, .. }
+            | Error::RankMismatch { path, .. }
+            | Error::NoMatch { path, .. } => Some(path),
+            Error::ShapeMismatch(m) => Some(&m.path),
+            Error::InvalidSpec(_) | Error::Candle(_) => None,
+        }
+    }
+}
+
 /// A LoRA update whose shape does not fit the model weight it targets.
 #[derive(Debug, thiserror::Error)]
 #[error("LoRA {path}: module {module} produces a {lora:?} update but the model weight {weight} is {model:?}; {hint}")]

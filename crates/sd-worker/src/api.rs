@@ -187,7 +187,7 @@ pub async fn models(State(st): St) -> Result<Json<serde_json::Value>, ApiError> 
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(st): St) -> Response {
     let ready = matches!(st.model_state(), ModelState::Ready(_));
-    let text = st.metrics.render(st.queue_depth(), st.current().is_some(), ready);
+    let text = st.metrics.render(st.queue_depth(), st.current().is_some(), ready, (st.stored_jobs(), st.stored_bytes()));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 

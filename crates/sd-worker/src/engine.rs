@@ -254,7 +254,7 @@ impl SdBackend {
         let models = load(&self.path, &opts).map_err(|e| JobError {
             code: "invalid_lora",
             message: format!("the LoRAs could not be applied: {e}"),
-            field: Some("loras".into()),
+            field: Some(lora_field(&e, wanted)),
         })?;
         self.models = models;
         self.applied = key;
@@ -377,6 +377,25 @@ fn engine_main(state: Arc<AppState>, rx: mpsc::Receiver<Arc<Job>>) {
 }
 
 type Failure = (JobStatus, JobError);
+
+/// `loras[i]` for the requested LoRA a loading error is about, else `loras`. Errors raised while
+/// the weights load reach here through candle, which keeps only their text, so the LoRA's path in
+/// the message identifies it when the typed error is gone.
+fn lora_field(e: &sd_models::Error, wanted: &[ResolvedLora]) -> String {
+    let typed = match e {
+        sd_models::Error::Extension(inner) => inner.downcast_ref::<sd_lora::Error>().and_then(sd_lora::Error::path),
+        _ => None,
+    };
+    let text = e.to_string();
+    let index = match typed {
+        Some(p) => wanted.iter().position(|l| l.path == p),
+        None => wanted.iter().position(|l| text.contains(&l.path.display().to_string())),
+    };
+    match index {
+        Some(i) => format!("loras[{i}]"),
+        None => "loras".into(),
+    }
+}
 
 fn failure(e: sd_pipelines::Error) -> Failure {
     use sd_pipelines::Error as E;

@@ -88,6 +88,9 @@ impl LoraFolders {
         if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
             return Err(ApiError::invalid(field, "LoRAs must be .safetensors files"));
         }
+        // The header is read now (no tensor data), so a corrupt or foreign file is a 400 at
+        // submission rather than a failed job later.
+        sd_lora::LoraAdapter::open(&path).map_err(|e| ApiError::invalid(field, e.to_string()))?;
         Ok(ResolvedLora { name, path, strength })
     }
 
@@ -192,9 +195,11 @@ mod tests {
         let d = std::env::temp_dir().join(format!("sd-worker-lora-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(d.join("loras/sub")).expect("temp dir");
-        std::fs::write(d.join("loras/a.safetensors"), b"x").expect("write");
-        std::fs::write(d.join("loras/sub/b.safetensors"), b"x").expect("write");
-        std::fs::write(d.join("secret.safetensors"), b"x").expect("write");
+        let lora = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/lora/sd15_kohya.safetensors")).expect("fixture");
+        std::fs::write(d.join("loras/a.safetensors"), &lora).expect("write");
+        std::fs::write(d.join("loras/sub/b.safetensors"), &lora).expect("write");
+        std::fs::write(d.join("loras/corrupt.safetensors"), b"x").expect("write");
+        std::fs::write(d.join("secret.safetensors"), &lora).expect("write");
         d
     }
 
@@ -221,8 +226,11 @@ mod tests {
             assert!(f.resolve_all(&[req(Some("link"), None)]).is_err());
             assert!(f.list().iter().all(|l| l.name != "link"));
         }
+        // A file that is not a LoRA is refused when the request is validated, naming the field.
+        let err = f.resolve_all(&[req(Some("a"), None), req(Some("corrupt"), None)]).expect_err("corrupt");
+        assert_eq!(err.field.as_deref(), Some("loras[1].name"));
         let names: Vec<String> = f.list().into_iter().map(|l| l.name).collect();
-        assert_eq!(names, ["a", "b"]);
+        assert_eq!(names, ["a", "b", "corrupt"]);
         let bad = LoraRequest { name: Some("a".into()), path: None, strength: Some(f64::NAN) };
         assert_eq!(f.resolve_all(&[bad]).expect_err("nan").field.as_deref(), Some("loras[0].strength"));
         let _ = std::fs::remove_dir_all(&d);

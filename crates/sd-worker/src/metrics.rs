@@ -63,8 +63,9 @@ impl Metrics {
         (g.1 > 0).then(|| g.0 / g.1 as f64)
     }
 
-    /// Renders every metric; `queue_depth` and `running` are gauges read by the caller.
-    pub fn render(&self, queue_depth: usize, running: bool, ready: bool) -> String {
+    /// Renders every metric; the gauges (`queue_depth`, `running`, `ready`, the job table's size)
+    /// are read by the caller.
+    pub fn render(&self, queue_depth: usize, running: bool, ready: bool, stored: (usize, usize)) -> String {
         let mut s = String::new();
         let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let _ = writeln!(s, "# HELP sd_worker_queue_depth Jobs waiting behind the running one.");
@@ -76,6 +77,12 @@ impl Metrics {
         let _ = writeln!(s, "# HELP sd_worker_model_ready Whether the model is loaded.");
         let _ = writeln!(s, "# TYPE sd_worker_model_ready gauge");
         let _ = writeln!(s, "sd_worker_model_ready {}", u8::from(ready));
+        let _ = writeln!(s, "# HELP sd_worker_stored_jobs Jobs held in memory (queued, running and finished).");
+        let _ = writeln!(s, "# TYPE sd_worker_stored_jobs gauge");
+        let _ = writeln!(s, "sd_worker_stored_jobs {}", stored.0);
+        let _ = writeln!(s, "# HELP sd_worker_stored_bytes Bytes of prompts, previews and images the job table holds.");
+        let _ = writeln!(s, "# TYPE sd_worker_stored_bytes gauge");
+        let _ = writeln!(s, "sd_worker_stored_bytes {}", stored.1);
         let _ = writeln!(s, "# HELP sd_worker_jobs_total Finished jobs by outcome.");
         let _ = writeln!(s, "# TYPE sd_worker_jobs_total counter");
         let _ = writeln!(s, "sd_worker_jobs_total{{outcome=\"completed\"}} {}", c(&self.completed));
@@ -112,10 +119,11 @@ mod tests {
         let m = Metrics::default();
         m.observe_step(Duration::from_millis(3));
         m.observe_step(Duration::from_millis(70));
-        let text = m.render(2, true, true);
+        let text = m.render(2, true, true, (3, 1000));
         assert!(text.contains("sd_worker_step_seconds_bucket{le=\"0.005\"} 1"), "{text}");
         assert!(text.contains("sd_worker_step_seconds_bucket{le=\"0.1\"} 2"), "{text}");
         assert!(text.contains("sd_worker_step_seconds_count 2"), "{text}");
         assert!(text.contains("sd_worker_queue_depth 2"), "{text}");
+        assert!(text.contains("sd_worker_stored_jobs 3") && text.contains("sd_worker_stored_bytes 1000"), "{text}");
     }
 }

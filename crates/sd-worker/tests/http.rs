@@ -1,246 +1,16 @@
 //! Integration tests: the real router on a real socket (127.0.0.1), the tiny fixture models, and a
 //! plain HTTP/1.1 client, so every byte goes over the wire as a client would send it.
 
+mod support;
+
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
-use sd_worker::{ModelSource, Worker, WorkerConfig};
+use sd_worker::WorkerConfig;
 use serde_json::{json, Value};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name)
-}
-
-fn config(model: &str) -> WorkerConfig {
-    let mut c = WorkerConfig::new(ModelSource::Path(fixture(model)));
-    c.limits.max_width = 256;
-    c.limits.max_height = 256;
-    c.limits.max_batch = 4;
-    c.limits.max_steps = 1000;
-    c.limits.max_body_bytes = 256 * 1024;
-    c
-}
-
-struct Server {
-    addr: SocketAddr,
-    rt: tokio::runtime::Runtime,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    handle: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
-}
-
-impl Server {
-    fn start(cfg: WorkerConfig) -> Self {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-        let worker = Worker::start(cfg).expect("worker");
-        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let handle = rt.spawn(worker.serve(listener, async move {
-            let _ = rx.await;
-        }));
-        let s = Self { addr, rt, stop: Some(tx), handle: Some(handle) };
-        let t0 = Instant::now();
-        loop {
-            let r = s.get("/ready");
-            if r.status == 200 {
-                break;
-            }
-            assert_eq!(r.status, 503, "{}", r.text());
-            assert!(t0.elapsed() < Duration::from_secs(120), "model never became ready");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        s
-    }
-
-    fn request(&self, method: &str, path: &str, content_type: &str, body: &[u8]) -> Resp {
-        raw_request(self.addr, method, path, content_type, body)
-    }
-    fn get(&self, path: &str) -> Resp {
-        self.request("GET", path, "application/json", b"")
-    }
-    fn post(&self, path: &str, body: &Value) -> Resp {
-        self.request("POST", path, "application/json", body.to_string().as_bytes())
-    }
-    fn delete(&self, path: &str) -> Resp {
-        self.request("DELETE", path, "application/json", b"")
-    }
-
-    /// Submits a native job and returns its id.
-    fn submit(&self, body: &Value) -> String {
-        let r = self.post("/v1/jobs", body);
-        assert_eq!(r.status, 202, "{}", r.text());
-        let v = r.json();
-        let id = v["job_id"].as_str().expect("job_id").to_string();
-        assert_eq!(v["sse_url"], format!("/v1/jobs/{id}/stream"));
-        id
-    }
-
-    /// Reads a job's SSE stream to its end.
-    fn stream(&self, id: &str) -> Vec<(String, Value)> {
-        let r = self.get(&format!("/v1/jobs/{id}/stream"));
-        assert_eq!(r.status, 200, "{}", r.text());
-        assert!(r.header("content-type").unwrap_or_default().starts_with("text/event-stream"));
-        parse_sse(&r.text())
-    }
-
-    fn wait_status(&self, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let t0 = Instant::now();
-        loop {
-            let v = self.get(&format!("/v1/jobs/{id}")).json();
-            if pred(&v) {
-                return v;
-            }
-            assert!(t0.elapsed() < Duration::from_secs(120), "job never reached the state: {v}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// The worker still answers and still runs jobs.
-    fn assert_serving(&self) {
-        assert_eq!(self.get("/health").status, 200);
-        let id = self.submit(&json!({"operation": "image_generation", "prompt": "ok", "width": 32, "height": 32, "steps": 2, "seed": 1}));
-        let ev = self.stream(&id);
-        assert_eq!(ev.last().map(|e| e.0.as_str()), Some("complete"), "{ev:?}");
-    }
-
-    fn shutdown(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(h) = self.handle.take() {
-            let r = self.rt.block_on(h).expect("join");
-            r.expect("serve");
-        }
-    }
-}
-
-#[derive(Debug)]
-struct Resp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
-    }
-    fn header(&self, name: &str) -> Option<String> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone())
-    }
-}
-
-fn raw_request(addr: SocketAddr, method: &str, path: &str, content_type: &str, body: &[u8]) -> Resp {
-    raw_request_with(addr, method, path, content_type, &[], body)
-}
-
-fn raw_request_with(addr: SocketAddr, method: &str, path: &str, content_type: &str, extra: &[(&str, &str)], body: &[u8]) -> Resp {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
-    let extra: String = extra.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: {content_type}\r\n{extra}Content-Length: {}\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).expect("write head");
-    // The server may answer (413) before reading a too-large body; the answer is still readable.
-    let _ = s.write_all(body);
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 65536];
-    loop {
-        match s.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !buf.is_empty() => break,
-            Err(e) => panic!("read: {e} after {} bytes", buf.len()),
-        }
-    }
-    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").expect("response head");
-    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status: u16 = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).expect("status");
-    let headers: Vec<(String, String)> =
-        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect();
-    let raw = buf[split + 4..].to_vec();
-    let chunked = headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
-    let body = if chunked { dechunk(&raw) } else { raw };
-    Resp { status, headers, body }
-}
-
-fn dechunk(mut raw: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") {
-        let size = usize::from_str_radix(String::from_utf8_lossy(&raw[..eol]).split(';').next().unwrap_or("0").trim(), 16).unwrap_or(0);
-        if size == 0 {
-            break;
-        }
-        let start = eol + 2;
-        out.extend_from_slice(&raw[start..(start + size).min(raw.len())]);
-        raw = &raw[(start + size + 2).min(raw.len())..];
-    }
-    out
-}
-
-fn parse_sse(text: &str) -> Vec<(String, Value)> {
-    let mut out = Vec::new();
-    for block in text.split("\n\n") {
-        let mut event = None;
-        let mut data = String::new();
-        for line in block.lines() {
-            if let Some(v) = line.strip_prefix("event:") {
-                event = Some(v.trim().to_string());
-            } else if let Some(v) = line.strip_prefix("data:") {
-                data.push_str(v.trim_start());
-            }
-        }
-        if let Some(e) = event {
-            out.push((e, serde_json::from_str(&data).unwrap_or_else(|err| panic!("bad SSE data ({err}): {data}"))));
-        }
-    }
-    out
-}
-
-fn b64(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-fn unb64(s: &str) -> Vec<u8> {
-    base64::engine::general_purpose::STANDARD.decode(s).expect("base64")
-}
-
-fn png(w: u32, h: u32, f: impl Fn(u32, u32) -> [u8; 3]) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb(f(x, y)));
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png).expect("png");
-    out.into_inner()
-}
-
-fn test_image() -> Vec<u8> {
-    png(32, 32, |x, y| [(x * 8) as u8, (y * 8) as u8, 128])
-}
-
-fn test_mask(w: u32, h: u32) -> Vec<u8> {
-    png(w, h, |x, _| if x >= w / 2 { [255, 255, 255] } else { [0, 0, 0] })
-}
-
-fn decode_png(b: &str) -> image::DynamicImage {
-    image::load_from_memory(&unb64(b)).expect("decodable image")
-}
-
-fn assert_error(r: &Resp, status: u16, field: &str) -> Value {
-    assert_eq!(r.status, status, "{}", r.text());
-    let v = r.json();
-    assert_eq!(v["error"]["field"], field, "{v}");
-    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
-    assert!(v["error"]["code"].is_string(), "{v}");
-    v
-}
+use support::*;
 
 #[test]
 fn txt2img_streams_progress_previews_and_a_png_with_metadata() {
@@ -804,17 +574,22 @@ fn loras_are_applied_per_request_and_removed_again() {
 }
 
 #[test]
-fn a_broken_lora_file_fails_its_job_only() {
+fn a_broken_lora_file_is_refused_and_a_lora_for_another_model_fails_its_job_only() {
     let (loras, root) = lora_dirs();
+    // A LoRA for SDXL: a well-formed file, which only the loaded model can tell does not fit.
+    std::fs::copy(fixture("lora/sdxl_diffusers_old.safetensors"), loras.join("xl.safetensors")).expect("copy");
     let mut cfg = config("sd15");
     cfg.lora_dirs = vec![loras];
     let s = Server::start(cfg);
-    let id = s.submit(&json!({"operation": "image_generation", "prompt": "p", "width": 32, "height": 32, "steps": 2, "loras": [{"name": "style"}]}));
+    // A file that is not a LoRA at all is refused before the job is queued.
+    let r = s.post("/v1/jobs", &json!({"operation": "image_generation", "prompt": "p", "width": 32, "height": 32, "steps": 2, "loras": [{"name": "style"}]}));
+    assert_error(&r, 400, "loras[0].name");
+    let id = s.submit(&json!({"operation": "image_generation", "prompt": "p", "width": 32, "height": 32, "steps": 2, "loras": [{"name": "xl"}]}));
     let ev = s.stream(&id);
     let (name, err) = ev.last().expect("events");
     assert_eq!(name, "error");
     assert_eq!(err["code"], "invalid_lora");
-    assert_eq!(err["field"], "loras[0]");
+    assert_eq!(err["field"], "loras[0]", "{err}");
     assert_eq!(s.get(&format!("/v1/jobs/{id}")).json()["status"], "failed");
     s.assert_serving();
     assert!(s.get("/metrics").text().contains("sd_worker_jobs_total{outcome=\"failed\"} 1"));
@@ -1451,3 +1226,221 @@ fn cors_is_off_by_default_and_answers_only_configured_origins() {
     assert!(r.header("access-control-allow-origin").is_none());
     s.shutdown();
 }
+
+// ---- Property: well-formed requests with valid and hostile field values on every route ----
+
+mod property {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
+
+    /// A field that is absent (1 in 5), valid (most often) or hostile (about 1 in 12).
+    fn field(valid: BoxedStrategy<Value>, hostile: BoxedStrategy<Value>) -> BoxedStrategy<Option<Value>> {
+        prop_oneof![3 => Just(None), 12 => valid.prop_map(Some), 1 => hostile.prop_map(Some)].boxed()
+    }
+
+    fn any_hostile() -> BoxedStrategy<Value> {
+        prop_oneof![
+            Just(json!(-1)),
+            Just(json!(0)),
+            Just(json!(u64::MAX)),
+            Just(json!(1e308)),
+            Just(json!(-1e308)),
+            Just(json!("NaN")),
+            Just(json!("")),
+            Just(json!(true)),
+            Just(json!([1, 2, 3])),
+            Just(json!({"nested": {"deeper": [[[]]]}})),
+            Just(json!("x".repeat(20_000))),
+            Just(json!("\u{0}\u{202e}💥")),
+        ]
+        .boxed()
+    }
+
+    fn prompt() -> BoxedStrategy<Value> {
+        prop_oneof![
+            Just(json!("a red fox")),
+            Just(json!("")),
+            Just(json!("(a:1.2) [b] BREAK c, d")),
+            Just(json!("\\(literal\\) :3)")),
+            "[a-z ,()\\[\\]:.0-9]{0,60}".prop_map(|s| json!(s)),
+        ]
+        .boxed()
+    }
+
+    fn hostile_prompt() -> BoxedStrategy<Value> {
+        prop_oneof![
+            Just(json!("(".repeat(200))),
+            Just(json!(format!("(a:{})", "9".repeat(40)))),
+            Just(json!("(a:1e3)".repeat(3))),
+            Just(json!(vec!["x"; 64].join(" BREAK "))),
+            any_hostile(),
+        ]
+        .boxed()
+    }
+
+    fn side() -> BoxedStrategy<Value> {
+        prop_oneof![Just(json!(32)), Just(json!(48)), Just(json!(64))].boxed()
+    }
+
+    fn steps() -> BoxedStrategy<Value> {
+        (1u64..=3).prop_map(|s| json!(s)).boxed()
+    }
+
+    fn sampler() -> BoxedStrategy<Value> {
+        prop_oneof![Just("Euler"), Just("Euler a"), Just("DDIM"), Just("DPM++ 2M"), Just("DPM++ 2M Karras"), Just("UniPC"), Just("LCM"), Just("Heun")]
+            .prop_map(|s| json!(s))
+            .boxed()
+    }
+
+    fn image_b64() -> BoxedStrategy<Value> {
+        Just(json!(b64(&test_image()))).boxed()
+    }
+
+    fn hostile_image() -> BoxedStrategy<Value> {
+        prop_oneof![
+            Just(json!("%%% not base64")),
+            Just(json!(b64(b"plain text"))),
+            Just(json!(b64(&png_header_only(30000, 30000)))),
+            Just(json!(b64(&test_mask(16, 16)))),
+            proptest::collection::vec(any::<u8>(), 0..200).prop_map(|b| json!(b64(&b))),
+        ]
+        .boxed()
+    }
+
+    fn object(fields: Vec<(&'static str, Option<Value>)>) -> Value {
+        Value::Object(fields.into_iter().filter_map(|(k, v)| v.map(|v| (k.to_string(), v))).collect())
+    }
+
+    fn loras() -> BoxedStrategy<Value> {
+        prop_oneof![Just(json!([{"name": "good", "strength": 0.5}])), Just(json!([])), Just(json!([{"name": "good"}, {"name": "good", "strength": -0.3}]))].boxed()
+    }
+
+    fn hostile_loras() -> BoxedStrategy<Value> {
+        prop_oneof![
+            Just(json!([{"name": "noise"}])),
+            Just(json!([{"name": "truncated"}])),
+            Just(json!([{"name": "missing"}])),
+            Just(json!([{"path": "../good.safetensors"}])),
+            Just(json!([{"name": "good", "strength": 1e9}])),
+            Just(json!(vec![json!({"name": "good"}); 40])),
+            any_hostile(),
+        ]
+        .boxed()
+    }
+
+    /// (route, body) pairs over every POST route.
+    fn request() -> impl Strategy<Value = (&'static str, Value)> {
+        let common = (
+            field(prompt(), hostile_prompt()),
+            field(prompt(), hostile_prompt()),
+            field(side(), any_hostile()),
+            field(side(), any_hostile()),
+            field(steps(), any_hostile()),
+            field((0.0f64..9.0).prop_map(|g| json!(g)).boxed(), any_hostile()),
+            field(any::<i64>().prop_map(|s| json!(s)).boxed(), any_hostile()),
+            field(sampler(), any_hostile()),
+        );
+        let extra = (
+            field((1u64..=2).prop_map(|b| json!(b)).boxed(), any_hostile()),
+            field(image_b64(), hostile_image()),
+            field((0.5f64..=1.0).prop_map(|s| json!(s)).boxed(), any_hostile()),
+            field(Just(json!(b64(&test_mask(32, 32)))).boxed(), hostile_image()),
+            field(prop_oneof![Just(json!("philox")), Just(json!("torch"))].boxed(), any_hostile()),
+            field(prop_oneof![Just(json!("default")), Just(json!("karras")), Just(json!("exponential"))].boxed(), any_hostile()),
+        );
+        (0usize..7, common, extra, field(loras(), hostile_loras())).prop_map(|(route, (prompt, negative, w, h, steps, guidance, seed, sampler), (batch, image, strength, mask, noise, schedule), loras)| {
+            match route {
+                0..=2 => {
+                    let op = ["image_generation", "image_transform", "image_inpaint"][route];
+                    let mut v = object(vec![
+                        ("prompt", prompt.or(Some(json!("p")))),
+                        ("negative_prompt", negative),
+                        ("width", w),
+                        ("height", h),
+                        ("steps", steps.or(Some(json!(2)))),
+                        ("guidance_scale", guidance),
+                        ("seed", seed),
+                        ("sampler", sampler),
+                        ("schedule", schedule),
+                        ("batch", batch),
+                        ("noise", noise),
+                        ("loras", loras),
+                    ]);
+                    v["operation"] = json!(op);
+                    if route == 1 {
+                        v["input_image"] = image.unwrap_or_else(|| json!(b64(&test_image())));
+                        if let Some(s) = strength {
+                            v["strength"] = s;
+                        }
+                    } else if route == 2 {
+                        v["init_image"] = image.unwrap_or_else(|| json!(b64(&test_image())));
+                        v["mask_image"] = mask.unwrap_or_else(|| json!(b64(&test_mask(32, 32))));
+                    }
+                    ("/v1/jobs", v)
+                }
+                3 => {
+                    let size = match (w, h) {
+                        (Some(w), Some(h)) if w.is_u64() && h.is_u64() => Some(json!(format!("{w}x{h}"))),
+                        (Some(w), _) => Some(w),
+                        _ => None,
+                    };
+                    ("/v1/images/generations", object(vec![("prompt", prompt.or(Some(json!("p")))), ("size", size.or(Some(json!("32x32")))), ("n", batch), ("steps", steps.or(Some(json!(2)))), ("seed", seed), ("guidance_scale", guidance), ("negative_prompt", negative)]))
+                }
+                4 => ("/v1/images/edits", object(vec![("prompt", prompt.or(Some(json!("p")))), ("image", image.or(Some(json!(b64(&test_image()))))), ("size", Some(json!("32x32"))), ("steps", steps.or(Some(json!(2)))), ("strength", strength), ("seed", seed)])),
+                5 => ("/sdapi/v1/txt2img", object(vec![("prompt", prompt), ("negative_prompt", negative), ("width", w.or(Some(json!(32)))), ("height", h.or(Some(json!(32)))), ("steps", steps.or(Some(json!(2)))), ("cfg_scale", guidance), ("seed", seed), ("sampler_name", sampler), ("batch_size", batch)])),
+                _ => ("/sdapi/v1/img2img", object(vec![("prompt", prompt), ("init_images", Some(json!([image.unwrap_or_else(|| json!(b64(&test_image())))]))), ("width", w.or(Some(json!(32)))), ("height", h.or(Some(json!(32)))), ("steps", steps.or(Some(json!(2)))), ("denoising_strength", strength), ("seed", seed), ("sampler_name", sampler)])),
+            }
+        })
+    }
+
+    #[test]
+    fn every_route_answers_2xx_or_a_4xx_json_error_naming_a_field() {
+        // A LoRA folder with a real LoRA, random bytes and a truncated header under .safetensors names.
+        let dir = std::env::temp_dir().join(format!("sd-worker-prop-loras-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("lora dir");
+        std::fs::copy(fixture("lora/sd15_kohya.safetensors"), dir.join("good.safetensors")).expect("copy");
+        std::fs::write(dir.join("noise.safetensors"), (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect::<Vec<u8>>()).expect("noise");
+        std::fs::write(dir.join("truncated.safetensors"), 1_000_000u64.to_le_bytes()).expect("truncated");
+        let mut cfg = config("sd15");
+        cfg.lora_dirs = vec![dir.clone()];
+        let s = Server::start(cfg);
+        // Bodies that are not JSON at all.
+        for body in [&b"\xff\xfe\x00garbage"[..], b"", b"[]", b"{\"operation\": \"image_generation\", \"prompt\": \"unterminated"] {
+            assert_error(&s.request("POST", "/v1/jobs", "application/json", body), 400, "body");
+        }
+        let mut runner = TestRunner::new(ProptestConfig { cases: 200, failure_persistence: None, ..ProptestConfig::default() });
+        let accepted = std::cell::Cell::new(0usize);
+        let total = std::cell::Cell::new(0usize);
+        let t0 = Instant::now();
+        let outcome = runner.run(&request(), |(route, body)| {
+            total.set(total.get() + 1);
+            let r = s.post(route, &body);
+            let brief = || format!("{route} {} → {} {}", &body.to_string()[..body.to_string().len().min(300)], r.status, &r.text()[..r.text().len().min(300)]);
+            prop_assert!(r.status < 500, "{}", brief());
+            if r.status >= 400 {
+                let v: Value = serde_json::from_slice(&r.body).map_err(|e| TestCaseError::fail(format!("not JSON ({e}): {}", brief())))?;
+                let field = v["error"]["field"].as_str().unwrap_or_default();
+                prop_assert!(!field.is_empty(), "no field named: {}", brief());
+                return Ok(());
+            }
+            if route == "/v1/jobs" {
+                let id = r.json()["job_id"].as_str().unwrap_or_default().to_string();
+                let ev = s.stream(&id);
+                prop_assert_eq!(ev.last().map(|e| e.0.as_str()), Some("complete"), "an accepted job failed: {} {:?}", brief(), ev.last());
+            }
+            accepted.set(accepted.get() + 1);
+            Ok(())
+        });
+        if let Err(e) = outcome {
+            panic!("{e}");
+        }
+        eprintln!("{} of {} requests accepted and completed in {:.1}s", accepted.get(), total.get(), t0.elapsed().as_secs_f64());
+        assert!(accepted.get() * 10 >= total.get(), "only {} of {} accepted", accepted.get(), total.get());
+        s.assert_serving();
+        s.shutdown();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
