@@ -260,3 +260,27 @@ fn examples_print_errors_as_sentences_and_exit_non_zero() {
     assert_eq!(o.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("error: hub error for stabilityai/sd-turbo") && stderr.contains("HF_HUB_OFFLINE"), "{stderr}");
 }
+
+#[test]
+fn the_token_comes_from_hf_token_or_the_login_file() {
+    let mut repo = fake_hub::sd_turbo_repo();
+    repo.token = Some("hf_gated".into());
+    let hub = FakeHub::start(vec![repo]);
+    let home = temp_dir("token-home");
+    let out = home.join("out.png");
+    let args = ["-p", "x", "--width", "64", "--height", "64", "-o", out.to_str().expect("utf-8")];
+    let base = vec![("HF_ENDPOINT", hub.endpoint()), ("HF_HOME", home.to_string_lossy().into_owned())];
+    let o = run_example("txt2img", &args, &base);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("401") && stderr.contains("HF_TOKEN"), "{stderr}");
+    let mut with_env = base.clone();
+    with_env.push(("HF_TOKEN", "hf_gated".into()));
+    let o = run_example("txt2img", &args, &with_env);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // `huggingface-cli login` writes $HF_HOME/token; a fresh cache proves the file is read.
+    let home2 = temp_dir("token-file");
+    std::fs::write(home2.join("token"), "hf_gated\n").expect("token file");
+    let o = run_example("txt2img", &args, &[("HF_ENDPOINT", hub.endpoint()), ("HF_HOME", home2.to_string_lossy().into_owned())]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

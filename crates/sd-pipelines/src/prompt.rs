@@ -61,8 +61,9 @@ pub fn validate_prompt(field: &'static str, prompt: &str) -> Result<()> {
 enum Tok<'a> {
     Escaped(&'a str),
     Open(bool),
-    /// `:w)` with its weight and its text (kept literal where it closes nothing).
-    CloseWeight(f32, &'a str),
+    /// `:w)` with its weight (`None`: written with an exponent, `:1e39)`) and its text (kept
+    /// literal where it closes nothing).
+    CloseWeight(Option<f32>, &'a str),
     Close(bool),
     Text(&'a str),
 }
@@ -121,8 +122,10 @@ fn lex(prompt: &str) -> Vec<Tok<'_>> {
     out
 }
 
-/// Matches `\s*([+-]?[.\d]+)\s*\)` after a colon; returns the weight and the bytes consumed.
-fn weight_close(s: &str) -> Option<(f32, usize)> {
+/// Matches `\s*([+-]?[.\d]+)\s*\)` after a colon; returns the weight and the bytes consumed. A
+/// number with an exponent (`1e39`), which A1111's pattern leaves as text, is matched too and
+/// returned without a weight, so the parser can refuse it instead of silently ignoring it.
+fn weight_close(s: &str) -> Option<(Option<f32>, usize)> {
     let b = s.as_bytes();
     let mut i = 0;
     while i < b.len() && b[i].is_ascii_whitespace() {
@@ -140,12 +143,30 @@ fn weight_close(s: &str) -> Option<(f32, usize)> {
         return None;
     }
     let number = &s[start..i];
+    let mut exponent = false;
+    if i < b.len() && matches!(b[i], b'e' | b'E') {
+        let mut j = i + 1;
+        if j < b.len() && matches!(b[j], b'+' | b'-') {
+            j += 1;
+        }
+        let first = j;
+        while j < b.len() && b[j].is_ascii_digit() {
+            j += 1;
+        }
+        if j > first {
+            exponent = true;
+            i = j;
+        }
+    }
     while i < b.len() && b[i].is_ascii_whitespace() {
         i += 1;
     }
     if i < b.len() && b[i] == b')' {
+        if exponent {
+            return Some((None, i + 1));
+        }
         // A1111 feeds the match to float(); "1.2.3" fails there too and the text stays literal.
-        number.parse::<f32>().ok().map(|w| (w, i + 1))
+        number.parse::<f32>().ok().map(|w| (Some(w), i + 1))
     } else {
         None
     }
@@ -209,7 +230,13 @@ pub fn parse_prompt_attention(prompt: &str) -> Result<Vec<PromptPart>> {
             Tok::Escaped(t) => res.push((t.to_string(), 1.0)),
             Tok::Open(true) => round.push(res.len()),
             Tok::Open(false) => square.push(res.len()),
-            Tok::CloseWeight(w, _) if !round.is_empty() => {
+            Tok::CloseWeight(None, raw) if !round.is_empty() => {
+                return Err(prompt_error(format!(
+                    "attention weight {:?} is written with an exponent; write it as a plain decimal within ±{MAX_PROMPT_WEIGHT}",
+                    raw.trim_start_matches(':').trim_end_matches(')').trim()
+                )));
+            }
+            Tok::CloseWeight(Some(w), _) if !round.is_empty() => {
                 if !(w.is_finite() && w.abs() <= MAX_PROMPT_WEIGHT) {
                     return Err(prompt_error(format!("attention weight {w} is outside ±{MAX_PROMPT_WEIGHT}")));
                 }
@@ -381,10 +408,13 @@ mod tests {
         assert_eq!(p(&"(a)".repeat(10_000)), vec![t(&"a".repeat(10_000), 1.1)]);
         // 40 nines overflow f32 to infinity.
         let huge = format!("(a:{})", "9".repeat(40));
-        for bad in [huge.as_str(), "(a:101)", "(a:-100.5)", "((a:100))"] {
+        for bad in [huge.as_str(), "(a:101)", "(a:-100.5)", "((a:100))", "(a:1e39)", "(a:1E-2 )", "(a: 2e+1)"] {
             let e = parse_prompt_attention(bad).unwrap_err().to_string();
             assert!(e.contains("±100"), "{bad}: {e}");
         }
+        // Not a weight at all: stays text, as in A1111.
+        close(&p("(a:1e)"), &[t("a:1e", 1.1)]);
+        close(&p("x:1e39)"), &[t("x:1e39)", 1.0)]);
         close(&p("(a:100) (b:-100) (c:0)"), &[t("a", 100.0), t(" ", 1.0), t("b", -100.0), t(" ", 1.0), t("c", 0.0)]);
         // A weight that closes no bracket stays text as written, whatever its size.
         let literal = format!("a:{})", "9".repeat(40));

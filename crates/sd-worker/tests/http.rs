@@ -919,6 +919,7 @@ fn hostile_prompts_are_refused_with_the_field_named() {
     let cases: Vec<(Value, &str)> = vec![
         // f32 infinity used to give an all-black image with no error.
         (json!({"prompt": huge_weight}), "prompt"),
+        (json!({"prompt": "(a:1e39)"}), "prompt"),
         (json!({"prompt": "(a:1000)"}), "prompt"),
         (json!({"prompt": "ok", "negative_prompt": "(".repeat(40) + "deep"}), "negative_prompt"),
         (json!({"prompt": "x".repeat(sd_pipelines::prompt::MAX_PROMPT_BYTES + 1)}), "prompt"),
@@ -1444,3 +1445,36 @@ mod property {
     }
 }
 
+
+#[test]
+fn a_job_whose_images_together_exceed_the_pixel_budget_is_refused() {
+    let s = Server::start({
+        let mut c = controlnet_config();
+        c.limits.max_body_bytes = 4 * 1024 * 1024;
+        c
+    });
+    // Five 4096² pictures (each at the per-image cap) are more than the job's 4 × 4096².
+    let big = b64(&png(4096, 4096, |_, _| [40, 80, 120]));
+    let mask = b64(&png(4096, 4096, |x, _| if x > 2048 { [255, 255, 255] } else { [0, 0, 0] }));
+    let units: Vec<Value> = (0..3).map(|_| json!({"model": "sd15", "image": big})).collect();
+    let r = s.post("/v1/jobs", &json!({"operation": "image_inpaint", "prompt": "x", "init_image": big, "mask_image": mask, "width": 32, "height": 32, "steps": 1, "controlnets": units}));
+    let v = assert_error(&r, 400, "controlnets");
+    assert!(v["error"]["message"].as_str().unwrap_or_default().contains("pixels together"), "{v}");
+    s.assert_serving();
+    s.shutdown();
+}
+
+#[test]
+fn shutdown_does_not_wait_for_slow_or_idle_sockets_beyond_the_grace_period() {
+    let mut cfg = config("sd15");
+    cfg.shutdown_grace = Duration::from_millis(500);
+    let s = Server::start(cfg);
+    let mut slow = TcpStream::connect(s.addr).expect("connect");
+    slow.write_all(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{").expect("partial body");
+    let idle = TcpStream::connect(s.addr).expect("connect");
+    std::thread::sleep(Duration::from_millis(100));
+    let t0 = Instant::now();
+    s.shutdown();
+    assert!(t0.elapsed() < Duration::from_secs(5), "shutdown took {:?}", t0.elapsed());
+    drop((slow, idle));
+}
