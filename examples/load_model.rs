@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use clap::Parser;
 use sd_models::loader::{self, LoadOptions};
 use sd_models::SdVariant;
@@ -47,16 +47,6 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
         "bf16" | "bfloat16" => Ok(DType::BF16),
         other => Err(format!("unknown dtype {other:?}: use f32, f16 or bf16")),
     }
-}
-
-fn pick_device(cpu: bool) -> Result<Device, String> {
-    if !cpu && candle_core::utils::cuda_is_available() {
-        return Device::new_cuda(0).map_err(|e| e.to_string());
-    }
-    if !cpu && candle_core::utils::metal_is_available() {
-        return Device::new_metal(0).map_err(|e| e.to_string());
-    }
-    Ok(Device::Cpu)
 }
 
 fn human(n: usize) -> String {
@@ -104,7 +94,7 @@ fn run(args: Args) -> Result<(), String> {
     let opts = LoadOptions {
         variant,
         dtype: args.dtype.as_deref().map(parse_dtype).transpose()?,
-        device: pick_device(args.cpu)?,
+        device: sd_toolkit::device(args.cpu).map_err(|e| e.to_string())?,
         config,
         prefer_fp16_files: args.dtype.as_deref().is_some_and(|d| d.contains("16")),
         backend_hook: None,

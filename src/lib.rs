@@ -112,18 +112,17 @@ pub struct GenArgs {
     pub output: PathBuf,
 }
 
-/// Picks the device: CUDA or Metal when compiled in and available, unless `cpu`.
+/// Picks the device: CUDA or Metal when compiled in and present, unless `cpu`; a GPU build on a
+/// machine without a usable GPU says so and runs on the CPU.
 pub fn device(cpu: bool) -> AnyResult<Device> {
     if cpu {
         return Ok(Device::Cpu);
     }
-    if candle_core::utils::cuda_is_available() {
-        return Ok(Device::new_cuda(0)?);
+    let (device, fallback) = sd_models::device::auto_device(0);
+    if let Some(why) = fallback {
+        eprintln!("note: {why}");
     }
-    if candle_core::utils::metal_is_available() {
-        return Ok(Device::new_metal(0)?);
-    }
-    Ok(Device::Cpu)
+    Ok(device)
 }
 
 /// Parses `f32`/`f16`/`bf16`.

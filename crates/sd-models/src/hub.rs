@@ -172,7 +172,7 @@ struct ShardIndex {
 
 /// Where files come from: the hub (cache first, then a download) or the cache alone.
 enum Source {
-    Online { repo: ApiRepo, files: BTreeSet<String> },
+    Online { repo: Box<ApiRepo>, files: BTreeSet<String> },
     Cached { snapshot: PathBuf, files: BTreeSet<String> },
 }
 
@@ -301,7 +301,7 @@ pub fn download(model: &HubModel, opts: &HubOptions) -> Result<PathBuf> {
         Err(e) => return Err(hub_err(&model.repo_id, describe_api_error(&e))),
     };
     let files = info.siblings.into_iter().map(|s| s.rfilename).collect();
-    resolve(model, &Source::Online { repo, files }, opts.prefer_fp16)
+    resolve(model, &Source::Online { repo: Box::new(repo), files }, opts.prefer_fp16)
 }
 
 /// Picks and fetches the files of `model` from `source`.

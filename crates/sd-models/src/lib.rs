@@ -6,6 +6,7 @@
 pub mod clip;
 pub mod config;
 pub mod detect;
+pub mod device;
 pub mod diffusers;
 pub mod error;
 #[cfg(feature = "hub")]

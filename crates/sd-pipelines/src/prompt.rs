@@ -277,7 +277,12 @@ pub fn parse_prompt_attention(prompt: &str) -> Result<Vec<PromptPart>> {
     if res.is_empty() {
         res.push((String::new(), 1.0));
     }
-    if let Some((text, w)) = res.iter().find(|(text, w)| !(*w == -1.0 && text == "BREAK") && !(w.is_finite() && w.abs() <= MAX_PROMPT_WEIGHT)) {
+    let out_of_range = |(text, w): &&(String, f32)| {
+        let is_break = *w == -1.0 && text == "BREAK";
+        let in_range = w.is_finite() && w.abs() <= MAX_PROMPT_WEIGHT;
+        !is_break && !in_range
+    };
+    if let Some((text, w)) = res.iter().find(out_of_range) {
         return Err(prompt_error(format!("nested attention weights multiply to {w} on {text:?}; keep them within ±{MAX_PROMPT_WEIGHT}")));
     }
     let mut merged: Vec<(String, f32)> = Vec::with_capacity(res.len());

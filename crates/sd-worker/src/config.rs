@@ -367,13 +367,11 @@ pub fn parse_device(s: &str) -> Result<Device, String> {
     match kind.as_str() {
         "cpu" => Ok(Device::Cpu),
         "auto" => {
-            if candle_core::utils::cuda_is_available() {
-                Device::new_cuda(ordinal).map_err(|e| format!("cannot open CUDA device {ordinal}: {e}"))
-            } else if candle_core::utils::metal_is_available() {
-                Device::new_metal(ordinal).map_err(|e| format!("cannot open Metal device {ordinal}: {e}"))
-            } else {
-                Ok(Device::Cpu)
+            let (device, fallback) = sd_models::device::auto_device(ordinal);
+            if let Some(why) = fallback {
+                tracing::warn!("--device auto: {why}");
             }
+            Ok(device)
         }
         "cuda" => Device::new_cuda(ordinal)
             .map_err(|e| format!("cannot open CUDA device {ordinal}: {e} (build with `--features cuda` on a machine with CUDA)")),
