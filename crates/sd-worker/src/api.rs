@@ -227,7 +227,8 @@ pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError>
 }
 
 /// Queues a job and waits for its images (the synchronous OpenAI and A1111 routes); the job is
-/// cancelled if the client goes away first.
+/// cancelled if the request is dropped first (its connection failed). A client that only
+/// half-closed its socket keeps waiting for the answer.
 pub async fn run_sync(st: &Arc<AppState>, caller: Caller, spec: crate::jobs::JobSpec, params: serde_json::Value) -> Result<Arc<crate::jobs::JobResult>, ApiError> {
     let job = st.submit(spec, params, caller.0)?;
     let mut guard = crate::state::CancelOnDrop::new(st.clone(), job.clone());

@@ -189,6 +189,8 @@ pub struct JobInner {
     pub preview: Option<Arc<Preview>>,
     /// Output, once completed.
     pub result: Option<Arc<JobResult>>,
+    /// Bytes of the result (images, infotext, parameters), measured once when it is set.
+    pub result_bytes: usize,
     /// Error, once failed or cancelled.
     pub error: Option<JobError>,
     /// When it finished (expiry counts from here).
@@ -212,6 +214,8 @@ pub struct Job {
     pub owner: Option<String>,
     /// Open SSE streams on this job.
     pub subscribers: std::sync::atomic::AtomicUsize,
+    /// Size of `parameters` as JSON, measured once (it never changes).
+    parameters_bytes: usize,
     spec: Mutex<Option<JobSpec>>,
     cancel: AtomicBool,
     /// Set once by whichever of the engine (dequeue) or a cancel (while queued) gets there first.
@@ -238,6 +242,7 @@ impl Job {
             id,
             operation: spec.operation.name(),
             created_at: unix_now(),
+            parameters_bytes: parameters.to_string().len(),
             parameters,
             owner,
             subscribers: std::sync::atomic::AtomicUsize::new(0),
@@ -249,6 +254,7 @@ impl Job {
                 progress: None,
                 preview: None,
                 result: None,
+                result_bytes: 0,
                 error: None,
                 finished_at: None,
                 started_at: None,
@@ -333,6 +339,7 @@ impl Job {
             return;
         }
         g.status = JobStatus::Completed;
+        g.result_bytes = result.images.iter().map(String::len).sum::<usize>() + result.infotext.len() + result.parameters.to_string().len();
         g.result = Some(result.clone());
         g.finished_at = Some(Instant::now());
         let _ = self.tx.send(JobEvent::Complete(result));
@@ -440,9 +447,6 @@ impl Job {
     /// store's byte cap counts).
     pub fn stored_bytes(&self) -> usize {
         let g = lock(&self.inner);
-        let params = self.parameters.to_string().len();
-        let preview = g.preview.as_ref().map_or(0, |p| p.image.len());
-        let result = g.result.as_ref().map_or(0, |r| r.images.iter().map(String::len).sum::<usize>() + r.infotext.len() + r.parameters.to_string().len());
-        params + preview + result
+        self.parameters_bytes + g.preview.as_ref().map_or(0, |p| p.image.len()) + g.result_bytes
     }
 }

@@ -320,7 +320,8 @@ impl Drop for Subscription {
     }
 }
 
-/// Cancels its job when dropped while armed: a synchronous route whose client went away stops its work.
+/// Cancels its job when dropped while armed: a synchronous route whose request is dropped (its
+/// connection failed) stops its work.
 pub struct CancelOnDrop {
     state: Arc<AppState>,
     job: Option<Arc<Job>>,

@@ -621,9 +621,7 @@ fn a_synchronous_request_whose_client_half_closes_still_gets_its_answer() {
 fn a_synchronous_request_whose_client_leaves_does_not_block_the_worker() {
     // A client that closes its socket cannot be told from one that only half-closed it until the
     // answer is written, so its job runs to the end; the worker keeps serving meanwhile.
-    let mut cfg = config("sd15");
-    cfg.queue_capacity = 1;
-    let s = Server::start(cfg);
+    let s = Server::start(config("sd15"));
     let body = json!({"prompt": "gone", "size": "32x32", "steps": 4}).to_string();
     let mut conn = TcpStream::connect(s.addr).expect("connect");
     let head = format!("POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len());
