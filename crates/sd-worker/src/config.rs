@@ -373,12 +373,23 @@ pub fn parse_device(s: &str) -> Result<Device, String> {
             }
             Ok(device)
         }
-        "cuda" => Device::new_cuda(ordinal)
-            .map_err(|e| format!("cannot open CUDA device {ordinal}: {e} (build with `--features cuda` on a machine with CUDA)")),
-        "metal" => Device::new_metal(ordinal)
-            .map_err(|e| format!("cannot open Metal device {ordinal}: {e} (build with `--features metal` on macOS)")),
+        "cuda" if !candle_core::utils::cuda_is_available() => {
+            Err("this build has no CUDA backend; rebuild with `--features cuda` (tools/build_cuda.sh), or use --device auto or cpu".into())
+        }
+        "cuda" => Device::new_cuda(ordinal).map_err(|e| {
+            format!("cannot open CUDA device {ordinal} ({}); is an NVIDIA GPU with its driver present? --device auto runs on the CPU without one", first_line(&e))
+        }),
+        "metal" if !candle_core::utils::metal_is_available() => {
+            Err("this build has no Metal backend; rebuild with `--features metal` on macOS, or use --device auto or cpu".into())
+        }
+        "metal" => Device::new_metal(ordinal).map_err(|e| format!("cannot open Metal device {ordinal} ({}); use --device auto or cpu", first_line(&e))),
         other => Err(format!("unknown device {other:?}; use auto, cpu, cuda[:N] or metal[:N]")),
     }
+}
+
+/// The first line of an error: candle appends a backtrace to some errors, which a user does not need.
+fn first_line(e: &impl std::fmt::Display) -> String {
+    e.to_string().lines().next().unwrap_or_default().trim().to_string()
 }
 
 /// Describes a device for logs and `/v1/models`.
@@ -387,5 +398,26 @@ pub fn describe_device(d: &Device) -> String {
         candle_core::DeviceLocation::Cpu => "cpu".into(),
         candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
         candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse_and_a_missing_backend_is_a_sentence() {
+        assert!(parse_device("cpu").expect("cpu").is_cpu());
+        assert!(parse_device(" CPU ").expect("cpu").is_cpu());
+        assert!(parse_device("tpu").unwrap_err().contains("unknown device"));
+        assert!(parse_device("cuda:x").unwrap_err().contains("ordinal"));
+        if !candle_core::utils::cuda_is_available() {
+            let e = parse_device("cuda:1").unwrap_err();
+            assert!(e.contains("no CUDA backend") && e.contains("--features cuda"), "{e}");
+            assert!(parse_device("auto").expect("auto").is_cpu());
+        }
+        if !candle_core::utils::metal_is_available() {
+            assert!(parse_device("metal").unwrap_err().contains("no Metal backend"));
+        }
     }
 }
