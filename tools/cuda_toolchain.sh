@@ -39,6 +39,8 @@ if [ ! -f "$CU/lib/stubs/libcuda.so" ]; then
     | awk '{print "int "$1"(void){return 100;}"}' > "$CU/lib/stubs/libcuda_stub.c"
   gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$CU/lib/stubs/libcuda.so" "$CU/lib/stubs/libcuda_stub.c"
 fi
+# The binaries ask the loader for the soname, so a GPU-less run with the stub needs that name too.
+ln -sf libcuda.so "$CU/lib/stubs/libcuda.so.1"
 echo "export CUDA_ROOT=$CU PATH=$CU/bin:\$PATH CUDA_COMPUTE_CAP=\${CUDA_COMPUTE_CAP:-90} CUDARC_CUDA_VERSION=13000 LIBRARY_PATH=$CU/lib:$CU/lib/stubs\${LIBRARY_PATH:+:\$LIBRARY_PATH}"
 if [ -f "$VENV/.cudnn-ok" ]; then
   CUDNN=$(echo "$VENV"/lib/python3*/site-packages/nvidia/cudnn)

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use candle_core::{DType, Device};
 use clap::Parser;
+use sd_models::device::first_line;
 use sd_models::SdVariant;
 
 /// Serve Stable Diffusion image jobs over HTTP (native job API with SSE, OpenAI images, A1111).
@@ -385,11 +386,6 @@ pub fn parse_device(s: &str) -> Result<Device, String> {
         "metal" => Device::new_metal(ordinal).map_err(|e| format!("cannot open Metal device {ordinal} ({}); use --device auto or cpu", first_line(&e))),
         other => Err(format!("unknown device {other:?}; use auto, cpu, cuda[:N] or metal[:N]")),
     }
-}
-
-/// The first line of an error: candle appends a backtrace to some errors, which a user does not need.
-fn first_line(e: &impl std::fmt::Display) -> String {
-    e.to_string().lines().next().unwrap_or_default().trim().to_string()
 }
 
 /// Describes a device for logs and `/v1/models`.

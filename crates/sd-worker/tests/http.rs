@@ -1066,7 +1066,7 @@ fn slow_headers_and_slow_bodies_are_cut_off() {
 fn connections_beyond_the_cap_get_a_503_and_the_worker_recovers() {
     let mut cfg = config("sd15");
     cfg.http.max_connections = 2;
-    cfg.http.header_timeout = Duration::from_secs(3);
+    cfg.http.header_timeout = Duration::from_secs(1);
     let s = Server::start(cfg);
     let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(s.addr).expect("connect")).collect();
     std::thread::sleep(Duration::from_millis(200));
