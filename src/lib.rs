@@ -193,9 +193,7 @@ fn load_hub(spec: &str, mut opts: LoadOptions) -> AnyResult<StableDiffusionModel
 /// Hub options from the environment for fetching `model`, announced on stderr.
 #[cfg(feature = "hub")]
 pub fn hub_options(model: &sd_models::hub::HubModel, dtype: Option<DType>) -> AnyResult<sd_models::hub::HubOptions> {
-    let mut hub = sd_models::hub::HubOptions::from_env()?;
-    // fp16 files halve the download; they are widened on load unless f32 files were asked for.
-    hub.prefer_fp16 = dtype != Some(DType::F32);
+    let hub = sd_models::hub::HubOptions::from_env()?.for_dtype(dtype);
     eprintln!("model {model} (Hugging Face cache: {}{})", hub.cache_dir.display(), if hub.offline { ", offline" } else { "" });
     Ok(hub)
 }

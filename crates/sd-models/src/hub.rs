@@ -155,6 +155,15 @@ impl HubOptions {
     }
 }
 
+impl HubOptions {
+    /// Picks the weight files for loading in `dtype`: fp16 files halve the download and are
+    /// widened on load, unless f32 files were asked for explicitly.
+    pub fn for_dtype(mut self, dtype: Option<candle_core::DType>) -> Self {
+        self.prefer_fp16 = dtype != Some(candle_core::DType::F32);
+        self
+    }
+}
+
 /// huggingface_hub's reading of boolean environment variables.
 fn truthy(v: &str) -> bool {
     matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "on" | "yes" | "true")

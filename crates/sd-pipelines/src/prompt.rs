@@ -35,6 +35,18 @@ fn prompt_error(reason: String) -> Error {
     Error::InvalidRequest { field: "prompt", reason }
 }
 
+/// Checks a prompt's size alone ([`MAX_PROMPT_BYTES`]): all that applies to prompts read literally
+/// (FLUX's T5); [`validate_prompt`] includes it.
+pub fn check_prompt_size(field: &'static str, prompt: &str) -> Result<()> {
+    if prompt.len() > MAX_PROMPT_BYTES {
+        return Err(Error::InvalidRequest {
+            field,
+            reason: format!("{} bytes is longer than the {MAX_PROMPT_BYTES} bytes a prompt may have", prompt.len()),
+        });
+    }
+    Ok(())
+}
+
 /// Checks what can be checked of a prompt without a tokenizer: its size, bracket nesting, attention
 /// weights and `BREAK` count; errors name `field` (`prompt` or `negative_prompt`).
 pub fn validate_prompt(field: &'static str, prompt: &str) -> Result<()> {
@@ -42,12 +54,7 @@ pub fn validate_prompt(field: &'static str, prompt: &str) -> Result<()> {
         Error::InvalidRequest { reason, .. } => Error::InvalidRequest { field, reason },
         other => other,
     };
-    if prompt.len() > MAX_PROMPT_BYTES {
-        return Err(Error::InvalidRequest {
-            field,
-            reason: format!("{} bytes is longer than the {MAX_PROMPT_BYTES} bytes a prompt may have", prompt.len()),
-        });
-    }
+    check_prompt_size(field, prompt)?;
     let breaks = parse_prompt_attention(prompt).map_err(relabel)?.iter().filter(|p| matches!(p, PromptPart::Break)).count();
     if breaks >= MAX_PROMPT_CHUNKS {
         return Err(Error::InvalidRequest {

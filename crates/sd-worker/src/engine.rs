@@ -87,9 +87,7 @@ fn local_model(cfg: &WorkerConfig) -> Result<std::path::PathBuf, String> {
         #[cfg(feature = "hub")]
         ModelSource::Hub(id) => {
             let model = sd_models::hub::HubModel::parse(id).map_err(|e| e.to_string())?;
-            let mut hub = sd_models::hub::HubOptions::from_env().map_err(|e| e.to_string())?;
-            // fp16 files halve the download; the loader widens them unless f32 files were asked for.
-            hub.prefer_fp16 = cfg.dtype != Some(candle_core::DType::F32);
+            let hub = sd_models::hub::HubOptions::from_env().map_err(|e| e.to_string())?.for_dtype(cfg.dtype);
             tracing::info!(model = %model, cache = %hub.cache_dir.display(), offline = hub.offline, "resolving the model on the Hugging Face hub");
             sd_models::hub::download(&model, &hub).map_err(|e| e.to_string())
         }

@@ -8,7 +8,7 @@ use base64::engine::DecodePaddingMode;
 use base64::Engine as _;
 use image::{DynamicImage, GenericImageView};
 use sd_pipelines::pipeline::{GenerationParams, NoiseKind};
-use sd_pipelines::prompt::{validate_prompt, MAX_PROMPT_BYTES};
+use sd_pipelines::prompt::{check_prompt_size, validate_prompt};
 use sd_pipelines::schedulers::{build_scheduler, Sampler, SamplerKind, SigmaSchedule};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -478,14 +478,9 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
         })?;
     }
     for (field, text) in [("prompt", &input.prompt), ("negative_prompt", &input.negative_prompt)] {
-        if flux {
-            // FLUX reads its prompt literally (T5 and CLIP), so only its size is bounded.
-            if text.len() > MAX_PROMPT_BYTES {
-                return Err(ApiError::invalid(field, format!("{} bytes is longer than the {MAX_PROMPT_BYTES} bytes a prompt may have", text.len())));
-            }
-        } else {
-            validate_prompt(field, text).map_err(|e| ApiError::invalid(field, e.to_string()))?;
-        }
+        // FLUX reads its prompt literally (T5 and CLIP), so only its size is bounded.
+        let checked = if flux { check_prompt_size(field, text) } else { validate_prompt(field, text) };
+        checked.map_err(|e| ApiError::invalid(field, e.to_string()))?;
     }
     let seed = match input.seed {
         Some(s) if s >= 0 => s as u64,
