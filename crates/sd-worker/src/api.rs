@@ -43,7 +43,7 @@ pub async fn submit_job(State(st): St, caller: Caller, body: Result<Bytes, Bytes
     let st2 = st.clone();
     // Image decoding can take a while for large uploads; keep it off the async workers.
     let (spec, params) = blocking(move || native_job(&st2, &model, &body)).await?;
-    let job = st.submit(spec, params, caller.0)?;
+    let job = st.submit_job(spec, params, caller.0).await?;
     let sse_url = format!("/v1/jobs/{}/stream", job.id);
     let body = json!({"job_id": job.id, "sse_url": sse_url, "status_url": format!("/v1/jobs/{}", job.id), "status": "queued"});
     Ok((StatusCode::ACCEPTED, [(header::LOCATION, format!("/v1/jobs/{}", job.id))], Json(body)).into_response())
@@ -66,14 +66,14 @@ pub async fn job_status(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let id = job_id(id)?;
     let Query(q) = q.map_err(|e| ApiError::invalid("include_images", format!("{}; use include_images=true or false", e.body_text())))?;
-    let job = st.job(&id).ok_or_else(|| ApiError::job_not_found(&id))?;
+    let job = st.find_job(&id).await?.ok_or_else(|| ApiError::job_not_found(&id))?;
     Ok(Json(job.status_json(q.include_images)))
 }
 
 /// `GET /v1/jobs/{id}/images/{index}`: one finished image as PNG bytes (with its A1111 metadata).
 pub async fn job_image(State(st): St, p: Result<Path<(String, String)>, PathRejection>) -> Result<Response, ApiError> {
     let (id, index) = p.map(|Path(p)| p).map_err(|e| ApiError::invalid("id", format!("not a valid image path: {}", e.body_text())))?;
-    let job = st.job(&id).ok_or_else(|| ApiError::job_not_found(&id))?;
+    let job = st.find_job(&id).await?.ok_or_else(|| ApiError::job_not_found(&id))?;
     let i: usize = index.trim_end_matches(".png").parse().map_err(|_| ApiError::invalid("index", format!("{index:?} is not an image number")))?;
     let b64 = job.image(i).ok_or_else(|| {
         ApiError::new(StatusCode::NOT_FOUND, "image_not_found", Some("index".into()), format!("job {id} has no image {i} (yet); see its image_urls"))
@@ -86,7 +86,7 @@ pub async fn job_image(State(st): St, p: Result<Path<(String, String)>, PathReje
 /// `DELETE /v1/jobs/{id}`: cancels a queued or running job.
 pub async fn cancel_job(State(st): St, caller: Caller, id: Result<Path<String>, PathRejection>) -> Result<Response, ApiError> {
     let id = job_id(id)?;
-    let job = st.job(&id).ok_or_else(|| ApiError::job_not_found(&id))?;
+    let job = st.find_job(&id).await?.ok_or_else(|| ApiError::job_not_found(&id))?;
     if job.owner != caller.0 {
         return Err(ApiError::new(StatusCode::FORBIDDEN, "not_your_job", Some("id".into()), format!("job {id} was submitted with other credentials")));
     }
@@ -99,7 +99,19 @@ pub async fn cancel_job(State(st): St, caller: Caller, id: Result<Path<String>, 
             format!("job {id} already {}; nothing to cancel", status.as_str()),
         ));
     }
-    st.cancel(&job, JobError::new("cancelled", "cancelled by request"));
+    let err = JobError::new("cancelled", "cancelled by request");
+    #[cfg(feature = "queue")]
+    if let (true, Some(q)) = (job.remote, st.fleet()) {
+        // The fleet decides: a queued job is cancelled at once, a running one within a step.
+        let status = match q.cancel(&id, &err).await?.as_str() {
+            "gone" => return Err(ApiError::job_not_found(&id)),
+            "running" => "running",
+            "cancelled" => "cancelled",
+            done => return Err(ApiError::new(StatusCode::CONFLICT, "job_finished", Some("id".into()), format!("job {id} already {done}; nothing to cancel"))),
+        };
+        return Ok((StatusCode::ACCEPTED, Json(json!({"job_id": job.id, "status": status, "cancel_requested": true}))).into_response());
+    }
+    st.cancel(&job, err);
     let body = json!({"job_id": job.id, "status": job.status().as_str(), "cancel_requested": true});
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
@@ -110,7 +122,7 @@ pub async fn stream_job(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let id = job_id(id)?;
-    let job = st.job(&id).ok_or_else(|| ApiError::job_not_found(&id))?;
+    let job = st.find_job(&id).await?.ok_or_else(|| ApiError::job_not_found(&id))?;
     // Counted against the subscriber caps until the stream is dropped.
     let subscription = st.subscribe(&job)?;
     let (snapshot, rx) = job.subscribe();
@@ -142,8 +154,18 @@ pub async fn health() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// `GET /ready`: 200 once the model is loaded, 503 while loading or after a failed load.
+/// `GET /ready`: 200 once the model is loaded (and, in queue mode, the queue answers), 503 while
+/// loading, after a failed load, or while the queue is unreachable.
 pub async fn ready(State(st): St) -> Response {
+    #[cfg(feature = "queue")]
+    if let Some(q) = st.fleet() {
+        if !q.is_connected() {
+            return (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "2")], Json(json!({"status": "queue_unavailable", "queue": q.config().name}))).into_response();
+        }
+        if q.config().front_only && matches!(st.model_state(), ModelState::Loading) {
+            return (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "2")], Json(json!({"status": "no_worker", "queue": q.config().name}))).into_response();
+        }
+    }
     match st.model_state() {
         ModelState::Ready(m) => Json(json!({"status": "ready", "model": m.name, "variant": m.variant})).into_response(),
         ModelState::Loading => (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "5")], Json(json!({"status": "loading"}))).into_response(),
@@ -187,7 +209,18 @@ pub async fn models(State(st): St) -> Result<Json<serde_json::Value>, ApiError> 
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(st): St) -> Response {
     let ready = matches!(st.model_state(), ModelState::Ready(_));
-    let text = st.metrics.render(st.queue_depth(), st.current().is_some(), ready, (st.stored_jobs(), st.stored_bytes()));
+    #[allow(unused_mut)]
+    let mut text = st.metrics.render(st.queue_depth(), st.current().is_some(), ready, (st.stored_jobs(), st.stored_bytes()));
+    #[cfg(feature = "queue")]
+    if let Some(q) = st.fleet() {
+        use std::fmt::Write as _;
+        let _ = writeln!(text, "# HELP sd_worker_queue_connected Whether the shared queue (Redis) answered at the last check.");
+        let _ = writeln!(text, "# TYPE sd_worker_queue_connected gauge");
+        let _ = writeln!(text, "sd_worker_queue_connected {}", u8::from(q.is_connected()));
+        let _ = writeln!(text, "# HELP sd_worker_fleet_workers Workers that sent a heartbeat to the queue in the last minute.");
+        let _ = writeln!(text, "# TYPE sd_worker_fleet_workers gauge");
+        let _ = writeln!(text, "sd_worker_fleet_workers {}", q.live_workers());
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
@@ -204,7 +237,7 @@ pub async fn method_not_allowed() -> ApiError {
 /// Maps a job that ended without images to the HTTP error of a synchronous route.
 pub fn job_error_response(e: JobError) -> ApiError {
     let status = match e.code {
-        "invalid_request" | "invalid_lora" => StatusCode::BAD_REQUEST,
+        "invalid_request" | "invalid_lora" | "invalid_controlnet" => StatusCode::BAD_REQUEST,
         "cancelled" | "shutdown" => StatusCode::CONFLICT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
@@ -213,6 +246,7 @@ pub fn job_error_response(e: JobError) -> ApiError {
         "cancelled" => "cancelled",
         "shutdown" => "shutdown",
         "invalid_lora" => "invalid_lora",
+        "invalid_controlnet" => "invalid_controlnet",
         "internal_error" => "internal_error",
         _ => "generation_failed",
     };
@@ -230,7 +264,7 @@ pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError>
 /// cancelled if the request is dropped first (its connection failed). A client that only
 /// half-closed its socket keeps waiting for the answer.
 pub async fn run_sync(st: &Arc<AppState>, caller: Caller, spec: crate::jobs::JobSpec, params: serde_json::Value) -> Result<Arc<crate::jobs::JobResult>, ApiError> {
-    let job = st.submit(spec, params, caller.0)?;
+    let job = st.submit_job(spec, params, caller.0).await?;
     let mut guard = crate::state::CancelOnDrop::new(st.clone(), job.clone());
     let r = job.wait().await;
     guard.disarm();

@@ -107,10 +107,45 @@ pub struct Cli {
     /// An origin browsers may call the API from (`https://app.example`, or `*`); repeatable. None: no CORS headers.
     #[arg(long = "cors-origin", env = "SD_WORKER_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
+    /// Queue mode: take jobs from (and put jobs into) a Redis Stream shared by any number of
+    /// workers and fronts, e.g. `redis://127.0.0.1:6379/0` (feature `queue`). Without it, this
+    /// process queues and runs its own jobs.
+    #[arg(long, env = "SD_WORKER_QUEUE")]
+    pub queue: Option<String>,
+    /// Name of the shared queue; one per model (every worker on a queue must serve the same model).
+    #[arg(long, env = "SD_WORKER_QUEUE_NAME", default_value = "default")]
+    pub queue_name: String,
+    /// Serve the HTTP API only: accept jobs into the queue and serve status, SSE and results from
+    /// it, with no model loaded here (needs --queue).
+    #[arg(long, env = "SD_WORKER_FRONT_ONLY")]
+    pub front_only: bool,
+    /// Seconds a running job's worker may stay silent before another worker takes the job over
+    /// (a live worker refreshes its claim three times per period).
+    #[arg(long, env = "SD_WORKER_QUEUE_CLAIM_IDLE_SECS", default_value_t = 30.0)]
+    pub queue_claim_idle_secs: f64,
+    /// How many times a job may be started before it fails (each start beyond the first means the
+    /// worker running it died).
+    #[arg(long, env = "SD_WORKER_QUEUE_MAX_ATTEMPTS", default_value_t = 3)]
+    pub queue_max_attempts: u32,
     /// Log format: `text` (coloured only when stdout is a terminal) or `json` (one object per line,
     /// for log collectors).
     #[arg(long, env = "SD_WORKER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+}
+
+/// Queue mode settings (`--queue`).
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    /// Redis URL.
+    pub url: String,
+    /// Queue name (keys live under `sdw:{name}:`).
+    pub name: String,
+    /// No model here: HTTP only.
+    pub front_only: bool,
+    /// Silence after which a running job is taken over.
+    pub claim_idle: Duration,
+    /// Starts before a job fails.
+    pub max_attempts: u32,
 }
 
 /// Where the model comes from.
@@ -214,6 +249,8 @@ pub struct WorkerConfig {
     pub auth: AuthConfig,
     /// Origins allowed by CORS (`*` for any); empty: no CORS headers.
     pub cors_origins: Vec<String>,
+    /// Queue mode, `None` for a self-contained worker.
+    pub queue: Option<QueueConfig>,
 }
 
 impl WorkerConfig {
@@ -242,6 +279,7 @@ impl WorkerConfig {
             store: StoreLimits { max_jobs: 256, max_bytes: 512 * 1024 * 1024 },
             auth: AuthConfig::default(),
             cors_origins: Vec::new(),
+            queue: None,
         }
     }
 }
@@ -291,7 +329,8 @@ impl Cli {
             }
         }
         // Every queued job and the running one must fit in the table.
-        if self.max_stored_jobs < self.queue_capacity + 1 {
+        // (In queue mode the capacity bounds the shared stream; the table only mirrors jobs.)
+        if self.queue.is_none() && self.max_stored_jobs < self.queue_capacity + 1 {
             return Err(format!(
                 "--max-stored-jobs ({}) must be larger than --queue-capacity ({}): queued and running jobs are never evicted",
                 self.max_stored_jobs, self.queue_capacity
@@ -308,6 +347,29 @@ impl Cli {
             return Err("--api-key must not be empty".into());
         }
         let auth = AuthConfig { api_keys: self.api_keys.clone(), basic, metrics_public: self.metrics_public };
+        let queue = match &self.queue {
+            None if self.front_only => return Err("--front-only needs --queue redis://… (a front serves a shared queue)".into()),
+            None => None,
+            Some(_) if !cfg!(feature = "queue") => {
+                return Err("this build has no queue mode; rebuild sd-worker with the `queue` feature (on by default)".into())
+            }
+            Some(url) => {
+                let name = self.queue_name.trim();
+                if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                    return Err(format!("--queue-name {name:?} must be 1–64 letters, digits, `-`, `_` or `.`"));
+                }
+                if self.queue_max_attempts == 0 {
+                    return Err("--queue-max-attempts must be at least 1".into());
+                }
+                Some(QueueConfig {
+                    url: url.trim().to_string(),
+                    name: name.to_string(),
+                    front_only: self.front_only,
+                    claim_idle: secs("--queue-claim-idle-secs", self.queue_claim_idle_secs)?,
+                    max_attempts: self.queue_max_attempts,
+                })
+            }
+        };
         Ok(WorkerConfig {
             model,
             variant,
@@ -331,6 +393,7 @@ impl Cli {
             store: StoreLimits { max_jobs: self.max_stored_jobs, max_bytes: self.max_stored_bytes },
             auth,
             cors_origins: self.cors_origins.iter().map(|o| o.trim().trim_end_matches('/').to_string()).filter(|o| !o.is_empty()).collect(),
+            queue,
         })
     }
 }

@@ -142,7 +142,14 @@ impl ControlNetFolders {
     }
 
     /// Resolves a request's `model` to a ControlNet inside the allowed folders.
-    fn resolve_model(&self, field: &str, raw: &str) -> Result<PathBuf, ApiError> {
+    /// The canonical `path` relative to the allowed folder holding it (how queue mode names it).
+    pub fn relative(&self, path: &Path) -> Option<PathBuf> {
+        self.folders.relative(path)
+    }
+
+    /// The canonical path of the ControlNet `raw` names (a name or a relative path) inside an
+    /// allowed folder; errors name `field`.
+    pub fn resolve_model(&self, field: &str, raw: &str) -> Result<PathBuf, ApiError> {
         if self.folders.is_empty() {
             return Err(ApiError::invalid(field, "this worker has no ControlNet folder configured (start it with --controlnet-dir)"));
         }

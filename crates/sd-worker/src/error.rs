@@ -97,10 +97,21 @@ pub struct JobError {
     pub field: Option<String>,
 }
 
+/// Every code a job error may carry.
+pub const JOB_ERROR_CODES: [&str; 8] =
+    ["cancelled", "invalid_request", "invalid_lora", "invalid_controlnet", "generation_failed", "internal_error", "shutdown", "worker_lost"];
+
 impl JobError {
     /// An error with no field.
     pub fn new(code: &'static str, message: impl Into<String>) -> Self {
         Self { code, message: message.into(), field: None }
+    }
+
+    /// An error read back from elsewhere (queue mode's Redis): an unknown code reads as
+    /// `generation_failed`.
+    pub fn from_parts(code: &str, message: impl Into<String>, field: Option<String>) -> Self {
+        let code = JOB_ERROR_CODES.iter().copied().find(|c| *c == code).unwrap_or("generation_failed");
+        Self { code, message: message.into(), field }
     }
 }
 

@@ -40,6 +40,11 @@ impl AllowedFolders {
         self.roots.iter().any(|r| canonical.starts_with(r))
     }
 
+    /// The path of an already canonical `canonical` relative to the first allowed folder holding it.
+    pub fn relative(&self, canonical: &Path) -> Option<PathBuf> {
+        self.roots.iter().find_map(|r| canonical.strip_prefix(r).ok().map(Path::to_path_buf))
+    }
+
     /// The canonical form of `candidate` if it exists and lies inside an allowed folder.
     pub fn confine(&self, candidate: &Path) -> Option<PathBuf> {
         let c = candidate.canonicalize().ok()?;

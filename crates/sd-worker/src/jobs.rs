@@ -52,7 +52,7 @@ impl JobStatus {
 }
 
 /// Step progress.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 pub struct Progress {
     /// Steps done.
     pub step: usize,
@@ -78,7 +78,7 @@ pub struct Preview {
 }
 
 /// A finished job's output.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct JobResult {
     /// Base64 PNGs with A1111 `parameters` metadata.
     pub images: Vec<String>,
@@ -214,6 +214,8 @@ pub struct Job {
     pub owner: Option<String>,
     /// Open SSE streams on this job.
     pub subscribers: std::sync::atomic::AtomicUsize,
+    /// A local copy of a job queue mode keeps in Redis (it runs elsewhere; cancels go through Redis).
+    pub remote: bool,
     /// Size of `parameters` as JSON, measured once (it never changes).
     parameters_bytes: usize,
     spec: Mutex<Option<JobSpec>>,
@@ -246,9 +248,39 @@ impl Job {
             parameters,
             owner,
             subscribers: std::sync::atomic::AtomicUsize::new(0),
+            remote: false,
             spec: Mutex::new(Some(spec)),
             cancel: AtomicBool::new(false),
             claimed: AtomicBool::new(false),
+            inner: Mutex::new(JobInner {
+                status: JobStatus::Queued,
+                progress: None,
+                preview: None,
+                result: None,
+                result_bytes: 0,
+                error: None,
+                finished_at: None,
+                started_at: None,
+            }),
+            tx,
+        }
+    }
+
+    /// A local mirror of a queue-mode job held in Redis: no spec, never on this engine.
+    pub fn mirror(id: String, operation: &'static str, created_at: u64, parameters: Value, owner: Option<String>) -> Self {
+        let (tx, _) = broadcast::channel(256);
+        Self {
+            id,
+            operation,
+            created_at,
+            parameters_bytes: parameters.to_string().len(),
+            parameters,
+            owner,
+            subscribers: std::sync::atomic::AtomicUsize::new(0),
+            remote: true,
+            spec: Mutex::new(None),
+            cancel: AtomicBool::new(false),
+            claimed: AtomicBool::new(true),
             inner: Mutex::new(JobInner {
                 status: JobStatus::Queued,
                 progress: None,
@@ -306,6 +338,16 @@ impl Job {
         if !g.status.is_terminal() {
             g.status = JobStatus::Running;
             g.started_at = Some(unix_now());
+        }
+    }
+
+    /// Marks a running job queued again (queue mode: its worker handed it back).
+    pub fn requeue(&self) {
+        let mut g = lock(&self.inner);
+        if g.status == JobStatus::Running {
+            g.status = JobStatus::Queued;
+            g.started_at = None;
+            g.progress = None;
         }
     }
 

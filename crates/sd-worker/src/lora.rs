@@ -66,6 +66,11 @@ impl LoraFolders {
         self.folders.is_empty()
     }
 
+    /// The canonical `path` relative to the allowed folder holding it (how queue mode names it).
+    pub fn relative(&self, path: &Path) -> Option<PathBuf> {
+        self.folders.relative(path)
+    }
+
     /// Resolves and validates every requested LoRA; errors name the field (`loras[i].path` …).
     pub fn resolve_all(&self, reqs: &[LoraRequest]) -> Result<Vec<ResolvedLora>, ApiError> {
         if reqs.len() > MAX_LORAS {

@@ -32,11 +32,13 @@ pub struct Worker {
 
 impl Worker {
     /// Starts the engine thread, which begins loading the model at once (`/ready` answers 503 meanwhile).
+    /// A front (`--front-only`) starts no engine: it serves the queue's jobs.
     pub fn start(config: WorkerConfig) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
+        let front_only = config.queue.as_ref().is_some_and(|q| q.front_only);
         let state = Arc::new(AppState::new(config, tx));
-        let engine = engine::spawn(state.clone(), rx)?;
-        Ok(Self { state, engine: Some(engine) })
+        let engine = if front_only { None } else { Some(engine::spawn(state.clone(), rx)?) };
+        Ok(Self { state, engine })
     }
 
     /// The shared state.
@@ -58,6 +60,8 @@ impl Worker {
     /// gets its answer; beyond `--max-connections` a connection is answered 503 and closed.
     pub async fn serve(mut self, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         let state = self.state.clone();
+        #[cfg(feature = "queue")]
+        let fleet_tasks = join_queue(&state, self.engine.is_some())?;
         let sweeper = tokio::spawn(expiry_loop(state.clone()));
         let app = self.router();
         let limits = state.config.http.clone();
@@ -97,6 +101,14 @@ impl Worker {
         drop(listener);
         tracing::info!("shutdown requested");
         drain(&state).await;
+        #[cfg(feature = "queue")]
+        if let Some(q) = state.fleet() {
+            // The consumer stores its last job's outcome (or hands the job back) before the engine goes.
+            q.join_consumer(state.config.shutdown_grace + Duration::from_secs(15)).await;
+            for t in fleet_tasks {
+                t.abort();
+            }
+        }
         if tokio::time::timeout(state.config.shutdown_grace, graceful.shutdown()).await.is_err() {
             tracing::warn!("connections still open after the grace period are closed");
         }
@@ -108,6 +120,23 @@ impl Worker {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Opens the shared queue (queue mode): a refresher keeps the fleet's view current and, with an
+/// engine here, a consumer takes jobs onto it.
+#[cfg(feature = "queue")]
+fn join_queue(state: &Arc<AppState>, has_engine: bool) -> std::io::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let Some(cfg) = state.config.queue.clone() else { return Ok(Vec::new()) };
+    let q = crate::queue::RedisQueue::open(cfg, state.config.queue_capacity, state.config.job_expiry).map_err(std::io::Error::other)?;
+    let q = Arc::new(q);
+    state.set_fleet(q.clone());
+    tracing::info!(queue = %q.config().name, consumer = %q.consumer, front_only = !has_engine, "queue mode");
+    let refresher = tokio::spawn(q.clone().refresh_loop(state.clone(), has_engine));
+    let notifier = tokio::spawn(q.clone().notify_loop());
+    if has_engine {
+        q.spawn_consumer(state.clone());
+    }
+    Ok(vec![refresher, notifier])
 }
 
 /// Answers a connection over the cap with a 503 JSON error and closes it.

@@ -17,7 +17,8 @@ use crate::lora::LoraFolders;
 use crate::metrics::Metrics;
 
 /// What the HTTP side knows about the loaded model (the models themselves stay on the engine thread).
-#[derive(Debug, Clone)]
+/// In queue mode workers publish it to Redis, and fronts without a model validate against it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ModelInfo {
     /// Display name (folder or file stem, or the repo id).
     pub name: String,
@@ -88,6 +89,8 @@ pub struct AppState {
     subscribers: std::sync::atomic::AtomicUsize,
     id_seed: u64,
     next_id: AtomicU64,
+    #[cfg(feature = "queue")]
+    fleet: std::sync::OnceLock<Arc<crate::queue::RedisQueue>>,
 }
 
 impl AppState {
@@ -110,7 +113,90 @@ impl AppState {
             subscribers: std::sync::atomic::AtomicUsize::new(0),
             id_seed: h.finish(),
             next_id: AtomicU64::new(1),
+            #[cfg(feature = "queue")]
+            fleet: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The shared queue, in queue mode.
+    #[cfg(feature = "queue")]
+    pub fn fleet(&self) -> Option<&Arc<crate::queue::RedisQueue>> {
+        self.fleet.get()
+    }
+
+    /// Joins the shared queue (once, at startup).
+    #[cfg(feature = "queue")]
+    pub fn set_fleet(&self, q: Arc<crate::queue::RedisQueue>) {
+        let _ = self.fleet.set(q);
+    }
+
+    /// Whether jobs go through the shared queue rather than this process's own.
+    pub fn queue_mode(&self) -> bool {
+        #[cfg(feature = "queue")]
+        return self.fleet.get().is_some();
+        #[cfg(not(feature = "queue"))]
+        false
+    }
+
+    /// Queues a job: on this worker's engine, or on the fleet's queue in queue mode.
+    pub async fn submit_job(self: &Arc<Self>, spec: JobSpec, parameters: Value, owner: Option<String>) -> Result<Arc<Job>, ApiError> {
+        #[cfg(feature = "queue")]
+        if let Some(q) = self.fleet() {
+            if self.is_shutting_down() {
+                return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", None, "this front is shutting down; use another one"));
+            }
+            return q.clone().submit(self, self.new_id(), spec, parameters, owner).await;
+        }
+        self.submit(spec, parameters, owner)
+    }
+
+    /// Looks a job up: in this process's table, then (queue mode) in the fleet's queue.
+    pub async fn find_job(self: &Arc<Self>, id: &str) -> Result<Option<Arc<Job>>, ApiError> {
+        if let Some(j) = self.job(id) {
+            return Ok(Some(j));
+        }
+        #[cfg(feature = "queue")]
+        if let Some(q) = self.fleet() {
+            // Ids are only ever made of these characters; anything else cannot be a key.
+            if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return Ok(None);
+            }
+            return q.load(self, id).await;
+        }
+        Ok(None)
+    }
+
+    /// Registers a mirror of a fleet job (or returns the one already registered) and follows its
+    /// events after `last`.
+    #[cfg(feature = "queue")]
+    pub fn adopt_mirror(&self, job: Arc<Job>, last: String) -> Arc<Job> {
+        let mut jobs = lock(&self.jobs);
+        if let Some(existing) = jobs.get(&job.id) {
+            return existing.clone();
+        }
+        jobs.insert(job.id.clone(), job.clone());
+        drop(jobs);
+        if let Some(q) = self.fleet() {
+            tokio::spawn(q.clone().follow(job.clone(), last));
+        }
+        self.trim_store();
+        job
+    }
+
+    /// Hands a job taken from the fleet's queue to this worker's engine; false when the engine has stopped.
+    pub fn run_local(&self, job: Arc<Job>) -> bool {
+        let mut q = lock(&self.queue);
+        let Some(tx) = q.tx.as_ref() else { return false };
+        if tx.send(job).is_err() {
+            return false;
+        }
+        q.waiting += 1;
+        true
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        lock(&self.queue).shutting_down
     }
 
     /// The loading state.
@@ -140,7 +226,8 @@ impl AppState {
         }
     }
 
-    fn new_id(&self) -> String {
+    /// A fresh job id (`job_` and hex digits).
+    pub fn new_id(&self) -> String {
         use std::hash::{BuildHasher, Hasher};
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -249,8 +336,12 @@ impl AppState {
         q.waiting = q.waiting.saturating_sub(1);
     }
 
-    /// Jobs waiting behind the running one.
+    /// Jobs waiting behind the running one (queue mode: jobs in the fleet's stream).
     pub fn queue_depth(&self) -> usize {
+        #[cfg(feature = "queue")]
+        if let Some(q) = self.fleet() {
+            return q.depth();
+        }
         lock(&self.queue).waiting
     }
 
@@ -259,9 +350,10 @@ impl AppState {
         lock(&self.jobs).get(id).cloned()
     }
 
-    /// The job on the engine, if any.
+    /// The job on the engine, if any (a front without one: a running fleet job it follows).
     pub fn current(&self) -> Option<Arc<Job>> {
-        lock(&self.current).clone()
+        let local = lock(&self.current).clone();
+        local.or_else(|| lock(&self.jobs).values().find(|j| j.remote && j.status() == crate::jobs::JobStatus::Running).cloned())
     }
 
     /// Sets the job on the engine (engine only).
@@ -272,6 +364,18 @@ impl AppState {
     /// Cancels a job: at once if it is queued, within one step if it is running.
     pub fn cancel(&self, job: &Job, err: JobError) {
         tracing::info!(job_id = %job.id, reason = %err.message, "cancel requested");
+        if job.remote {
+            #[cfg(feature = "queue")]
+            if let (Some(q), Ok(rt)) = (self.fleet().cloned(), tokio::runtime::Handle::try_current()) {
+                let id = job.id.clone();
+                rt.spawn(async move {
+                    if let Err(e) = q.cancel(&id, &err).await {
+                        tracing::warn!(job_id = %id, error = %e.message, "cannot cancel the job on the queue");
+                    }
+                });
+            }
+            return;
+        }
         if job.request_cancel() {
             self.unqueue();
             self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
@@ -292,13 +396,19 @@ impl AppState {
     /// Stops accepting jobs and cancels every queued one; returns the running job, if any.
     pub fn begin_shutdown(&self) -> Option<Arc<Job>> {
         lock(&self.queue).shutting_down = true;
+        #[cfg(feature = "queue")]
+        if let Some(q) = self.fleet() {
+            q.begin_drain();
+        }
         let jobs: Vec<Arc<Job>> = lock(&self.jobs).values().cloned().collect();
         for j in jobs {
-            if j.status() == crate::jobs::JobStatus::Queued {
+            // Fleet jobs live in Redis and go on without this process.
+            if !j.remote && j.status() == crate::jobs::JobStatus::Queued {
                 self.cancel(&j, JobError::new("shutdown", "the worker is shutting down; submit the job again elsewhere"));
             }
         }
-        self.current()
+        // Only this process's engine: a fleet job a front follows is not this process's to stop.
+        lock(&self.current).clone()
     }
 
     /// Closes the queue so the engine thread exits once idle.
