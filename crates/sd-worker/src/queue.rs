@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::streams::{StreamAutoClaimReply, StreamId, StreamRangeReply, StreamReadReply};
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamInfoConsumersReply, StreamRangeReply, StreamReadReply};
 use redis::Script;
 use serde_json::{json, Value};
 use futures_util::StreamExt;
@@ -50,6 +50,8 @@ const EVENTS_PER_READ: usize = 256;
 const FOLLOW_FALLBACK: Duration = Duration::from_secs(2);
 /// How long the model description outlives the last worker's heartbeat.
 const MODEL_TTL_SECS: u64 = 30;
+/// A group member with no pending job silent this long (ms) belonged to a stopped worker.
+const DEAD_CONSUMER_MS: usize = 3_600_000;
 /// A worker not heard from for this long no longer counts as live.
 const WORKER_STALE_SECS: u64 = 60;
 
@@ -165,6 +167,7 @@ pub struct RedisQueue {
     draining: AtomicBool,
     consumer_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     followers: Mutex<HashMap<String, Arc<Notify>>>,
+    refreshes: AtomicUsize,
 }
 
 impl std::fmt::Debug for RedisQueue {
@@ -228,6 +231,7 @@ impl RedisQueue {
             draining: AtomicBool::new(false),
             consumer_task: Mutex::new(None),
             followers: Mutex::new(HashMap::new()),
+            refreshes: AtomicUsize::new(0),
         })
     }
 
@@ -560,6 +564,10 @@ impl RedisQueue {
             }
         }
         type Fleet = (usize, usize, (Option<f64>, Option<f64>), Option<String>);
+        // About once a minute a worker forgets group members of workers long gone.
+        if has_engine && self.refreshes.fetch_add(1, Ordering::Relaxed) % 30 == 0 {
+            self.forget_dead_consumers().await?;
+        }
         let (depth, live, stats, model): Fleet = redis::pipe()
             .cmd("ZREMRANGEBYSCORE")
             .arg(self.key("workers"))
@@ -602,6 +610,18 @@ impl RedisQueue {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Removes the group's consumers that hold no job and have been silent for an hour (every
+    /// worker start adds one; a consumer with pending jobs stays until they are taken over).
+    async fn forget_dead_consumers(&self) -> redis::RedisResult<()> {
+        let mut conn = self.conn();
+        let info: StreamInfoConsumersReply = redis::cmd("XINFO").arg("CONSUMERS").arg(self.key("jobs")).arg(GROUP).query_async(&mut conn).await?;
+        for c in info.consumers.iter().filter(|c| c.name != self.consumer && c.pending == 0 && c.idle > DEAD_CONSUMER_MS) {
+            redis::cmd("XGROUP").arg("DELCONSUMER").arg(self.key("jobs")).arg(GROUP).arg(&c.name).query_async::<i64>(&mut conn).await?;
+            tracing::info!(consumer = %c.name, "forgot a worker that stopped an hour ago");
         }
         Ok(())
     }
