@@ -56,6 +56,10 @@ pub struct SchedulerDefaults {
     pub steps_offset: usize,
     /// What the UNet predicts.
     pub prediction_type: PredictionType,
+    /// The model's whole `scheduler_config.json`, when it came with one: the scheduler library
+    /// parses every field of it (these few are what loading and detection need).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
 }
 
 impl SchedulerDefaults {
@@ -68,6 +72,7 @@ impl SchedulerDefaults {
             timestep_spacing: spacing.map(String::from),
             steps_offset: 1,
             prediction_type,
+            file: None,
         }
     }
 }

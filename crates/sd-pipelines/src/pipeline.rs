@@ -11,7 +11,7 @@ use crate::conditioning::{build_conditioning, Conditioning};
 use crate::control::ResidualHook;
 use crate::error::{Error, Result};
 use crate::schedulers::{
-    build_scheduler, NoiseSource, PredictionType, Sampler, SamplerKind, Scheduler, SchedulerConfig, SeededNoise, TimestepSpacing,
+    build_scheduler, BetaSchedule, NoiseSource, PredictionType, Sampler, SamplerKind, Scheduler, SchedulerConfig, SeededNoise, TimestepSpacing,
     TorchCpuNoise,
 };
 
@@ -174,13 +174,18 @@ pub fn validate(models: &StableDiffusionModels, p: &GenerationParams) -> Result<
     crate::prompt::validate_prompt("prompt", &p.prompt)?;
     crate::prompt::validate_prompt("negative_prompt", &p.negative_prompt)?;
     // The sampler's own limits (LCM runs at most its original 50 steps, …), before any allocation.
-    build_scheduler(p.sampler, &scheduler_config(models), p.steps)?;
+    build_scheduler(p.sampler, &scheduler_config(models)?, p.steps)?;
     Ok(())
 }
 
-/// The scheduler config the model was trained with (diffusers' `scheduler_config.json` values).
-pub fn scheduler_config(models: &StableDiffusionModels) -> SchedulerConfig {
+/// The scheduler config the model was trained with: its whole `scheduler_config.json` when it came
+/// with one (every field honoured, or refused by name when a sampler is built), else the
+/// variant's published settings (single-file checkpoints).
+pub fn scheduler_config(models: &StableDiffusionModels) -> Result<SchedulerConfig> {
     let s = &models.config.scheduler;
+    if let Some(text) = &s.file {
+        return SchedulerConfig::from_json_str(text);
+    }
     let mut c = SchedulerConfig::sd15();
     c.num_train_timesteps = s.num_train_timesteps;
     c.beta_start = Some(s.beta_start);
@@ -192,12 +197,19 @@ pub fn scheduler_config(models: &StableDiffusionModels) -> SchedulerConfig {
         ModelPrediction::Sample => PredictionType::Sample,
     };
     c.timestep_spacing = match s.timestep_spacing.as_deref() {
+        Some("leading") => Some(TimestepSpacing::Leading),
         Some("trailing") => Some(TimestepSpacing::Trailing),
         Some("linspace") => Some(TimestepSpacing::Linspace),
-        Some(_) => Some(TimestepSpacing::Leading),
+        Some(other) => return Err(Error::ConfigJson { reason: format!("timestep_spacing: {other:?} is not leading, trailing or linspace") }),
         None => None,
     };
-    c
+    c.beta_schedule = match s.beta_schedule.as_str() {
+        "scaled_linear" => Some(BetaSchedule::ScaledLinear),
+        "linear" => Some(BetaSchedule::Linear),
+        "squaredcos_cap_v2" => Some(BetaSchedule::SquaredcosCapV2),
+        other => return Err(Error::ConfigJson { reason: format!("beta_schedule: {other:?} is not linear, scaled_linear or squaredcos_cap_v2") }),
+    };
+    Ok(c)
 }
 
 fn guided(p: &GenerationParams) -> bool {
@@ -275,7 +287,7 @@ pub fn text_to_image_with_hooks(
     progress: &mut ProgressFn<'_>,
 ) -> Result<GenerationOutput> {
     validate(models, p)?;
-    let mut sched = build_scheduler(p.sampler, &scheduler_config(models), p.steps)?;
+    let mut sched = build_scheduler(p.sampler, &scheduler_config(models)?, p.steps)?;
     let cond = build_conditioning(models, &p.prompt, &p.negative_prompt, p.clip_skip, guided(p), p.batch_size, (p.height, p.width))?;
     let shape = latent_shape(models, p);
     let latents = (draw(noise, &shape, models)? * sched.init_noise_sigma())?;
@@ -317,7 +329,7 @@ pub fn image_to_image_with_hooks(
     validate(models, p)?;
     check_strength(input.strength)?;
     check_image("image", input.image, 3, p)?;
-    let mut sched = build_scheduler(p.sampler, &scheduler_config(models), p.steps)?;
+    let mut sched = build_scheduler(p.sampler, &scheduler_config(models)?, p.steps)?;
     let start = sched.begin_at_strength(input.strength)?;
     let cond = build_conditioning(models, &p.prompt, &p.negative_prompt, p.clip_skip, guided(p), p.batch_size, (p.height, p.width))?;
     let init = encode(models, input.image, p, noise)?.repeat((p.batch_size, 1, 1, 1))?;
@@ -372,7 +384,7 @@ pub fn inpaint_with_hooks(
         return Err(Error::InvalidRequest { field: "strength", reason: "0 leaves nothing to repaint; use a value in (0, 1]".into() });
     }
     let nine = models.config.is_inpaint();
-    let mut sched = build_scheduler(p.sampler, &scheduler_config(models), p.steps)?;
+    let mut sched = build_scheduler(p.sampler, &scheduler_config(models)?, p.steps)?;
     let full = input.strength >= 1.0;
     let start = if full { sched.reset(); 0 } else { sched.begin_at_strength(input.strength)? };
     let cond = build_conditioning(models, &p.prompt, &p.negative_prompt, p.clip_skip, guided(p), p.batch_size, (p.height, p.width))?;

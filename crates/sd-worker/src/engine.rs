@@ -98,9 +98,11 @@ fn local_model(cfg: &WorkerConfig) -> Result<std::path::PathBuf, String> {
     }
 }
 
-fn describe(models: &StableDiffusionModels, cfg: &WorkerConfig) -> ModelInfo {
+fn describe(models: &StableDiffusionModels, cfg: &WorkerConfig) -> Result<ModelInfo, String> {
     let c = &models.config;
-    ModelInfo {
+    // A scheduler config no sampler can honour stops loading here, not every request later.
+    let scheduler = sd_pipelines::pipeline::scheduler_config(models).map_err(|e| e.to_string())?;
+    Ok(ModelInfo {
         name: model_name(&cfg.model),
         source: match &cfg.model {
             ModelSource::Path(p) => p.display().to_string(),
@@ -118,8 +120,8 @@ fn describe(models: &StableDiffusionModels, cfg: &WorkerConfig) -> ModelInfo {
         text_layers: c.text_encoder.num_hidden_layers,
         is_inpaint: c.is_inpaint(),
         unet: Some(models.unet.config().clone()),
-        scheduler: Some(sd_pipelines::pipeline::scheduler_config(models)),
-    }
+        scheduler: Some(scheduler),
+    })
 }
 
 fn describe_flux(models: &FluxModels, cfg: &WorkerConfig) -> ModelInfo {
@@ -311,7 +313,7 @@ fn engine_main(state: Arc<AppState>, rx: mpsc::Receiver<Arc<Job>>) {
         }
         let opts = load_options(cfg)?;
         let models = load(&path, &opts).map_err(|e| e.to_string())?;
-        let info = Arc::new(describe(&models, cfg));
+        let info = Arc::new(describe(&models, cfg)?);
         Ok(Engine { backend: Backend::Sd(Box::new(SdBackend { models, path, opts, applied: Vec::new(), controlnets: Vec::new() })), info })
     }))
     .unwrap_or_else(|_| Err("the loader panicked".into()));

@@ -224,10 +224,16 @@ impl SchedulerConfig {
     ///
     /// Python's `json` writes `-Infinity`/`Infinity`/`NaN` (e.g. `lambda_min_clipped`), which
     /// strict JSON rejects; they are read as `null`, i.e. "the default".
+    /// A wrong value is refused naming its field (`timestep_spacing: unknown variant …`).
     pub fn from_json_str(text: &str) -> Result<Self> {
-        let cleaned = replace_non_finite(text);
-        serde_json::from_str(&cleaned).map_err(|e| Error::ConfigJson {
-            reason: e.to_string(),
+        let cleaned = sd_models::diffusers::python_json(text);
+        let de = &mut serde_json::Deserializer::from_str(&cleaned);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            Error::ConfigJson {
+                reason: if path == "." { inner.to_string() } else { format!("{path}: {inner}") },
+            }
         })
     }
 
@@ -252,39 +258,6 @@ impl SchedulerConfig {
             SigmaSchedule::Default
         }
     }
-}
-
-/// Replaces the bare tokens `-Infinity`, `Infinity` and `NaN` outside strings by `null`.
-fn replace_non_finite(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut in_string = false;
-    let mut escaped = false;
-    let mut rest = text;
-    while let Some(c) = rest.chars().next() {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == '"' {
-                in_string = false;
-            }
-        } else if c == '"' {
-            in_string = true;
-        } else {
-            let token = ["-Infinity", "Infinity", "NaN"]
-                .into_iter()
-                .find(|t| rest.starts_with(t));
-            if let Some(token) = token {
-                out.push_str("null");
-                rest = &rest[token.len()..];
-                continue;
-            }
-        }
-        out.push(c);
-        rest = &rest[c.len_utf8()..];
-    }
-    out
 }
 
 #[cfg(test)]
