@@ -11,7 +11,8 @@ use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::Stream;
+#[cfg(feature = "queue")]
+use futures_util::StreamExt as _;
 use sd_pipelines::schedulers::SamplerKind;
 use serde_json::json;
 use tokio::sync::broadcast;
@@ -117,14 +118,27 @@ pub async fn cancel_job(State(st): St, caller: Caller, id: Result<Path<String>, 
 }
 
 /// `GET /v1/jobs/{id}/stream`: Server-Sent Events from the current state to the end of the job.
+/// In queue mode every event carries the id of its entry in the job's Redis stream, and a
+/// reconnecting client's `Last-Event-ID` resumes right after it, on any front.
 pub async fn stream_job(
     State(st): St,
+    headers: axum::http::HeaderMap,
     id: Result<Path<String>, PathRejection>,
-) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+) -> Result<Response, ApiError> {
     let id = job_id(id)?;
     let job = st.find_job(&id).await?.ok_or_else(|| ApiError::job_not_found(&id))?;
     // Counted against the subscriber caps until the stream is dropped.
     let subscription = st.subscribe(&job)?;
+    #[cfg(feature = "queue")]
+    if let (true, Some(q)) = (job.remote, st.fleet()) {
+        let after = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| crate::queue::is_stream_id(v)).map(str::to_string);
+        let events = q.clone().event_stream(id, after).map(move |(eid, name, data)| {
+            let _counted = &subscription;
+            Ok::<_, Infallible>(Event::default().id(eid).event(name).data(data))
+        });
+        return Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response());
+    }
+    let _ = &headers;
     let (snapshot, rx) = job.subscribe();
     type StreamState = (VecDeque<JobEvent>, Option<broadcast::Receiver<JobEvent>>, crate::state::Subscription);
     let stream = futures_util::stream::unfold((snapshot, Some(rx), subscription), |(mut pending, mut rx, sub): StreamState| async move {
@@ -135,7 +149,7 @@ pub async fn stream_job(
                     rx = None;
                 }
                 let event = Event::default().event(ev.name()).data(ev.data().to_string());
-                return Some((Ok(event), (pending, rx, sub)));
+                return Some((Ok::<_, Infallible>(event), (pending, rx, sub)));
             }
             let r = rx.as_mut()?;
             match r.recv().await {
@@ -146,7 +160,7 @@ pub async fn stream_job(
             }
         }
     });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
 }
 
 /// `GET /health`: the process is up.

@@ -120,7 +120,7 @@ pub struct Cli {
     #[arg(long, env = "SD_WORKER_FRONT_ONLY")]
     pub front_only: bool,
     /// Seconds a running job's worker may stay silent before another worker takes the job over
-    /// (a live worker refreshes its claim three times per period).
+    /// (a live worker renews its claim every 5 s, or three times per period if that is shorter).
     #[arg(long, env = "SD_WORKER_QUEUE_CLAIM_IDLE_SECS", default_value_t = 30.0)]
     pub queue_claim_idle_secs: f64,
     /// How many times a job may be started before it fails (each start beyond the first means the

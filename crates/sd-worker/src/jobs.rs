@@ -239,36 +239,18 @@ pub fn unix_now() -> u64 {
 impl Job {
     /// A queued job submitted by `owner`.
     pub fn new(id: String, spec: JobSpec, parameters: Value, owner: Option<String>) -> Self {
-        let (tx, _) = broadcast::channel(256);
-        Self {
-            id,
-            operation: spec.operation.name(),
-            created_at: unix_now(),
-            parameters_bytes: parameters.to_string().len(),
-            parameters,
-            owner,
-            subscribers: std::sync::atomic::AtomicUsize::new(0),
-            remote: false,
-            spec: Mutex::new(Some(spec)),
-            cancel: AtomicBool::new(false),
-            claimed: AtomicBool::new(false),
-            inner: Mutex::new(JobInner {
-                status: JobStatus::Queued,
-                progress: None,
-                preview: None,
-                result: None,
-                result_bytes: 0,
-                error: None,
-                finished_at: None,
-                started_at: None,
-            }),
-            tx,
-        }
+        let operation = spec.operation.name();
+        Self::build(id, operation, unix_now(), parameters, owner, Some(spec))
     }
 
     /// A local mirror of a queue-mode job held in Redis: no spec, never on this engine.
     pub fn mirror(id: String, operation: &'static str, created_at: u64, parameters: Value, owner: Option<String>) -> Self {
+        Self::build(id, operation, created_at, parameters, owner, None)
+    }
+
+    fn build(id: String, operation: &'static str, created_at: u64, parameters: Value, owner: Option<String>, spec: Option<JobSpec>) -> Self {
         let (tx, _) = broadcast::channel(256);
+        let remote = spec.is_none();
         Self {
             id,
             operation,
@@ -277,10 +259,11 @@ impl Job {
             parameters,
             owner,
             subscribers: std::sync::atomic::AtomicUsize::new(0),
-            remote: true,
-            spec: Mutex::new(None),
+            remote,
+            spec: Mutex::new(spec),
             cancel: AtomicBool::new(false),
-            claimed: AtomicBool::new(true),
+            // A mirror is never this engine's to dequeue.
+            claimed: AtomicBool::new(remote),
             inner: Mutex::new(JobInner {
                 status: JobStatus::Queued,
                 progress: None,

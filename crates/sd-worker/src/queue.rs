@@ -30,7 +30,7 @@ use redis::streams::{StreamAutoClaimReply, StreamId, StreamInfoConsumersReply, S
 use redis::Script;
 use serde_json::{json, Value};
 use futures_util::StreamExt;
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::{broadcast, watch};
 
 use crate::config::QueueConfig;
 use crate::error::{ApiError, JobError};
@@ -166,7 +166,8 @@ pub struct RedisQueue {
     mean_job_secs: Mutex<Option<f64>>,
     draining: AtomicBool,
     consumer_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    followers: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Per followed job, a counter bumped by each notification (a `watch` never loses one).
+    wakers: Mutex<HashMap<String, watch::Sender<u64>>>,
     refreshes: AtomicUsize,
 }
 
@@ -230,7 +231,7 @@ impl RedisQueue {
             mean_job_secs: Mutex::new(None),
             draining: AtomicBool::new(false),
             consumer_task: Mutex::new(None),
-            followers: Mutex::new(HashMap::new()),
+            wakers: Mutex::new(HashMap::new()),
             refreshes: AtomicUsize::new(0),
         })
     }
@@ -405,8 +406,7 @@ impl RedisQueue {
 
     /// Follows job `id`'s events into the local mirror `job` until it ends.
     pub async fn follow(self: Arc<Self>, job: Arc<Job>, mut last: String) {
-        let wake = Arc::new(Notify::new());
-        lock(&self.followers).insert(job.id.clone(), wake.clone());
+        let mut wake = self.waker(&job.id);
         let mut failures = 0u32;
         while !job.status().is_terminal() {
             match self.read_events(&job, &mut last).await {
@@ -415,7 +415,7 @@ impl RedisQueue {
                     if n < EVENTS_PER_READ {
                         // Woken by the job's notification; the timeout covers a notification lost
                         // while the subscription was reconnecting.
-                        let _ = tokio::time::timeout(FOLLOW_FALLBACK, wake.notified()).await;
+                        let _ = tokio::time::timeout(FOLLOW_FALLBACK, wake.changed()).await;
                     }
                 }
                 Err(e) => {
@@ -427,7 +427,117 @@ impl RedisQueue {
                 }
             }
         }
-        lock(&self.followers).remove(&job.id);
+        drop(wake);
+        self.release(&job.id);
+    }
+
+    /// A receiver that changes whenever job `id` is notified.
+    fn waker(&self, id: &str) -> watch::Receiver<u64> {
+        let mut w = lock(&self.wakers);
+        match w.get(id) {
+            Some(tx) => tx.subscribe(),
+            None => {
+                let (tx, rx) = watch::channel(0);
+                w.insert(id.to_string(), tx);
+                rx
+            }
+        }
+    }
+
+    /// Forgets job `id`'s waker once nobody listens.
+    fn release(&self, id: &str) {
+        let mut w = lock(&self.wakers);
+        if w.get(id).is_some_and(|tx| tx.receiver_count() == 0) {
+            w.remove(id);
+        }
+    }
+
+    /// The job's events after `after` (a stream id from `Last-Event-ID`, or the start) as SSE
+    /// `(id, event, data)`, following the job until its final event; `status` events stay internal.
+    pub fn event_stream(self: Arc<Self>, id: String, after: Option<String>) -> impl futures_util::Stream<Item = (String, &'static str, String)> + Send {
+        let wake = self.waker(&id);
+        let last = after.unwrap_or_else(|| "0-0".into());
+        struct S {
+            q: Arc<RedisQueue>,
+            id: String,
+            last: String,
+            wake: Option<watch::Receiver<u64>>,
+            pending: VecDeque<(String, &'static str, String)>,
+            done: bool,
+        }
+        impl Drop for S {
+            fn drop(&mut self) {
+                // Dropped first, so `release` counts the listeners left.
+                self.wake = None;
+                self.q.release(&self.id);
+            }
+        }
+        let state = S { q: self, id, last, wake: Some(wake), pending: VecDeque::new(), done: false };
+        futures_util::stream::unfold(state, |mut s| async move {
+            loop {
+                if let Some(ev) = s.pending.pop_front() {
+                    return Some((ev, s));
+                }
+                if s.done {
+                    return None;
+                }
+                let read: redis::RedisResult<(StreamRangeReply, Option<String>)> = redis::pipe()
+                    .cmd("XRANGE")
+                    .arg(s.q.events_key(&s.id))
+                    .arg(format!("({}", s.last))
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(EVENTS_PER_READ)
+                    .cmd("HGET")
+                    .arg(s.q.job_key(&s.id))
+                    .arg("status")
+                    .query_async(&mut s.q.conn())
+                    .await;
+                let (range, status) = match read {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::debug!(job_id = %s.id, error = %e, "cannot read the job's events for a stream; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                };
+                for entry in &range.ids {
+                    s.last = entry.id.clone();
+                    let event: String = entry.get("event").unwrap_or_default();
+                    let data: String = entry.get("data").unwrap_or_default();
+                    let (name, data) = match event.as_str() {
+                        "progress" => ("progress", data),
+                        "preview" => ("preview", data),
+                        "error" => {
+                            s.done = true;
+                            let v: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
+                            ("error", json!({"code": v["code"], "message": v["message"], "field": v["field"]}).to_string())
+                        }
+                        "complete" => {
+                            s.done = true;
+                            let r: redis::RedisResult<Option<String>> = redis::cmd("HGET").arg(s.q.job_key(&s.id)).arg("result").query_async(&mut s.q.conn()).await;
+                            ("complete", r.ok().flatten().unwrap_or_else(|| "null".into()))
+                        }
+                        _ => continue,
+                    };
+                    s.pending.push_back((entry.id.clone(), name, data));
+                    if s.done {
+                        break;
+                    }
+                }
+                if s.pending.is_empty() && !s.done {
+                    if status.is_none() {
+                        s.done = true;
+                        let data = json!({"code": "internal_error", "message": "the job's state is gone from the queue (expired or the Redis data was lost)"});
+                        s.pending.push_back((s.last.clone(), "error", data.to_string()));
+                    } else if range.ids.len() < EVENTS_PER_READ {
+                        if let Some(w) = s.wake.as_mut() {
+                            let _ = tokio::time::timeout(FOLLOW_FALLBACK, w.changed()).await;
+                        }
+                    }
+                }
+            }
+        })
     }
 
     /// Applies the job's events after `last` to the mirror; returns how many it read.
@@ -502,14 +612,14 @@ impl RedisQueue {
             if let Ok(mut ps) = self.client.get_async_pubsub().await {
                 if ps.subscribe(self.key("notify")).await.is_ok() {
                     // Anything published while unsubscribed is read now.
-                    for w in lock(&self.followers).values() {
-                        w.notify_one();
+                    for w in lock(&self.wakers).values() {
+                        w.send_modify(|n| *n = n.wrapping_add(1));
                     }
                     let mut messages = ps.into_on_message();
                     while let Some(msg) = messages.next().await {
                         if let Ok(id) = msg.get_payload::<String>() {
-                            if let Some(w) = lock(&self.followers).get(&id) {
-                                w.notify_one();
+                            if let Some(w) = lock(&self.wakers).get(&id) {
+                                w.send_modify(|n| *n = n.wrapping_add(1));
                             }
                         }
                     }
@@ -865,7 +975,7 @@ impl RedisQueue {
     /// the claim on the entry fresh, until the run ends.
     async fn watch(&self, state: &AppState, job: &Arc<Job>, mut rx: broadcast::Receiver<JobEvent>, entry: &str) -> Watched {
         let mut poll = tokio::time::interval(POLL * 2);
-        let mut heartbeat = tokio::time::interval((self.cfg.claim_idle / 3).max(Duration::from_millis(100)));
+        let mut heartbeat = tokio::time::interval(heartbeat_period(self.cfg.claim_idle));
         let mut user_cancel = false;
         let mut lost = false;
         let mut pending: VecDeque<JobEvent> = VecDeque::new();
@@ -987,6 +1097,19 @@ enum Watched {
     HandBack,
     /// Another worker owns the job now; report nothing.
     Lost,
+}
+
+/// How often a running job's claim is renewed: at most every 5 s, and at least three times per
+/// claim idle period, so a live worker's job is never taken over.
+pub fn heartbeat_period(claim_idle: Duration) -> Duration {
+    (claim_idle / 3).min(Duration::from_secs(5)).max(Duration::from_millis(50))
+}
+
+/// Whether `s` is a Redis stream entry id (`<ms>-<seq>`), as SSE `Last-Event-ID` carries it.
+pub fn is_stream_id(s: &str) -> bool {
+    let mut parts = s.splitn(2, '-');
+    let ok = |p: Option<&str>| p.is_some_and(|p| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit()));
+    ok(parts.next()) && ok(parts.next())
 }
 
 /// Holds a queued job to this worker's own limits (a front may have been configured with larger ones).

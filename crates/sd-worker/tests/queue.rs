@@ -206,6 +206,47 @@ impl Node {
     }
 }
 
+/// Reads SSE events `(id, event, data)` from `path` (HTTP/1.0, so the body is plain text), sending
+/// `Last-Event-ID` when given, and stops after `limit` events or at the end of the stream.
+fn sse(addr: SocketAddr, path: &str, last_event_id: Option<&str>, limit: usize) -> Vec<(String, String, Value)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    let extra = last_event_id.map(|id| format!("Last-Event-ID: {id}\r\n")).unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\nAccept: text/event-stream\r\n{extra}\r\n").expect("send");
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    let mut events = loop {
+        let n = s.read(&mut buf).expect("read");
+        raw.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        let mut blocks: Vec<&str> = body.split("\n\n").collect();
+        // The last block may still be arriving.
+        if n > 0 {
+            blocks.pop();
+        }
+        let events: Vec<(String, String, Value)> = blocks
+            .iter()
+            .filter_map(|b| {
+                let field = |name: &str| b.lines().find_map(|l| l.strip_prefix(name)).map(str::to_string);
+                let event = field("event: ")?;
+                Some((field("id: ").unwrap_or_default(), event, serde_json::from_str(&field("data: ").unwrap_or_default()).unwrap_or(Value::Null)))
+            })
+            .collect();
+        if n == 0 || events.len() >= limit {
+            break events;
+        }
+    };
+    events.truncate(limit);
+    events
+}
+
+fn stream_order(id: &str) -> (u64, u64) {
+    let (a, b) = id.split_once('-').expect("a stream id");
+    (a.parse().expect("ms"), b.parse().expect("seq"))
+}
+
 fn job(steps: u64, seed: u64) -> Value {
     json!({"operation": "image_generation", "prompt": "a fleet", "width": 32, "height": 32, "steps": steps, "seed": seed})
 }
@@ -237,6 +278,20 @@ fn two_workers_and_a_front_run_every_job_exactly_once() {
     let steps: Vec<u64> = events.iter().filter(|e| e.0 == "progress").filter_map(|e| e.1["step"].as_u64()).collect();
     assert_eq!(steps.last(), Some(&4), "{steps:?}");
 
+    // A client that loses its stream resumes after its Last-Event-ID, on another node, with nothing
+    // lost or repeated.
+    let id = front.submit(&job(12, 8));
+    let first = sse(front.addr, &format!("/v1/jobs/{id}/stream"), None, 5);
+    assert_eq!(first.len(), 5, "{first:?}");
+    let last_id = first.last().map(|e| e.0.clone()).expect("id");
+    let rest = sse(w1.addr, &format!("/v1/jobs/{id}/stream"), Some(&last_id), usize::MAX);
+    assert_eq!(rest.last().map(|e| e.1.as_str()), Some("complete"), "{rest:?}");
+    assert!(rest.iter().all(|e| stream_order(&e.0) > stream_order(&last_id)), "resumed before its Last-Event-ID");
+    let steps: Vec<u64> = first.iter().chain(&rest).filter(|e| e.1 == "progress").filter_map(|e| e.2["step"].as_u64()).collect();
+    assert_eq!(steps, (1..=12).collect::<Vec<u64>>(), "progress lost or repeated across the reconnect");
+    let whole = sse(front.addr, &format!("/v1/jobs/{id}/stream"), None, usize::MAX);
+    assert_eq!(whole.len(), first.len() + rest.len(), "a late subscriber sees the whole stream");
+
     // A batch through the front: every job completes once, and both workers take part.
     let t0 = Instant::now();
     let ids: Vec<String> = (0..12).map(|i| front.submit(&job(2, 100 + i))).collect();
@@ -252,7 +307,7 @@ fn two_workers_and_a_front_run_every_job_exactly_once() {
         assert_eq!(redis.final_events(id), 1, "job {id} was reported other than once");
     }
     let (c1, c2) = (w1.completed(), w2.completed());
-    assert_eq!(c1 + c2, 13, "workers completed {c1} + {c2} jobs");
+    assert_eq!(c1 + c2, 14, "workers completed {c1} + {c2} jobs");
     assert!(c1 > 0 && c2 > 0, "one worker took every job: {c1} / {c2}");
     let depth: usize = redis::cmd("XLEN").arg("sdw:test:jobs").query(&mut redis.conn()).expect("XLEN");
     assert_eq!(depth, 0, "finished jobs leave the stream");
@@ -361,6 +416,34 @@ fn a_dead_worker_s_job_is_taken_over_and_a_draining_one_hands_its_job_back() {
     assert_eq!(r.json()["status"], "queue_unavailable");
     let r = front.post("/v1/jobs", &job(2, 1));
     assert_eq!(r.status, 503, "{}", r.text());
+}
+
+#[test]
+fn a_job_ten_times_longer_than_the_claim_idle_time_is_neither_stolen_nor_run_twice() {
+    let Some(redis) = Redis::start("long_job") else { return };
+    let idle = ["--queue-claim-idle-secs", "1"];
+    let front = Node::start(&redis, "long-front", true, &[]);
+    let w1 = Node::start(&redis, "long-w1", false, &idle);
+    front.wait_ready();
+    // Size the job from this machine's step time so that it lasts over ten idle periods.
+    let t0 = Instant::now();
+    let probe = front.submit(&job(20, 1));
+    front.wait_status(&probe, "completed", done);
+    let per_step = t0.elapsed().as_secs_f64() / 20.0;
+    let steps = ((12.0 / per_step).ceil() as u64).clamp(40, 1000);
+    let w2 = Node::start(&redis, "long-w2", false, &idle);
+    let t0 = Instant::now();
+    let id = front.submit(&job(steps, 2));
+    let v = front.wait_status(&id, "completed", done);
+    let secs = t0.elapsed().as_secs_f64();
+    assert_eq!(v["status"], "completed", "{v}");
+    assert!(secs > 10.0, "the job took {secs:.1} s, not over ten idle periods ({steps} steps)");
+    assert_eq!(redis.job_field(&id, "attempts").as_deref(), Some("1"), "the job was taken over while its worker lived");
+    assert_eq!(redis.final_events(&id), 1);
+    for w in [&w1, &w2] {
+        let log = std::fs::read_to_string(&w.proc.log).unwrap_or_default();
+        assert!(!log.contains("took over a job") && !log.contains("another worker took this job over"), "{}", w.proc.log_tail());
+    }
 }
 
 #[test]
