@@ -118,12 +118,20 @@ fn values_no_scheduler_implements_are_refused_by_field_name() {
     let models = load(&model_with_scheduler("typed", &bad), &LoadOptions::default()).expect("loads");
     let e = scheduler_config(&models).expect_err("string for a bool");
     assert!(e.to_string().contains("use_karras_sigmas"), "{e}");
-    // A valid option no sampler implements is refused when a sampler is built, naming it.
+    // A valid option no sampler here implements is refused, naming it, by the samplers whose
+    // diffusers class has it; the others ignore it, as diffusers' `from_config` does.
     let thresholding = base.replace(r#""steps_offset": 1"#, r#""steps_offset": 1, "thresholding": true"#);
     let models = load(&model_with_scheduler("thresholding", &thresholding), &LoadOptions::default()).expect("loads");
     let cfg = scheduler_config(&models).expect("config");
-    let Err(e) = build_scheduler(Sampler::from(SamplerKind::Euler), &cfg, 10) else { panic!("thresholding was accepted") };
+    let Err(e) = build_scheduler(Sampler::from(SamplerKind::Ddim), &cfg, 10) else { panic!("thresholding was accepted") };
     assert!(e.to_string().contains("thresholding"), "{e}");
+    assert!(build_scheduler(Sampler::from(SamplerKind::Euler), &cfg, 10).is_ok(), "Euler has no thresholding option to honour");
+    // A schedule-defining field no sampler implements is refused by every sampler.
+    let beta = base.replace(r#""steps_offset": 1"#, r#""steps_offset": 1, "use_beta_sigmas": true"#);
+    let models = load(&model_with_scheduler("beta_sigmas", &beta), &LoadOptions::default()).expect("loads");
+    let cfg = scheduler_config(&models).expect("config");
+    let Err(e) = build_scheduler(Sampler::from(SamplerKind::Euler), &cfg, 10) else { panic!("use_beta_sigmas was accepted") };
+    assert!(e.to_string().contains("use_beta_sigmas"), "{e}");
     // Python's -Infinity (DPM-Solver configs) reads as the default instead of failing the load.
     let python = base.replace(r#""steps_offset": 1"#, r#""steps_offset": 1, "lambda_min_clipped": -Infinity"#);
     let models = load(&model_with_scheduler("python", &python), &LoadOptions::default()).expect("loads");

@@ -425,20 +425,29 @@ fn a_job_ten_times_longer_than_the_claim_idle_time_is_neither_stolen_nor_run_twi
     let front = Node::start(&redis, "long-front", true, &[]);
     let w1 = Node::start(&redis, "long-w1", false, &idle);
     front.wait_ready();
-    // Size the job from this machine's step time so that it lasts over ten idle periods.
-    let t0 = Instant::now();
-    let probe = front.submit(&job(20, 1));
-    front.wait_status(&probe, "completed", done);
-    let per_step = t0.elapsed().as_secs_f64() / 20.0;
-    let steps = ((12.0 / per_step).ceil() as u64).clamp(40, 1000);
     let w2 = Node::start(&redis, "long-w2", false, &idle);
+    // A job far longer than the test watches it (1000 steps at 64²): watched for over ten idle
+    // periods while running, then cancelled.
+    let id = front.submit(&json!({"operation": "image_generation", "prompt": "long", "width": 64, "height": 64, "steps": 1000, "seed": 2}));
+    front.wait_status(&id, "running", |v| v["status"] == "running");
+    let owner = redis.job_field(&id, "worker").expect("worker");
     let t0 = Instant::now();
-    let id = front.submit(&job(steps, 2));
-    let v = front.wait_status(&id, "completed", done);
-    let secs = t0.elapsed().as_secs_f64();
-    assert_eq!(v["status"], "completed", "{v}");
-    assert!(secs > 10.0, "the job took {secs:.1} s, not over ten idle periods ({steps} steps)");
-    assert_eq!(redis.job_field(&id, "attempts").as_deref(), Some("1"), "the job was taken over while its worker lived");
+    let mut last_step = 0;
+    while t0.elapsed() < Duration::from_secs(11) {
+        let v = front.status(&id);
+        assert_eq!(v["status"], "running", "the job ended early (make it longer on this machine): {v}");
+        let step = v["progress"]["step"].as_u64().unwrap_or(0);
+        assert!(step >= last_step, "progress went back from {last_step} to {step}: the job restarted");
+        last_step = step;
+        assert_eq!(redis.job_field(&id, "worker").as_deref(), Some(owner.as_str()), "the job changed workers");
+        assert_eq!(redis.job_field(&id, "attempts").as_deref(), Some("1"), "the job was taken over while its worker lived");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(last_step > 0, "no progress in 11 s");
+    assert_eq!(raw_request(front.addr, "DELETE", &format!("/v1/jobs/{id}"), "application/json", b"").status, 202);
+    let v = front.wait_status(&id, "cancelled", done);
+    assert_eq!(v["status"], "cancelled", "{v}");
+    assert_eq!(redis.job_field(&id, "attempts").as_deref(), Some("1"));
     assert_eq!(redis.final_events(&id), 1);
     for w in [&w1, &w2] {
         let log = std::fs::read_to_string(&w.proc.log).unwrap_or_default();

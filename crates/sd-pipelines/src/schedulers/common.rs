@@ -319,11 +319,13 @@ pub(crate) fn exponential_sigmas(sigma_min: f64, sigma_max: f64, steps: usize) -
         .collect()
 }
 
-/// Rejects config options that no scheduler here implements.
-pub(crate) fn reject_unsupported(cfg: &SchedulerConfig, name: &'static str) -> Result<()> {
+/// Rejects config options that no scheduler here implements. `thresholding` belongs to the
+/// classes that have it in diffusers (DDIM, DDPM, DPM-Solver, UniPC, LCM); the others ignore it, as
+/// their `from_config` does.
+pub(crate) fn reject_unsupported(cfg: &SchedulerConfig, name: &'static str, has_thresholding: bool) -> Result<()> {
     let unsupported = [
         (
-            cfg.thresholding,
+            has_thresholding && cfg.thresholding,
             "thresholding = true",
             "dynamic thresholding is for pixel-space models; set it to false",
         ),

@@ -24,7 +24,7 @@ pub struct DdimScheduler {
 impl DdimScheduler {
     /// Builds the schedule for `steps` inference steps.
     pub fn new(cfg: &SchedulerConfig, steps: usize) -> Result<Self> {
-        common::reject_unsupported(cfg, DEFAULTS.name)?;
+        common::reject_unsupported(cfg, DEFAULTS.name, true)?;
         let schedule = NoiseSchedule::new(cfg, &DEFAULTS, false)?;
         let n = cfg.num_train_timesteps;
         common::check_steps(DEFAULTS.name, steps, n)?;

@@ -31,7 +31,7 @@ pub struct DdpmScheduler {
 impl DdpmScheduler {
     /// Builds the schedule for `steps` inference steps.
     pub fn new(cfg: &SchedulerConfig, steps: usize) -> Result<Self> {
-        common::reject_unsupported(cfg, DEFAULTS.name)?;
+        common::reject_unsupported(cfg, DEFAULTS.name, true)?;
         let variance = match cfg.variance_type.as_deref() {
             None | Some("fixed_small") => Variance::Small,
             Some("fixed_small_log") => Variance::SmallLog,

@@ -120,7 +120,7 @@ impl DpmPp2mScheduler {
         sde: bool,
     ) -> Result<Self> {
         let name = if sde { "DPM++ 2M SDE" } else { DEFAULTS.name };
-        common::reject_unsupported(cfg, name)?;
+        common::reject_unsupported(cfg, name, true)?;
         if let Some(v) = cfg.variance_type.as_deref() {
             if v.starts_with("learned") {
                 return Err(Error::UnsupportedConfig {

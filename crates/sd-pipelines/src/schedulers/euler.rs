@@ -23,7 +23,7 @@ pub struct EulerScheduler {
 impl EulerScheduler {
     /// Builds the schedule for `steps` inference steps.
     pub fn new(cfg: &SchedulerConfig, steps: usize, schedule: SigmaSchedule) -> Result<Self> {
-        common::reject_unsupported(cfg, DEFAULTS.name)?;
+        common::reject_unsupported(cfg, DEFAULTS.name, false)?;
         if cfg.interpolation_type == Interpolation::LogLinear {
             return Err(Error::UnsupportedConfig {
                 scheduler: DEFAULTS.name,

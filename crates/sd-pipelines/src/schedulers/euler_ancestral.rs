@@ -24,7 +24,7 @@ pub struct EulerAncestralScheduler {
 impl EulerAncestralScheduler {
     /// Builds the schedule for `steps` inference steps.
     pub fn new(cfg: &SchedulerConfig, steps: usize) -> Result<Self> {
-        common::reject_unsupported(cfg, DEFAULTS.name)?;
+        common::reject_unsupported(cfg, DEFAULTS.name, false)?;
         common::require_prediction(
             cfg.prediction_type,
             &[PredictionType::Epsilon, PredictionType::VPrediction],

@@ -43,7 +43,7 @@ pub struct HeunScheduler {
 impl HeunScheduler {
     /// Builds the schedule for `steps` inference steps.
     pub fn new(cfg: &SchedulerConfig, steps: usize, schedule: SigmaSchedule) -> Result<Self> {
-        common::reject_unsupported(cfg, DEFAULTS.name)?;
+        common::reject_unsupported(cfg, DEFAULTS.name, false)?;
         // diffusers' Heun has no zero-terminal-SNR option and ignores the key.
         let cfg = &SchedulerConfig {
             rescale_betas_zero_snr: false,

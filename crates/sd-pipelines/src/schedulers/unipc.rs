@@ -42,7 +42,7 @@ impl UniPcScheduler {
     /// Builds the schedule for `steps` inference steps.
     pub fn new(cfg: &SchedulerConfig, steps: usize, schedule: SigmaSchedule) -> Result<Self> {
         let name = DEFAULTS.name;
-        common::reject_unsupported(cfg, name)?;
+        common::reject_unsupported(cfg, name, true)?;
         let bh = match cfg.solver_type.as_deref() {
             None | Some("bh2") | Some("midpoint") | Some("heun") | Some("logrho") => Bh::Bh2,
             Some("bh1") => Bh::Bh1,
