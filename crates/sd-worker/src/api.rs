@@ -118,8 +118,10 @@ pub async fn cancel_job(State(st): St, caller: Caller, id: Result<Path<String>, 
 }
 
 /// `GET /v1/jobs/{id}/stream`: Server-Sent Events from the current state to the end of the job.
-/// In queue mode every event carries the id of its entry in the job's Redis stream, and a
-/// reconnecting client's `Last-Event-ID` resumes right after it, on any front.
+/// Every event has an id and a reconnecting client's `Last-Event-ID` resumes after it: in queue
+/// mode the id of the event's entry in the job's Redis stream (on any front, with every event in
+/// between); in a self-contained worker an id that grows with the job's steps (from the job's
+/// current state).
 pub async fn stream_job(
     State(st): St,
     headers: axum::http::HeaderMap,
@@ -138,17 +140,23 @@ pub async fn stream_job(
         });
         return Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response());
     }
-    let _ = &headers;
+    // Ids here follow the job's steps (see `JobEvent::sse_id`): a reconnecting client is sent only
+    // what comes after its `Last-Event-ID` (from the job's current state on).
+    let after: Option<u64> = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
     let (snapshot, rx) = job.subscribe();
     type StreamState = (VecDeque<JobEvent>, Option<broadcast::Receiver<JobEvent>>, crate::state::Subscription);
-    let stream = futures_util::stream::unfold((snapshot, Some(rx), subscription), |(mut pending, mut rx, sub): StreamState| async move {
+    let stream = futures_util::stream::unfold((snapshot, Some(rx), subscription), move |(mut pending, mut rx, sub): StreamState| async move {
         loop {
             if let Some(ev) = pending.pop_front() {
                 if ev.is_terminal() {
                     pending.clear();
                     rx = None;
                 }
-                let event = Event::default().event(ev.name()).data(ev.data().to_string());
+                let id = ev.sse_id();
+                if after.is_some_and(|a| id <= a) {
+                    continue;
+                }
+                let event = Event::default().id(id.to_string()).event(ev.name()).data(ev.data().to_string());
                 return Some((Ok::<_, Infallible>(event), (pending, rx, sub)));
             }
             let r = rx.as_mut()?;

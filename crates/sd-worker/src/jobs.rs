@@ -90,6 +90,9 @@ pub struct JobResult {
     pub infotext: String,
 }
 
+/// SSE id of a job's last event (the largest integer JavaScript holds exactly).
+pub const FINAL_EVENT_ID: u64 = (1 << 53) - 1;
+
 /// What a job publishes; SSE event names are `progress`, `preview`, `complete`, `error`.
 #[derive(Debug, Clone)]
 pub enum JobEvent {
@@ -107,6 +110,16 @@ impl JobEvent {
     /// Whether this is the last event of a job.
     pub fn is_terminal(&self) -> bool {
         matches!(self, Self::Complete(_) | Self::Error(_))
+    }
+
+    /// The SSE id: it grows through a job (`2·step` for progress, `2·step + 1` for that step's
+    /// preview, [`FINAL_EVENT_ID`] for the last event), so `Last-Event-ID` says what a client saw.
+    pub fn sse_id(&self) -> u64 {
+        match self {
+            Self::Progress(p) => 2 * p.step as u64,
+            Self::Preview(p) => 2 * p.step as u64 + 1,
+            Self::Complete(_) | Self::Error(_) => FINAL_EVENT_ID,
+        }
     }
 
     /// The SSE event name.

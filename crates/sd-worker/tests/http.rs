@@ -1481,3 +1481,35 @@ fn shutdown_does_not_wait_for_slow_or_idle_sockets_beyond_the_grace_period() {
     assert!(t0.elapsed() < Duration::from_secs(5), "shutdown took {:?}", t0.elapsed());
     drop((slow, idle));
 }
+
+/// `(id, event)` of every SSE event in `text`.
+fn sse_ids(text: &str) -> Vec<(u64, String)> {
+    text.split("\n\n")
+        .filter_map(|b| {
+            let field = |name: &str| b.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_string());
+            Some((field("id:")?.parse().ok()?, field("event:")?))
+        })
+        .collect()
+}
+
+#[test]
+fn sse_ids_grow_and_last_event_id_resumes_after_them() {
+    let s = Server::start(config("sd15"));
+    let id = s.submit(&json!({"operation": "image_generation", "prompt": "ids", "width": 32, "height": 32, "steps": 4, "seed": 5}));
+    // Every event carries an id, growing (whether the job is still running or already done).
+    let whole = sse_ids(&s.get(&format!("/v1/jobs/{id}/stream")).text());
+    assert_eq!(whole.last().map(|e| e.1.as_str()), Some("complete"), "{whole:?}");
+    assert!(whole.windows(2).all(|w| w[0].0 < w[1].0), "ids do not grow: {whole:?}");
+    // A client that saw the first progress event gets only later events (from the job's current state).
+    let first_progress = whole.iter().find(|e| e.1 == "progress").map(|e| e.0).expect("progress");
+    let path = format!("/v1/jobs/{id}/stream");
+    let resumed = raw_request_with(s.addr, "GET", &path, "application/json", &[("Last-Event-ID", &first_progress.to_string())], b"");
+    let resumed = sse_ids(&resumed.text());
+    assert_eq!(resumed.last().map(|e| e.1.as_str()), Some("complete"), "{resumed:?}");
+    assert!(resumed.iter().all(|e| e.0 > first_progress), "{resumed:?}");
+    // A client that saw the final event gets nothing more.
+    let last = whole.last().map(|e| e.0).expect("last");
+    let done = raw_request_with(s.addr, "GET", &path, "application/json", &[("Last-Event-ID", &last.to_string())], b"");
+    assert_eq!(done.status, 200);
+    assert!(sse_ids(&done.text()).is_empty(), "{}", done.text());
+}
