@@ -12,7 +12,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use candle_core::DType;
 use clap::Parser;
 use sd_models::loader::{self, LoadOptions};
 use sd_models::SdVariant;
@@ -38,15 +37,6 @@ struct Args {
     /// Only read headers and configs; do not load weights.
     #[arg(long)]
     inspect_only: bool,
-}
-
-fn parse_dtype(s: &str) -> Result<DType, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "f32" | "fp32" | "float32" => Ok(DType::F32),
-        "f16" | "fp16" | "float16" | "half" => Ok(DType::F16),
-        "bf16" | "bfloat16" => Ok(DType::BF16),
-        other => Err(format!("unknown dtype {other:?}: use f32, f16 or bf16")),
-    }
 }
 
 fn human(n: usize) -> String {
@@ -93,7 +83,7 @@ fn run(args: Args) -> Result<(), String> {
     };
     let opts = LoadOptions {
         variant,
-        dtype: args.dtype.as_deref().map(parse_dtype).transpose()?,
+        dtype: args.dtype.as_deref().map(sd_models::device::parse_dtype).transpose().map_err(|e| e.to_string())?,
         device: sd_toolkit::device(args.cpu).map_err(|e| e.to_string())?,
         config,
         prefer_fp16_files: args.dtype.as_deref().is_some_and(|d| d.contains("16")),

@@ -125,15 +125,8 @@ pub fn device(cpu: bool) -> AnyResult<Device> {
     Ok(device)
 }
 
-/// Parses `f32`/`f16`/`bf16`.
-pub fn parse_dtype(s: &str) -> AnyResult<DType> {
-    Ok(match s.to_ascii_lowercase().as_str() {
-        "f32" | "fp32" | "float32" => DType::F32,
-        "f16" | "fp16" | "float16" | "half" => DType::F16,
-        "bf16" | "bfloat16" => DType::BF16,
-        other => return Err(format!("unknown dtype {other:?}: use f32, f16 or bf16").into()),
-    })
-}
+/// Parses `f32`/`f16`/`bf16` (the one parser, shared with the worker).
+pub use sd_models::device::parse_dtype;
 
 impl ModelArgs {
     /// The model as given, or the default hub model's `hub:` name.
@@ -214,20 +207,13 @@ pub fn params(models: &StableDiffusionModels, g: &GenArgs) -> AnyResult<Generati
     p.batch_size = g.batch;
     p.clip_skip = g.clip_skip;
     p.sampler = g.sampler.parse::<Sampler>()?;
-    p.seed = g.seed.unwrap_or_else(random_seed);
+    p.seed = g.seed.unwrap_or_else(sd_pipelines::pipeline::random_seed);
     p.noise = match g.noise.as_str() {
         "philox" => NoiseKind::Philox,
         "torch" => NoiseKind::Torch,
         other => return Err(format!("unknown --noise {other:?}: use philox or torch").into()),
     };
     Ok(p)
-}
-
-fn random_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
-    h.finish() >> 11
 }
 
 /// A progress callback that drives an indicatif bar (and never cancels).

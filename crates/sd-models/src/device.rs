@@ -1,6 +1,6 @@
 //! Picking the device a model runs on.
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 /// The best device compiled in and present: CUDA, then Metal, else the CPU. A GPU backend that is
 /// compiled in but cannot open device `ordinal` (no GPU, no driver) falls back to the CPU instead
@@ -46,5 +46,32 @@ mod tests {
     fn first_line_drops_backtraces() {
         assert_eq!(first_line(&"DriverError(NO_DEVICE)\n   0: candle_core::error::Error::bt"), "DriverError(NO_DEVICE)");
         assert_eq!(first_line(&""), "");
+    }
+}
+
+/// Parses a dtype as users write it: `f32`/`fp32`/`float32`, `f16`/`fp16`/`float16`/`half`,
+/// `bf16`/`bfloat16` (any case).
+pub fn parse_dtype(s: &str) -> crate::Result<DType> {
+    Ok(match s.trim().to_ascii_lowercase().as_str() {
+        "f32" | "fp32" | "float32" => DType::F32,
+        "f16" | "fp16" | "float16" | "half" => DType::F16,
+        "bf16" | "bfloat16" => DType::BF16,
+        _ => return Err(crate::Error::UnknownDtype(s.to_string())),
+    })
+}
+
+#[cfg(test)]
+mod dtype_tests {
+    use super::*;
+
+    #[test]
+    fn dtypes_parse_as_users_write_them() {
+        for (names, dtype) in [(["f32", "FP32", "float32"], DType::F32), (["f16", "half", " Float16 "], DType::F16), (["bf16", "BF16", "bfloat16"], DType::BF16)] {
+            for n in names {
+                assert_eq!(parse_dtype(n).expect(n), dtype);
+            }
+        }
+        let e = parse_dtype("f64").expect_err("f64");
+        assert_eq!(e.to_string(), "unknown dtype \"f64\": use f32, f16 or bf16");
     }
 }

@@ -108,6 +108,10 @@ pub enum Error {
         device: String,
     },
 
+    /// A dtype name that is not one of f32, f16 or bf16.
+    #[error("unknown dtype {0:?}: use f32, f16 or bf16")]
+    UnknownDtype(String),
+
     /// An input tensor has the wrong shape for the model.
     #[error("invalid input: {0}")]
     InvalidInput(String),

@@ -21,6 +21,15 @@ pub const MAX_SIDE: usize = 4096;
 pub const MAX_BATCH: usize = 16;
 /// Most steps accepted in one call.
 pub const MAX_STEPS: usize = 1000;
+
+/// A random seed for a request that gives none (53 bits, so it survives JSON doubles and A1111's
+/// infotext).
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.finish() >> 11
+}
 /// Above this many latent pixels the VAE decodes/encodes in tiles unless told otherwise
 /// (128×128 latents = 1024² images for SD).
 pub const AUTO_TILE_LATENT_PIXELS: usize = 128 * 128;

@@ -294,7 +294,7 @@ impl Cli {
                 format!("unknown --variant {v:?}; use auto or one of {}", names.join(", "))
             })?),
         };
-        let dtype = self.dtype.as_deref().map(parse_dtype).transpose()?;
+        let dtype = self.dtype.as_deref().map(sd_models::device::parse_dtype).transpose().map_err(|e| e.to_string())?;
         let device = parse_device(&self.device)?;
         let (model, variant) = match &self.model {
             Some(m) => (parse_model(m), variant),
@@ -409,16 +409,6 @@ pub fn parse_model(s: &str) -> ModelSource {
         return ModelSource::Hub(s.to_string());
     }
     ModelSource::Path(path)
-}
-
-/// Parses `f32`/`f16`/`bf16`.
-pub fn parse_dtype(s: &str) -> Result<DType, String> {
-    Ok(match s.to_ascii_lowercase().as_str() {
-        "f32" | "fp32" | "float32" => DType::F32,
-        "f16" | "fp16" | "float16" | "half" => DType::F16,
-        "bf16" | "bfloat16" => DType::BF16,
-        other => return Err(format!("unknown dtype {other:?}: use f32, f16 or bf16")),
-    })
 }
 
 /// Parses `auto`, `cpu`, `cuda[:N]`, `metal[:N]`.

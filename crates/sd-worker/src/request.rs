@@ -137,14 +137,6 @@ pub const DEFAULT_TRANSFORM_STRENGTH: f64 = 0.75;
 /// Default inpainting strength (repaint the masked area from noise, as diffusers does).
 pub const DEFAULT_INPAINT_STRENGTH: f64 = 1.0;
 
-/// A random seed (53 bits, so it survives JSON doubles).
-pub fn random_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
-    h.finish() >> 11
-}
-
 fn base64_engine() -> GeneralPurpose {
     GeneralPurpose::new(&base64::alphabet::STANDARD, GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent))
 }
@@ -484,7 +476,7 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
     }
     let seed = match input.seed {
         Some(s) if s >= 0 => s as u64,
-        _ => random_seed(),
+        _ => sd_pipelines::pipeline::random_seed(),
     };
     let noise = match input.noise.as_deref().map(|n| n.trim().to_ascii_lowercase()) {
         None => NoiseKind::Philox,
