@@ -503,7 +503,7 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
     let (operation, strength) = match op {
         OpInput::Generation => (Operation::Generation, None),
         OpInput::Transform { image, strength, .. } => {
-            let s = check_strength(names.strength, strength.unwrap_or(DEFAULT_TRANSFORM_STRENGTH), steps, false)?;
+            let s = check_strength(names.strength, strength.unwrap_or(DEFAULT_TRANSFORM_STRENGTH), steps, false, flux)?;
             (Operation::Transform { image, strength: s }, Some(s))
         }
         OpInput::Inpaint { image, image_field: _, mask, mask_field, strength } => {
@@ -512,7 +512,7 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
                 let (iw, ih) = image.dimensions();
                 return Err(ApiError::invalid(mask_field, format!("the mask is {mw}×{mh} but the image is {iw}×{ih}; send a mask of the image's size")));
             }
-            let s = check_strength(names.strength, strength.unwrap_or(DEFAULT_INPAINT_STRENGTH), steps, true)?;
+            let s = check_strength(names.strength, strength.unwrap_or(DEFAULT_INPAINT_STRENGTH), steps, true, flux)?;
             (Operation::Inpaint { image, mask, strength: s }, Some(s))
         }
     };
@@ -557,12 +557,19 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
     Ok((JobSpec { operation, params, loras: resolved, controlnets }, parameters))
 }
 
-fn check_strength(field: &str, s: f64, steps: usize, inpaint: bool) -> Result<f64, ApiError> {
+fn check_strength(field: &str, s: f64, steps: usize, inpaint: bool, flux: bool) -> Result<f64, ApiError> {
     if !s.is_finite() || !(0.0..=1.0).contains(&s) {
         return Err(ApiError::invalid(field, format!("{s} is outside [0, 1]")));
     }
-    // Inpainting at full strength runs every step; otherwise floor(steps · strength) steps run.
-    let runs = if inpaint && s >= 1.0 { steps } else { (steps as f64 * s) as usize };
+    // Each family's pipeline rounds as its diffusers pipeline does: FLUX runs the steps from
+    // ⌊steps − steps·strength⌋ on; SD runs ⌊steps·strength⌋ steps (inpainting at full strength: all).
+    let runs = if flux {
+        steps - sd_flux::schedule::img2img_start(steps, s).min(steps)
+    } else if inpaint && s >= 1.0 {
+        steps
+    } else {
+        (steps as f64 * s) as usize
+    };
     if runs == 0 {
         return Err(ApiError::invalid(field, format!("{s} × {steps} steps leaves no denoising step; raise the strength or the steps")));
     }
@@ -572,6 +579,16 @@ fn check_strength(field: &str, s: f64, steps: usize, inpaint: bool) -> Result<f6
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strength_is_checked_with_the_family_s_rounding() {
+        // 10 steps at 0.05: SD runs ⌊0.5⌋ = 0 steps (refused); FLUX starts at ⌊9.5⌋ = 9 and runs one.
+        assert!(check_strength("strength", 0.05, 10, false, false).is_err());
+        assert_eq!(check_strength("strength", 0.05, 10, false, true).ok(), Some(0.05));
+        assert!(check_strength("strength", 0.0, 10, false, true).is_err());
+        assert!(check_strength("strength", 1.5, 10, false, true).is_err());
+        assert_eq!(check_strength("strength", 1.0, 3, true, false).ok(), Some(1.0));
+    }
 
     fn field_of(body: &str) -> Option<String> {
         check_json_shape(body.as_bytes()).err().and_then(|e| e.field)
