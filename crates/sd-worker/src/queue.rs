@@ -44,6 +44,8 @@ const GROUP: &str = "workers";
 const EVENTS_KEPT: usize = 64;
 /// How often a worker polls its running job's cancel flag.
 const POLL: Duration = Duration::from_millis(50);
+/// Why a followed job ends when its hash disappears.
+const STATE_GONE: &str = "the job's state is gone from the queue (expired or the Redis data was lost)";
 /// Events read per request while following a job.
 const EVENTS_PER_READ: usize = 256;
 /// How often a front re-reads a followed job's events without a notification.
@@ -481,19 +483,7 @@ impl RedisQueue {
                 if s.done {
                     return None;
                 }
-                let read: redis::RedisResult<(StreamRangeReply, Option<String>)> = redis::pipe()
-                    .cmd("XRANGE")
-                    .arg(s.q.events_key(&s.id))
-                    .arg(format!("({}", s.last))
-                    .arg("+")
-                    .arg("COUNT")
-                    .arg(EVENTS_PER_READ)
-                    .cmd("HGET")
-                    .arg(s.q.job_key(&s.id))
-                    .arg("status")
-                    .query_async(&mut s.q.conn())
-                    .await;
-                let (range, status) = match read {
+                let (range, status) = match s.q.events_after(&s.id, &s.last).await {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::debug!(job_id = %s.id, error = %e, "cannot read the job's events for a stream; retrying");
@@ -515,8 +505,7 @@ impl RedisQueue {
                         }
                         "complete" => {
                             s.done = true;
-                            let r: redis::RedisResult<Option<String>> = redis::cmd("HGET").arg(s.q.job_key(&s.id)).arg("result").query_async(&mut s.q.conn()).await;
-                            ("complete", r.ok().flatten().unwrap_or_else(|| "null".into()))
+                            ("complete", s.q.stored_result(&s.id).await.unwrap_or_else(|| "null".into()))
                         }
                         _ => continue,
                     };
@@ -528,7 +517,7 @@ impl RedisQueue {
                 if s.pending.is_empty() && !s.done {
                     if status.is_none() {
                         s.done = true;
-                        let data = json!({"code": "internal_error", "message": "the job's state is gone from the queue (expired or the Redis data was lost)"});
+                        let data = json!({"code": "internal_error", "message": STATE_GONE});
                         s.pending.push_back((s.last.clone(), "error", data.to_string()));
                     } else if range.ids.len() < EVENTS_PER_READ {
                         if let Some(w) = s.wake.as_mut() {
@@ -540,26 +529,38 @@ impl RedisQueue {
         })
     }
 
-    /// Applies the job's events after `last` to the mirror; returns how many it read.
-    async fn read_events(&self, job: &Job, last: &mut String) -> redis::RedisResult<usize> {
-        let (range, status): (StreamRangeReply, Option<String>) = redis::pipe()
+    /// Up to [`EVENTS_PER_READ`] of job `id`'s events after stream id `last`, and its status
+    /// (`None`: the job's hash is gone).
+    async fn events_after(&self, id: &str, last: &str) -> redis::RedisResult<(StreamRangeReply, Option<String>)> {
+        redis::pipe()
             .cmd("XRANGE")
-            .arg(self.events_key(&job.id))
+            .arg(self.events_key(id))
             .arg(format!("({last}"))
             .arg("+")
             .arg("COUNT")
             .arg(EVENTS_PER_READ)
             .cmd("HGET")
-            .arg(self.job_key(&job.id))
+            .arg(self.job_key(id))
             .arg("status")
             .query_async(&mut self.conn())
-            .await?;
+            .await
+    }
+
+    /// Job `id`'s stored result (JSON with the images), kept once in its hash rather than in the event.
+    async fn stored_result(&self, id: &str) -> Option<String> {
+        let r: redis::RedisResult<Option<String>> = redis::cmd("HGET").arg(self.job_key(id)).arg("result").query_async(&mut self.conn()).await;
+        r.ok().flatten()
+    }
+
+    /// Applies the job's events after `last` to the mirror; returns how many it read.
+    async fn read_events(&self, job: &Job, last: &mut String) -> redis::RedisResult<usize> {
+        let (range, status) = self.events_after(&job.id, last).await?;
         for entry in &range.ids {
             *last = entry.id.clone();
             self.apply(job, entry).await;
         }
         if status.is_none() && !job.status().is_terminal() && range.ids.is_empty() {
-            job.finish_error(JobStatus::Failed, JobError::new("internal_error", "the job's state is gone from the queue (expired or the Redis data was lost)"));
+            job.finish_error(JobStatus::Failed, JobError::new("internal_error", STATE_GONE));
         }
         Ok(range.ids.len())
     }
@@ -588,9 +589,7 @@ impl RedisQueue {
                 }
             }
             "complete" => {
-                // The images are stored once, in the job hash, not in the event.
-                let r: redis::RedisResult<Option<String>> = redis::cmd("HGET").arg(self.job_key(&job.id)).arg("result").query_async(&mut self.conn()).await;
-                match r.ok().flatten().and_then(|s| serde_json::from_str::<JobResult>(&s).ok()) {
+                match self.stored_result(&job.id).await.and_then(|s| serde_json::from_str::<JobResult>(&s).ok()) {
                     Some(result) => job.finish_ok(result),
                     None => job.finish_error(JobStatus::Failed, JobError::new("internal_error", "the job completed but its result could not be read from the queue")),
                 }

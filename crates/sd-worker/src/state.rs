@@ -130,14 +130,6 @@ impl AppState {
         let _ = self.fleet.set(q);
     }
 
-    /// Whether jobs go through the shared queue rather than this process's own.
-    pub fn queue_mode(&self) -> bool {
-        #[cfg(feature = "queue")]
-        return self.fleet.get().is_some();
-        #[cfg(not(feature = "queue"))]
-        false
-    }
-
     /// Queues a job: on this worker's engine, or on the fleet's queue in queue mode.
     pub async fn submit_job(self: &Arc<Self>, spec: JobSpec, parameters: Value, owner: Option<String>) -> Result<Arc<Job>, ApiError> {
         #[cfg(feature = "queue")]
@@ -226,8 +218,7 @@ impl AppState {
         }
     }
 
-    /// A fresh job id (`job_` and hex digits).
-    pub fn new_id(&self) -> String {
+    fn new_id(&self) -> String {
         use std::hash::{BuildHasher, Hasher};
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
