@@ -4,7 +4,7 @@
 use clap::Parser;
 use sd_controlnet::preprocess::{prepare_image, tensor_to_rgb, Preprocessor};
 use sd_controlnet::{ControlNetHook, ControlNetModel, ControlUnit};
-use sd_pipelines::pipeline::text_to_image_with_hooks;
+use sd_pipelines::pipeline::{generate, RunContext, SdExtras, Task};
 use sd_toolkit::{load_model, model_name, params, progress_bar, save_outputs, AnyResult, GenArgs, ModelArgs};
 
 /// Generate images from a prompt guided by control images.
@@ -69,8 +69,9 @@ fn body() -> AnyResult<()> {
         units.push(ControlUnit { model, image, scale, start: cli.control_start, end: cli.control_end });
     }
     let mut hook = ControlNetHook::new(units, models.unet.config())?;
-    let mut noise = p.noise.source(p.seed);
-    let out = text_to_image_with_hooks(&models, &p, noise.as_mut(), Some(&mut hook), &mut progress_bar(p.steps))?;
+    let mut bar = progress_bar(p.steps);
+    let extras = SdExtras { control: Some(&mut hook), scheduler: None };
+    let out = generate(&models, &p, &Task::TextToImage, &mut RunContext::with_progress(&mut bar), extras)?;
     let extra = [("ControlNet", format!("{} unit(s), preprocessor {}", cli.controlnets.len(), cli.preprocessor))];
     for path in save_outputs(&out, &p, &model_name(&cli.model.spec()), &cli.gen.output, &extra)? {
         println!("{} (seed {})", path.display(), out.seed);

@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use sd_pipelines::image_io::image_to_tensor;
-use sd_pipelines::pipeline::{image_to_image, ImageToImage};
+use sd_pipelines::pipeline::{generate, ImageToImage, RunContext, Task};
 use sd_toolkit::{load_model, model_name, params, progress_bar, save_outputs, AnyResult, GenArgs, ModelArgs};
 
 /// Re-generate an image guided by a prompt.
@@ -33,7 +33,8 @@ fn body() -> AnyResult<()> {
     let models = load_model(&cli.model)?;
     let p = params(&models, &cli.gen)?;
     let image = image_to_tensor(&input, p.width, p.height)?;
-    let out = image_to_image(&models, &p, &ImageToImage { image: &image, strength: cli.strength }, &mut progress_bar(p.steps))?;
+    let task = Task::ImageToImage(ImageToImage { image: &image, strength: cli.strength });
+    let out = generate(&models, &p, &task, &mut RunContext::with_progress(&mut progress_bar(p.steps)), Default::default())?;
     let extra = [("Denoising strength", cli.strength.to_string())];
     for path in save_outputs(&out, &p, &model_name(&cli.model.spec()), &cli.gen.output, &extra)? {
         println!("{} (seed {})", path.display(), out.seed);

@@ -3,7 +3,7 @@
 
 use clap::Parser;
 use sd_pipelines::image_io::{image_to_tensor, mask_to_tensor};
-use sd_pipelines::pipeline::{inpaint, Inpaint};
+use sd_pipelines::pipeline::{generate, Inpaint, RunContext, Task};
 use sd_toolkit::{load_model, model_name, params, progress_bar, save_outputs, AnyResult, GenArgs, ModelArgs};
 
 /// Repaint the white part of a mask.
@@ -39,7 +39,8 @@ fn body() -> AnyResult<()> {
     let p = params(&models, &cli.gen)?;
     let image = image_to_tensor(&input, p.width, p.height)?;
     let mask = mask_to_tensor(&mask, p.width, p.height)?;
-    let out = inpaint(&models, &p, &Inpaint { image: &image, mask: &mask, strength: cli.strength }, &mut progress_bar(p.steps))?;
+    let task = Task::Inpaint(Inpaint { image: &image, mask: &mask, strength: cli.strength });
+    let out = generate(&models, &p, &task, &mut RunContext::with_progress(&mut progress_bar(p.steps)), Default::default())?;
     let extra = [("Denoising strength", cli.strength.to_string())];
     for path in save_outputs(&out, &p, &model_name(&cli.model.spec()), &cli.gen.output, &extra)? {
         println!("{} (seed {})", path.display(), out.seed);

@@ -54,6 +54,7 @@ from diffusers import (  # noqa: E402
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     FluxImg2ImgPipeline,
+    FluxInpaintPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
 )
@@ -635,6 +636,68 @@ def img2img_golden(components: dict) -> None:
            skip=("timesteps", "latent_timestep"))
 
 
+def inpaint_mask() -> torch.Tensor:
+    """A soft blob in [0, 1] (not binary, so the pipeline's binarisation at 0.5 is exercised)."""
+    y, x = torch.meshgrid(torch.linspace(-1, 1, SIZE), torch.linspace(-1, 1, SIZE), indexing="ij")
+    return torch.exp(-((x - 0.2) ** 2 + (y + 0.1) ** 2) * 2.5)[None, None].float()
+
+
+def inpaint_golden(components: dict, variant: str, strength: float, seed: int) -> None:
+    """FluxInpaintPipeline (64-channel transformer): the masked area is denoised, the rest is reset after every
+    step to the original latents noised to the next sigma (the clean latents after the last step)."""
+    pipe = FluxInpaintPipeline(**components)
+    img, mask = init_image(), inpaint_mask()
+    ts_seen: list[float] = []
+    steps_seen: list[torch.Tensor] = []
+
+    def cb(p, i, t, kw):
+        ts_seen.append(float(t))
+        steps_seen.append(kw["latents"].detach().clone())
+        return {}
+
+    captured = {}
+    orig_mask = pipe.prepare_mask_latents
+
+    def mask_hook(*a, **k):
+        r = orig_mask(*a, **k)
+        captured["mask_packed"] = r[0].detach().clone()
+        return r
+
+    pipe.prepare_mask_latents = mask_hook
+    guidance = 3.5 if variant == "dev" else 0.0
+    record_randn()
+    DRAWS.clear()
+    lat = pipe(prompt=PROMPT, image=img, mask_image=mask, height=SIZE, width=SIZE, strength=strength,
+               num_inference_steps=STEPS, guidance_scale=guidance, max_sequence_length=L_T5,
+               generator=torch.Generator().manual_seed(seed), output_type="latent", callback_on_step_end=cb,
+               callback_on_step_end_tensor_inputs=["latents"]).images
+    draws = list(DRAWS)
+    # Draw order: image posterior sample, the noise, then the masked image's posterior sample (encoded and
+    # unused by the 64-channel transformer; it is the last draw, so skipping it changes nothing).
+    if len(draws) != 3:
+        raise AssertionError(f"unexpected inpaint draws: {len(draws)}")
+    sf, sh = pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor
+    unpacked = FluxPipeline._unpack_latents(lat, SIZE, SIZE, pipe.vae_scale_factor)
+    dec = pipe.vae.decode(unpacked / sf + sh).sample
+    image = (dec / 2 + 0.5).clamp(0, 1)
+    full = pipe(prompt=PROMPT, image=img, mask_image=mask, height=SIZE, width=SIZE, strength=strength,
+                num_inference_steps=STEPS, guidance_scale=guidance, max_sequence_length=L_T5,
+                generator=torch.Generator().manual_seed(seed), output_type="pt").images
+    if (full - image).abs().max() > 1e-6:
+        raise AssertionError("manual decode disagrees with the inpaint pipeline image")
+    sigmas = [float(s) for s in pipe.scheduler.sigmas]
+    golden(f"inpaint_{variant}.safetensors",
+           dict(init_image=img, mask=mask, posterior_noise=draws[0], noise=draws[1], masked_posterior_noise=draws[2],
+                mask_packed=captured["mask_packed"], step_latents=torch.stack(steps_seen), latents_final=lat,
+                latents_final_unpacked=unpacked, image=image, timesteps=torch.tensor(ts_seen),
+                sigmas=torch.tensor(sigmas)),
+           dict(prompt=PROMPT, height=SIZE, width=SIZE, strength=strength, steps=STEPS, guidance_scale=guidance,
+                max_sequence_length=L_T5, generator_seed=seed, timesteps_used=ts_seen, all_sigmas=sigmas,
+                draws="posterior_noise, noise, masked_posterior_noise from one Generator",
+                mask="soft blob, binarised at 0.5 by the pipeline; mask_packed is the packed latent mask"),
+           skip=("timesteps",))
+
+
 def vae_golden(vae: AutoencoderKL) -> None:
     image = init_image() * 2 - 1
     post = vae.encode(image).latent_dist
@@ -757,6 +820,10 @@ def write_readme(tok_info: dict) -> None:
         "sigma*noise + (1-sigma)*image_latents; image_latents = (posterior SAMPLE - shift)*scale, i.e. it samples the "
         "posterior (mean + std*eps, eps = first draw), the noise is the second draw of the same generator. Init image "
         "is mapped x*2-1.",
+        "- inpaint (FluxInpaintPipeline, 64-channel transformer): as img2img, then after every step latents = "
+        "(1-m)*scale_noise(image_latents, sigma_next, noise) + m*latents (image_latents itself after the last step), "
+        "m = mask binarised at 0.5 and resized to the latent grid with nearest interpolation. Draws: image posterior, "
+        "noise, masked-image posterior (unused by this transformer).",
         "- decode: latents/scaling_factor + shift_factor -> vae.decode -> (x/2+0.5).clamp(0,1).",
         "",
     ]
@@ -810,6 +877,8 @@ def main() -> None:
     txt2img_golden(dev, True)
     txt2img_golden(schnell, False)
     img2img_golden(dict(dev.components))
+    inpaint_golden(dict(dev.components), "dev", 0.6, 11)
+    inpaint_golden(dict(schnell.components), "schnell", 1.0, 12)
     vae_golden(dev.vae)
     lora_goldens(dev_dir)
     save_json(OUT / "params.json", PARAMS)

@@ -47,7 +47,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl From<Error> for sd_pipelines::Error {
     fn from(e: Error) -> Self {
         match e {
-            Error::Candle(e) => sd_pipelines::Error::Candle(e),
+            Error::Candle(e) => sd_pipelines::Error::from(e),
             Error::Model(e) => sd_pipelines::Error::Model(e),
             other => sd_pipelines::Error::Model(sd_models::Error::Extension(Box::new(other))),
         }

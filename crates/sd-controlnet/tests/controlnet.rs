@@ -1,7 +1,6 @@
 //! ControlNet residuals and ControlNet pipeline runs against diffusers goldens (tools/controlnet_fixtures.py).
 
 use std::collections::HashMap;
-use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
@@ -10,7 +9,7 @@ use sd_models::loader::{load, LoadOptions};
 use sd_models::unet::AddedCond;
 use sd_pipelines::control::ResidualHook;
 use sd_pipelines::pipeline::{
-    image_to_image_with_hooks, inpaint_with_hooks, text_to_image_with_hooks, GenerationParams, ImageToImage, Inpaint, NoiseKind,
+    generate, GenerationParams, ImageToImage, Inpaint, NoiseKind, RunContext, SdExtras, Task,
 };
 use sd_pipelines::schedulers::{NoiseQueue, Sampler};
 
@@ -140,14 +139,15 @@ fn check_pipeline(label: &str) {
     let strength = g.meta["strength"].as_f64().unwrap_or(1.0);
     let inpaint = Inpaint { image: &image, mask: &input["mask"], strength };
     let img2img = ImageToImage { image: &image, strength };
-    let go = |hook: Option<&mut dyn ResidualHook>| {
+    let task = match g.meta["operation"].as_str() {
+        Some("img2img") => Task::ImageToImage(img2img),
+        Some("inpaint") => Task::Inpaint(inpaint),
+        _ => Task::TextToImage,
+    };
+    let go = |control: Option<&mut dyn ResidualHook>| {
         let mut draws = g.draws();
-        let out = match g.meta["operation"].as_str() {
-            Some("img2img") => image_to_image_with_hooks(&models, &p, &img2img, &mut draws, hook, &mut |_| ControlFlow::Continue(())),
-            Some("inpaint") => inpaint_with_hooks(&models, &p, &inpaint, &mut draws, hook, &mut |_| ControlFlow::Continue(())),
-            _ => text_to_image_with_hooks(&models, &p, &mut draws, hook, &mut |_| ControlFlow::Continue(())),
-        }
-        .unwrap();
+        let extras = SdExtras { control, scheduler: None };
+        let out = generate(&models, &p, &task, &mut RunContext::default().noise(&mut draws), extras).unwrap();
         assert_eq!(draws.remaining(), 0, "{label}: every recorded diffusers draw is used");
         out
     };

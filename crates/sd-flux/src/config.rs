@@ -6,6 +6,7 @@
 //! attention head over the three rotary axes is not visible in the weights; it is 16/56/56 for
 //! every published FLUX.1 model and comes from `axes_dims_rope` in a diffusers config otherwise.
 
+use sd_core::schedulers::flow_match::FlowMatchConfig;
 use candle_transformers::models::flux::model::Config;
 
 use crate::error::{Error, Result};
@@ -50,6 +51,15 @@ impl FluxVariant {
         match self {
             FluxVariant::Dev => 3.5,
             FluxVariant::Schnell => 0.0,
+        }
+    }
+
+    /// The variant's published `scheduler_config.json` (dev: dynamic shifting, mu from 0.5 to 1.15;
+    /// schnell: no shift), for files that come without one.
+    pub fn scheduler_config(self) -> FlowMatchConfig {
+        match self {
+            FluxVariant::Dev => FlowMatchConfig::dev(),
+            FluxVariant::Schnell => FlowMatchConfig::schnell(),
         }
     }
 

@@ -13,9 +13,10 @@ pub enum Error {
     #[error(transparent)]
     Models(#[from] sd_models::Error),
 
-    /// A shared pipeline piece (noise, image conversion) failed in sd-pipelines.
+    /// A request, scheduler, noise or image error (sd-core's shared vocabulary: request fields,
+    /// strength, cancellation).
     #[error(transparent)]
-    Pipelines(#[from] sd_pipelines::Error),
+    Core(#[from] sd_core::Error),
 
     /// A file or folder the loader needs is missing.
     #[error("{what} not found at {path}; {hint}")]
@@ -101,24 +102,21 @@ pub enum Error {
         /// Why, and what to use instead.
         reason: String,
     },
+}
 
-    /// A request field has an invalid value.
-    #[error("invalid `{field}`: {reason}")]
-    InvalidRequest {
-        /// The offending field, as named in [`crate::pipeline::FluxParams`].
-        field: &'static str,
-        /// What is wrong and what is allowed.
-        reason: String,
-    },
+impl Error {
+    /// An invalid request field.
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Error::Core(sd_core::Error::invalid(field, reason))
+    }
 
-    /// The progress callback asked the pipeline to stop.
-    #[error("generation cancelled at step {step} of {total}")]
-    Cancelled {
-        /// Steps completed before the stop.
-        step: usize,
-        /// Steps the run would have taken.
-        total: usize,
-    },
+    /// The request field this error is about, when it is about one.
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            Error::Core(e) => e.field(),
+            _ => None,
+        }
+    }
 }
 
 /// The result type of sd-flux.

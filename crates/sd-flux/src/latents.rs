@@ -16,6 +16,12 @@ pub fn unpack_latents(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     Ok(x.reshape((b, h / 2, w / 2, d / 4, 2, 2))?.permute((0, 3, 1, 4, 2, 5))?.reshape((b, d / 4, h, w))?)
 }
 
+/// Packed latent tokens of a `width × height` image with a VAE of `vae_scale_factor` (the dynamic
+/// shift's input).
+pub fn image_seq_len(width: usize, height: usize, vae_scale_factor: usize) -> usize {
+    (height / vae_scale_factor / 2) * (width / vae_scale_factor / 2)
+}
+
 /// Position ids `[(h/2)·(w/2), 3]` of the packed tokens of an `h × w` latent: 0, row, column
 /// (diffusers' `_prepare_latent_image_ids`).
 pub fn latent_image_ids(h: usize, w: usize, dtype: DType, device: &Device) -> Result<Tensor> {

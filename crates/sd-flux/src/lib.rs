@@ -2,25 +2,27 @@
 //!
 //! Load a model with [`load`] (a diffusers folder, or a BFL `flux1-*.safetensors` / GGUF transformer
 //! beside its other components) or [`load_source`] (every component from its own path), then run
-//! [`pipeline::text_to_image`] or [`pipeline::image_to_image`]. Progress callbacks, previews
-//! (`sd_pipelines::preview::latents_to_rgb` with `ModelFamily::Flux`) and cancellation work as in
-//! sd-pipelines.
+//! [`pipeline::generate`] with an sd-core [`sd_core::run::Task`] (txt2img, img2img, inpaint) and
+//! [`sd_core::run::RunContext`] (noise, progress/cancel, latent edits). Previews
+//! (`sd_core::preview::latents_to_rgb` with `ModelFamily::Flux`), image I/O and the flow-matching
+//! scheduler are sd-core's; this crate depends on no other model family.
 //!
 //! ```no_run
 //! use std::ops::ControlFlow;
-//! use sd_flux::pipeline::{text_to_image, FluxParams};
+//! use sd_core::image_io::{save_png, tensor_to_images};
+//! use sd_core::run::{RunContext, StepProgress, Task};
+//! use sd_flux::pipeline::{generate, FluxParams};
 //! use sd_flux::{load, FluxLoadOptions};
-//! use sd_pipelines::image_io::{save_png, tensor_to_images};
-//! use sd_pipelines::pipeline::StepProgress;
 //!
 //! fn main() -> Result<(), Box<dyn std::error::Error>> {
 //!     let models = load("FLUX.1-schnell".as_ref(), &FluxLoadOptions::default())?;
 //!     let mut p = FluxParams::for_model(&models, "a red fox in the snow");
 //!     p.seed = 42;
-//!     let out = text_to_image(&models, &p, &mut |s: &StepProgress<'_>| {
+//!     let mut progress = |s: &StepProgress<'_>| {
 //!         eprintln!("step {}/{}", s.step, s.total);
 //!         ControlFlow::Continue(())
-//!     })?;
+//!     };
+//!     let out = generate(&models, &p, &Task::TextToImage, &mut RunContext::with_progress(&mut progress))?;
 //!     save_png(&tensor_to_images(&out.images)?[0], "fox.png".as_ref(), None)?;
 //!     Ok(())
 //! }
@@ -34,7 +36,6 @@ pub mod latents;
 pub mod loader;
 pub mod lora;
 pub mod pipeline;
-pub mod schedule;
 pub mod text;
 pub mod transformer;
 pub mod vae;

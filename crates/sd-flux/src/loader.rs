@@ -12,7 +12,7 @@ use tokenizers::Tokenizer;
 
 use crate::config::FluxVariant;
 use crate::error::{Error, Result};
-use crate::schedule::FlowMatchConfig;
+use sd_core::schedulers::flow_match::FlowMatchConfig;
 use crate::text::{load_clip, load_clip_tokenizer, load_t5, load_t5_tokenizer};
 use crate::lora::FluxLora;
 use crate::transformer::{load_transformer_with_loras, FluxTransformer};
@@ -203,7 +203,7 @@ pub fn load_source(source: &FluxSource, opts: &FluxLoadOptions) -> Result<FluxMo
             s.clone()
         }
         (None, Some(p)) => FlowMatchConfig::from_file(p)?,
-        (None, None) => FlowMatchConfig::for_variant(variant),
+        (None, None) => variant.scheduler_config(),
     };
     let dtype = transformer.dtype();
     Ok(FluxModels {

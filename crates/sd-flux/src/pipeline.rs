@@ -1,24 +1,28 @@
-//! The FLUX generation loops: plain functions over [`FluxModels`], with sd-pipelines' progress,
-//! preview and cancellation conventions.
+//! The FLUX generation loop: one entry point, [`generate`], over sd-core's [`Task`] (txt2img, img2img,
+//! inpaint) and [`RunContext`] (noise, progress/cancel, latent edits), with sd-core's flow-matching Euler
+//! scheduler.
 //!
 //! Guidance: FLUX.1 [dev] is guidance-distilled, so `guidance_scale` is fed to the transformer as
 //! an embedding (one forward per step, no negative prompt). FLUX.1 [schnell] has no guidance
 //! embedding: a non-zero `guidance_scale` is ignored with a `tracing` warning, and the output is
 //! exactly that of a run with guidance 0.
-
-use std::ops::ControlFlow;
+//!
+//! Inpainting follows diffusers' `FluxInpaintPipeline` for the 64-channel FLUX.1 transformers: the
+//! image is encoded and noised to `strength` as for img2img; after every step the unmasked area is reset
+//! to the original latents noised to the next sigma (the clean latents after the last step), so only the
+//! masked (white) area is repainted.
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::flux::WithForward;
-use sd_models::ModelFamily;
-use sd_pipelines::pipeline::{NoiseKind, ProgressFn, StepProgress, MAX_BATCH, MAX_SIDE, MAX_STEPS};
-use sd_pipelines::schedulers::NoiseSource;
+use sd_core::run::{check_counts, check_image, check_prompt_size, check_size, check_strength, NoiseKind, RunContext, StepProgress, Task};
+use sd_core::schedulers::flow_match::FlowMatchEulerScheduler;
+use sd_core::schedulers::NoiseSource;
+use sd_core::ModelFamily;
 
 use crate::config::FluxVariant;
 use crate::error::{Error, Result};
-use crate::latents::{latent_image_ids, pack_latents, unpack_latents};
+use crate::latents::{image_seq_len, latent_image_ids, pack_latents, unpack_latents};
 use crate::loader::FluxModels;
-use crate::schedule::{image_seq_len, img2img_start};
 use crate::text::{encode_prompt, PromptEmbeds, T5_MAX_LEN};
 
 /// What to generate.
@@ -81,106 +85,94 @@ pub struct FluxOutput {
 /// Checks a request against the model's rules before anything is allocated.
 pub fn validate(models: &FluxModels, p: &FluxParams) -> Result<()> {
     let multiple = 2 * models.vae_scale_factor();
-    for (field, v) in [("width", p.width), ("height", p.height)] {
-        if v == 0 || v > MAX_SIDE {
-            return Err(Error::InvalidRequest { field, reason: format!("{v} px is outside 1..={MAX_SIDE}") });
-        }
-        if v % multiple != 0 {
-            return Err(Error::InvalidRequest {
-                field,
-                reason: format!("{v} px is not a multiple of {multiple} (2 × the VAE scale factor, for the 2×2 latent patches)"),
-            });
-        }
-    }
-    if p.steps == 0 || p.steps > MAX_STEPS {
-        return Err(Error::InvalidRequest { field: "steps", reason: format!("{} is outside 1..={MAX_STEPS}", p.steps) });
-    }
-    if p.batch_size == 0 || p.batch_size > MAX_BATCH {
-        return Err(Error::InvalidRequest { field: "batch_size", reason: format!("{} is outside 1..={MAX_BATCH}", p.batch_size) });
-    }
-    if !p.guidance_scale.is_finite() || p.guidance_scale < 0.0 || p.guidance_scale > 100.0 {
-        return Err(Error::InvalidRequest { field: "guidance_scale", reason: format!("{} is outside 0..=100", p.guidance_scale) });
-    }
+    check_size(p.width, p.height, multiple, " (2 × the VAE scale factor, for the 2×2 latent patches)")?;
+    check_counts(p.steps, p.batch_size, p.guidance_scale)?;
+    check_prompt_size("prompt", &p.prompt)?;
     let len = p.sequence_length(models.variant);
     if len == 0 || len > T5_MAX_LEN {
-        return Err(Error::InvalidRequest { field: "max_sequence_length", reason: format!("{len} is outside 1..={T5_MAX_LEN}") });
+        return Err(Error::invalid("max_sequence_length", format!("{len} is outside 1..={T5_MAX_LEN}")));
     }
     Ok(())
 }
 
-/// Generates images from a prompt with noise from `p.seed`.
-pub fn text_to_image(models: &FluxModels, p: &FluxParams, progress: &mut ProgressFn<'_>) -> Result<FluxOutput> {
-    text_to_image_with_noise(models, p, p.noise.source(p.seed).as_mut(), progress)
-}
-
-/// [`text_to_image`] drawing the initial noise `[batch, 16, h/f, w/f]` from `noise` (tests replay
-/// diffusers' draws with sd-pipelines' `NoiseQueue`).
-pub fn text_to_image_with_noise(
-    models: &FluxModels,
-    p: &FluxParams,
-    noise: &mut dyn NoiseSource,
-    progress: &mut ProgressFn<'_>,
-) -> Result<FluxOutput> {
+/// Checks a task's inputs against the request (sizes, strength) before anything is allocated.
+pub fn validate_task(models: &FluxModels, p: &FluxParams, task: &Task<'_>) -> Result<()> {
     validate(models, p)?;
-    let (lh, lw) = latent_size(models, p);
-    let cond = conditioning(models, p)?;
-    let sigmas = models.scheduler.sigmas(p.steps, image_seq_len(p.width, p.height, models.vae_scale_factor()));
-    let x = draw(noise, (p.batch_size, latent_channels(models), lh, lw), &models.device)?;
-    let latents = denoise(models, p, &cond, pack_latents(&x)?, &sigmas, 0, (lh, lw), progress)?;
-    finish(models, &latents, (lh, lw), p.seed)
-}
-
-/// Re-generates `image` (`[1, 3, height, width]` in [-1, 1], see `sd_pipelines::image_io`): encodes
-/// it, noises it to `strength` of the schedule and denoises from there (0 keeps the image, 1
-/// ignores it; at least one step must remain).
-pub fn image_to_image(
-    models: &FluxModels,
-    p: &FluxParams,
-    image: &Tensor,
-    strength: f64,
-    progress: &mut ProgressFn<'_>,
-) -> Result<FluxOutput> {
-    image_to_image_with_noise(models, p, image, strength, p.noise.source(p.seed).as_mut(), progress)
-}
-
-/// [`image_to_image`] drawing from `noise` in diffusers' order: the VAE posterior sample
-/// `[1, 16, h/f, w/f]`, then the initial noise `[batch, 16, h/f, w/f]`.
-pub fn image_to_image_with_noise(
-    models: &FluxModels,
-    p: &FluxParams,
-    image: &Tensor,
-    strength: f64,
-    noise: &mut dyn NoiseSource,
-    progress: &mut ProgressFn<'_>,
-) -> Result<FluxOutput> {
-    validate(models, p)?;
-    if !(0.0..=1.0).contains(&strength) {
-        return Err(Error::InvalidRequest { field: "strength", reason: format!("{strength} is outside [0, 1]") });
+    let (image, mask, strength) = match task {
+        Task::TextToImage => return Ok(()),
+        Task::ImageToImage(t) => (t.image, None, t.strength),
+        Task::Inpaint(t) => (t.image, Some(t.mask), t.strength),
+        other => return Err(unsupported(other)),
+    };
+    check_strength(strength)?;
+    check_image("image", image, 3, p.height, p.width)?;
+    if let Some(mask) = mask {
+        check_image("mask", mask, 1, p.height, p.width)?;
     }
-    let dims = image.dims();
-    if dims != [1, 3, p.height, p.width] {
-        return Err(Error::InvalidRequest {
-            field: "image",
-            reason: format!("expected a [1, 3, {}, {}] tensor (height × width of the request), got {dims:?}", p.height, p.width),
-        });
-    }
-    let start = img2img_start(p.steps, strength);
+    let start = sd_core::schedulers::flow_match::img2img_start(p.steps, strength);
     if start >= p.steps {
-        return Err(Error::InvalidRequest {
-            field: "strength",
-            reason: format!("{strength} with {} steps leaves no step to run; use a strength above 0 (0 would return the input unchanged)", p.steps),
-        });
+        return Err(Error::invalid(
+            "strength",
+            format!("{strength} with {} steps leaves no step to run; use a strength above 0 (0 would return the input unchanged)", p.steps),
+        ));
     }
+    Ok(())
+}
+
+fn unsupported(task: &Task<'_>) -> Error {
+    Error::invalid("task", format!("FLUX.1 dev/schnell do not run {}; they run txt2img, img2img and inpaint", task.name()))
+}
+
+/// Runs `task` for the request `p`: validates, encodes the prompt, draws every random tensor from
+/// `run.noise` (taken by this run; else from `p.seed`) in diffusers' order, denoises with the model's
+/// flow-matching schedule — calling `run`'s editor and progress callback after every step with the
+/// unpacked latents `[batch, 16, h/f, w/f]` — and decodes.
+///
+/// Draw order (as diffusers): txt2img: the initial noise. img2img: the VAE posterior sample, then the
+/// noise. Inpaint: the posterior sample, the noise, then the masked image's posterior sample (diffusers
+/// encodes the masked image and the 64-channel transformer ignores it; the draw is made so a shared
+/// generator stays in step, the encoding is skipped).
+pub fn generate(models: &FluxModels, p: &FluxParams, task: &Task<'_>, run: &mut RunContext<'_>) -> Result<FluxOutput> {
+    validate_task(models, p, task)?;
     let (lh, lw) = latent_size(models, p);
+    let shape = (p.batch_size, latent_channels(models), lh, lw);
+    let sched = FlowMatchEulerScheduler::new(&models.scheduler, p.steps, image_seq_len(p.width, p.height, models.vae_scale_factor()))?;
     let cond = conditioning(models, p)?;
-    let sigmas = models.scheduler.sigmas(p.steps, image_seq_len(p.width, p.height, models.vae_scale_factor()));
-    let init = encode_image(models, image, noise)?.repeat((p.batch_size, 1, 1, 1))?;
-    let eps = draw(noise, (p.batch_size, latent_channels(models), lh, lw), &models.device)?;
-    // Flow matching's forward process: x_sigma = sigma·noise + (1 − sigma)·x_0.
-    let sigma = sigmas[start];
-    let x = ((eps * sigma)? + (init * (1.0 - sigma))?)?;
-    let latents = denoise(models, p, &cond, pack_latents(&x)?, &sigmas, start, (lh, lw), progress)?;
-    finish(models, &latents, (lh, lw), p.seed)
+    let mut noise = run.take_noise(p.noise, p.seed);
+    let noise = noise.get();
+    let (x, start, blend) = match task {
+        Task::TextToImage => (draw(noise, shape, &models.device)?, 0, None),
+        Task::ImageToImage(t) => {
+            let start = sched.begin_at_strength(t.strength)?;
+            let init = encode_image(models, t.image, noise)?.repeat((p.batch_size, 1, 1, 1))?;
+            let eps = draw(noise, shape, &models.device)?;
+            (sched.scale_noise(&init, &eps, start)?, start, None)
+        }
+        Task::Inpaint(t) => {
+            let start = sched.begin_at_strength(t.strength)?;
+            let init = encode_image(models, t.image, noise)?.repeat((p.batch_size, 1, 1, 1))?;
+            let eps = draw(noise, shape, &models.device)?;
+            noise.randn(&(1, shape.1, lh, lw).into(), DType::F32, &Device::Cpu)?;
+            // The mask is binarised at 0.5 at full size, then sampled to the latent grid (nearest), as
+            // diffusers' mask processor and `prepare_mask_latents` do.
+            let mask = t.mask.to_device(&models.device)?.to_dtype(DType::F32)?.ge(0.5)?.to_dtype(DType::F32)?;
+            let mask = mask.upsample_nearest2d(lh, lw)?.repeat((p.batch_size, shape.1, 1, 1))?;
+            let blend = Blend { mask: pack_latents(&mask)?, image: pack_latents(&init)?, noise: pack_latents(&eps)? };
+            (sched.scale_noise(&init, &eps, start)?, start, Some(blend))
+        }
+        other => return Err(unsupported(other)),
+    };
+    let latents = denoise(models, p, &cond, &sched, pack_latents(&x)?, start, (lh, lw), blend.as_ref(), run)?;
+    let latents = unpack_latents(&latents, lh, lw)?;
+    let images = decode_latents(models, &latents)?;
+    Ok(FluxOutput { images, latents, seed: p.seed })
+}
+
+/// Inpainting's per-step reset of the unmasked area (all packed `[batch, tokens, 64]`, F32).
+struct Blend {
+    mask: Tensor,
+    image: Tensor,
+    noise: Tensor,
 }
 
 /// Encodes an image `[1, 3, h, w]` in [-1, 1] to transformer-space latents
@@ -242,17 +234,18 @@ fn conditioning(models: &FluxModels, p: &FluxParams) -> Result<PromptEmbeds> {
     Ok(PromptEmbeds { prompt_embeds: e.prompt_embeds.repeat((b, 1, 1))?, pooled: e.pooled.repeat((b, 1))?, text_ids: e.text_ids })
 }
 
-/// Runs the Euler steps `start..` of `sigmas` over packed latents; returns packed F32 latents.
+/// Runs the Euler steps `start..` of `sched` over packed latents; returns packed F32 latents.
 #[allow(clippy::too_many_arguments)]
 fn denoise(
     models: &FluxModels,
     p: &FluxParams,
     cond: &PromptEmbeds,
+    sched: &FlowMatchEulerScheduler,
     mut latents: Tensor,
-    sigmas: &[f64],
     start: usize,
     (lh, lw): (usize, usize),
-    progress: &mut ProgressFn<'_>,
+    blend: Option<&Blend>,
+    run: &mut RunContext<'_>,
 ) -> Result<Tensor> {
     let dtype = models.dtype;
     let dev = &models.device;
@@ -263,10 +256,10 @@ fn denoise(
         FluxVariant::Dev => Some(Tensor::full(p.guidance_scale as f32, b, dev)?),
         FluxVariant::Schnell => None,
     };
-    let steps = sigmas.len().saturating_sub(1);
+    let steps = sched.timesteps().len();
     let total = steps.saturating_sub(start);
     for i in start..steps {
-        let (sigma, next) = (sigmas[i], sigmas[i + 1]);
+        let sigma = sched.sigmas()[i];
         // diffusers passes t / 1000 with t = sigma · 1000, i.e. sigma, to the transformer.
         let t = Tensor::full(sigma as f32, b, dev)?;
         let v = models.transformer.forward(
@@ -278,20 +271,18 @@ fn denoise(
             &cond.pooled,
             guidance.as_ref(),
         )?;
-        // The Euler step runs in F32, as diffusers upcasts the sample.
-        latents = (latents.to_dtype(DType::F32)? + (v.to_dtype(DType::F32)? * (next - sigma))?)?;
+        latents = sched.step(&v, i, &latents)?;
+        if let Some(bl) = blend {
+            // The unmasked area goes back to the original, noised to the next sigma (clean at the end).
+            let proper = sched.scale_noise(&bl.image, &bl.noise, i + 1)?;
+            latents = ((proper.broadcast_mul(&(1.0 - &bl.mask)?))? + latents.broadcast_mul(&bl.mask)?)?;
+        }
         let step = i + 1 - start;
         let unpacked = unpack_latents(&latents, lh, lw)?;
-        let info = StepProgress { step, total, timestep: sigma * 1000.0, latents: &unpacked, family: ModelFamily::Flux };
-        if let ControlFlow::Break(()) = progress(&info) {
-            return Err(Error::Cancelled { step, total });
+        let info = StepProgress { step, total, timestep: sched.timesteps()[i], latents: &unpacked, family: ModelFamily::Flux };
+        if let Some(edited) = run.step_done(&info)? {
+            latents = pack_latents(&edited.to_dtype(DType::F32)?)?;
         }
     }
     Ok(latents)
-}
-
-fn finish(models: &FluxModels, packed: &Tensor, (lh, lw): (usize, usize), seed: u64) -> Result<FluxOutput> {
-    let latents = unpack_latents(packed, lh, lw)?;
-    let images = decode_latents(models, &latents)?;
-    Ok(FluxOutput { images, latents, seed })
 }

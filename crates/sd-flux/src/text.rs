@@ -151,10 +151,7 @@ pub fn encode_prompt(
     device: &Device,
 ) -> Result<PromptEmbeds> {
     if max_sequence_length == 0 || max_sequence_length > T5_MAX_LEN {
-        return Err(Error::InvalidRequest {
-            field: "max_sequence_length",
-            reason: format!("{max_sequence_length} is outside 1..={T5_MAX_LEN}"),
-        });
+        return Err(Error::invalid("max_sequence_length", format!("{max_sequence_length} is outside 1..={T5_MAX_LEN}")));
     }
     let ids = t5_input_ids(t5_tokenizer, prompt, max_sequence_length)?;
     let ids = Tensor::from_vec(ids, (1, max_sequence_length), device)?;

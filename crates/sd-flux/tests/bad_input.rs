@@ -5,9 +5,18 @@ mod common;
 use std::ops::ControlFlow;
 
 use common::{fixtures, folder, models};
-use sd_flux::pipeline::{image_to_image, text_to_image, FluxParams};
-use sd_flux::{load, load_source, Error, FluxFiles, FluxLoadOptions, FluxSource};
-use sd_pipelines::pipeline::StepProgress;
+use candle_core::Tensor;
+use sd_core::run::{ImageToImage, ProgressFn, RunContext, StepProgress, Task};
+use sd_flux::pipeline::{generate, FluxOutput, FluxParams};
+use sd_flux::{load, load_source, Error, FluxFiles, FluxLoadOptions, FluxModels, FluxSource};
+
+fn text_to_image(m: &FluxModels, p: &FluxParams, cb: &mut ProgressFn<'_>) -> Result<FluxOutput, Error> {
+    generate(m, p, &Task::TextToImage, &mut RunContext::with_progress(cb))
+}
+
+fn image_to_image(m: &FluxModels, p: &FluxParams, image: &Tensor, strength: f64, cb: &mut ProgressFn<'_>) -> Result<FluxOutput, Error> {
+    generate(m, p, &Task::ImageToImage(ImageToImage { image, strength }), &mut RunContext::with_progress(cb))
+}
 
 fn params(steps: usize, guidance: f64) -> FluxParams {
     FluxParams {
@@ -101,7 +110,7 @@ fn sizes_must_be_multiples_of_the_patch() {
     for (w, h, field) in [(18, 16, "width"), (16, 6, "height"), (0, 16, "width")] {
         let p = FluxParams { width: w, height: h, ..params(1, 0.0) };
         let (e, msg) = err_text(text_to_image(&m, &p, &mut go()));
-        assert!(matches!(e, Error::InvalidRequest { field: f, .. } if f == field), "{e:?}");
+        assert!(matches!(e, Error::Core(sd_core::Error::InvalidRequest { field: f, .. }) if f == field), "{e:?}");
         assert!(msg.contains(field), "{msg}");
     }
     let (_, msg) = err_text(text_to_image(&m, &FluxParams { width: 22, ..params(1, 0.0) }, &mut go()));
@@ -133,7 +142,7 @@ fn cancellation_stops_after_the_requested_step() {
         }
     };
     let (e, _) = err_text(text_to_image(&m, &params(4, 3.5), &mut cb));
-    assert!(matches!(e, Error::Cancelled { step: 2, total: 4 }), "{e:?}");
+    assert!(matches!(e, Error::Core(sd_core::Error::Cancelled { step: 2, total: 4 })), "{e:?}");
     // The callback runs once per transformer call, so no call happened after the stop.
     assert_eq!(calls, vec![1, 2]);
 }
@@ -159,7 +168,7 @@ fn previews_project_flux_latents() {
     let m = models("schnell");
     let mut sizes = Vec::new();
     let mut cb = |s: &StepProgress<'_>| {
-        let img = sd_pipelines::preview::latents_to_rgb(s.latents, s.family).expect("preview");
+        let img = sd_core::preview::latents_to_rgb(s.latents, s.family).expect("preview");
         sizes.push(img.dimensions());
         ControlFlow::Continue(())
     };

@@ -8,13 +8,14 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::flux::WithForward;
 use common::{assert_close, fixtures, folder, get, golden, models};
 use sd_flux::latents::pack_latents;
-use sd_flux::pipeline::{image_to_image_with_noise, text_to_image_with_noise, FluxParams};
-use sd_flux::schedule::FlowMatchConfig;
+use sd_core::run::{ImageToImage, Inpaint, RunContext, Task};
+use sd_core::schedulers::flow_match::FlowMatchConfig;
+use sd_flux::pipeline::{generate, FluxParams};
 use sd_flux::text::{clip_pooled, t5_embeddings, t5_input_ids};
 use sd_flux::transformer::load_transformer;
 use sd_flux::{FluxTransformer, FluxVariant};
-use sd_pipelines::pipeline::StepProgress;
-use sd_pipelines::schedulers::NoiseQueue;
+use sd_core::run::StepProgress;
+use sd_core::schedulers::NoiseQueue;
 
 const COMPONENT_TOL: f32 = 1e-4;
 const E2E_TOL: f32 = 1e-3;
@@ -121,7 +122,7 @@ fn sigma_schedules_match_diffusers() {
         let variant = c["variant"].as_str().expect("variant");
         let steps = c["steps"].as_u64().expect("steps") as usize;
         let (h, w, f) = (c["height"].as_u64().expect("h") as usize, c["width"].as_u64().expect("w") as usize, c["vae_scale_factor"].as_u64().expect("f") as usize);
-        let seq = sd_flux::schedule::image_seq_len(w, h, f);
+        let seq = sd_flux::latents::image_seq_len(w, h, f);
         assert_eq!(seq as u64, c["image_seq_len"].as_u64().expect("seq"), "{c}");
         let cfg = if variant == "dev" { FlowMatchConfig::dev() } else { FlowMatchConfig::schnell() };
         let mu = c["mu"].as_f64().expect("mu");
@@ -167,7 +168,8 @@ fn txt2img_matches_diffusers() {
             steps.push((s.step, s.total, pack_latents(s.latents).expect("pack")));
             ControlFlow::Continue(())
         };
-        let out = text_to_image_with_noise(&m, &tiny_params(variant), &mut queue, &mut cb).expect("txt2img");
+        let out = generate(&m, &tiny_params(variant), &Task::TextToImage, &mut RunContext::with_progress(&mut cb).noise(&mut queue))
+            .expect("txt2img");
         assert_eq!(steps.len(), 4);
         let golden_steps = get(&g, "step_latents");
         for (i, (step, total, lat)) in steps.iter().enumerate() {
@@ -192,7 +194,8 @@ fn img2img_matches_diffusers() {
         seen.push((s.step, s.total, s.timestep));
         ControlFlow::Continue(())
     };
-    let out = image_to_image_with_noise(&m, &tiny_params("dev"), &init, 0.6, &mut queue, &mut cb).expect("img2img");
+    let task = Task::ImageToImage(ImageToImage { image: &init, strength: 0.6 });
+    let out = generate(&m, &tiny_params("dev"), &task, &mut RunContext::with_progress(&mut cb).noise(&mut queue)).expect("img2img");
     let ts: Vec<f32> = get(&g, "timesteps").to_vec1().expect("ts");
     assert_eq!(seen.len(), ts.len());
     for ((step, total, t), golden_t) in seen.iter().zip(&ts) {
@@ -204,6 +207,60 @@ fn img2img_matches_diffusers() {
     let mut q = NoiseQueue::new([get(&g, "posterior_noise")]);
     let z = sd_flux::pipeline::encode_image(&m, &init, &mut q).expect("encode");
     assert_close("img2img image_latents", &z, &get(&g, "image_latents"), COMPONENT_TOL);
+}
+
+/// `FluxInpaintPipeline` on both variants: dev at strength 0.6 (noised start, 3 of 4 steps), schnell at
+/// 1.0 (pure noise); a soft mask, binarised by the pipeline.
+#[test]
+fn inpaint_matches_diffusers() {
+    for (variant, strength, steps_run) in [("dev", 0.6, 3), ("schnell", 1.0, 4)] {
+        let m = models(variant);
+        let g = golden(&format!("inpaint_{variant}.safetensors"));
+        let init = ((get(&g, "init_image") * 2.0).expect("x2") - 1.0).expect("-1");
+        let mask = get(&g, "mask");
+        let mut queue = NoiseQueue::new([get(&g, "posterior_noise"), get(&g, "noise"), get(&g, "masked_posterior_noise")]);
+        let mut steps = Vec::new();
+        let mut cb = |s: &StepProgress<'_>| {
+            steps.push((s.step, s.total, s.timestep, pack_latents(s.latents).expect("pack")));
+            ControlFlow::Continue(())
+        };
+        let task = Task::Inpaint(Inpaint { image: &init, mask: &mask, strength });
+        let mut p = tiny_params(variant);
+        p.seed = 11;
+        let out = generate(&m, &p, &task, &mut RunContext::with_progress(&mut cb).noise(&mut queue)).expect("inpaint");
+        let ts: Vec<f32> = get(&g, "timesteps").to_vec1().expect("ts");
+        let golden_steps = get(&g, "step_latents");
+        assert_eq!(steps.len(), steps_run);
+        assert_eq!(ts.len(), steps_run);
+        for (i, (step, total, t, lat)) in steps.iter().enumerate() {
+            assert_eq!((*step, *total), (i + 1, steps_run));
+            assert!((*t as f32 - ts[i]).abs() < 1e-3, "{variant} step {step}: timestep {t} vs {}", ts[i]);
+            assert_close(&format!("{variant} inpaint step {step} latents"), lat, &golden_steps.get(i).expect("step"), E2E_TOL);
+        }
+        assert_close(&format!("{variant} inpaint final latents"), &out.latents, &get(&g, "latents_final_unpacked"), E2E_TOL);
+        assert_close(&format!("{variant} inpaint image"), &out.images, &get(&g, "image"), E2E_TOL);
+        // Only the masked area changed: outside it the final latents are the clean image latents.
+        let mut q = NoiseQueue::new([get(&g, "posterior_noise")]);
+        let clean = pack_latents(&sd_flux::pipeline::encode_image(&m, &init, &mut q).expect("encode")).expect("pack");
+        let keep = (1.0 - get(&g, "mask_packed")).expect("1-m");
+        let final_packed = pack_latents(&out.latents).expect("pack");
+        let diff = ((final_packed - &clean).expect("sub") * keep).expect("mul").abs().expect("abs").max_all().expect("max");
+        assert!(diff.to_scalar::<f32>().expect("scalar") < 1e-5, "{variant}: unmasked latents moved");
+    }
+}
+
+/// A step callback may replace the latents: zeroing them after the last step decodes the zero latent.
+#[test]
+fn step_callback_edits_latents() {
+    let m = models("schnell");
+    let p = tiny_params("schnell");
+    let mut edit = |s: &StepProgress<'_>| -> sd_core::Result<Option<Tensor>> {
+        Ok((s.step == s.total).then(|| s.latents.zeros_like()).transpose()?)
+    };
+    let out = generate(&m, &p, &Task::TextToImage, &mut RunContext::default().edit(&mut edit)).expect("txt2img");
+    assert_eq!(out.latents.abs().and_then(|t| t.max_all()).and_then(|t| t.to_scalar::<f32>()).expect("max"), 0.0);
+    let zero = sd_flux::pipeline::decode_latents(&m, &out.latents).expect("decode");
+    assert_close("decode of edited latents", &out.images, &zero, 0.0);
 }
 
 #[test]
@@ -235,7 +292,6 @@ fn bfl_files_load_through_flux_files() {
     let m = sd_flux::load_source(&sd_flux::FluxSource::Files(files), &opts).expect("load");
     let g = golden("txt2img_dev.safetensors");
     let mut queue = NoiseQueue::new([get(&g, "noise")]);
-    let out = text_to_image_with_noise(&m, &tiny_params("dev"), &mut queue, &mut |_: &StepProgress<'_>| ControlFlow::Continue(()))
-        .expect("txt2img");
+    let out = generate(&m, &tiny_params("dev"), &Task::TextToImage, &mut RunContext::default().noise(&mut queue)).expect("txt2img");
     assert_close("txt2img from BFL files", &out.images, &get(&g, "image"), E2E_TOL);
 }

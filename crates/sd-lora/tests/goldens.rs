@@ -1,14 +1,13 @@
 //! LoRA-merged tiny models against diffusers `load_lora_weights` + `fuse_lora` (tools/lora_fixtures.py).
 
 use std::collections::HashMap;
-use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use sd_lora::{LoraFormat, LoraSet};
 use sd_models::loader::{load, read_folder_config, LoadOptions, StableDiffusionModels};
 use sd_models::unet::{AddedCond, UNetConditioning};
-use sd_pipelines::pipeline::{text_to_image_with_noise, GenerationParams};
+use sd_pipelines::pipeline::{generate, GenerationParams, RunContext, SdExtras, Task};
 use sd_pipelines::schedulers::{NoiseQueue, Sampler};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -251,7 +250,7 @@ fn txt2img_with_two_loras_matches_diffusers() -> TestResult {
     p.sampler = meta["sampler"].as_str().unwrap_or_default().parse::<Sampler>()?;
     p.clip_skip = 1;
     p.vae_tiling = Some(false);
-    let out = text_to_image_with_noise(&m, &p, &mut noise, &mut |_| ControlFlow::Continue(()))?;
+    let out = generate(&m, &p, &Task::TextToImage, &mut RunContext::default().noise(&mut noise), SdExtras::default())?;
     assert_eq!(noise.remaining(), 0, "every diffusers draw is used");
     assert_close("latents", &out.latents, &g["latents"], 1e-3);
     assert_close("image", &out.images, &g["image"], 1e-3);

@@ -148,7 +148,7 @@ pub const BETA_SCHEDULES: [&str; 3] = ["linear", "scaled_linear", "squaredcos_ca
 /// implements (by field name) rather than reading it as another.
 pub fn read_scheduler_config(path: &Path) -> Result<SchedulerDefaults> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
-    let raw: RawScheduler = serde_json::from_str(&python_json(&text)).map_err(|e| Error::InvalidConfig { path: path.to_path_buf(), reason: e.to_string() })?;
+    let raw: RawScheduler = serde_json::from_str(&sd_core::schedulers::config::python_json(&text)).map_err(|e| Error::InvalidConfig { path: path.to_path_buf(), reason: e.to_string() })?;
     for (field, value, known) in [("timestep_spacing", &raw.timestep_spacing, &TIMESTEP_SPACINGS), ("beta_schedule", &raw.beta_schedule, &BETA_SCHEDULES)] {
         if let Some(v) = value.as_deref().filter(|v| !known.contains(v)) {
             return Err(Error::InvalidConfig {
@@ -167,36 +167,6 @@ pub fn read_scheduler_config(path: &Path) -> Result<SchedulerDefaults> {
         prediction_type: raw.prediction_type.unwrap_or_default(),
         file: Some(text),
     })
-}
-
-/// Python's `json` writes `-Infinity`/`Infinity`/`NaN` (diffusers configs carry them, e.g.
-/// `lambda_min_clipped`), which strict JSON refuses: returns the text with those bare tokens
-/// (outside strings) replaced by `null`, i.e. "the default".
-pub fn python_json(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut in_string = false;
-    let mut escaped = false;
-    let mut rest = text;
-    while let Some(c) = rest.chars().next() {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == '"' {
-                in_string = false;
-            }
-        } else if c == '"' {
-            in_string = true;
-        } else if let Some(token) = ["-Infinity", "Infinity", "NaN"].into_iter().find(|t| rest.starts_with(t)) {
-            out.push_str("null");
-            rest = &rest[token.len()..];
-            continue;
-        }
-        out.push(c);
-        rest = &rest[c.len_utf8()..];
-    }
-    out
 }
 
 /// `model_index.json`'s pipeline class, when the file exists.

@@ -48,10 +48,7 @@ pub fn prompt_chunks(tok: &ClipTokenizer, prompt: &str, max_len: usize) -> Resul
         Ok::<_, Error>(ids.get(1..ids.len().saturating_sub(1)).map(<[u32]>::to_vec).unwrap_or_default())
     })?;
     if chunks.len() > MAX_PROMPT_CHUNKS {
-        return Err(Error::InvalidRequest {
-            field: "prompt",
-            reason: format!("the prompt encodes into {} chunks of 75 tokens; at most {MAX_PROMPT_CHUNKS}", chunks.len()),
-        });
+        return Err(Error::invalid("prompt", format!("the prompt encodes into {} chunks of 75 tokens; at most {MAX_PROMPT_CHUNKS}", chunks.len())));
     }
     Ok(chunks)
 }
@@ -117,14 +114,11 @@ pub fn encode_prompt(models: &StableDiffusionModels, prompt: &str, clip_skip: us
             let (context, _) = encode_chunks(&models.text_encoder, &chunks, Layer::Normed(skip), device)?;
             Ok(PromptEmbeds { context, pooled: None })
         }
-        ModelFamily::Flux => Err(Error::InvalidRequest {
-            field: "model",
-            reason: "FLUX models are conditioned by T5 + CLIP in sd-flux; run them with sd_flux::pipeline".into(),
-        }),
+        ModelFamily::Flux => Err(Error::invalid("model", "FLUX models are conditioned by T5 + CLIP in sd-flux; run them with sd_flux::pipeline")),
         ModelFamily::Sdxl => {
             let (enc2, tok2) = match (&models.text_encoder_2, &models.tokenizer_2) {
                 (Some(e), Some(t)) => (e, t),
-                _ => return Err(Error::InvalidRequest { field: "model", reason: "an SDXL model needs its second text encoder and tokenizer".into() }),
+                _ => return Err(Error::invalid("model", "an SDXL model needs its second text encoder and tokenizer")),
             };
             let c1 = prompt_chunks(&models.tokenizer, prompt, max_len)?;
             let c2 = prompt_chunks(tok2, prompt, max_len)?;
@@ -215,7 +209,7 @@ pub fn build_conditioning(
         let pooled = halves
             .iter()
             .map(|h| {
-                h.pooled.as_ref().ok_or(Error::InvalidRequest { field: "model", reason: "SDXL's second text encoder has no text_projection".into() })
+                h.pooled.as_ref().ok_or(Error::invalid("model", "SDXL's second text encoder has no text_projection"))
             })
             .map(|p| p.and_then(repeat))
             .collect::<Result<Vec<_>>>()?;

@@ -1,59 +1,24 @@
 //! The generation loops: plain functions over loaded models, a scheduler and a request.
 
-use std::ops::ControlFlow;
-
 use candle_core::{DType, Device, Tensor};
 use sd_models::loader::StableDiffusionModels;
 use sd_models::unet::{AddedCond, UNetConditioning};
-use sd_models::{ModelFamily, PredictionType as ModelPrediction};
+use sd_models::PredictionType as ModelPrediction;
 
 use crate::conditioning::{build_conditioning, Conditioning};
 use crate::control::ResidualHook;
 use crate::error::{Error, Result};
 use crate::schedulers::{
-    build_scheduler, BetaSchedule, NoiseSource, PredictionType, Sampler, SamplerKind, Scheduler, SchedulerConfig, SeededNoise, TimestepSpacing,
-    TorchCpuNoise,
+    build_scheduler, BetaSchedule, NoiseSource, PredictionType, Sampler, SamplerKind, Scheduler, SchedulerConfig, TimestepSpacing,
+};
+pub use sd_core::run::{
+    check_image, check_strength, random_seed, EditFn, ImageToImage, Inpaint, NoiseKind, ProgressFn, RunContext, StepProgress, Task,
+    MAX_BATCH, MAX_SIDE, MAX_STEPS,
 };
 
-/// Largest image side accepted, in pixels; beyond it a request is rejected before any allocation.
-pub const MAX_SIDE: usize = 4096;
-/// Largest batch accepted in one call.
-pub const MAX_BATCH: usize = 16;
-/// Most steps accepted in one call.
-pub const MAX_STEPS: usize = 1000;
-
-/// A random seed for a request that gives none (53 bits, so it survives JSON doubles and A1111's
-/// infotext).
-pub fn random_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
-    h.finish() >> 11
-}
 /// Above this many latent pixels the VAE decodes/encodes in tiles unless told otherwise
 /// (128×128 latents = 1024² images for SD).
 pub const AUTO_TILE_LATENT_PIXELS: usize = 128 * 128;
-
-/// Which generator turns the seed into noise.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum NoiseKind {
-    /// Philox on the CPU: the same image for a seed on every device and platform.
-    #[default]
-    Philox,
-    /// PyTorch's CPU generator: the same noise as diffusers with `torch.Generator("cpu").manual_seed(seed)`,
-    /// so a diffusers seed reproduces its image.
-    Torch,
-}
-
-impl NoiseKind {
-    /// The noise source for `seed`.
-    pub fn source(self, seed: u64) -> Box<dyn NoiseSource> {
-        match self {
-            NoiseKind::Philox => Box::new(SeededNoise::new(seed)),
-            NoiseKind::Torch => Box::new(TorchCpuNoise::new(seed)),
-        }
-    }
-}
 
 /// What to generate: the fields every operation shares.
 #[derive(Debug, Clone)]
@@ -105,25 +70,6 @@ impl GenerationParams {
     }
 }
 
-/// Progress of a running generation, passed to the callback after every model step.
-#[derive(Debug)]
-pub struct StepProgress<'a> {
-    /// Steps done (1-based).
-    pub step: usize,
-    /// Steps in this run.
-    pub total: usize,
-    /// The timestep just denoised.
-    pub timestep: f64,
-    /// Current latents `[batch, c, h/8, w/8]`: c = 4 for SD, 16 for FLUX (unpacked); call
-    /// [`crate::preview::latents_to_rgb`] for a preview.
-    pub latents: &'a Tensor,
-    /// Model family (selects the preview colour projection).
-    pub family: ModelFamily,
-}
-
-/// The per-step callback: return `ControlFlow::Break(())` to cancel the run.
-pub type ProgressFn<'a> = dyn FnMut(&StepProgress<'_>) -> ControlFlow<()> + 'a;
-
 /// What a run returns.
 #[derive(Debug, Clone)]
 pub struct GenerationOutput {
@@ -136,49 +82,14 @@ pub struct GenerationOutput {
     pub seed: u64,
 }
 
-/// Extra inputs of an img2img run.
-#[derive(Debug, Clone)]
-pub struct ImageToImage<'a> {
-    /// Input image `[1, 3, h, w]` in [-1, 1] at the requested size (see [`crate::image_io`]).
-    pub image: &'a Tensor,
-    /// Fraction of the schedule re-noised: 0 keeps the image, 1 ignores it.
-    pub strength: f64,
-}
-
-/// Extra inputs of an inpainting run.
-#[derive(Debug, Clone)]
-pub struct Inpaint<'a> {
-    /// Input image `[1, 3, h, w]` in [-1, 1].
-    pub image: &'a Tensor,
-    /// Mask `[1, 1, h, w]` in [0, 1]; 1 (white) is repainted. It is binarised at 0.5, as diffusers does.
-    pub mask: &'a Tensor,
-    /// Fraction of the schedule re-noised (1.0 repaints the masked area from pure noise).
-    pub strength: f64,
-}
-
 /// Checks a request against the model's rules before anything is allocated.
 pub fn validate(models: &StableDiffusionModels, p: &GenerationParams) -> Result<()> {
     let f = models.config.vae_scale_factor();
-    for (field, v) in [("width", p.width), ("height", p.height)] {
-        if v == 0 || v > MAX_SIDE {
-            return Err(Error::InvalidRequest { field, reason: format!("{v} px is outside 1..={MAX_SIDE}") });
-        }
-        if v % 8 != 0 || v % f != 0 {
-            return Err(Error::InvalidRequest { field, reason: format!("{v} px is not a multiple of {}", 8.max(f)) });
-        }
-    }
-    if p.steps == 0 || p.steps > MAX_STEPS {
-        return Err(Error::InvalidRequest { field: "steps", reason: format!("{} is outside 1..={MAX_STEPS}", p.steps) });
-    }
-    if p.batch_size == 0 || p.batch_size > MAX_BATCH {
-        return Err(Error::InvalidRequest { field: "batch_size", reason: format!("{} is outside 1..={MAX_BATCH}", p.batch_size) });
-    }
-    if !p.guidance_scale.is_finite() || p.guidance_scale < 0.0 || p.guidance_scale > 100.0 {
-        return Err(Error::InvalidRequest { field: "guidance_scale", reason: format!("{} is outside 0..=100", p.guidance_scale) });
-    }
+    sd_core::run::check_size(p.width, p.height, 8.max(f), "")?;
+    sd_core::run::check_counts(p.steps, p.batch_size, p.guidance_scale)?;
     let layers = models.config.text_encoder.num_hidden_layers;
     if p.clip_skip > layers {
-        return Err(Error::InvalidRequest { field: "clip_skip", reason: format!("{} exceeds the text encoder's {layers} layers", p.clip_skip) });
+        return Err(Error::invalid("clip_skip", format!("{} exceeds the text encoder's {layers} layers", p.clip_skip)));
     }
     crate::prompt::validate_prompt("prompt", &p.prompt)?;
     crate::prompt::validate_prompt("negative_prompt", &p.negative_prompt)?;
@@ -193,7 +104,7 @@ pub fn validate(models: &StableDiffusionModels, p: &GenerationParams) -> Result<
 pub fn scheduler_config(models: &StableDiffusionModels) -> Result<SchedulerConfig> {
     let s = &models.config.scheduler;
     if let Some(text) = &s.file {
-        return SchedulerConfig::from_json_str(text);
+        return Ok(SchedulerConfig::from_json_str(text)?);
     }
     let mut c = SchedulerConfig::sd15();
     c.num_train_timesteps = s.num_train_timesteps;
@@ -209,14 +120,21 @@ pub fn scheduler_config(models: &StableDiffusionModels) -> Result<SchedulerConfi
         Some("leading") => Some(TimestepSpacing::Leading),
         Some("trailing") => Some(TimestepSpacing::Trailing),
         Some("linspace") => Some(TimestepSpacing::Linspace),
-        Some(other) => return Err(Error::ConfigJson { reason: format!("timestep_spacing: {other:?} is not leading, trailing or linspace") }),
+        Some(other) => {
+            return Err(sd_core::Error::ConfigJson { reason: format!("timestep_spacing: {other:?} is not leading, trailing or linspace") }.into())
+        }
         None => None,
     };
     c.beta_schedule = match s.beta_schedule.as_str() {
         "scaled_linear" => Some(BetaSchedule::ScaledLinear),
         "linear" => Some(BetaSchedule::Linear),
         "squaredcos_cap_v2" => Some(BetaSchedule::SquaredcosCapV2),
-        other => return Err(Error::ConfigJson { reason: format!("beta_schedule: {other:?} is not linear, scaled_linear or squaredcos_cap_v2") }),
+        other => {
+            return Err(sd_core::Error::ConfigJson {
+                reason: format!("beta_schedule: {other:?} is not linear, scaled_linear or squaredcos_cap_v2"),
+            }
+            .into())
+        }
     };
     Ok(c)
 }
@@ -254,106 +172,14 @@ fn encode(models: &StableDiffusionModels, image: &Tensor, p: &GenerationParams, 
     Ok((z * models.config.vae.scaling_factor)?.to_dtype(models.dtype)?)
 }
 
-fn check_image(field: &'static str, t: &Tensor, channels: usize, p: &GenerationParams) -> Result<()> {
-    let dims = t.dims();
-    if dims.len() != 4 || dims[0] != 1 || dims[1] != channels || dims[2] != p.height || dims[3] != p.width {
-        return Err(Error::InvalidRequest {
-            field,
-            reason: format!("expected a [1, {channels}, {}, {}] tensor (height × width of the request), got {dims:?}", p.height, p.width),
-        });
-    }
-    Ok(())
-}
-
-fn check_strength(strength: f64) -> Result<()> {
-    if !(0.0..=1.0).contains(&strength) || strength.is_nan() {
-        return Err(Error::InvalidRequest { field: "strength", reason: format!("{strength} is outside [0, 1]") });
-    }
-    Ok(())
-}
-
-/// Generates images from a prompt.
-pub fn text_to_image(models: &StableDiffusionModels, p: &GenerationParams, progress: &mut ProgressFn<'_>) -> Result<GenerationOutput> {
-    text_to_image_with_noise(models, p, p.noise.source(p.seed).as_mut(), progress)
-}
-
-/// [`text_to_image`] drawing every random tensor from `noise` (tests replay diffusers' draws).
-pub fn text_to_image_with_noise(
-    models: &StableDiffusionModels,
-    p: &GenerationParams,
-    noise: &mut dyn NoiseSource,
-    progress: &mut ProgressFn<'_>,
-) -> Result<GenerationOutput> {
-    text_to_image_with_hooks(models, p, noise, None, progress)
-}
-
-/// [`text_to_image_with_noise`] with an optional residual hook (ControlNet) consulted at every step.
-pub fn text_to_image_with_hooks(
-    models: &StableDiffusionModels,
-    p: &GenerationParams,
-    noise: &mut dyn NoiseSource,
-    hook: Option<&mut dyn ResidualHook>,
-    progress: &mut ProgressFn<'_>,
-) -> Result<GenerationOutput> {
-    validate(models, p)?;
-    let mut sched = build_scheduler(p.sampler, &scheduler_config(models)?, p.steps)?;
-    let cond = build_conditioning(models, &p.prompt, &p.negative_prompt, p.clip_skip, guided(p), p.batch_size, (p.height, p.width))?;
-    let shape = latent_shape(models, p);
-    let latents = (draw(noise, &shape, models)? * sched.init_noise_sigma())?;
-    let latents = denoise(models, p, sched.as_mut(), &cond, latents, 0, None, hook, noise, progress)?;
-    let images = decode(models, &latents, p)?;
-    Ok(GenerationOutput { images, latents, seed: p.seed })
-}
-
-/// Re-generates an image: encodes it, noises it to `strength` of the schedule and denoises from there.
-pub fn image_to_image(
-    models: &StableDiffusionModels,
-    p: &GenerationParams,
-    input: &ImageToImage<'_>,
-    progress: &mut ProgressFn<'_>,
-) -> Result<GenerationOutput> {
-    image_to_image_with_noise(models, p, input, p.noise.source(p.seed).as_mut(), progress)
-}
-
-/// [`image_to_image`] drawing every random tensor from `noise`.
-pub fn image_to_image_with_noise(
-    models: &StableDiffusionModels,
-    p: &GenerationParams,
-    input: &ImageToImage<'_>,
-    noise: &mut dyn NoiseSource,
-    progress: &mut ProgressFn<'_>,
-) -> Result<GenerationOutput> {
-    image_to_image_with_hooks(models, p, input, noise, None, progress)
-}
-
-/// [`image_to_image_with_noise`] with an optional residual hook (ControlNet) consulted at every step.
-pub fn image_to_image_with_hooks(
-    models: &StableDiffusionModels,
-    p: &GenerationParams,
-    input: &ImageToImage<'_>,
-    noise: &mut dyn NoiseSource,
-    hook: Option<&mut dyn ResidualHook>,
-    progress: &mut ProgressFn<'_>,
-) -> Result<GenerationOutput> {
-    validate(models, p)?;
-    check_strength(input.strength)?;
-    check_image("image", input.image, 3, p)?;
-    let mut sched = build_scheduler(p.sampler, &scheduler_config(models)?, p.steps)?;
-    let start = sched.begin_at_strength(input.strength)?;
-    let cond = build_conditioning(models, &p.prompt, &p.negative_prompt, p.clip_skip, guided(p), p.batch_size, (p.height, p.width))?;
-    let init = encode(models, input.image, p, noise)?.repeat((p.batch_size, 1, 1, 1))?;
-    let eps = draw(noise, &latent_shape(models, p), models)?;
-    let latents = sched.add_noise(&init, &eps, start)?;
-    let latents = denoise(models, p, sched.as_mut(), &cond, latents, start, None, hook, noise, progress)?;
-    let images = decode(models, &latents, p)?;
-    Ok(GenerationOutput { images, latents, seed: p.seed })
-}
-
-/// Repaints the masked (white) part of an image: 9-channel inpainting models get the mask and the
-/// masked image as extra UNet input, as diffusers feeds them; ordinary 4-channel models blend the
-/// re-noised original into the unmasked area after every step.
-pub fn inpaint(models: &StableDiffusionModels, p: &GenerationParams, input: &Inpaint<'_>, progress: &mut ProgressFn<'_>) -> Result<GenerationOutput> {
-    inpaint_with_noise(models, p, input, p.noise.source(p.seed).as_mut(), progress)
+/// What only Stable Diffusion runs take beside the [`RunContext`].
+#[derive(Default)]
+pub struct SdExtras<'a> {
+    /// Consulted at every step for UNet residuals (ControlNet: `sd_controlnet::ControlHook`).
+    pub control: Option<&'a mut dyn ResidualHook>,
+    /// A scheduler built by the caller (for the request's step count), used instead of the one
+    /// `p.sampler` names.
+    pub scheduler: Option<Box<dyn Scheduler>>,
 }
 
 /// What the denoising loop needs for inpainting.
@@ -364,48 +190,97 @@ struct InpaintState {
     blend: Option<(Tensor, Tensor, Tensor)>,
 }
 
-/// [`inpaint`] drawing every random tensor from `noise`.
-pub fn inpaint_with_noise(
+/// Runs `task` for the request `p`: validates everything before allocating, builds the sampler (or
+/// takes `extras.scheduler`), encodes the prompt, draws every random tensor from `run.noise` (taken by
+/// this run; else from `p.seed`) in diffusers' order, denoises — calling `run`'s editor and progress callback after
+/// every step — and decodes.
+///
+/// - img2img encodes the image, noises it to `strength` of the schedule and denoises from there.
+/// - Inpainting: 9-channel inpainting models get the mask and the masked image as extra UNet input, as
+///   diffusers feeds them; ordinary 4-channel models blend the re-noised original into the unmasked
+///   area after every step. The residual hook sees the 4-channel latents, never the mask channels.
+pub fn generate(
     models: &StableDiffusionModels,
     p: &GenerationParams,
-    input: &Inpaint<'_>,
-    noise: &mut dyn NoiseSource,
-    progress: &mut ProgressFn<'_>,
-) -> Result<GenerationOutput> {
-    inpaint_with_hooks(models, p, input, noise, None, progress)
-}
-
-/// [`inpaint_with_noise`] with an optional residual hook (ControlNet) consulted at every step; the hook
-/// sees the 4-channel latents, never the mask channels of 9-channel models.
-pub fn inpaint_with_hooks(
-    models: &StableDiffusionModels,
-    p: &GenerationParams,
-    input: &Inpaint<'_>,
-    noise: &mut dyn NoiseSource,
-    hook: Option<&mut dyn ResidualHook>,
-    progress: &mut ProgressFn<'_>,
+    task: &Task<'_>,
+    run: &mut RunContext<'_>,
+    extras: SdExtras<'_>,
 ) -> Result<GenerationOutput> {
     validate(models, p)?;
-    check_strength(input.strength)?;
-    check_image("image", input.image, 3, p)?;
-    check_image("mask", input.mask, 1, p)?;
-    if input.strength == 0.0 {
-        return Err(Error::InvalidRequest { field: "strength", reason: "0 leaves nothing to repaint; use a value in (0, 1]".into() });
+    match task {
+        Task::TextToImage => {}
+        Task::ImageToImage(input) => {
+            check_strength(input.strength)?;
+            check_image("image", input.image, 3, p.height, p.width)?;
+        }
+        Task::Inpaint(input) => {
+            check_strength(input.strength)?;
+            check_image("image", input.image, 3, p.height, p.width)?;
+            check_image("mask", input.mask, 1, p.height, p.width)?;
+            if input.strength == 0.0 {
+                return Err(Error::invalid("strength", "0 leaves nothing to repaint; use a value in (0, 1]"));
+            }
+        }
+        other => return Err(unsupported(other)),
     }
-    let nine = models.config.is_inpaint();
-    let mut sched = build_scheduler(p.sampler, &scheduler_config(models)?, p.steps)?;
-    let full = input.strength >= 1.0;
-    let start = if full { sched.reset(); 0 } else { sched.begin_at_strength(input.strength)? };
+    let mut sched = match extras.scheduler {
+        Some(s) => s,
+        None => build_scheduler(p.sampler, &scheduler_config(models)?, p.steps)?,
+    };
+    let mut noise = run.take_noise(p.noise, p.seed);
+    let noise = noise.get();
     let cond = build_conditioning(models, &p.prompt, &p.negative_prompt, p.clip_skip, guided(p), p.batch_size, (p.height, p.width))?;
+    let shape = latent_shape(models, p);
+    let (latents, start, inpaint) = match task {
+        Task::TextToImage => {
+            sched.reset();
+            ((draw(noise, &shape, models)? * sched.init_noise_sigma())?, 0, None)
+        }
+        Task::ImageToImage(input) => {
+            let start = sched.begin_at_strength(input.strength)?;
+            let init = encode(models, input.image, p, noise)?.repeat((p.batch_size, 1, 1, 1))?;
+            let eps = draw(noise, &shape, models)?;
+            (sched.add_noise(&init, &eps, start)?, start, None)
+        }
+        Task::Inpaint(input) => {
+            let (latents, start, state) = prepare_inpaint(models, p, input, sched.as_mut(), noise, &shape)?;
+            (latents, start, Some(state))
+        }
+        other => return Err(unsupported(other)),
+    };
+    let latents = denoise(models, p, sched.as_mut(), &cond, latents, start, inpaint.as_ref(), extras.control, noise, run)?;
+    let images = decode(models, &latents, p)?;
+    Ok(GenerationOutput { images, latents, seed: p.seed })
+}
 
+fn unsupported(task: &Task<'_>) -> Error {
+    Error::invalid("task", format!("Stable Diffusion models do not run {}; they run txt2img, img2img and inpaint", task.name()))
+}
+
+/// The starting latents, first step and loop state of an inpainting run.
+fn prepare_inpaint(
+    models: &StableDiffusionModels,
+    p: &GenerationParams,
+    input: &Inpaint<'_>,
+    sched: &mut dyn Scheduler,
+    noise: &mut dyn NoiseSource,
+    shape: &[usize],
+) -> Result<(Tensor, usize, InpaintState)> {
+    let nine = models.config.is_inpaint();
+    let full = input.strength >= 1.0;
+    let start = if full {
+        sched.reset();
+        0
+    } else {
+        sched.begin_at_strength(input.strength)?
+    };
     // diffusers binarises the mask at 0.5 and keeps the image where the mask is 0.
     let mask = input.mask.to_device(&models.device)?.to_dtype(DType::F32)?.ge(0.5)?.to_dtype(DType::F32)?;
     let image = input.image.to_device(&models.device)?.to_dtype(DType::F32)?;
-    let shape = latent_shape(models, p);
 
     // Draw order follows diffusers: image latents (when needed), the noise, then the masked image.
     let image_latents = if !nine || !full { Some(encode(models, &image, p, noise)?.repeat((p.batch_size, 1, 1, 1))?) } else { None };
-    let eps = draw(noise, &shape, models)?;
+    let eps = draw(noise, shape, models)?;
     let latents = match (&image_latents, full) {
         (Some(init), false) => sched.add_noise(init, &eps, start)?,
         _ => (&eps * sched.init_noise_sigma())?,
@@ -422,12 +297,10 @@ pub fn inpaint_with_hooks(
         // diffusers encodes the masked image for 4-channel models too (and ignores it); drawing
         // its posterior noise keeps every later draw of a seed identical to diffusers'.
         noise.randn(&(1, shape[1], lh, lw).into(), DType::F32, &Device::Cpu)?;
-        let init = image_latents.ok_or_else(|| Error::InvalidRequest { field: "image", reason: "image latents missing".into() })?;
+        let init = image_latents.ok_or_else(|| Error::invalid("image", "image latents missing"))?;
         InpaintState { extra_channels: None, blend: Some((latent_mask, init, eps)) }
     };
-    let latents = denoise(models, p, sched.as_mut(), &cond, latents, start, Some(&state), hook, noise, progress)?;
-    let images = decode(models, &latents, p)?;
-    Ok(GenerationOutput { images, latents, seed: p.seed })
+    Ok((latents, start, state))
 }
 
 fn latent_shape(models: &StableDiffusionModels, p: &GenerationParams) -> Vec<usize> {
@@ -451,7 +324,7 @@ fn denoise(
     inpaint: Option<&InpaintState>,
     mut hook: Option<&mut dyn ResidualHook>,
     noise: &mut dyn NoiseSource,
-    progress: &mut ProgressFn<'_>,
+    run: &mut RunContext<'_>,
 ) -> Result<Tensor> {
     let g = guided(p);
     let timesteps = sched.timesteps().to_vec();
@@ -496,8 +369,8 @@ fn denoise(
         }
         let step = i + 1 - start;
         let info = StepProgress { step, total, timestep: t, latents: &latents, family: models.config.variant.family() };
-        if progress(&info).is_break() {
-            return Err(Error::Cancelled { step, total });
+        if let Some(edited) = run.step_done(&info)? {
+            latents = edited;
         }
     }
     Ok(latents)

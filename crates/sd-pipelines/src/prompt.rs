@@ -24,27 +24,14 @@ const SQUARE: f32 = 1.0 / 1.1;
 pub const MAX_PROMPT_NESTING: usize = 32;
 /// Largest attention weight in magnitude, written (`(word:w)`) or reached by nesting.
 pub const MAX_PROMPT_WEIGHT: f32 = 100.0;
-/// Longest prompt in bytes (a 77-token chunk holds about 300 bytes of English).
-pub const MAX_PROMPT_BYTES: usize = 16 * 1024;
 /// Most 77-token chunks one prompt may encode into (long text and `BREAK`s both add chunks).
 pub const MAX_PROMPT_CHUNKS: usize = 32;
 
-use crate::error::{Error, Result};
+pub use sd_core::run::{check_prompt_size, MAX_PROMPT_BYTES};
+use sd_core::{Error, Result};
 
 fn prompt_error(reason: String) -> Error {
     Error::InvalidRequest { field: "prompt", reason }
-}
-
-/// Checks a prompt's size alone ([`MAX_PROMPT_BYTES`]): all that applies to prompts read literally
-/// (FLUX's T5); [`validate_prompt`] includes it.
-pub fn check_prompt_size(field: &'static str, prompt: &str) -> Result<()> {
-    if prompt.len() > MAX_PROMPT_BYTES {
-        return Err(Error::InvalidRequest {
-            field,
-            reason: format!("{} bytes is longer than the {MAX_PROMPT_BYTES} bytes a prompt may have", prompt.len()),
-        });
-    }
-    Ok(())
 }
 
 /// Checks what can be checked of a prompt without a tokenizer: its size, bracket nesting, attention

@@ -5,10 +5,7 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use sd_models::loader::{load, LoadOptions, StableDiffusionModels};
-use sd_pipelines::pipeline::{
-    image_to_image, image_to_image_with_noise, inpaint_with_noise, text_to_image, text_to_image_with_noise, GenerationParams, ImageToImage,
-    Inpaint, NoiseKind,
-};
+use sd_pipelines::pipeline::{generate, GenerationParams, ImageToImage, Inpaint, NoiseKind, RunContext, SdExtras, StepProgress, Task};
 use sd_pipelines::schedulers::{NoiseQueue, Sampler};
 use sd_pipelines::Error;
 
@@ -79,9 +76,6 @@ fn assert_close(what: &str, ours: &Tensor, golden: &Tensor, tol: f32) {
     assert!(diff <= tol * scale, "{what}: max diff {diff} > {tol} × {scale}");
 }
 
-fn no_progress() -> impl FnMut(&sd_pipelines::pipeline::StepProgress<'_>) -> ControlFlow<()> {
-    |_| ControlFlow::Continue(())
-}
 
 #[test]
 fn sd15_txt2img_matches_diffusers_for_each_sampler() {
@@ -89,7 +83,7 @@ fn sd15_txt2img_matches_diffusers_for_each_sampler() {
     for label in ["sd15_txt2img_ddim", "sd15_txt2img_euler", "sd15_txt2img_dpmpp_2m_karras", "sd15_txt2img_euler_a", "sd15_txt2img_batch2"] {
         let g = golden(label);
         let mut noise = g.draws();
-        let out = text_to_image_with_noise(&m, &g.params(), &mut noise, &mut no_progress()).expect(label);
+        let out = generate(&m, &g.params(), &Task::TextToImage, &mut RunContext::default().noise(&mut noise), SdExtras::default()).expect(label);
         assert_eq!(noise.remaining(), 0, "{label}: every diffusers draw is used");
         g.check(label, &out.latents, &out.images);
     }
@@ -104,7 +98,7 @@ fn sd15_img2img_matches_diffusers() {
         let g = golden(label);
         let mut noise = g.draws();
         let strength = g.meta["strength"].as_f64().unwrap_or(0.0);
-        let out = image_to_image_with_noise(&m, &g.params(), &ImageToImage { image: &image, strength }, &mut noise, &mut no_progress())
+        let out = generate(&m, &g.params(), &Task::ImageToImage(ImageToImage { image: &image, strength }), &mut RunContext::default().noise(&mut noise), SdExtras::default())
             .expect(label);
         assert_eq!(noise.remaining(), 0, "{label}");
         g.check(label, &out.latents, &out.images);
@@ -121,7 +115,7 @@ fn inpaint_matches_diffusers_for_4_and_9_channel_models() {
         let g = golden(label);
         let mut noise = g.draws();
         let strength = g.meta["strength"].as_f64().unwrap_or(0.0);
-        let out = inpaint_with_noise(&m, &g.params(), &Inpaint { image: &image, mask, strength }, &mut noise, &mut no_progress()).expect(label);
+        let out = generate(&m, &g.params(), &Task::Inpaint(Inpaint { image: &image, mask, strength }), &mut RunContext::default().noise(&mut noise), SdExtras::default()).expect(label);
         assert_eq!(noise.remaining(), 0, "{label}");
         g.check(label, &out.latents, &out.images);
     }
@@ -134,7 +128,7 @@ fn sd2_v_prediction_and_sdxl_match_diffusers() {
         for label in labels {
             let g = golden(label);
             let mut noise = g.draws();
-            let out = text_to_image_with_noise(&m, &g.params(), &mut noise, &mut no_progress()).expect(label);
+            let out = generate(&m, &g.params(), &Task::TextToImage, &mut RunContext::default().noise(&mut noise), SdExtras::default()).expect(label);
             g.check(label, &out.latents, &out.images);
         }
     }
@@ -148,15 +142,16 @@ fn cancellation_stops_within_one_step() {
     p.height = 32;
     p.steps = 6;
     let mut seen = Vec::new();
-    let r = text_to_image(&m, &p, &mut |s| {
+    let mut cb = |s: &StepProgress<'_>| {
         seen.push(s.step);
         if s.step == 2 {
             ControlFlow::Break(())
         } else {
             ControlFlow::Continue(())
         }
-    });
-    assert!(matches!(r, Err(Error::Cancelled { step: 2, total: 6 })), "{r:?}");
+    };
+    let r = generate(&m, &p, &Task::TextToImage, &mut RunContext::with_progress(&mut cb), SdExtras::default());
+    assert!(matches!(r, Err(Error::Core(sd_core::Error::Cancelled { step: 2, total: 6 }))), "{r:?}");
     assert_eq!(seen, vec![1, 2], "no UNet step runs after the cancel");
 }
 
@@ -166,13 +161,13 @@ fn same_seed_same_bytes_other_seed_other_image() {
     let mut p = GenerationParams::for_model(&m, "a fox");
     (p.width, p.height, p.steps, p.seed) = (32, 32, 3, 1234);
     p.sampler = "Euler a".parse().expect("sampler");
-    let a = text_to_image(&m, &p, &mut no_progress()).expect("run a");
-    let b = text_to_image(&m, &p, &mut no_progress()).expect("run b");
+    let a = generate(&m, &p, &Task::TextToImage, &mut RunContext::default(), SdExtras::default()).expect("run a");
+    let b = generate(&m, &p, &Task::TextToImage, &mut RunContext::default(), SdExtras::default()).expect("run b");
     let bytes = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
     assert_eq!(bytes(&a.images), bytes(&b.images));
     assert_eq!(a.seed, 1234);
     p.seed = 1235;
-    let c = text_to_image(&m, &p, &mut no_progress()).expect("run c");
+    let c = generate(&m, &p, &Task::TextToImage, &mut RunContext::default(), SdExtras::default()).expect("run c");
     assert_ne!(bytes(&a.images), bytes(&c.images));
 }
 
@@ -185,10 +180,10 @@ fn bad_requests_are_rejected_with_the_field_named() {
         p
     };
     let field_of = |r: sd_pipelines::Result<sd_pipelines::pipeline::GenerationOutput>| match r {
-        Err(Error::InvalidRequest { field, .. }) => field,
+        Err(Error::Core(sd_core::Error::InvalidRequest { field, .. })) => field,
         other => panic!("expected InvalidRequest, got {other:?}"),
     };
-    let run = |p: &GenerationParams| text_to_image(&m, p, &mut no_progress());
+    let run = |p: &GenerationParams| generate(&m, p, &Task::TextToImage, &mut RunContext::default(), SdExtras::default());
     let mut p = base.clone();
     p.steps = 0;
     assert_eq!(field_of(run(&p)), "steps");
@@ -206,13 +201,13 @@ fn bad_requests_are_rejected_with_the_field_named() {
 
     let image = Tensor::zeros((1, 3, 32, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
     for strength in [-0.1, 1.5, f64::NAN] {
-        let r = sd_pipelines::pipeline::image_to_image(&m, &base, &ImageToImage { image: &image, strength }, &mut no_progress());
+        let r = generate(&m, &base, &Task::ImageToImage(ImageToImage { image: &image, strength }), &mut RunContext::default(), SdExtras::default());
         assert_eq!(field_of(r), "strength");
     }
     let small_mask = Tensor::zeros((1, 1, 16, 16), candle_core::DType::F32, &Device::Cpu).unwrap();
-    let r = sd_pipelines::pipeline::inpaint(&m, &base, &Inpaint { image: &image, mask: &small_mask, strength: 1.0 }, &mut no_progress());
+    let r = generate(&m, &base, &Task::Inpaint(Inpaint { image: &image, mask: &small_mask, strength: 1.0 }), &mut RunContext::default(), SdExtras::default());
     assert_eq!(field_of(r), "mask");
-    assert!(matches!("Nonsense Sampler".parse::<Sampler>(), Err(Error::UnknownSampler { .. })));
+    assert!(matches!("Nonsense Sampler".parse::<Sampler>(), Err(sd_core::Error::UnknownSampler { .. })));
 }
 
 /// With the torch-compatible generator, the seed alone reproduces diffusers' run: no injected draws.
@@ -223,7 +218,7 @@ fn torch_noise_seed_reproduces_diffusers_runs() {
         let g = golden(label);
         let mut p = g.params();
         p.noise = NoiseKind::Torch;
-        let out = text_to_image(&m, &p, &mut no_progress()).expect(label);
+        let out = generate(&m, &p, &Task::TextToImage, &mut RunContext::default(), SdExtras::default()).expect(label);
         g.check(label, &out.latents, &out.images);
     }
     let input = golden("input_image");
@@ -231,6 +226,34 @@ fn torch_noise_seed_reproduces_diffusers_runs() {
     let g = golden("sd15_img2img_euler_a");
     let mut p = g.params();
     p.noise = NoiseKind::Torch;
-    let out = image_to_image(&m, &p, &ImageToImage { image: &image, strength: 0.6 }, &mut no_progress()).expect("img2img");
+    let out = generate(&m, &p, &Task::ImageToImage(ImageToImage { image: &image, strength: 0.6 }), &mut RunContext::default(), SdExtras::default()).expect("img2img");
     g.check("sd15_img2img_euler_a (torch seed)", &out.latents, &out.images);
+}
+
+/// `SdExtras::scheduler` replaces the sampler the request names, and a step callback may edit the latents.
+#[test]
+fn own_scheduler_and_latent_edits() {
+    use sd_pipelines::schedulers::{build_scheduler, SamplerKind};
+    let m = model("sd15");
+    let mut p = GenerationParams::for_model(&m, "a fox");
+    (p.width, p.height, p.steps, p.seed) = (32, 32, 3, 7);
+    p.sampler = SamplerKind::Ddim.into();
+    let ddim = generate(&m, &p, &Task::TextToImage, &mut RunContext::default(), SdExtras::default()).expect("ddim");
+    let cfg = sd_pipelines::pipeline::scheduler_config(&m).expect("config");
+    let own = build_scheduler(sd_pipelines::schedulers::Sampler::from(SamplerKind::Ddim), &cfg, 3).expect("scheduler");
+    p.sampler = SamplerKind::Euler.into();
+    let extras = SdExtras { scheduler: Some(own), ..SdExtras::default() };
+    let out = generate(&m, &p, &Task::TextToImage, &mut RunContext::default(), extras).expect("own scheduler");
+    let same = (&out.latents - &ddim.latents).and_then(|d| d.abs()).and_then(|d| d.max_all()).and_then(|d| d.to_scalar::<f32>()).expect("diff");
+    assert_eq!(same, 0.0, "the caller's DDIM scheduler ran instead of Euler");
+
+    let mut steps = 0;
+    let mut edit = |s: &StepProgress<'_>| -> sd_core::Result<Option<Tensor>> {
+        steps += 1;
+        Ok((s.step == s.total).then(|| s.latents.zeros_like()).transpose()?)
+    };
+    let out = generate(&m, &p, &Task::TextToImage, &mut RunContext::default().edit(&mut edit), SdExtras::default()).expect("edited");
+    assert_eq!(steps, 3);
+    let max = out.latents.abs().and_then(|t| t.max_all()).and_then(|t| t.to_scalar::<f32>()).expect("max");
+    assert_eq!(max, 0.0, "the last step's edit is what gets decoded");
 }

@@ -9,15 +9,14 @@ use std::time::Instant;
 
 use base64::Engine as _;
 use sd_models::loader::{load, read_folder_config, LoadOptions, StableDiffusionModels};
-use sd_pipelines::image_io::{a1111_parameters, encode_png, image_to_tensor, mask_to_tensor, tensor_to_images};
+use sd_core::image_io::{encode_png, image_to_tensor, infotext, mask_to_tensor, tensor_to_images};
+use sd_core::run::{ImageToImage, Inpaint, RunContext, StepProgress, Task};
+use sd_pipelines::image_io::a1111_parameters;
 use sd_controlnet::preprocess::prepare_image;
 use sd_controlnet::{ControlNetHook, ControlNetModel, ControlUnit};
 use sd_pipelines::control::ResidualHook;
-use sd_pipelines::pipeline::{
-    image_to_image_with_hooks, inpaint_with_hooks, text_to_image_with_hooks, GenerationParams, ImageToImage, Inpaint, StepProgress,
-};
-use sd_pipelines::schedulers::SamplerKind;
-use sd_pipelines::preview::latents_to_rgb;
+use sd_pipelines::pipeline::{generate, SdExtras};
+use sd_core::preview::latents_to_rgb;
 use sd_flux::{FluxLoadOptions, FluxModels, FluxParams};
 
 use crate::config::{describe_device, ModelSource, WorkerConfig};
@@ -397,17 +396,26 @@ fn lora_field(e: &sd_models::Error, wanted: &[ResolvedLora]) -> String {
     }
 }
 
-fn failure(e: sd_pipelines::Error) -> Failure {
-    use sd_pipelines::Error as E;
+/// A library error as a job failure: cancellation, a named request field (`invalid_request`), or a
+/// generation failure.
+fn core_failure(e: sd_core::Error) -> Failure {
     match e {
-        E::Cancelled { step, total } => (JobStatus::Cancelled, JobError::new("cancelled", format!("cancelled after step {step} of {total}"))),
-        E::InvalidRequest { field, reason } => {
+        sd_core::Error::Cancelled { step, total } => {
+            (JobStatus::Cancelled, JobError::new("cancelled", format!("cancelled after step {step} of {total}")))
+        }
+        sd_core::Error::InvalidRequest { field, reason } => {
             (JobStatus::Failed, JobError { code: "invalid_request", message: reason, field: Some(field.to_string()) })
         }
-        e @ E::InvalidStrength { .. } => (JobStatus::Failed, JobError { code: "invalid_request", message: e.to_string(), field: Some("strength".into()) }),
-        e @ (E::UnknownSampler { .. } | E::UnsupportedSchedule { .. }) => {
-            (JobStatus::Failed, JobError { code: "invalid_request", message: e.to_string(), field: Some("sampler".into()) })
-        }
+        e => match e.field() {
+            Some(field) => (JobStatus::Failed, JobError { code: "invalid_request", message: e.to_string(), field: Some(field.into()) }),
+            None => (JobStatus::Failed, JobError::new("generation_failed", e.to_string())),
+        },
+    }
+}
+
+fn failure(e: sd_pipelines::Error) -> Failure {
+    match e {
+        sd_pipelines::Error::Core(e) => core_failure(e),
         e => (JobStatus::Failed, JobError::new("generation_failed", e.to_string())),
     }
 }
@@ -438,25 +446,48 @@ fn run_job(state: &AppState, engine: &mut Engine, job: &Job) -> Result<JobResult
     if let Operation::Transform { strength, .. } | Operation::Inpaint { strength, .. } = &operation {
         extra.push(("Denoising strength", format!("{strength}")));
     }
-    let (images, seed, infotext_params) = match &mut engine.backend {
+    if let Backend::Flux(flux) = &engine.backend {
+        // Forge's convention: FLUX's embedded guidance is the "Distilled CFG Scale"; true CFG is off.
+        if flux.models.variant == sd_flux::FluxVariant::Dev {
+            extra.push(("Distilled CFG Scale", format!("{}", p.guidance_scale)));
+        }
+    }
+    // The infotext entries A1111's ControlNet extension writes, so front ends can read them back.
+    const UNIT_KEYS: [&str; crate::controlnet::MAX_CONTROLNETS] = ["ControlNet 0", "ControlNet 1", "ControlNet 2", "ControlNet 3"];
+    for (key, c) in UNIT_KEYS.iter().zip(&controlnets) {
+        let value = format!(
+            "\"Module: {}, Model: {}, Weight: {}, Guidance Start: {}, Guidance End: {}\"",
+            c.preprocessor_name, c.name, c.scale, c.start, c.end
+        );
+        extra.push((key, value));
+    }
+    if !loras.is_empty() {
+        let list: Vec<String> = loras.iter().map(|l| format!("{}: {}", l.name, l.strength)).collect();
+        extra.push(("Lora weights", format!("\"{}\"", list.join(", "))));
+    }
+    // The task's input tensors, at the request's size (both families take sd-core's Task).
+    let inputs = match &operation {
+        Operation::Generation => None,
+        Operation::Transform { image, .. } => Some((image_to_tensor(image, p.width, p.height), None)),
+        Operation::Inpaint { image, mask, .. } => Some((image_to_tensor(image, p.width, p.height), Some(mask_to_tensor(mask, p.width, p.height)))),
+    };
+    let inputs = match inputs {
+        None => None,
+        Some((image, mask)) => Some((image.map_err(core_failure)?, mask.transpose().map_err(core_failure)?)),
+    };
+    let task = match (&operation, &inputs) {
+        (Operation::Transform { strength, .. }, Some((image, _))) => Task::ImageToImage(ImageToImage { image, strength: *strength }),
+        (Operation::Inpaint { strength, .. }, Some((image, Some(mask)))) => Task::Inpaint(Inpaint { image, mask, strength: *strength }),
+        _ => Task::TextToImage,
+    };
+    let mut run = RunContext::with_progress(&mut cb);
+    let (images, seed, infotext) = match &mut engine.backend {
         Backend::Sd(sd) => {
             sd.ensure_loras(&loras).map_err(|e| (JobStatus::Failed, e))?;
             let mut hook = sd.controlnet_hook(&controlnets, p.width, p.height).map_err(|e| (JobStatus::Failed, e))?;
-            let hook = hook.as_mut().map(|h| h as &mut dyn ResidualHook);
-            let models = &sd.models;
-            let mut noise = p.noise.source(p.seed);
-            let noise = noise.as_mut();
-            let out = match &operation {
-                Operation::Generation => text_to_image_with_hooks(models, &p, noise, hook, &mut cb),
-                Operation::Transform { image, strength } => image_to_tensor(image, p.width, p.height)
-                    .and_then(|t| image_to_image_with_hooks(models, &p, &ImageToImage { image: &t, strength: *strength }, noise, hook, &mut cb)),
-                Operation::Inpaint { image, mask, strength } => image_to_tensor(image, p.width, p.height).and_then(|img| {
-                    let m = mask_to_tensor(mask, p.width, p.height)?;
-                    inpaint_with_hooks(models, &p, &Inpaint { image: &img, mask: &m, strength: *strength }, noise, hook, &mut cb)
-                }),
-            }
-            .map_err(failure)?;
-            (out.images, out.seed, p.clone())
+            let control = hook.as_mut().map(|h| h as &mut dyn ResidualHook);
+            let out = generate(&sd.models, &p, &task, &mut run, SdExtras { control, scheduler: None }).map_err(failure)?;
+            (out.images, out.seed, a1111_parameters(&p, &engine.info.name, &extra))
         }
         Backend::Flux(flux) => {
             flux.ensure_loras(&loras).map_err(|e| (JobStatus::Failed, e))?;
@@ -472,60 +503,34 @@ fn run_job(state: &AppState, engine: &mut Engine, job: &Job) -> Result<JobResult
                 max_sequence_length: None,
                 noise: p.noise,
             };
-            let out = match &operation {
-                Operation::Generation => sd_flux::pipeline::text_to_image(models, &fp, &mut cb),
-                Operation::Transform { image, strength } => image_to_tensor(image, p.width, p.height)
-                    .map_err(sd_flux::Error::from)
-                    .and_then(|t| sd_flux::pipeline::image_to_image(models, &fp, &t, *strength, &mut cb)),
-                // Requests are checked before queueing; this guards the engine against a future route.
-                Operation::Inpaint { .. } => {
-                    return Err((JobStatus::Failed, JobError { code: "invalid_request", message: FLUX_NO_INPAINT.into(), field: Some("operation".into()) }))
-                }
-            }
-            .map_err(flux_failure)?;
-            // Forge's convention: FLUX's embedded guidance is the "Distilled CFG Scale"; true CFG is off.
-            if models.variant == sd_flux::FluxVariant::Dev {
-                extra.push(("Distilled CFG Scale", format!("{}", p.guidance_scale)));
-            }
-            let shown = GenerationParams { guidance_scale: 1.0, negative_prompt: String::new(), sampler: SamplerKind::Euler.into(), clip_skip: 1, ..p.clone() };
-            (out.images, out.seed, shown)
+            let out = sd_flux::pipeline::generate(models, &fp, &task, &mut run).map_err(flux_failure)?;
+            // FLUX runs flow-matching Euler without true CFG (scale 1, no negative prompt).
+            let mut fields = vec![
+                ("Steps", p.steps.to_string()),
+                ("Sampler", "Euler".to_string()),
+                ("CFG scale", "1".to_string()),
+                ("Seed", p.seed.to_string()),
+                ("Size", format!("{}x{}", p.width, p.height)),
+                ("Model", engine.info.name.clone()),
+            ];
+            fields.extend(extra.iter().map(|(k, v)| (*k, v.clone())));
+            (out.images, out.seed, infotext(&p.prompt, "", &fields))
         }
     };
-    // The infotext entries A1111's ControlNet extension writes, so front ends can read them back.
-    const UNIT_KEYS: [&str; crate::controlnet::MAX_CONTROLNETS] = ["ControlNet 0", "ControlNet 1", "ControlNet 2", "ControlNet 3"];
-    for (key, c) in UNIT_KEYS.iter().zip(&controlnets) {
-        let value = format!(
-            "\"Module: {}, Model: {}, Weight: {}, Guidance Start: {}, Guidance End: {}\"",
-            c.preprocessor_name, c.name, c.scale, c.start, c.end
-        );
-        extra.push((key, value));
-    }
-    if !loras.is_empty() {
-        let list: Vec<String> = loras.iter().map(|l| format!("{}: {}", l.name, l.strength)).collect();
-        extra.push(("Lora weights", format!("\"{}\"", list.join(", "))));
-    }
-    let infotext = a1111_parameters(&infotext_params, &engine.info.name, &extra);
     let images = tensor_to_images(&images)
         .and_then(|imgs| imgs.iter().map(|img| encode_png(img, Some(&infotext)).map(|png| b64(&png))).collect::<Result<Vec<_>, _>>())
-        .map_err(failure)?;
+        .map_err(core_failure)?;
     Ok(JobResult { images, seed, parameters: job.parameters.clone(), infotext })
 }
 
-/// Why a FLUX worker refuses inpainting.
-pub const FLUX_NO_INPAINT: &str =
-    "FLUX.1 dev/schnell cannot inpaint (that needs FLUX.1 Fill, not supported); use image_generation or image_transform";
-
 fn flux_failure(e: sd_flux::Error) -> Failure {
-    use sd_flux::Error as E;
     match e {
-        E::Cancelled { step, total } => (JobStatus::Cancelled, JobError::new("cancelled", format!("cancelled after step {step} of {total}"))),
-        E::Pipelines(e) => failure(e),
-        E::InvalidRequest { field, reason } => (JobStatus::Failed, JobError { code: "invalid_request", message: reason, field: Some(field.to_string()) }),
+        sd_flux::Error::Core(e) => core_failure(e),
         e => (JobStatus::Failed, JobError::new("generation_failed", e.to_string())),
     }
 }
 
-fn preview(s: &StepProgress<'_>) -> sd_pipelines::Result<Preview> {
+fn preview(s: &StepProgress<'_>) -> sd_core::Result<Preview> {
     let img = latents_to_rgb(s.latents, s.family)?;
     let png = encode_png(&img, None)?;
     Ok(Preview { step: s.step, image: b64(&png), mime: "image/png", width: img.width(), height: img.height() })

@@ -395,9 +395,6 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
     // pooled output; those fields are accepted (front ends always send them) and recorded as ignored.
     let mut ignored: Vec<&str> = Vec::new();
     if flux {
-        if matches!(op, OpInput::Inpaint { .. }) {
-            return Err(ApiError::invalid("operation", crate::engine::FLUX_NO_INPAINT));
-        }
         if !input.controlnets.is_empty() {
             return Err(ApiError::invalid(names.controlnet.list, "ControlNets work with Stable Diffusion models; this worker serves FLUX"));
         }
@@ -444,10 +441,10 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
     }
     let mut sampler: Sampler = match input.sampler.as_deref().map(str::trim).filter(|_| !flux) {
         None | Some("") => SamplerKind::Euler.into(),
-        Some(name) => name.parse().map_err(|e: sd_pipelines::Error| ApiError::invalid(names.sampler, e.to_string()))?,
+        Some(name) => name.parse().map_err(|e: sd_core::Error| ApiError::invalid(names.sampler, e.to_string()))?,
     };
     if let Some(s) = input.schedule.as_deref().filter(|_| !flux) {
-        let schedule: SigmaSchedule = s.parse().map_err(|e: sd_pipelines::Error| ApiError::invalid(names.schedule, e.to_string()))?;
+        let schedule: SigmaSchedule = s.parse().map_err(|e: sd_core::Error| ApiError::invalid(names.schedule, e.to_string()))?;
         if schedule != SigmaSchedule::Default {
             if !sampler.kind.supports_sigma_schedules() {
                 return Err(ApiError::invalid(
@@ -462,8 +459,8 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
         // The sampler's own limits (LCM's 50 steps, …) are refused here, not when the job runs.
         build_scheduler(sampler, cfg, steps).map_err(|e| {
             let field = match e {
-                sd_pipelines::Error::InvalidSteps { .. } => names.steps,
-                sd_pipelines::Error::UnsupportedSchedule { .. } => names.schedule,
+                sd_core::Error::InvalidSteps { .. } => names.steps,
+                sd_core::Error::UnsupportedSchedule { .. } => names.schedule,
                 _ => names.sampler,
             };
             ApiError::invalid(field, e.to_string())
@@ -564,7 +561,7 @@ fn check_strength(field: &str, s: f64, steps: usize, inpaint: bool, flux: bool) 
     // Each family's pipeline rounds as its diffusers pipeline does: FLUX runs the steps from
     // ⌊steps − steps·strength⌋ on; SD runs ⌊steps·strength⌋ steps (inpainting at full strength: all).
     let runs = if flux {
-        steps - sd_flux::schedule::img2img_start(steps, s).min(steps)
+        steps - sd_core::schedulers::flow_match::img2img_start(steps, s).min(steps)
     } else if inpaint && s >= 1.0 {
         steps
     } else {

@@ -172,9 +172,9 @@ impl WireSpec {
     /// here fails the job naming the field).
     pub fn decode(self, loras: &LoraFolders, controlnets: &ControlNetFolders) -> Result<JobSpec, JobError> {
         let p = self.params;
-        let mut sampler: Sampler = p.sampler.parse().map_err(|e: sd_pipelines::Error| bad("sampler", e.to_string()))?;
+        let mut sampler: Sampler = p.sampler.parse().map_err(|e: sd_core::Error| bad("sampler", e.to_string()))?;
         if let Some(s) = &p.schedule {
-            sampler.schedule = Some(s.parse().map_err(|e: sd_pipelines::Error| bad("schedule", e.to_string()))?);
+            sampler.schedule = Some(s.parse().map_err(|e: sd_core::Error| bad("schedule", e.to_string()))?);
         }
         if sampler.schedule == Some(SigmaSchedule::Default) {
             sampler.schedule = None;

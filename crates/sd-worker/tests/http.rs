@@ -788,9 +788,15 @@ fn flux_models_serve_generation_and_transform_jobs() {
     let ev = s.stream(&id);
     assert_eq!(ev.last().map(|e| e.0.as_str()), Some("complete"), "{ev:?}");
     assert_eq!(ev.iter().rfind(|e| e.0 == "progress").map(|e| e.1["total"].clone()), Some(json!(2)));
+    // Inpainting (FluxInpaintPipeline semantics): the default strength 1.0 runs every step.
+    let inpaint = json!({"operation": "image_inpaint", "prompt": "x", "init_image": b64(&test_image()), "mask_image": b64(&test_mask(32, 32)),
+        "width": 16, "height": 16, "steps": 4, "seed": 2});
+    let ev = s.stream(&s.submit(&inpaint));
+    assert_eq!(ev.last().map(|e| e.0.as_str()), Some("complete"), "{ev:?}");
+    assert_eq!(ev.iter().rfind(|e| e.0 == "progress").map(|e| e.1["total"].clone()), Some(json!(4)));
+    let img = decode_png(ev.last().and_then(|e| e.1["images"][0].as_str()).expect("image"));
+    assert_eq!((img.width(), img.height()), (16, 16));
     // What FLUX cannot do is refused before queueing, naming the field.
-    let inpaint = json!({"operation": "image_inpaint", "prompt": "x", "init_image": b64(&test_image()), "mask_image": b64(&test_mask(32, 32))});
-    assert_error(&s.post("/v1/jobs", &inpaint), 400, "operation");
     let cn = json!({"operation": "image_generation", "prompt": "x", "width": 16, "height": 16, "controlnets": [{"model": "a"}]});
     assert_error(&s.post("/v1/jobs", &cn), 400, "controlnets");
     let odd = json!({"operation": "image_generation", "prompt": "x", "width": 18, "height": 16});

@@ -226,7 +226,7 @@ impl SchedulerConfig {
     /// strict JSON rejects; they are read as `null`, i.e. "the default".
     /// A wrong value is refused naming its field (`timestep_spacing: unknown variant …`).
     pub fn from_json_str(text: &str) -> Result<Self> {
-        let cleaned = sd_models::diffusers::python_json(text);
+        let cleaned = python_json(text);
         let de = &mut serde_json::Deserializer::from_str(&cleaned);
         serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
@@ -258,6 +258,36 @@ impl SchedulerConfig {
             SigmaSchedule::Default
         }
     }
+}
+
+/// Python's `json` writes `-Infinity`/`Infinity`/`NaN` (diffusers configs carry them, e.g.
+/// `lambda_min_clipped`), which strict JSON refuses: returns the text with those bare tokens
+/// (outside strings) replaced by `null`, i.e. "the default".
+pub fn python_json(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if c == '"' {
+            in_string = true;
+        } else if let Some(token) = ["-Infinity", "Infinity", "NaN"].into_iter().find(|t| rest.starts_with(t)) {
+            out.push_str("null");
+            rest = &rest[token.len()..];
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
 }
 
 #[cfg(test)]

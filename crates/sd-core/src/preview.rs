@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
-use sd_models::ModelFamily;
+use crate::family::ModelFamily;
 
 use crate::error::Result;
 

@@ -1,12 +1,13 @@
-//! The flow-matching Euler schedule of diffusers' `FlowMatchEulerDiscreteScheduler` as the FLUX
-//! pipelines drive it: sigmas `linspace(1, 1/n, n)`, shifted (dev: exponentially by a `mu` that
-//! grows with the image's token count; schnell: not at all), then a final 0.
+//! Flow matching: diffusers' `FlowMatchEulerDiscreteScheduler` as the rectified-flow pipelines (FLUX.1,
+//! and the newer families built the same way) drive it. Sigmas are `linspace(1, 1/n, n)`, shifted
+//! (statically by `shift`, or by a `mu` that grows with the image's token count when dynamic shifting is
+//! on), then a final 0; the model predicts a velocity `v` and the Euler step is `x += (σ_next − σ)·v`.
 
 use std::path::Path;
 
+use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
-use crate::config::FluxVariant;
 use crate::error::{Error, Result};
 
 fn d1000() -> usize {
@@ -104,20 +105,22 @@ impl FlowMatchConfig {
         Self { shift: 1.0, use_dynamic_shifting: false, ..Self::dev() }
     }
 
-    /// The published config of `variant`.
-    pub fn for_variant(variant: FluxVariant) -> Self {
-        match variant {
-            FluxVariant::Dev => Self::dev(),
-            FluxVariant::Schnell => Self::schnell(),
-        }
-    }
-
     /// Reads and checks a `scheduler_config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-        let cfg: Self = serde_json::from_str(&text)
-            .map_err(|e| Error::InvalidConfig { path: path.to_path_buf(), reason: e.to_string() })?;
-        cfg.check().map_err(|reason| Error::InvalidConfig { path: path.to_path_buf(), reason })?;
+        Self::from_json(&text).map_err(|e| match e {
+            Error::ConfigJson { reason } => Error::InvalidConfig { path: path.to_path_buf(), reason },
+            other => other,
+        })
+    }
+
+    /// Parses and checks the text of a `scheduler_config.json` (every field by its diffusers name).
+    pub fn from_json(text: &str) -> Result<Self> {
+        let cleaned = super::config::python_json(text);
+        let de = &mut serde_json::Deserializer::from_str(&cleaned);
+        let cfg: Self = serde_path_to_error::deserialize(de)
+            .map_err(|e| Error::ConfigJson { reason: format!("field `{}`: {}", e.path(), e.inner()) })?;
+        cfg.check().map_err(|reason| Error::ConfigJson { reason })?;
         Ok(cfg)
     }
 
@@ -132,7 +135,7 @@ impl FlowMatchConfig {
             ("stochastic_sampling", self.stochastic_sampling),
         ];
         if let Some((name, _)) = unsupported.iter().find(|(_, on)| *on) {
-            return Err(format!("{name} is not supported by sd-flux's flow-matching Euler sampler; remove it (FLUX.1 does not use it)"));
+            return Err(format!("{name} is not supported by the flow-matching Euler sampler; remove it (FLUX.1 does not use it)"));
         }
         if self.time_shift_type != "exponential" && self.time_shift_type != "linear" {
             return Err(format!("time_shift_type {:?} is unknown; use \"exponential\" or \"linear\"", self.time_shift_type));
@@ -216,9 +219,77 @@ pub fn img2img_start(steps: usize, strength: f64) -> usize {
     (steps as f64 - init).max(0.0) as usize
 }
 
-/// Packed latent tokens of a `width × height` image with a VAE of `vae_scale_factor`.
-pub fn image_seq_len(width: usize, height: usize, vae_scale_factor: usize) -> usize {
-    (height / vae_scale_factor / 2) * (width / vae_scale_factor / 2)
+/// A flow-matching Euler run: its sigmas, the velocity step and the forward process that img2img and
+/// inpainting use to noise clean latents (`scale_noise`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlowMatchEulerScheduler {
+    sigmas: Vec<f64>,
+    timesteps: Vec<f64>,
+    num_train_timesteps: usize,
+}
+
+impl FlowMatchEulerScheduler {
+    /// The schedule of `steps` steps over `image_seq_len` latent tokens (the dynamic shift's input).
+    pub fn new(config: &FlowMatchConfig, steps: usize, image_seq_len: usize) -> Result<Self> {
+        config.check().map_err(|reason| Error::ConfigJson { reason })?;
+        if steps == 0 {
+            return Err(Error::InvalidSteps { scheduler: "FlowMatchEuler", steps, max: usize::MAX });
+        }
+        let sigmas = config.sigmas(steps, image_seq_len);
+        let n = config.num_train_timesteps as f64;
+        let timesteps = sigmas[..steps].iter().map(|s| s * n).collect();
+        Ok(Self { sigmas, timesteps, num_train_timesteps: config.num_train_timesteps })
+    }
+
+    /// The `steps + 1` sigmas, ending in 0.
+    pub fn sigmas(&self) -> &[f64] {
+        &self.sigmas
+    }
+
+    /// The timesteps `σ · num_train_timesteps` of the model calls, one per step.
+    pub fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    /// Training timesteps (the model receives `timestep / num_train_timesteps`, i.e. σ).
+    pub fn num_train_timesteps(&self) -> usize {
+        self.num_train_timesteps
+    }
+
+    /// The first step of an img2img/inpaint run at `strength` (see [`img2img_start`]); refuses a
+    /// strength outside [0, 1] or one that leaves no step to run.
+    pub fn begin_at_strength(&self, strength: f64) -> Result<usize> {
+        let steps = self.timesteps.len();
+        if !(0.0..=1.0).contains(&strength) {
+            return Err(Error::InvalidStrength { strength, steps, reason: "it must lie in [0, 1]".into() });
+        }
+        let start = img2img_start(steps, strength);
+        if start >= steps {
+            return Err(Error::InvalidStrength {
+                strength,
+                steps,
+                reason: "it leaves no step to run; use a larger strength (0 would return the input unchanged)".into(),
+            });
+        }
+        Ok(start)
+    }
+
+    /// One Euler step from step `index` to `index + 1` given the model's velocity, in F32 as diffusers
+    /// upcasts the sample.
+    pub fn step(&self, velocity: &Tensor, index: usize, sample: &Tensor) -> Result<Tensor> {
+        let (sigma, next) = match (self.sigmas.get(index), self.sigmas.get(index + 1)) {
+            (Some(&s), Some(&n)) => (s, n),
+            _ => return Err(Error::StepIndex { index, len: self.timesteps.len() }),
+        };
+        Ok((sample.to_dtype(DType::F32)? + (velocity.to_dtype(DType::F32)? * (next - sigma))?)?)
+    }
+
+    /// The forward process at sigma index `index`: `σ·noise + (1 − σ)·clean` (diffusers' `scale_noise`).
+    /// Index `steps` (σ = 0) returns the clean latents.
+    pub fn scale_noise(&self, clean: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        let sigma = *self.sigmas.get(index).ok_or(Error::StepIndex { index, len: self.timesteps.len() })?;
+        Ok(((noise * sigma)? + (clean * (1.0 - sigma))?)?)
+    }
 }
 
 #[cfg(test)]
@@ -244,6 +315,33 @@ mod tests {
         assert_eq!(img2img_start(28, 1.0), 0);
         assert_eq!(img2img_start(10, 0.0), 10);
         assert_eq!(img2img_start(10, 0.35), 6);
+    }
+
+    #[test]
+    fn euler_scheduler_steps_and_noises() -> Result<()> {
+        let s = FlowMatchEulerScheduler::new(&FlowMatchConfig::schnell(), 4, 16)?;
+        assert_eq!(s.timesteps(), &[1000.0, 750.0, 500.0, 250.0]);
+        let dev = candle_core::Device::Cpu;
+        let x = Tensor::full(2f32, (1, 2), &dev)?;
+        let v = Tensor::full(-4f32, (1, 2), &dev)?;
+        // x + (0.75 − 1)·v = 2 + 1 = 3
+        assert_eq!(s.step(&v, 0, &x)?.to_vec2::<f32>()?, vec![vec![3.0, 3.0]]);
+        let n = Tensor::full(10f32, (1, 2), &dev)?;
+        assert_eq!(s.scale_noise(&x, &n, 2)?.to_vec2::<f32>()?, vec![vec![6.0, 6.0]]);
+        assert_eq!(s.scale_noise(&x, &n, 4)?.to_vec2::<f32>()?, vec![vec![2.0, 2.0]]);
+        assert!(s.step(&v, 4, &x).is_err() && s.scale_noise(&x, &n, 5).is_err());
+        assert_eq!(s.begin_at_strength(0.6)?, 1);
+        assert_eq!(s.begin_at_strength(0.1)?, 3);
+        assert!(s.begin_at_strength(0.0).is_err() && s.begin_at_strength(1.5).is_err() && s.begin_at_strength(f64::NAN).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn config_fields_are_named() {
+        let e = FlowMatchConfig::from_json(r#"{"shift": "three"}"#).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("shift"), "{e}");
+        let e = FlowMatchConfig::from_json(r#"{"use_beta_sigmas": true}"#).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("use_beta_sigmas"), "{e}");
     }
 
     #[test]

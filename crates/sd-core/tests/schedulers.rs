@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use proptest::prelude::*;
-use sd_pipelines::schedulers::{
+use sd_core::schedulers::{
     build_scheduler, NoNoise, NoiseQueue, NoiseSource, PredictionType, Sampler, SamplerKind,
     Scheduler, SchedulerConfig, SeededNoise, SigmaSchedule, TimestepSpacing, TorchCpuNoise,
 };
-use sd_pipelines::Error;
+use sd_core::Error;
 use serde::Deserialize;
 
 fn golden_dir() -> PathBuf {

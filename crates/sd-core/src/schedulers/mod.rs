@@ -1,4 +1,5 @@
-//! Noise schedulers (samplers), ported from diffusers 0.42 and checked against it.
+//! Noise schedulers (samplers), ported from diffusers 0.42 and checked against it; flow matching
+//! (FLUX and other rectified-flow models) in [`flow_match`].
 //!
 //! Build one with [`build_scheduler`] from a [`Sampler`] (parsed from the names users know,
 //! e.g. `"DPM++ 2M Karras"`, `"Euler a"`, `"dpmpp_2m"`) and a [`SchedulerConfig`] (usually the
@@ -6,9 +7,9 @@
 //!
 //! ```
 //! # use candle_core::{Device, DType, Tensor};
-//! # use sd_pipelines::schedulers::*;
-//! # fn unet(x: &Tensor, _t: f64) -> sd_pipelines::Result<Tensor> { Ok((x * 0.1)?) }
-//! # fn main() -> sd_pipelines::Result<()> {
+//! # use sd_core::schedulers::*;
+//! # fn unet(x: &Tensor, _t: f64) -> sd_core::Result<Tensor> { Ok((x * 0.1)?) }
+//! # fn main() -> sd_core::Result<()> {
 //! let mut sched = build_scheduler("Euler a".parse::<Sampler>()?, &SchedulerConfig::sd15(), 20)?;
 //! let mut noise = SeededNoise::new(1234);
 //! let mut latents = (noise.randn(&(1, 4, 8, 8).into(), DType::F32, &Device::Cpu)? * sched.init_noise_sigma())?;
@@ -28,6 +29,7 @@ mod ddpm;
 mod dpmpp;
 mod euler;
 mod euler_ancestral;
+pub mod flow_match;
 mod heun;
 mod lcm;
 pub mod noise;

@@ -1,0 +1,309 @@
+//! What every generation run shares, whatever the model family: request limits and their checks, the
+//! seed's noise generator, the per-step callbacks (progress/cancel and latent edits) and the run context
+//! that carries them into a family's `generate`.
+
+use std::ops::ControlFlow;
+
+use candle_core::Tensor;
+
+use crate::error::{Error, Result};
+use crate::family::ModelFamily;
+use crate::schedulers::{NoiseSource, SeededNoise, TorchCpuNoise};
+
+/// Largest image side accepted, in pixels; beyond it a request is rejected before any allocation.
+pub const MAX_SIDE: usize = 4096;
+/// Largest batch accepted in one call.
+pub const MAX_BATCH: usize = 16;
+/// Most steps accepted in one call.
+pub const MAX_STEPS: usize = 1000;
+/// Largest guidance scale accepted.
+pub const MAX_GUIDANCE: f64 = 100.0;
+
+/// Longest prompt in bytes (a 77-token chunk holds about 300 bytes of English).
+pub const MAX_PROMPT_BYTES: usize = 16 * 1024;
+
+/// A random seed for a request that gives none (53 bits, so it survives JSON doubles and A1111's
+/// infotext).
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.finish() >> 11
+}
+
+/// Which generator turns the seed into noise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NoiseKind {
+    /// Philox on the CPU: the same image for a seed on every device and platform.
+    #[default]
+    Philox,
+    /// PyTorch's CPU generator: the same noise as diffusers with `torch.Generator("cpu").manual_seed(seed)`,
+    /// so a diffusers seed reproduces its image.
+    Torch,
+}
+
+impl NoiseKind {
+    /// The noise source for `seed`.
+    pub fn source(self, seed: u64) -> Box<dyn NoiseSource> {
+        match self {
+            NoiseKind::Philox => Box::new(SeededNoise::new(seed)),
+            NoiseKind::Torch => Box::new(TorchCpuNoise::new(seed)),
+        }
+    }
+}
+
+/// Progress of a running generation, passed to the callbacks after every model step.
+#[derive(Debug)]
+pub struct StepProgress<'a> {
+    /// Steps done (1-based).
+    pub step: usize,
+    /// Steps in this run.
+    pub total: usize,
+    /// The timestep just denoised.
+    pub timestep: f64,
+    /// Current latents `[batch, c, h/f, w/f]`: c = 4 for SD, 16 for FLUX (unpacked from its 2×2
+    /// patches); call [`crate::preview::latents_to_rgb`] for a preview.
+    pub latents: &'a Tensor,
+    /// Model family (selects the preview colour projection).
+    pub family: ModelFamily,
+}
+
+/// The per-step callback: return `ControlFlow::Break(())` to cancel the run.
+pub type ProgressFn<'a> = dyn FnMut(&StepProgress<'_>) -> ControlFlow<()> + 'a;
+
+/// A per-step latent editor, run before the progress callback: return `Some(latents)` (same shape,
+/// in the layout of [`StepProgress::latents`]) to replace the run's latents, as diffusers'
+/// `callback_on_step_end` returning `latents` does.
+pub type EditFn<'a> = dyn FnMut(&StepProgress<'_>) -> Result<Option<Tensor>> + 'a;
+
+/// How a run is driven, beside the request itself: where its noise comes from and who hears about
+/// (or edits) each step. `RunContext::default()` draws from the request's seed and calls nobody.
+#[derive(Default)]
+pub struct RunContext<'a> {
+    /// Every random tensor of the run is drawn from here (`None`: the request's seed and noise kind).
+    /// Tests replay a reference implementation's draws through a [`crate::schedulers::NoiseQueue`].
+    pub noise: Option<&'a mut dyn NoiseSource>,
+    /// Progress, previews and cancellation.
+    pub progress: Option<&'a mut ProgressFn<'a>>,
+    /// Reads and may replace the latents after every step.
+    pub edit: Option<&'a mut EditFn<'a>>,
+}
+
+impl<'a> RunContext<'a> {
+    /// A context that only reports progress.
+    pub fn with_progress(progress: &'a mut ProgressFn<'a>) -> Self {
+        Self { progress: Some(progress), ..Self::default() }
+    }
+
+    /// Adds a noise source.
+    pub fn noise(mut self, noise: &'a mut dyn NoiseSource) -> Self {
+        self.noise = Some(noise);
+        self
+    }
+
+    /// Adds a latent editor.
+    pub fn edit(mut self, edit: &'a mut EditFn<'a>) -> Self {
+        self.edit = Some(edit);
+        self
+    }
+
+    /// The noise this run draws from: the context's source (taken: it serves one run), else a fresh
+    /// generator of `kind` seeded with `seed`.
+    pub fn take_noise(&mut self, kind: NoiseKind, seed: u64) -> RunNoise<'a> {
+        match self.noise.take() {
+            Some(n) => RunNoise::Given(n),
+            None => RunNoise::Seeded(kind.source(seed)),
+        }
+    }
+
+    /// Runs the editor then the progress callback for a finished step: `Ok(Some(t))` when the editor
+    /// replaced the latents (checked to keep their shape), `Err(Cancelled)` when the progress callback
+    /// stopped the run.
+    pub fn step_done(&mut self, info: &StepProgress<'_>) -> Result<Option<Tensor>> {
+        let mut replaced = None;
+        if let Some(edit) = self.edit.as_deref_mut() {
+            if let Some(t) = edit(info)? {
+                if t.dims() != info.latents.dims() {
+                    return Err(Error::invalid(
+                        "latents",
+                        format!("the step callback returned latents of shape {:?}; the run's are {:?}", t.dims(), info.latents.dims()),
+                    ));
+                }
+                replaced = Some(t.to_dtype(info.latents.dtype())?.to_device(info.latents.device())?);
+            }
+        }
+        if let Some(progress) = self.progress.as_deref_mut() {
+            let latest = StepProgress { latents: replaced.as_ref().unwrap_or(info.latents), ..*info };
+            if progress(&latest).is_break() {
+                return Err(Error::Cancelled { step: info.step, total: info.total });
+            }
+        }
+        Ok(replaced)
+    }
+}
+
+/// What to run: the task and its inputs.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Task<'a> {
+    /// Images from the prompt alone.
+    TextToImage,
+    /// Re-generate an image (see [`ImageToImage`]).
+    ImageToImage(ImageToImage<'a>),
+    /// Repaint the masked part of an image (see [`Inpaint`]).
+    Inpaint(Inpaint<'a>),
+}
+
+impl Task<'_> {
+    /// The task's name as the families' capability lists and errors spell it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Task::TextToImage => "txt2img",
+            Task::ImageToImage(_) => "img2img",
+            Task::Inpaint(_) => "inpaint",
+        }
+    }
+}
+/// Extra inputs of an img2img run.
+#[derive(Debug, Clone)]
+pub struct ImageToImage<'a> {
+    /// Input image `[1, 3, h, w]` in [-1, 1] at the requested size (see [`crate::image_io`]).
+    pub image: &'a Tensor,
+    /// Fraction of the schedule re-noised: 0 keeps the image, 1 ignores it.
+    pub strength: f64,
+}
+
+/// Extra inputs of an inpainting run.
+#[derive(Debug, Clone)]
+pub struct Inpaint<'a> {
+    /// Input image `[1, 3, h, w]` in [-1, 1].
+    pub image: &'a Tensor,
+    /// Mask `[1, 1, h, w]` in [0, 1]; 1 (white) is repainted. It is binarised at 0.5, as diffusers does.
+    pub mask: &'a Tensor,
+    /// Fraction of the schedule re-noised (1.0 repaints the masked area from pure noise).
+    pub strength: f64,
+}
+
+/// A run's noise source, from [`RunContext::take_noise`].
+pub enum RunNoise<'a> {
+    /// The caller's source.
+    Given(&'a mut dyn NoiseSource),
+    /// The request seed's own generator.
+    Seeded(Box<dyn NoiseSource>),
+}
+
+impl RunNoise<'_> {
+    /// The source to draw from.
+    pub fn get(&mut self) -> &mut dyn NoiseSource {
+        match self {
+            RunNoise::Given(n) => &mut **n,
+            RunNoise::Seeded(n) => n.as_mut(),
+        }
+    }
+}
+
+/// Checks a prompt's size alone ([`MAX_PROMPT_BYTES`]): all that applies to prompts read literally
+/// (FLUX's T5); errors name `field`.
+pub fn check_prompt_size(field: &'static str, prompt: &str) -> Result<()> {
+    if prompt.len() > MAX_PROMPT_BYTES {
+        return Err(Error::invalid(
+            field,
+            format!("{} bytes is longer than the {MAX_PROMPT_BYTES} bytes a prompt may have", prompt.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an image size: both sides in 1..=[`MAX_SIDE`] and multiples of `multiple` (`why` says where
+/// the multiple comes from).
+pub fn check_size(width: usize, height: usize, multiple: usize, why: &str) -> Result<()> {
+    for (field, v) in [("width", width), ("height", height)] {
+        if v == 0 || v > MAX_SIDE {
+            return Err(Error::invalid(field, format!("{v} px is outside 1..={MAX_SIDE}")));
+        }
+        if multiple > 1 && v % multiple != 0 {
+            return Err(Error::invalid(field, format!("{v} px is not a multiple of {multiple}{why}")));
+        }
+    }
+    Ok(())
+}
+
+/// Checks the step count, batch size and guidance scale every family shares.
+pub fn check_counts(steps: usize, batch_size: usize, guidance_scale: f64) -> Result<()> {
+    if steps == 0 || steps > MAX_STEPS {
+        return Err(Error::invalid("steps", format!("{steps} is outside 1..={MAX_STEPS}")));
+    }
+    if batch_size == 0 || batch_size > MAX_BATCH {
+        return Err(Error::invalid("batch_size", format!("{batch_size} is outside 1..={MAX_BATCH}")));
+    }
+    if !guidance_scale.is_finite() || !(0.0..=MAX_GUIDANCE).contains(&guidance_scale) {
+        return Err(Error::invalid("guidance_scale", format!("{guidance_scale} is outside 0..={MAX_GUIDANCE}")));
+    }
+    Ok(())
+}
+
+/// Checks an img2img / inpaint strength is in [0, 1].
+pub fn check_strength(strength: f64) -> Result<()> {
+    if !(0.0..=1.0).contains(&strength) {
+        return Err(Error::invalid("strength", format!("{strength} is outside [0, 1]")));
+    }
+    Ok(())
+}
+
+/// Checks an input tensor is `[1, channels, height, width]` (the request's size).
+pub fn check_image(field: &'static str, t: &Tensor, channels: usize, height: usize, width: usize) -> Result<()> {
+    let dims = t.dims();
+    if dims != [1, channels, height, width] {
+        return Err(Error::invalid(
+            field,
+            format!("expected a [1, {channels}, {height}, {width}] tensor (height × width of the request), got {dims:?}"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn step_done_edits_then_reports_and_cancels() -> Result<()> {
+        let x = Tensor::zeros((1, 4, 2, 2), DType::F32, &Device::Cpu)?;
+        let mut seen = Vec::new();
+        let mut progress = |s: &StepProgress<'_>| {
+            seen.push(s.latents.sum_all().and_then(|v| v.to_scalar::<f32>()).unwrap_or(f32::NAN));
+            if s.step == 2 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+        };
+        let mut edit = |s: &StepProgress<'_>| -> Result<Option<Tensor>> { Ok(Some((s.latents + 1.0)?)) };
+        let mut ctx = RunContext::with_progress(&mut progress).edit(&mut edit);
+        let info = StepProgress { step: 1, total: 2, timestep: 1.0, latents: &x, family: ModelFamily::Sd1 };
+        let out = ctx.step_done(&info)?.map(|t| t.sum_all().and_then(|v| v.to_scalar::<f32>()));
+        assert_eq!(out.transpose()?, Some(16.0));
+        let info = StepProgress { step: 2, ..info };
+        assert!(matches!(ctx.step_done(&info), Err(Error::Cancelled { step: 2, total: 2 })));
+        assert_eq!(seen, vec![16.0, 16.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn edits_of_another_shape_are_refused() -> Result<()> {
+        let x = Tensor::zeros((1, 4, 2, 2), DType::F32, &Device::Cpu)?;
+        let mut edit = |_: &StepProgress<'_>| -> Result<Option<Tensor>> { Ok(Some(Tensor::zeros(3, DType::F32, &Device::Cpu)?)) };
+        let mut ctx = RunContext { edit: Some(&mut edit), ..RunContext::default() };
+        let info = StepProgress { step: 1, total: 1, timestep: 1.0, latents: &x, family: ModelFamily::Flux };
+        assert!(matches!(ctx.step_done(&info), Err(Error::InvalidRequest { field: "latents", .. })));
+        Ok(())
+    }
+
+    #[test]
+    fn limits_name_their_field() {
+        assert!(matches!(check_size(0, 8, 8, ""), Err(Error::InvalidRequest { field: "width", .. })));
+        assert!(matches!(check_size(16, 12, 8, ""), Err(Error::InvalidRequest { field: "height", .. })));
+        assert!(check_size(16, 16, 16, "").is_ok());
+        assert!(matches!(check_counts(0, 1, 1.0), Err(Error::InvalidRequest { field: "steps", .. })));
+        assert!(matches!(check_counts(1, 17, 1.0), Err(Error::InvalidRequest { field: "batch_size", .. })));
+        assert!(matches!(check_counts(1, 1, f64::NAN), Err(Error::InvalidRequest { field: "guidance_scale", .. })));
+        assert!(matches!(check_strength(f64::NAN), Err(Error::InvalidRequest { field: "strength", .. })));
+    }
+}
