@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${1:-tools/.venv/bin/python}
 "$PY" tools/make_fixtures.py
 "$PY" tools/scheduler_goldens.py
+"$PY" tools/real_config_schedules.py
 "$PY" tools/pipeline_goldens.py
 if [ -f tools/lora_fixtures.py ]; then "$PY" tools/lora_fixtures.py; fi
 "$PY" tools/controlnet_fixtures.py
