@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use sd_core::run::{ImageToImage, Inpaint, RunContext, Task};
-use sd_flux::pipeline::{generate, FluxParams};
+use sd_flux::pipeline::generate;
 use sd_flux::lora::parse_lora_spec;
 use sd_flux::{load, load_source, FluxFiles, FluxLoadOptions, FluxSource};
 use sd_core::image_io::{image_to_tensor, mask_to_tensor, save_png, tensor_to_images};
@@ -117,7 +117,7 @@ fn body() -> AnyResult<()> {
         eprintln!("LoRA {} (strength {}): {} modules merged, {} unmatched", r.path.display(), r.strength, r.applied.len(), r.unmatched.len());
     }
 
-    let mut p = FluxParams::for_model(&models, cli.prompt.clone());
+    let mut p = sd_flux::pipeline::default_params(&models, cli.prompt.clone());
     p.steps = cli.steps.unwrap_or(p.steps);
     p.guidance_scale = cli.guidance.unwrap_or(p.guidance_scale);
     p.width = cli.width;

@@ -198,7 +198,7 @@ fn load_hub(spec: &str, _opts: LoadOptions) -> AnyResult<StableDiffusionModels> 
 
 /// Generation parameters from the arguments, with the model's defaults filling the gaps.
 pub fn params(models: &StableDiffusionModels, g: &GenArgs) -> AnyResult<GenerationParams> {
-    let mut p = GenerationParams::for_model(models, g.prompt.clone());
+    let mut p = sd_pipelines::pipeline::default_params(models, g.prompt.clone());
     p.negative_prompt = g.negative.clone();
     p.steps = g.steps.unwrap_or(p.steps);
     p.guidance_scale = g.guidance.unwrap_or(p.guidance_scale);

@@ -99,6 +99,7 @@ impl PipelineGolden {
             clip_skip: 1,
             vae_tiling: Some(false),
             noise: NoiseKind::Philox,
+            max_sequence_length: None,
         }
     }
 

@@ -4,6 +4,9 @@
 //!   `scheduler_config.json`) and flow matching ([`schedulers::flow_match`]), noise sources.
 //! - [`run`]: request limits and checks, the seed's generator, per-step progress/cancel and latent-edit
 //!   callbacks, and the [`run::RunContext`] a family's `generate` takes.
+//! - [`prompt`]: A1111's prompt syntax (weights, `BREAK`, 75-token chunks) and its limits.
+//! - [`family`]: what a loaded model can do ([`family::Capabilities`]) and the one request check every
+//!   family and front end shares.
 //! - [`preview`]: cheap latent → RGB previews per [`ModelFamily`].
 //! - [`image_io`]: images ↔ tensors, PNGs with A1111 `parameters` (infotext) metadata.
 //! - [`Error`]: the error vocabulary (request fields, steps, strength, cancellation) the family crates wrap.
@@ -36,6 +39,7 @@ pub mod error;
 pub mod family;
 pub mod image_io;
 pub mod preview;
+pub mod prompt;
 pub mod run;
 pub mod schedulers;
 

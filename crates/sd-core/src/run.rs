@@ -8,7 +8,7 @@ use candle_core::Tensor;
 
 use crate::error::{Error, Result};
 use crate::family::ModelFamily;
-use crate::schedulers::{NoiseSource, SeededNoise, TorchCpuNoise};
+use crate::schedulers::{NoiseSource, Sampler, SamplerKind, SeededNoise, TorchCpuNoise};
 
 /// Largest image side accepted, in pixels; beyond it a request is rejected before any allocation.
 pub const MAX_SIDE: usize = 4096;
@@ -48,6 +48,62 @@ impl NoiseKind {
         match self {
             NoiseKind::Philox => Box::new(SeededNoise::new(seed)),
             NoiseKind::Torch => Box::new(TorchCpuNoise::new(seed)),
+        }
+    }
+}
+
+/// What to generate: the request every family takes. A family reads the fields it has (FLUX has no
+/// negative prompt, sampler choice or clip skip; SD has no T5 sequence length) — its
+/// [`crate::family::Capabilities`] say which, and [`crate::family::Capabilities::ignored`] lists what a
+/// request sets that the family will not use.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The prompt (for SD: A1111 weighting syntax and `BREAK` allowed; empty is allowed).
+    pub prompt: String,
+    /// What to steer away from (SD; ignored when guidance ≤ 1).
+    pub negative_prompt: String,
+    /// Image width in pixels (a multiple of the family's size multiple).
+    pub width: usize,
+    /// Image height in pixels (same rule as `width`).
+    pub height: usize,
+    /// Number of sampling steps.
+    pub steps: usize,
+    /// SD: classifier-free guidance scale (≤ 1 runs the model once per step, no negative prompt).
+    /// FLUX.1 dev: the embedded (distilled) guidance; schnell ignores it.
+    pub guidance_scale: f64,
+    /// Seed of all noise the run draws.
+    pub seed: u64,
+    /// Images generated at once.
+    pub batch_size: usize,
+    /// Sampler and sigma schedule (SD).
+    pub sampler: Sampler,
+    /// A1111 clip skip: 1 = last layer (default), 2 = penultimate, … (SD).
+    pub clip_skip: usize,
+    /// Decode (and encode) through the VAE in tiles: `None` decides from the image size (SD).
+    pub vae_tiling: Option<bool>,
+    /// Generator behind the seed.
+    pub noise: NoiseKind,
+    /// T5 tokens (FLUX; `None`: the variant's default).
+    pub max_sequence_length: Option<usize>,
+}
+
+impl Request {
+    /// A request with the given defaults (size, steps, guidance), Euler sampling and seed 0.
+    pub fn new(prompt: impl Into<String>, width: usize, height: usize, steps: usize, guidance_scale: f64) -> Self {
+        Self {
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            width,
+            height,
+            steps,
+            guidance_scale,
+            seed: 0,
+            batch_size: 1,
+            sampler: Sampler::from(SamplerKind::Euler),
+            clip_skip: 1,
+            vae_tiling: None,
+            noise: NoiseKind::Philox,
+            max_sequence_length: None,
         }
     }
 }
@@ -155,12 +211,52 @@ pub enum Task<'a> {
 }
 
 impl Task<'_> {
+    /// What kind of task this is.
+    pub fn kind(&self) -> TaskKind {
+        match self {
+            Task::TextToImage => TaskKind::TextToImage,
+            Task::ImageToImage(_) => TaskKind::ImageToImage,
+            Task::Inpaint(_) => TaskKind::Inpaint,
+        }
+    }
+
     /// The task's name as the families' capability lists and errors spell it.
     pub fn name(&self) -> &'static str {
+        self.kind().name()
+    }
+
+    /// The strength of an img2img or inpaint task.
+    pub fn strength(&self) -> Option<f64> {
         match self {
-            Task::TextToImage => "txt2img",
-            Task::ImageToImage(_) => "img2img",
-            Task::Inpaint(_) => "inpaint",
+            Task::TextToImage => None,
+            Task::ImageToImage(t) => Some(t.strength),
+            Task::Inpaint(t) => Some(t.strength),
+        }
+    }
+}
+
+/// A [`Task`] without its inputs: what capability lists and request checks talk about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum TaskKind {
+    /// Images from the prompt alone.
+    #[serde(rename = "txt2img")]
+    TextToImage,
+    /// Re-generate an image.
+    #[serde(rename = "img2img")]
+    ImageToImage,
+    /// Repaint the masked part of an image.
+    Inpaint,
+}
+
+impl TaskKind {
+    /// `txt2img`, `img2img` or `inpaint`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskKind::TextToImage => "txt2img",
+            TaskKind::ImageToImage => "img2img",
+            TaskKind::Inpaint => "inpaint",
         }
     }
 }

@@ -11,12 +11,12 @@
 //! use std::ops::ControlFlow;
 //! use sd_core::image_io::{save_png, tensor_to_images};
 //! use sd_core::run::{RunContext, StepProgress, Task};
-//! use sd_flux::pipeline::{generate, FluxParams};
+//! use sd_flux::pipeline::{default_params, generate};
 //! use sd_flux::{load, FluxLoadOptions};
 //!
 //! fn main() -> Result<(), Box<dyn std::error::Error>> {
 //!     let models = load("FLUX.1-schnell".as_ref(), &FluxLoadOptions::default())?;
-//!     let mut p = FluxParams::for_model(&models, "a red fox in the snow");
+//!     let mut p = default_params(&models, "a red fox in the snow");
 //!     p.seed = 42;
 //!     let mut progress = |s: &StepProgress<'_>| {
 //!         eprintln!("step {}/{}", s.step, s.total);

@@ -14,7 +14,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::flux::WithForward;
-use sd_core::run::{check_counts, check_image, check_prompt_size, check_size, check_strength, NoiseKind, RunContext, StepProgress, Task};
+use sd_core::family::{Capabilities, PromptSyntax, StrengthRounding};
+use sd_core::run::{Request, RunContext, StepProgress, Task, TaskKind};
 use sd_core::schedulers::flow_match::FlowMatchEulerScheduler;
 use sd_core::schedulers::NoiseSource;
 use sd_core::ModelFamily;
@@ -25,50 +26,41 @@ use crate::latents::{image_seq_len, latent_image_ids, pack_latents, unpack_laten
 use crate::loader::FluxModels;
 use crate::text::{encode_prompt, PromptEmbeds, T5_MAX_LEN};
 
-/// What to generate.
-#[derive(Debug, Clone)]
-pub struct FluxParams {
-    /// The prompt (plain text: FLUX has no prompt weighting or negative prompt).
-    pub prompt: String,
-    /// Image width in pixels (a multiple of 2 × the VAE scale factor: 16 for FLUX.1).
-    pub width: usize,
-    /// Image height in pixels (same rule as `width`).
-    pub height: usize,
-    /// Sampling steps.
-    pub steps: usize,
-    /// Embedded guidance for dev (3.5 by default); ignored by schnell (see the module docs).
-    pub guidance_scale: f64,
-    /// Seed of all noise the run draws.
-    pub seed: u64,
-    /// Images generated at once.
-    pub batch_size: usize,
-    /// T5 tokens (`None`: 512 for dev, 256 for schnell).
-    pub max_sequence_length: Option<usize>,
-    /// Generator behind the seed.
-    pub noise: NoiseKind,
+/// What to generate: sd-core's shared [`Request`]. FLUX reads the prompt (literally), size (multiples of
+/// 16), steps, guidance (embedded, dev only), seed, batch, noise and `max_sequence_length` (T5 tokens;
+/// `None`: 512 for dev, 256 for schnell); see [`capabilities`] for what it ignores.
+pub type FluxParams = Request;
+
+/// What a loaded FLUX.1 model can do: txt2img, img2img and inpaint; no negative prompt, sampler
+/// choice (flow-matching Euler), clip skip or ControlNet; LoRAs on the dense transformer; the prompt read
+/// literally; sizes in multiples of 2 × the VAE factor (16).
+pub fn capabilities(models: &FluxModels) -> Capabilities {
+    let v = models.variant;
+    Capabilities {
+        family: ModelFamily::Flux,
+        variant: format!("flux-{}", v.name()),
+        tasks: vec![TaskKind::TextToImage, TaskKind::ImageToImage, TaskKind::Inpaint],
+        negative_prompt: false,
+        sampler_choice: false,
+        controlnet: false,
+        lora: !models.transformer.is_quantized(),
+        clip_skip_layers: 0,
+        prompt_syntax: PromptSyntax::Literal,
+        inpaint_model: false,
+        size_multiple: 2 * models.vae_scale_factor(),
+        default_width: 1024,
+        default_height: 1024,
+        default_steps: v.default_steps(),
+        default_guidance: v.default_guidance(),
+        sequence_length: Some((v.default_max_sequence_length(), T5_MAX_LEN)),
+        strength_rounding: StrengthRounding::FlowMatch,
+        scheduler: None,
+    }
 }
 
-impl FluxParams {
-    /// The variant's defaults (1024², 28 steps and guidance 3.5 for dev, 4 steps for schnell), seed 0.
-    pub fn for_model(models: &FluxModels, prompt: impl Into<String>) -> Self {
-        let v = models.variant;
-        Self {
-            prompt: prompt.into(),
-            width: 1024,
-            height: 1024,
-            steps: v.default_steps(),
-            guidance_scale: v.default_guidance(),
-            seed: 0,
-            batch_size: 1,
-            max_sequence_length: None,
-            noise: NoiseKind::Philox,
-        }
-    }
-
-    /// The T5 sequence length this request uses on `variant`.
-    pub fn sequence_length(&self, variant: FluxVariant) -> usize {
-        self.max_sequence_length.unwrap_or(variant.default_max_sequence_length())
-    }
+/// The variant's defaults (1024², 28 steps and guidance 3.5 for dev, 4 steps for schnell), seed 0.
+pub fn default_params(models: &FluxModels, prompt: impl Into<String>) -> FluxParams {
+    capabilities(models).request(prompt)
 }
 
 /// What a run returns.
@@ -82,41 +74,9 @@ pub struct FluxOutput {
     pub seed: u64,
 }
 
-/// Checks a request against the model's rules before anything is allocated.
+/// Checks a request against the model's rules before anything is allocated ([`Capabilities::validate`]).
 pub fn validate(models: &FluxModels, p: &FluxParams) -> Result<()> {
-    let multiple = 2 * models.vae_scale_factor();
-    check_size(p.width, p.height, multiple, " (2 × the VAE scale factor, for the 2×2 latent patches)")?;
-    check_counts(p.steps, p.batch_size, p.guidance_scale)?;
-    check_prompt_size("prompt", &p.prompt)?;
-    let len = p.sequence_length(models.variant);
-    if len == 0 || len > T5_MAX_LEN {
-        return Err(Error::invalid("max_sequence_length", format!("{len} is outside 1..={T5_MAX_LEN}")));
-    }
-    Ok(())
-}
-
-/// Checks a task's inputs against the request (sizes, strength) before anything is allocated.
-pub fn validate_task(models: &FluxModels, p: &FluxParams, task: &Task<'_>) -> Result<()> {
-    validate(models, p)?;
-    let (image, mask, strength) = match task {
-        Task::TextToImage => return Ok(()),
-        Task::ImageToImage(t) => (t.image, None, t.strength),
-        Task::Inpaint(t) => (t.image, Some(t.mask), t.strength),
-        other => return Err(unsupported(other)),
-    };
-    check_strength(strength)?;
-    check_image("image", image, 3, p.height, p.width)?;
-    if let Some(mask) = mask {
-        check_image("mask", mask, 1, p.height, p.width)?;
-    }
-    let start = sd_core::schedulers::flow_match::img2img_start(p.steps, strength);
-    if start >= p.steps {
-        return Err(Error::invalid(
-            "strength",
-            format!("{strength} with {} steps leaves no step to run; use a strength above 0 (0 would return the input unchanged)", p.steps),
-        ));
-    }
-    Ok(())
+    Ok(capabilities(models).validate(p)?)
 }
 
 fn unsupported(task: &Task<'_>) -> Error {
@@ -133,7 +93,11 @@ fn unsupported(task: &Task<'_>) -> Error {
 /// encodes the masked image and the 64-channel transformer ignores it; the draw is made so a shared
 /// generator stays in step, the encoding is skipped).
 pub fn generate(models: &FluxModels, p: &FluxParams, task: &Task<'_>, run: &mut RunContext<'_>) -> Result<FluxOutput> {
-    validate_task(models, p, task)?;
+    let caps = capabilities(models);
+    caps.check(p, task)?;
+    for field in caps.ignored(p) {
+        tracing::warn!(field, "FLUX.1 does not use this request field; it is ignored");
+    }
     let (lh, lw) = latent_size(models, p);
     let shape = (p.batch_size, latent_channels(models), lh, lw);
     let sched = FlowMatchEulerScheduler::new(&models.scheduler, p.steps, image_seq_len(p.width, p.height, models.vae_scale_factor()))?;
@@ -226,7 +190,7 @@ fn conditioning(models: &FluxModels, p: &FluxParams) -> Result<PromptEmbeds> {
         &models.clip,
         &models.clip_tokenizer,
         &p.prompt,
-        p.sequence_length(models.variant),
+        p.max_sequence_length.unwrap_or(models.variant.default_max_sequence_length()),
         models.dtype,
         &models.device,
     )?;

@@ -20,15 +20,9 @@ fn image_to_image(m: &FluxModels, p: &FluxParams, image: &Tensor, strength: f64,
 
 fn params(steps: usize, guidance: f64) -> FluxParams {
     FluxParams {
-        prompt: "a photo of a cat".into(),
-        width: 16,
-        height: 16,
-        steps,
-        guidance_scale: guidance,
         seed: 3,
-        batch_size: 1,
         max_sequence_length: Some(32),
-        noise: Default::default(),
+        ..FluxParams::new("a photo of a cat", 16, 16, steps, guidance)
     }
 }
 

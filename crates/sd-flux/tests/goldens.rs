@@ -145,15 +145,9 @@ fn sigma_schedules_match_diffusers() {
 
 fn tiny_params(variant: &str) -> FluxParams {
     FluxParams {
-        prompt: "a photo of a cat".into(),
-        width: 16,
-        height: 16,
-        steps: 4,
-        guidance_scale: if variant == "dev" { 3.5 } else { 0.0 },
         seed: 42,
-        batch_size: 1,
         max_sequence_length: Some(32),
-        noise: Default::default(),
+        ..FluxParams::new("a photo of a cat", 16, 16, 4, if variant == "dev" { 3.5 } else { 0.0 })
     }
 }
 

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use sd_lora::{LoraFormat, LoraSet};
 use sd_models::loader::{load, read_folder_config, LoadOptions, StableDiffusionModels};
 use sd_models::unet::{AddedCond, UNetConditioning};
-use sd_pipelines::pipeline::{generate, GenerationParams, RunContext, SdExtras, Task};
+use sd_pipelines::pipeline::{generate, RunContext, SdExtras, Task};
 use sd_pipelines::schedulers::{NoiseQueue, Sampler};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -239,7 +239,7 @@ fn txt2img_with_two_loras_matches_diffusers() -> TestResult {
     let n = meta["draws"].as_u64().unwrap_or(0) as usize;
     let mut noise = NoiseQueue::new((0..n).map(|i| g[&format!("draw_{i}")].clone()));
     // Start from the model defaults so fields added to GenerationParams later keep their defaults.
-    let mut p = GenerationParams::for_model(&m, meta["prompt"].as_str().unwrap_or_default());
+    let mut p = sd_pipelines::pipeline::default_params(&m, meta["prompt"].as_str().unwrap_or_default());
     p.negative_prompt = meta["negative_prompt"].as_str().unwrap_or_default().into();
     p.width = meta["width"].as_u64().unwrap_or(0) as usize;
     p.height = meta["height"].as_u64().unwrap_or(0) as usize;

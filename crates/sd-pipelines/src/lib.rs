@@ -11,7 +11,6 @@ pub mod control;
 pub mod error;
 pub mod image_io;
 pub mod pipeline;
-pub mod prompt;
 
 pub use error::{Error, Result};
-pub use sd_core::{preview, schedulers};
+pub use sd_core::{preview, prompt, schedulers};

@@ -9,65 +9,54 @@ use crate::conditioning::{build_conditioning, Conditioning};
 use crate::control::ResidualHook;
 use crate::error::{Error, Result};
 use crate::schedulers::{
-    build_scheduler, BetaSchedule, NoiseSource, PredictionType, Sampler, SamplerKind, Scheduler, SchedulerConfig, TimestepSpacing,
+    build_scheduler, BetaSchedule, NoiseSource, PredictionType, Scheduler, SchedulerConfig, TimestepSpacing,
 };
+pub use sd_core::family::{Capabilities, PromptSyntax, StrengthRounding};
 pub use sd_core::run::{
-    check_image, check_strength, random_seed, EditFn, ImageToImage, Inpaint, NoiseKind, ProgressFn, RunContext, StepProgress, Task,
-    MAX_BATCH, MAX_SIDE, MAX_STEPS,
+    random_seed, EditFn, ImageToImage, Inpaint, NoiseKind, ProgressFn, Request, RunContext, StepProgress, Task, TaskKind, MAX_BATCH,
+    MAX_SIDE, MAX_STEPS,
 };
 
 /// Above this many latent pixels the VAE decodes/encodes in tiles unless told otherwise
 /// (128×128 latents = 1024² images for SD).
 pub const AUTO_TILE_LATENT_PIXELS: usize = 128 * 128;
 
-/// What to generate: the fields every operation shares.
-#[derive(Debug, Clone)]
-pub struct GenerationParams {
-    /// The prompt (A1111 weighting syntax and `BREAK` allowed; empty is allowed).
-    pub prompt: String,
-    /// What to steer away from (ignored when guidance ≤ 1).
-    pub negative_prompt: String,
-    /// Image width in pixels (a multiple of 8).
-    pub width: usize,
-    /// Image height in pixels (a multiple of 8).
-    pub height: usize,
-    /// Number of sampling steps.
-    pub steps: usize,
-    /// Classifier-free guidance scale; ≤ 1 runs the UNet once per step with no negative prompt.
-    pub guidance_scale: f64,
-    /// Seed of all noise the run draws.
-    pub seed: u64,
-    /// Images generated at once.
-    pub batch_size: usize,
-    /// Sampler and sigma schedule.
-    pub sampler: Sampler,
-    /// A1111 clip skip: 1 = last layer (default), 2 = penultimate, …
-    pub clip_skip: usize,
-    /// Decode (and encode) through the VAE in tiles: `None` decides from the image size.
-    pub vae_tiling: Option<bool>,
-    /// Generator behind the seed.
-    pub noise: NoiseKind,
+/// What to generate: sd-core's shared [`Request`] (the SD fields: prompt and negative prompt with A1111
+/// syntax, size, steps, guidance, seed, batch, sampler, clip skip, VAE tiling, noise).
+pub type GenerationParams = Request;
+
+/// What a loaded Stable Diffusion model can do: txt2img, img2img and inpaint (9-channel inpainting
+/// models get the mask as UNet input; others blend), negative prompts, every sampler, ControlNet, LoRA,
+/// clip skip over its first text encoder, A1111 prompt syntax; sizes in multiples of 8. Fails when the
+/// model's `scheduler_config.json` asks for something no sampler implements.
+pub fn capabilities(models: &StableDiffusionModels) -> Result<Capabilities> {
+    let c = &models.config;
+    Ok(Capabilities {
+        family: c.variant.family(),
+        variant: c.variant.name().to_string(),
+        tasks: vec![TaskKind::TextToImage, TaskKind::ImageToImage, TaskKind::Inpaint],
+        negative_prompt: true,
+        sampler_choice: true,
+        controlnet: true,
+        lora: true,
+        clip_skip_layers: c.text_encoder.num_hidden_layers,
+        prompt_syntax: PromptSyntax::A1111,
+        inpaint_model: c.is_inpaint(),
+        size_multiple: c.vae_scale_factor().max(8),
+        default_width: c.default_width,
+        default_height: c.default_height,
+        default_steps: c.default_steps,
+        default_guidance: c.default_guidance,
+        sequence_length: None,
+        strength_rounding: StrengthRounding::Floor,
+        scheduler: Some(scheduler_config(models)?),
+    })
 }
 
-impl GenerationParams {
-    /// The model's defaults (size, steps, guidance) with the given prompt, Euler sampling and seed 0.
-    pub fn for_model(models: &StableDiffusionModels, prompt: impl Into<String>) -> Self {
-        let c = &models.config;
-        Self {
-            prompt: prompt.into(),
-            negative_prompt: String::new(),
-            width: c.default_width,
-            height: c.default_height,
-            steps: c.default_steps,
-            guidance_scale: c.default_guidance,
-            seed: 0,
-            batch_size: 1,
-            sampler: Sampler::from(SamplerKind::Euler),
-            clip_skip: 1,
-            vae_tiling: None,
-            noise: NoiseKind::Philox,
-        }
-    }
+/// The model's defaults (size, steps, guidance) with the given prompt, Euler sampling and seed 0.
+pub fn default_params(models: &StableDiffusionModels, prompt: impl Into<String>) -> GenerationParams {
+    let c = &models.config;
+    Request::new(prompt, c.default_width, c.default_height, c.default_steps, c.default_guidance)
 }
 
 /// What a run returns.
@@ -82,20 +71,9 @@ pub struct GenerationOutput {
     pub seed: u64,
 }
 
-/// Checks a request against the model's rules before anything is allocated.
+/// Checks a request against the model's rules before anything is allocated ([`Capabilities::validate`]).
 pub fn validate(models: &StableDiffusionModels, p: &GenerationParams) -> Result<()> {
-    let f = models.config.vae_scale_factor();
-    sd_core::run::check_size(p.width, p.height, 8.max(f), "")?;
-    sd_core::run::check_counts(p.steps, p.batch_size, p.guidance_scale)?;
-    let layers = models.config.text_encoder.num_hidden_layers;
-    if p.clip_skip > layers {
-        return Err(Error::invalid("clip_skip", format!("{} exceeds the text encoder's {layers} layers", p.clip_skip)));
-    }
-    crate::prompt::validate_prompt("prompt", &p.prompt)?;
-    crate::prompt::validate_prompt("negative_prompt", &p.negative_prompt)?;
-    // The sampler's own limits (LCM runs at most its original 50 steps, …), before any allocation.
-    build_scheduler(p.sampler, &scheduler_config(models)?, p.steps)?;
-    Ok(())
+    Ok(capabilities(models)?.validate(p)?)
 }
 
 /// The scheduler config the model was trained with: its whole `scheduler_config.json` when it came
@@ -206,23 +184,8 @@ pub fn generate(
     run: &mut RunContext<'_>,
     extras: SdExtras<'_>,
 ) -> Result<GenerationOutput> {
-    validate(models, p)?;
-    match task {
-        Task::TextToImage => {}
-        Task::ImageToImage(input) => {
-            check_strength(input.strength)?;
-            check_image("image", input.image, 3, p.height, p.width)?;
-        }
-        Task::Inpaint(input) => {
-            check_strength(input.strength)?;
-            check_image("image", input.image, 3, p.height, p.width)?;
-            check_image("mask", input.mask, 1, p.height, p.width)?;
-            if input.strength == 0.0 {
-                return Err(Error::invalid("strength", "0 leaves nothing to repaint; use a value in (0, 1]"));
-            }
-        }
-        other => return Err(unsupported(other)),
-    }
+    let caps = capabilities(models)?;
+    caps.check(p, task)?;
     let mut sched = match extras.scheduler {
         Some(s) => s,
         None => build_scheduler(p.sampler, &scheduler_config(models)?, p.steps)?,

@@ -58,6 +58,7 @@ impl Golden {
             clip_skip: 1,
             vae_tiling: Some(false),
             noise: NoiseKind::Philox,
+            max_sequence_length: None,
         }
     }
 
@@ -137,7 +138,7 @@ fn sd2_v_prediction_and_sdxl_match_diffusers() {
 #[test]
 fn cancellation_stops_within_one_step() {
     let m = model("sd15");
-    let mut p = GenerationParams::for_model(&m, "a fox");
+    let mut p = sd_pipelines::pipeline::default_params(&m, "a fox");
     p.width = 32;
     p.height = 32;
     p.steps = 6;
@@ -158,7 +159,7 @@ fn cancellation_stops_within_one_step() {
 #[test]
 fn same_seed_same_bytes_other_seed_other_image() {
     let m = model("sd15");
-    let mut p = GenerationParams::for_model(&m, "a fox");
+    let mut p = sd_pipelines::pipeline::default_params(&m, "a fox");
     (p.width, p.height, p.steps, p.seed) = (32, 32, 3, 1234);
     p.sampler = "Euler a".parse().expect("sampler");
     let a = generate(&m, &p, &Task::TextToImage, &mut RunContext::default(), SdExtras::default()).expect("run a");
@@ -175,7 +176,7 @@ fn same_seed_same_bytes_other_seed_other_image() {
 fn bad_requests_are_rejected_with_the_field_named() {
     let m = model("sd15");
     let base = {
-        let mut p = GenerationParams::for_model(&m, "");
+        let mut p = sd_pipelines::pipeline::default_params(&m, "");
         (p.width, p.height, p.steps) = (32, 32, 2);
         p
     };
@@ -235,7 +236,7 @@ fn torch_noise_seed_reproduces_diffusers_runs() {
 fn own_scheduler_and_latent_edits() {
     use sd_pipelines::schedulers::{build_scheduler, SamplerKind};
     let m = model("sd15");
-    let mut p = GenerationParams::for_model(&m, "a fox");
+    let mut p = sd_pipelines::pipeline::default_params(&m, "a fox");
     (p.width, p.height, p.steps, p.seed) = (32, 32, 3, 7);
     p.sampler = SamplerKind::Ddim.into();
     let ddim = generate(&m, &p, &Task::TextToImage, &mut RunContext::default(), SdExtras::default()).expect("ddim");

@@ -194,7 +194,7 @@ fn response(result: &JobResult, request: Value, model: &ModelInfo, send_images: 
         "infotexts": vec![result.infotext.clone(); n],
         "styles": [],
         "job_timestamp": unix_now().to_string(),
-        "is_using_inpainting_conditioning": model.is_inpaint && p["operation"] == "image_inpaint",
+        "is_using_inpainting_conditioning": model.caps.inpaint_model && p["operation"] == "image_inpaint",
     });
     let images: &[String] = if send_images { &result.images } else { &[] };
     Json(json!({"images": images, "parameters": request, "info": info.to_string()}))

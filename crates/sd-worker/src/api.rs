@@ -189,7 +189,7 @@ pub async fn ready(State(st): St) -> Response {
         }
     }
     match st.model_state() {
-        ModelState::Ready(m) => Json(json!({"status": "ready", "model": m.name, "variant": m.variant})).into_response(),
+        ModelState::Ready(m) => Json(json!({"status": "ready", "model": m.name, "variant": m.caps.variant})).into_response(),
         ModelState::Loading => (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "5")], Json(json!({"status": "loading"}))).into_response(),
         ModelState::Failed(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "failed", "error": e}))).into_response(),
     }
@@ -206,13 +206,14 @@ pub async fn models(State(st): St) -> Result<Json<serde_json::Value>, ApiError> 
             "object": "model",
             "owned_by": "sd-worker",
             "created": 0,
-            "variant": m.variant,
-            "family": format!("{:?}", m.family).to_lowercase(),
-            "inpainting": m.is_inpaint,
+            "variant": m.caps.variant,
+            "family": format!("{:?}", m.caps.family).to_lowercase(),
+            "inpainting": m.caps.inpaint_model,
+            "tasks": m.caps.tasks,
             "source": m.source,
             "dtype": m.dtype,
             "device": m.device,
-            "defaults": {"width": m.default_width, "height": m.default_height, "steps": m.default_steps, "guidance_scale": m.default_guidance},
+            "defaults": {"width": m.caps.default_width, "height": m.caps.default_height, "steps": m.caps.default_steps, "guidance_scale": m.caps.default_guidance},
         }],
         "loras": st.loras.list(),
         "controlnets": st.controlnets.list(),

@@ -17,7 +17,7 @@ use sd_controlnet::{ControlNetHook, ControlNetModel, ControlUnit};
 use sd_pipelines::control::ResidualHook;
 use sd_pipelines::pipeline::{generate, SdExtras};
 use sd_core::preview::latents_to_rgb;
-use sd_flux::{FluxLoadOptions, FluxModels, FluxParams};
+use sd_flux::{FluxLoadOptions, FluxModels};
 
 use crate::config::{describe_device, ModelSource, WorkerConfig};
 use crate::error::JobError;
@@ -97,55 +97,34 @@ fn local_model(cfg: &WorkerConfig) -> Result<std::path::PathBuf, String> {
     }
 }
 
+fn source_name(cfg: &WorkerConfig) -> String {
+    match &cfg.model {
+        ModelSource::Path(p) => p.display().to_string(),
+        ModelSource::Hub(id) => format!("hub:{id}"),
+    }
+}
+
 fn describe(models: &StableDiffusionModels, cfg: &WorkerConfig) -> Result<ModelInfo, String> {
-    let c = &models.config;
     // A scheduler config no sampler can honour stops loading here, not every request later.
-    let scheduler = sd_pipelines::pipeline::scheduler_config(models).map_err(|e| e.to_string())?;
+    let caps = sd_pipelines::pipeline::capabilities(models).map_err(|e| e.to_string())?;
     Ok(ModelInfo {
         name: model_name(&cfg.model),
-        source: match &cfg.model {
-            ModelSource::Path(p) => p.display().to_string(),
-            ModelSource::Hub(id) => format!("hub:{id}"),
-        },
-        variant: c.variant.name().to_string(),
-        family: c.variant.family(),
+        source: source_name(cfg),
         dtype: format!("{:?}", models.dtype).to_lowercase(),
         device: describe_device(&models.device),
-        default_width: c.default_width,
-        default_height: c.default_height,
-        default_steps: c.default_steps,
-        default_guidance: c.default_guidance,
-        size_multiple: c.vae_scale_factor().max(8),
-        text_layers: c.text_encoder.num_hidden_layers,
-        is_inpaint: c.is_inpaint(),
+        caps,
         unet: Some(models.unet.config().clone()),
-        scheduler: Some(scheduler),
     })
 }
 
 fn describe_flux(models: &FluxModels, cfg: &WorkerConfig) -> ModelInfo {
-    let v = models.variant;
     ModelInfo {
         name: model_name(&cfg.model),
-        source: match &cfg.model {
-            ModelSource::Path(p) => p.display().to_string(),
-            ModelSource::Hub(id) => format!("hub:{id}"),
-        },
-        variant: format!("flux-{}", v.name()),
-        family: sd_models::ModelFamily::Flux,
+        source: source_name(cfg),
         dtype: format!("{:?}", models.dtype).to_lowercase(),
         device: describe_device(&models.device),
-        default_width: 1024,
-        default_height: 1024,
-        default_steps: v.default_steps(),
-        default_guidance: v.default_guidance(),
-        // 2×2 latent patches: twice the VAE factor (16 for FLUX.1).
-        size_multiple: 2 * models.vae_scale_factor(),
-        // FLUX reads CLIP's pooled output only; clip skip does not apply.
-        text_layers: 1,
-        is_inpaint: false,
+        caps: sd_flux::pipeline::capabilities(models),
         unet: None,
-        scheduler: None,
     }
 }
 
@@ -319,7 +298,7 @@ fn engine_main(state: Arc<AppState>, rx: mpsc::Receiver<Arc<Job>>) {
     let mut engine = match loaded {
         Ok(engine) => {
             let info = &engine.info;
-            tracing::info!(model = %info.name, variant = %info.variant, device = %info.device, dtype = %info.dtype,
+            tracing::info!(model = %info.name, variant = %info.caps.variant, device = %info.device, dtype = %info.dtype,
                 secs = t0.elapsed().as_secs_f64(), "model loaded");
             state.set_model_state(ModelState::Ready(info.clone()));
             engine
@@ -492,18 +471,7 @@ fn run_job(state: &AppState, engine: &mut Engine, job: &Job) -> Result<JobResult
         Backend::Flux(flux) => {
             flux.ensure_loras(&loras).map_err(|e| (JobStatus::Failed, e))?;
             let models = &flux.models;
-            let fp = FluxParams {
-                prompt: p.prompt.clone(),
-                width: p.width,
-                height: p.height,
-                steps: p.steps,
-                guidance_scale: p.guidance_scale,
-                seed: p.seed,
-                batch_size: p.batch_size,
-                max_sequence_length: None,
-                noise: p.noise,
-            };
-            let out = sd_flux::pipeline::generate(models, &fp, &task, &mut run).map_err(flux_failure)?;
+            let out = sd_flux::pipeline::generate(models, &p, &task, &mut run).map_err(flux_failure)?;
             // FLUX runs flow-matching Euler without true CFG (scale 1, no negative prompt).
             let mut fields = vec![
                 ("Steps", p.steps.to_string()),

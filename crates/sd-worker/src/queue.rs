@@ -650,7 +650,7 @@ impl RedisQueue {
             if let ModelState::Ready(info) = state.model_state() {
                 let current: Option<String> = redis::cmd("GET").arg(self.key("model")).query_async(&mut conn).await?;
                 if let Some(other) = current.and_then(|c| serde_json::from_str::<ModelInfo>(&c).ok()) {
-                    if (other.name.as_str(), other.variant.as_str()) != (info.name.as_str(), info.variant.as_str()) {
+                    if (other.name.as_str(), other.caps.variant.as_str()) != (info.name.as_str(), info.caps.variant.as_str()) {
                         tracing::error!(queue = %self.cfg.name, mine = %info.name, other = %other.name,
                             "another worker serves a different model on this queue; give each model its own --queue-name");
                     }
@@ -708,7 +708,7 @@ impl RedisQueue {
                 Some(info) => {
                     let changed = !matches!(state.model_state(), ModelState::Ready(old) if *old == info);
                     if changed {
-                        tracing::info!(model = %info.name, variant = %info.variant, "the fleet serves this model");
+                        tracing::info!(model = %info.name, variant = %info.caps.variant, "the fleet serves this model");
                         state.set_model_state(ModelState::Ready(Arc::new(info)));
                     }
                 }

@@ -8,8 +8,8 @@ use base64::engine::DecodePaddingMode;
 use base64::Engine as _;
 use image::{DynamicImage, GenericImageView};
 use sd_pipelines::pipeline::{GenerationParams, NoiseKind};
-use sd_pipelines::prompt::{check_prompt_size, validate_prompt};
-use sd_pipelines::schedulers::{build_scheduler, Sampler, SamplerKind, SigmaSchedule};
+use sd_core::run::TaskKind;
+use sd_pipelines::schedulers::{Sampler, SamplerKind, SigmaSchedule};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -19,7 +19,6 @@ use crate::controlnet::{ControlNetNames, ControlNetRequest, NATIVE_CONTROLNET_NA
 use crate::jobs::{JobSpec, Operation};
 use crate::lora::LoraRequest;
 use crate::state::{AppState, ModelInfo};
-use sd_models::ModelFamily;
 
 /// Largest side of an uploaded image, in pixels (checked from the header, before decoding).
 pub const MAX_INPUT_SIDE: u32 = 8192;
@@ -376,53 +375,85 @@ pub fn native_job(state: &AppState, model: &ModelInfo, body: &[u8]) -> Result<(J
     build_job(state, model, input, &NATIVE_NAMES, op_input)
 }
 
-fn check_side(field: &str, v: u64, max: usize, multiple: usize) -> Result<usize, ApiError> {
+/// The operator's size limit (the model's own rules, multiples included, are the library's).
+fn check_side(field: &str, v: u64, max: usize) -> Result<usize, ApiError> {
     if v == 0 || v > max as u64 {
         return Err(ApiError::invalid(field, format!("{v} px is outside 1..={max} (this worker's limit)")));
-    }
-    if v % multiple as u64 != 0 {
-        return Err(ApiError::invalid(field, format!("{v} px is not a multiple of {multiple}")));
     }
     Ok(v as usize)
 }
 
-/// Applies defaults and limits to a request of any API.
+impl FieldNames {
+    /// The API's name of a request field as the libraries name it ([`sd_core::run::Request`]).
+    fn api_name(&self, library: &'static str) -> &'static str {
+        match library {
+            "width" => self.width,
+            "height" => self.height,
+            "steps" => self.steps,
+            "guidance_scale" => self.guidance,
+            "sampler" => self.sampler,
+            "schedule" => self.schedule,
+            "batch_size" => self.batch,
+            "clip_skip" => self.clip_skip,
+            "strength" => self.strength,
+            "task" => "operation",
+            other => other,
+        }
+    }
+
+    /// A library error about the request as a 400 naming the client's field (errors about no field
+    /// come from building the sampler).
+    fn library_error(&self, e: sd_core::Error) -> ApiError {
+        let field = self.api_name(e.field().unwrap_or("sampler"));
+        match e {
+            sd_core::Error::InvalidRequest { reason, .. } => ApiError::invalid(field, reason),
+            e => ApiError::invalid(field, e.to_string()),
+        }
+    }
+}
+
+/// Applies defaults and the operator's limits to a request of any API, then checks it against the
+/// model's own rules ([`sd_core::family::Capabilities`], the library's, so a front without the model
+/// checks exactly what the engine would).
 pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names: &FieldNames, op: OpInput) -> Result<(JobSpec, Value), ApiError> {
     let limits = &state.config.limits;
-    let multiple = model.size_multiple;
-    let flux = model.family == ModelFamily::Flux;
-    // FLUX has no negative prompt, no sampler choice (flow-matching Euler) and reads only CLIP's
-    // pooled output; those fields are accepted (front ends always send them) and recorded as ignored.
+    let caps = &model.caps;
+    let multiple = caps.size_multiple;
+    // Fields the model does not read (FLUX: negative prompt, sampler, clip skip) are accepted, since
+    // front ends always send them, and listed as ignored in the result.
     let mut ignored: Vec<&str> = Vec::new();
-    if flux {
-        if !input.controlnets.is_empty() {
-            return Err(ApiError::invalid(names.controlnet.list, "ControlNets work with Stable Diffusion models; this worker serves FLUX"));
-        }
-        if !input.negative_prompt.trim().is_empty() {
-            ignored.push("negative_prompt");
-        }
+    if !caps.controlnet && !input.controlnets.is_empty() {
+        return Err(ApiError::invalid(names.controlnet.list, format!("ControlNets do not work with {} models; this worker serves one", caps.variant)));
+    }
+    if !caps.lora && !input.loras.is_empty() {
+        return Err(ApiError::invalid("loras", format!("this {} model takes no LoRAs (a quantized transformer); merge the LoRA before quantizing", caps.variant)));
+    }
+    if !caps.negative_prompt && !input.negative_prompt.trim().is_empty() {
+        ignored.push("negative_prompt");
+    }
+    if !caps.sampler_choice {
         if input.sampler.as_deref().is_some_and(|s| !s.trim().is_empty()) {
             ignored.push(names.sampler);
         }
         if input.schedule.is_some() {
             ignored.push(names.schedule);
         }
-        if input.clip_skip.is_some_and(|c| c > 1) {
-            ignored.push(names.clip_skip);
-        }
+    }
+    if caps.clip_skip_layers == 0 && input.clip_skip.is_some_and(|c| c > 1) {
+        ignored.push(names.clip_skip);
     }
     // img2img and inpaint default to the input image's size, rounded down to the size multiple.
     let (def_w, def_h) = match &op {
-        OpInput::Generation => (model.default_width as u64, model.default_height as u64),
+        OpInput::Generation => (caps.default_width as u64, caps.default_height as u64),
         OpInput::Transform { image, .. } | OpInput::Inpaint { image, .. } => {
             let (w, h) = image.dimensions();
             let round = |v: u32| (v as u64 / multiple as u64) * multiple as u64;
             (round(w).max(multiple as u64), round(h).max(multiple as u64))
         }
     };
-    let width = check_side(names.width, input.width.unwrap_or(def_w), limits.max_width, multiple)?;
-    let height = check_side(names.height, input.height.unwrap_or(def_h), limits.max_height, multiple)?;
-    let steps = input.steps.unwrap_or(model.default_steps as u64);
+    let width = check_side(names.width, input.width.unwrap_or(def_w), limits.max_width)?;
+    let height = check_side(names.height, input.height.unwrap_or(def_h), limits.max_height)?;
+    let steps = input.steps.unwrap_or(caps.default_steps as u64);
     if steps == 0 || steps > limits.max_steps as u64 {
         return Err(ApiError::invalid(names.steps, format!("{steps} is outside 1..={} (this worker's limit)", limits.max_steps)));
     }
@@ -431,19 +462,13 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
     if batch == 0 || batch > limits.max_batch as u64 {
         return Err(ApiError::invalid(names.batch, format!("{batch} is outside 1..={} (this worker's limit)", limits.max_batch)));
     }
-    let guidance = input.guidance_scale.unwrap_or(model.default_guidance);
-    if !guidance.is_finite() || !(0.0..=100.0).contains(&guidance) {
-        return Err(ApiError::invalid(names.guidance, format!("{guidance} is outside 0..=100")));
-    }
-    let clip_skip = if flux { 1 } else { input.clip_skip.unwrap_or(1).max(1) };
-    if clip_skip > model.text_layers as u64 {
-        return Err(ApiError::invalid(names.clip_skip, format!("{clip_skip} exceeds the text encoder's {} layers", model.text_layers)));
-    }
-    let mut sampler: Sampler = match input.sampler.as_deref().map(str::trim).filter(|_| !flux) {
+    let guidance = input.guidance_scale.unwrap_or(caps.default_guidance);
+    let clip_skip = if caps.clip_skip_layers == 0 { 1 } else { input.clip_skip.unwrap_or(1).max(1) };
+    let mut sampler: Sampler = match input.sampler.as_deref().map(str::trim).filter(|_| caps.sampler_choice) {
         None | Some("") => SamplerKind::Euler.into(),
         Some(name) => name.parse().map_err(|e: sd_core::Error| ApiError::invalid(names.sampler, e.to_string()))?,
     };
-    if let Some(s) = input.schedule.as_deref().filter(|_| !flux) {
+    if let Some(s) = input.schedule.as_deref().filter(|_| caps.sampler_choice) {
         let schedule: SigmaSchedule = s.parse().map_err(|e: sd_core::Error| ApiError::invalid(names.schedule, e.to_string()))?;
         if schedule != SigmaSchedule::Default {
             if !sampler.kind.supports_sigma_schedules() {
@@ -455,22 +480,6 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
             sampler.schedule = Some(schedule);
         }
     }
-    if let Some(cfg) = &model.scheduler {
-        // The sampler's own limits (LCM's 50 steps, …) are refused here, not when the job runs.
-        build_scheduler(sampler, cfg, steps).map_err(|e| {
-            let field = match e {
-                sd_core::Error::InvalidSteps { .. } => names.steps,
-                sd_core::Error::UnsupportedSchedule { .. } => names.schedule,
-                _ => names.sampler,
-            };
-            ApiError::invalid(field, e.to_string())
-        })?;
-    }
-    for (field, text) in [("prompt", &input.prompt), ("negative_prompt", &input.negative_prompt)] {
-        // FLUX reads its prompt literally (T5 and CLIP), so only its size is bounded.
-        let checked = if flux { check_prompt_size(field, text) } else { validate_prompt(field, text) };
-        checked.map_err(|e| ApiError::invalid(field, e.to_string()))?;
-    }
     let seed = match input.seed {
         Some(s) if s >= 0 => s as u64,
         _ => sd_pipelines::pipeline::random_seed(),
@@ -481,6 +490,23 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
         Some(n) if n == "torch" => NoiseKind::Torch,
         Some(n) => return Err(ApiError::invalid("noise", format!("unknown noise generator {n:?}; use \"philox\" or \"torch\""))),
     };
+    let params = GenerationParams {
+        prompt: input.prompt,
+        negative_prompt: if caps.negative_prompt { input.negative_prompt } else { String::new() },
+        width,
+        height,
+        steps,
+        guidance_scale: guidance,
+        seed,
+        batch_size: batch as usize,
+        sampler,
+        clip_skip: clip_skip as usize,
+        vae_tiling: None,
+        noise,
+        max_sequence_length: None,
+    };
+    // The model's own rules: size multiple, guidance, clip skip, prompt syntax, the sampler's limits.
+    caps.validate(&params).map_err(|e| names.library_error(e))?;
     let resolved = state.loras.resolve_all(&input.loras)?;
     let controlnets = state.controlnets.resolve_all(&input.controlnets, &names.controlnet, model.unet.as_ref())?;
     let pixels = |img: &DynamicImage| u64::from(img.width()) * u64::from(img.height());
@@ -497,10 +523,15 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
         ));
     }
     let control_summary: Vec<_> = controlnets.iter().map(|c| c.summary()).collect();
+    let task = |kind: TaskKind, strength: Option<f64>| caps.check_task_kind(kind, strength, steps).map_err(|e| names.library_error(e));
     let (operation, strength) = match op {
-        OpInput::Generation => (Operation::Generation, None),
+        OpInput::Generation => {
+            task(TaskKind::TextToImage, None)?;
+            (Operation::Generation, None)
+        }
         OpInput::Transform { image, strength, .. } => {
-            let s = check_strength(names.strength, strength.unwrap_or(DEFAULT_TRANSFORM_STRENGTH), steps, false, flux)?;
+            let s = strength.unwrap_or(DEFAULT_TRANSFORM_STRENGTH);
+            task(TaskKind::ImageToImage, Some(s))?;
             (Operation::Transform { image, strength: s }, Some(s))
         }
         OpInput::Inpaint { image, image_field: _, mask, mask_field, strength } => {
@@ -509,23 +540,10 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
                 let (iw, ih) = image.dimensions();
                 return Err(ApiError::invalid(mask_field, format!("the mask is {mw}×{mh} but the image is {iw}×{ih}; send a mask of the image's size")));
             }
-            let s = check_strength(names.strength, strength.unwrap_or(DEFAULT_INPAINT_STRENGTH), steps, true, flux)?;
+            let s = strength.unwrap_or(DEFAULT_INPAINT_STRENGTH);
+            task(TaskKind::Inpaint, Some(s))?;
             (Operation::Inpaint { image, mask, strength: s }, Some(s))
         }
-    };
-    let params = GenerationParams {
-        prompt: input.prompt,
-        negative_prompt: if flux { String::new() } else { input.negative_prompt },
-        width,
-        height,
-        steps,
-        guidance_scale: guidance,
-        seed,
-        batch_size: batch as usize,
-        sampler,
-        clip_skip: clip_skip as usize,
-        vae_tiling: None,
-        noise,
     };
     let parameters = json!({
         "operation": operation.name(),
@@ -547,45 +565,18 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
         "noise": if noise == NoiseKind::Torch { "torch" } else { "philox" },
     });
     let mut parameters = parameters;
-    if flux {
+    if !caps.sampler_choice {
         parameters["sampler"] = json!("Euler (flow matching)");
+    }
+    if !ignored.is_empty() || !caps.sampler_choice {
         parameters["ignored"] = json!(ignored);
     }
     Ok((JobSpec { operation, params, loras: resolved, controlnets }, parameters))
 }
 
-fn check_strength(field: &str, s: f64, steps: usize, inpaint: bool, flux: bool) -> Result<f64, ApiError> {
-    if !s.is_finite() || !(0.0..=1.0).contains(&s) {
-        return Err(ApiError::invalid(field, format!("{s} is outside [0, 1]")));
-    }
-    // Each family's pipeline rounds as its diffusers pipeline does: FLUX runs the steps from
-    // ⌊steps − steps·strength⌋ on; SD runs ⌊steps·strength⌋ steps (inpainting at full strength: all).
-    let runs = if flux {
-        steps - sd_core::schedulers::flow_match::img2img_start(steps, s).min(steps)
-    } else if inpaint && s >= 1.0 {
-        steps
-    } else {
-        (steps as f64 * s) as usize
-    };
-    if runs == 0 {
-        return Err(ApiError::invalid(field, format!("{s} × {steps} steps leaves no denoising step; raise the strength or the steps")));
-    }
-    Ok(s)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn strength_is_checked_with_the_family_s_rounding() {
-        // 10 steps at 0.05: SD runs ⌊0.5⌋ = 0 steps (refused); FLUX starts at ⌊9.5⌋ = 9 and runs one.
-        assert!(check_strength("strength", 0.05, 10, false, false).is_err());
-        assert_eq!(check_strength("strength", 0.05, 10, false, true).ok(), Some(0.05));
-        assert!(check_strength("strength", 0.0, 10, false, true).is_err());
-        assert!(check_strength("strength", 1.5, 10, false, true).is_err());
-        assert_eq!(check_strength("strength", 1.0, 3, true, false).ok(), Some(1.0));
-    }
 
     fn field_of(body: &str) -> Option<String> {
         check_json_shape(body.as_bytes()).err().and_then(|e| e.field)

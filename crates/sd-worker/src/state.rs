@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 
 use axum::http::StatusCode;
-use sd_models::ModelFamily;
+use sd_core::family::Capabilities;
 use serde_json::Value;
 
 use crate::config::WorkerConfig;
@@ -24,33 +24,15 @@ pub struct ModelInfo {
     pub name: String,
     /// Where it was loaded from.
     pub source: String,
-    /// Variant name (`sd15`, `sdxl`, … or `flux-dev`, `flux-schnell`).
-    pub variant: String,
-    /// Family (preview colours, SDXL conditioning).
-    pub family: ModelFamily,
     /// Weight dtype.
     pub dtype: String,
     /// Device.
     pub device: String,
-    /// Default width in pixels.
-    pub default_width: usize,
-    /// Default height in pixels.
-    pub default_height: usize,
-    /// Default steps.
-    pub default_steps: usize,
-    /// Default guidance scale.
-    pub default_guidance: f64,
-    /// Width and height must be multiples of this (8 for SD; 16 for FLUX.1's 2×2 latent patches).
-    pub size_multiple: usize,
-    /// Layers of the first text encoder (bounds clip skip).
-    pub text_layers: usize,
-    /// Whether the UNet is a 9-channel inpainting one.
-    pub is_inpaint: bool,
-    /// The UNet's config, which ControlNets are checked against before a job is queued.
+    /// What the model can do and how it reads a request (from its family crate): tasks, defaults,
+    /// size multiple, which fields it ignores, the scheduler config sampler choices are checked against.
+    pub caps: Capabilities,
+    /// The UNet's config, which ControlNets are checked against before a job is queued (SD only).
     pub unet: Option<sd_models::UNetConfig>,
-    /// The model's scheduler config, which sampler/step choices are checked against before a job
-    /// is queued (`None` for FLUX, whose flow-matching schedule takes any step count).
-    pub scheduler: Option<sd_pipelines::schedulers::SchedulerConfig>,
 }
 
 /// Model loading state.

@@ -197,6 +197,7 @@ impl WireSpec {
             clip_skip: p.clip_skip,
             vae_tiling: None,
             noise,
+            max_sequence_length: None,
         };
         let strength = || self.strength.ok_or_else(|| bad("strength", "missing from the queued job"));
         let image = || image_from("image", self.image.as_deref().unwrap_or_default());
@@ -265,6 +266,7 @@ mod tests {
                 clip_skip: 2,
                 vae_tiling: None,
                 noise: NoiseKind::Torch,
+                max_sequence_length: None,
             },
             loras: vec![ResolvedLora { name: "sd15_kohya".into(), path: lora_path.clone(), strength: -0.5 }],
             controlnets: vec![ResolvedControlNet {

@@ -27,8 +27,8 @@ pub const MAX_PROMPT_WEIGHT: f32 = 100.0;
 /// Most 77-token chunks one prompt may encode into (long text and `BREAK`s both add chunks).
 pub const MAX_PROMPT_CHUNKS: usize = 32;
 
-pub use sd_core::run::{check_prompt_size, MAX_PROMPT_BYTES};
-use sd_core::{Error, Result};
+pub use crate::run::{check_prompt_size, MAX_PROMPT_BYTES};
+use crate::error::{Error, Result};
 
 fn prompt_error(reason: String) -> Error {
     Error::InvalidRequest { field: "prompt", reason }
