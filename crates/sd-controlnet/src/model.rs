@@ -64,24 +64,24 @@ impl ControlNetModel {
     /// Builds the model from `vb` rooted at the ControlNet weights (`conv_in.weight`, `controlnet_down_blocks.0…`).
     pub fn new(vb: VarBuilder, cfg: &ControlNetConfig) -> Result<Self> {
         cfg.validate()?;
-        let ucfg = cfg.unet_config();
-        let boc = &cfg.block_out_channels;
+        let ucfg = &cfg.unet;
+        let boc = &ucfg.block_out_channels;
         let n = boc.len();
         let device = vb.device().clone();
         let dtype = vb.dtype();
         let temb_dim = boc[0] * 4;
-        let resnet = ResnetSpec { temb_dim, groups: cfg.norm_num_groups, eps: cfg.norm_eps };
+        let resnet = ResnetSpec { temb_dim, groups: ucfg.norm_num_groups, eps: ucfg.norm_eps };
         let transformer = |channels: usize, block: usize| TransformerSpec {
             channels,
             heads: ucfg.heads(block),
             depth: ucfg.transformer_layers_per_block.get(block),
-            context_dim: cfg.cross_attention_dim,
-            groups: cfg.norm_num_groups,
-            linear_projection: cfg.use_linear_projection,
-            upcast_attention: cfg.upcast_attention,
+            context_dim: ucfg.cross_attention_dim,
+            groups: ucfg.norm_num_groups,
+            linear_projection: ucfg.use_linear_projection,
+            upcast_attention: ucfg.upcast_attention,
         };
         let time_embedding = TimeEmbedding::new(vb.clone(), &ucfg)?;
-        let conv_in = ops::Conv2d::load(vb.pp("conv_in"), cfg.in_channels, boc[0], 3, 1, 1)?;
+        let conv_in = ops::Conv2d::load(vb.pp("conv_in"), ucfg.in_channels, boc[0], 3, 1, 1)?;
         let cond_embedding = ConditioningEmbedding::new(
             vb.pp("controlnet_cond_embedding"),
             cfg.conditioning_channels,
@@ -96,8 +96,8 @@ impl ControlNetModel {
             let c_in = if i == 0 { boc[0] } else { boc[i - 1] };
             let attn = ucfg.down_has_attn(i).then(|| transformer(boc[i], i));
             let last = i + 1 == n;
-            down_blocks.push(DownBlock::new(vb.pp("down_blocks").pp(i), c_in, boc[i], cfg.layers_per_block, resnet, attn, !last)?);
-            skip_channels.extend(std::iter::repeat_n(boc[i], cfg.layers_per_block + usize::from(!last)));
+            down_blocks.push(DownBlock::new(vb.pp("down_blocks").pp(i), c_in, boc[i], ucfg.layers_per_block, resnet, attn, !last)?);
+            skip_channels.extend(std::iter::repeat_n(boc[i], ucfg.layers_per_block + usize::from(!last)));
         }
         let mid_block = MidBlock::new(vb.pp("mid_block"), boc[n - 1], resnet, transformer(boc[n - 1], n - 1))?;
         let zero_convs = skip_channels
@@ -236,15 +236,15 @@ impl ControlNetModel {
         let &[b, c, h, w] = sample.dims() else {
             return invalid("sample", format!("must be [batch, channels, height, width], got {:?}", sample.dims()));
         };
-        if c != self.cfg.in_channels || b == 0 || h == 0 || w == 0 {
-            return invalid("sample", format!("got shape {:?}; this ControlNet takes [batch, {}, h, w] latents", sample.dims(), self.cfg.in_channels));
+        if c != self.cfg.unet.in_channels || b == 0 || h == 0 || w == 0 {
+            return invalid("sample", format!("got shape {:?}; this ControlNet takes [batch, {}, h, w] latents", sample.dims(), self.cfg.unet.in_channels));
         }
         match context.dims() {
-            &[cb, _, cd] if cb == b && cd == self.cfg.cross_attention_dim => {}
+            &[cb, _, cd] if cb == b && cd == self.cfg.unet.cross_attention_dim => {}
             dims => {
                 return Err(Error::Incompatible(format!(
                     "text embeddings have shape {dims:?} but this ControlNet expects [batch = {b}, seq, {}]",
-                    self.cfg.cross_attention_dim
+                    self.cfg.unet.cross_attention_dim
                 )))
             }
         }

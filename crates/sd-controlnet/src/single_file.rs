@@ -183,31 +183,8 @@ fn config_from_shapes(t: &HashMap<String, Vec<usize>>, base: &UNetConfig, path: 
                 .map_or(base.transformer_layers_per_block.get(b), |m| m + 1)
         })
         .collect();
-    let cfg = ControlNetConfig {
-        in_channels,
-        conditioning_channels: hint_in.get(1).copied().unwrap_or(3),
-        block_out_channels: base.block_out_channels.clone(),
-        down_block_types: base.down_block_types.clone(),
-        layers_per_block: base.layers_per_block,
-        cross_attention_dim: base.cross_attention_dim,
-        attention_head_dim: base.attention_head_dim.clone(),
-        num_attention_heads: base.num_attention_heads.clone(),
-        transformer_layers_per_block: PerBlock::Many(depth),
-        use_linear_projection: base.use_linear_projection,
-        norm_num_groups: base.norm_num_groups,
-        norm_eps: base.norm_eps,
-        flip_sin_to_cos: base.flip_sin_to_cos,
-        freq_shift: base.freq_shift,
-        addition_embed_type: base.addition_embed_type.clone(),
-        addition_time_embed_dim: base.addition_time_embed_dim,
-        projection_class_embeddings_input_dim: base.projection_class_embeddings_input_dim,
-        upcast_attention: base.upcast_attention,
-        conditioning_embedding_out_channels: cond_channels,
-        controlnet_conditioning_channel_order: "rgb".into(),
-        global_pool_conditions: false,
-        mid_block_type: None,
-        class_embed_type: None,
-    };
+    let mut cfg = ControlNetConfig::for_unet(base, in_channels, hint_in.get(1).copied().unwrap_or(3), cond_channels);
+    cfg.unet.transformer_layers_per_block = PerBlock::Many(depth);
     cfg.validate()?;
     Ok(cfg)
 }

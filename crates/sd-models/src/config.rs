@@ -50,7 +50,9 @@ pub struct UNetConfig {
     pub block_out_channels: Vec<usize>,
     /// Block kinds going down (`CrossAttnDownBlock2D` / `DownBlock2D`).
     pub down_block_types: Vec<String>,
-    /// Block kinds going up (`CrossAttnUpBlock2D` / `UpBlock2D`).
+    /// Block kinds going up (`CrossAttnUpBlock2D` / `UpBlock2D`). Required in a UNet's config
+    /// (`read_unet_config` refuses a config without them); a ControlNet's config has none.
+    #[serde(default)]
     pub up_block_types: Vec<String>,
     /// Resnets per down block (up blocks have one more).
     #[serde(default = "default_2")]

@@ -206,6 +206,11 @@ fn unsupported_unet_option_is_refused() {
     let e = sd_models::diffusers::read_unet_config(&d.join("config.json")).expect_err("must refuse");
     let msg = e.to_string();
     assert!(matches!(e, Error::InvalidConfig { .. }) && msg.contains("time_cond_proj_dim"), "{msg}");
+    // A UNet config without up blocks (what a ControlNet config looks like) is refused by name.
+    cfg.as_object_mut().map(|o| (o.remove("time_cond_proj_dim"), o.remove("up_block_types")));
+    std::fs::write(d.join("config.json"), cfg.to_string()).expect("write");
+    let msg = sd_models::diffusers::read_unet_config(&d.join("config.json")).expect_err("must refuse").to_string();
+    assert!(msg.contains("up_block_types"), "{msg}");
     // The unmodified fixture config is accepted.
     assert!(sd_models::diffusers::read_unet_config(&fixture("sd15/unet/config.json")).is_ok());
     let _ = std::fs::remove_dir_all(d);
