@@ -80,7 +80,7 @@ impl ControlNetModel {
             linear_projection: ucfg.use_linear_projection,
             upcast_attention: ucfg.upcast_attention,
         };
-        let time_embedding = TimeEmbedding::new(vb.clone(), &ucfg)?;
+        let time_embedding = TimeEmbedding::new(vb.clone(), ucfg)?;
         let conv_in = ops::Conv2d::load(vb.pp("conv_in"), ucfg.in_channels, boc[0], 3, 1, 1)?;
         let cond_embedding = ConditioningEmbedding::new(
             vb.pp("controlnet_cond_embedding"),

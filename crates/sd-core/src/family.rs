@@ -162,7 +162,7 @@ impl Capabilities {
         match (task_kind, self.strength_rounding) {
             (TaskKind::TextToImage, _) => steps,
             (TaskKind::Inpaint, StrengthRounding::Floor) if strength >= 1.0 => steps,
-            (_, StrengthRounding::Floor) => (steps as f64 * strength) as usize,
+            (_, StrengthRounding::Floor) => crate::schedulers::img2img_steps(steps, strength),
             (_, StrengthRounding::FlowMatch) => steps - flow_match::img2img_start(steps, strength).min(steps),
         }
     }

@@ -35,6 +35,7 @@ pub mod keymap;
 pub mod latents;
 pub mod loader;
 pub mod lora;
+pub mod model;
 pub mod pipeline;
 pub mod text;
 pub mod transformer;

@@ -6,8 +6,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::flux::model::{Config, Flux};
-use candle_transformers::models::flux::quantized_model::Flux as QuantizedFlux;
+use candle_transformers::models::flux::model::Config;
 use candle_transformers::models::flux::WithForward;
 use candle_transformers::quantized_var_builder::VarBuilder as QuantizedVarBuilder;
 
@@ -15,10 +14,11 @@ use crate::config::{config_from_shapes, count_blocks, FluxVariant};
 use crate::error::{Error, Result};
 use crate::keymap::DiffusersFluxBackend;
 use crate::lora::{wrap_backend, FluxLora};
+use crate::model::{FluxModel, Weights};
 use sd_lora::AdapterReport;
 use sd_models::single_file::innermost;
 
-/// A FLUX.1 transformer: candle's dense model or its GGUF-quantized twin.
+/// A FLUX.1 transformer ([`FluxModel`]) with dense or GGUF-quantized weights.
 ///
 /// Both are plain data (tensors behind `Arc`s), so the enum is `Send + Sync` and can be moved into
 /// an engine thread or shared across threads without any wrapper.
@@ -29,7 +29,7 @@ pub enum FluxTransformer {
     /// F32/F16/BF16 weights (BFL single files and diffusers folders).
     Dense {
         /// The model.
-        model: Flux,
+        model: FluxModel,
         /// Its architecture, read off the weights.
         config: Config,
         /// dtype of the weights and of the activations it expects.
@@ -38,7 +38,7 @@ pub enum FluxTransformer {
     /// GGUF weights (q8_0, q4_K, …); activations are F32.
     Quantized {
         /// The model.
-        model: QuantizedFlux,
+        model: FluxModel,
         /// Its architecture, read off the weights.
         config: Config,
     },
@@ -92,8 +92,7 @@ impl WithForward for FluxTransformer {
         guidance: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         match self {
-            FluxTransformer::Dense { model, .. } => model.forward(img, img_ids, txt, txt_ids, timesteps, y, guidance),
-            FluxTransformer::Quantized { model, .. } => {
+            FluxTransformer::Dense { model, .. } | FluxTransformer::Quantized { model, .. } => {
                 model.forward(img, img_ids, txt, txt_ids, timesteps, y, guidance)
             }
         }
@@ -220,13 +219,13 @@ pub fn load_safetensors_file(
             });
         }
         let vb = VarBuilder::from_backend(Box::new(st), dtype, device.clone()).pp("model.diffusion_model");
-        let model = Flux::new(&config, vb).map_err(|e| bad_weights(path, e))?;
+        let model = FluxModel::new(&config, &Weights::Dense(vb)).map_err(|e| bad_weights(path, e))?;
         tracing::info!("loaded {} transformer from {}", FluxVariant::of(&config), path.display());
         return Ok((FluxTransformer::Dense { model, config, dtype }, Vec::new()));
     }
     let (backend, reports) = wrap_backend(Box::new(st), &config, loras)?;
     let vb = VarBuilder::from_backend(backend, dtype, device.clone());
-    let model = Flux::new(&config, vb).map_err(|e| bad_weights(path, e))?;
+    let model = FluxModel::new(&config, &Weights::Dense(vb)).map_err(|e| bad_weights(path, e))?;
     tracing::info!("loaded {} transformer from {}", FluxVariant::of(&config), path.display());
     Ok((FluxTransformer::Dense { model, config, dtype }, reports))
 }
@@ -295,7 +294,7 @@ fn build_diffusers(
     check_dtype(dtype)?;
     let (backend, reports) = wrap_backend(Box::new(backend), &config, loras)?;
     let vb = VarBuilder::from_backend(backend, dtype, device.clone());
-    let model = Flux::new(&config, vb).map_err(|e| bad_weights(source, e))?;
+    let model = FluxModel::new(&config, &Weights::Dense(vb)).map_err(|e| bad_weights(source, e))?;
     tracing::info!("loaded {} transformer (diffusers layout) from {}", FluxVariant::of(&config), source.display());
     Ok((FluxTransformer::Dense { model, config, dtype }, reports))
 }
@@ -318,7 +317,7 @@ pub fn load_gguf(path: &Path, device: &Device, axes_dim: Option<&[usize]>) -> Re
     let config = config_from_shapes(&shape, depth, depth_single, axes_dim, &path.display().to_string())?;
     drop(file);
     let vb = QuantizedVarBuilder::from_gguf(path, device).map_err(|e| bad_weights(path, e))?;
-    let model = QuantizedFlux::new(&config, vb).map_err(|e| bad_weights(path, e))?;
+    let model = FluxModel::new(&config, &Weights::Quantized(vb)).map_err(|e| bad_weights(path, e))?;
     tracing::info!("loaded {} transformer (GGUF) from {}", FluxVariant::of(&config), path.display());
     Ok(FluxTransformer::Quantized { model, config })
 }

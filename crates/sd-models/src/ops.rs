@@ -20,16 +20,26 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool)
         candle_core::bail!("attention: width {inner} is not divisible by {heads} heads");
     }
     let dim = inner / heads;
+    let split = |t: &Tensor, len: usize| -> Result<Tensor> { t.reshape((b, len, heads, dim))?.transpose(1, 2) };
+    let out = attention_heads(&split(q, q_len)?, &split(k, kv_len)?, &split(v, kv_len)?, upcast)?;
+    out.transpose(1, 2)?.reshape((b, q_len, inner))
+}
+
+/// Scaled dot-product attention over head-major tensors: `q` `[batch, heads, q_len, dim]`, `k`/`v`
+/// `[batch, heads, kv_len, dim]` (what models that rotate q and k per head hold, e.g. FLUX); returns
+/// `[batch, heads, q_len, dim]` in the input dtype. [`attention`] is this after splitting the heads;
+/// `upcast` as there.
+pub fn attention_heads(q: &Tensor, k: &Tensor, v: &Tensor, upcast: bool) -> Result<Tensor> {
+    let (b, heads, q_len, dim) = q.dims4()?;
+    let kv_len = k.dim(2)?;
     let scale = 1.0 / (dim as f64).sqrt();
     let in_dtype = q.dtype();
     let work_dtype = if upcast { DType::F32 } else { in_dtype };
-    let split = |t: &Tensor, len: usize| -> Result<Tensor> {
-        t.reshape((b, len, heads, dim))?.transpose(1, 2)?.to_dtype(work_dtype)?.contiguous()
-    };
+    let prep = |t: &Tensor| -> Result<Tensor> { t.to_dtype(work_dtype)?.contiguous() };
     // Scaling q before the product costs q_len·dim instead of q_len·kv_len multiplies.
-    let q = (split(q, q_len)? * scale)?;
-    let k_t = split(k, kv_len)?.transpose(2, 3)?.contiguous()?;
-    let v = split(v, kv_len)?;
+    let q = (prep(q)? * scale)?;
+    let k_t = prep(k)?.transpose(2, 3)?.contiguous()?;
+    let v = prep(v)?;
 
     let rows = (MAX_SCORE_ELEMENTS / (b * heads * kv_len).max(1)).max(1);
     let out = if rows >= q_len {
@@ -44,7 +54,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool)
         }
         Tensor::cat(&parts, 2)?
     };
-    out.transpose(1, 2)?.reshape((b, q_len, inner))?.to_dtype(in_dtype)
+    out.to_dtype(in_dtype)
 }
 
 fn attend(q: &Tensor, k_t: &Tensor, v: &Tensor) -> Result<Tensor> {

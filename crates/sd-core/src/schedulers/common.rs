@@ -448,10 +448,16 @@ pub(crate) fn check_strength(strength: f64, steps: usize) -> Result<()> {
     }
 }
 
+/// The steps an img2img run at `strength` denoises, as diffusers' SD pipelines' `get_timesteps`:
+/// `min(⌊steps · strength⌋, steps)`.
+pub fn img2img_steps(steps: usize, strength: f64) -> usize {
+    ((steps as f64 * strength) as usize).min(steps)
+}
+
 /// The first step index that diffusers' img2img `get_timesteps(strength)` keeps.
 pub(crate) fn strength_start(steps: usize, strength: f64, order: usize) -> Result<usize> {
     check_strength(strength, steps)?;
-    let init = ((steps as f64 * strength) as usize).min(steps);
+    let init = img2img_steps(steps, strength);
     if init == 0 {
         return Err(Error::InvalidStrength {
             strength,

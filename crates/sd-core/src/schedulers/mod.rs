@@ -43,6 +43,7 @@ use candle_core::Tensor;
 pub use config::{
     BetaSchedule, FinalSigmas, Interpolation, PredictionType, SchedulerConfig, TimestepSpacing,
 };
+pub use common::img2img_steps;
 pub use ddim::DdimScheduler;
 pub use ddpm::DdpmScheduler;
 pub use dpmpp::DpmPp2mScheduler;
