@@ -98,14 +98,13 @@ fn rope(x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> Result<Tensor> {
     candle_nn::rotary_emb::rope_i(&x.to_dtype(DType::F32)?.contiguous()?, cos, sin)?.to_dtype(dtype)
 }
 
-/// LayerNorm without affine parameters (eps 1e-6), as every FLUX norm but the QK ones.
+/// LayerNorm without affine parameters (eps 1e-6), as every FLUX norm but the QK ones (candle's fused
+/// kernel, with unit scale and zero shift).
 fn layer_norm(x: &Tensor) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let x = x.broadcast_sub(&mean)?;
-    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(var + 1e-6)?.sqrt()?)?.to_dtype(dtype)
+    let dim = x.dim(D::Minus1)?;
+    let ones = Tensor::ones(dim, x.dtype(), x.device())?;
+    let zeros = Tensor::zeros(dim, x.dtype(), x.device())?;
+    candle_nn::ops::layer_norm(&x.contiguous()?, &ones, &zeros, 1e-6)
 }
 
 /// `(1 + scale) · layer_norm(x) + shift`.
