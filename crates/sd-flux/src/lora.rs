@@ -1,7 +1,8 @@
 //! LoRA adapters for the FLUX transformer, merged into the weights while it loads.
 //!
-//! sd-lora parses the files (kohya, PEFT, LyCORIS) and computes each module's update; this module
-//! maps the module keys onto the BFL weights candle's model asks for. Three naming schemes are
+//! sd-lora parses the files (kohya, PEFT, LyCORIS), computes each module's update and merges it
+//! (`sd_lora::MergeBackend`, the one merge backend); this module is FLUX's key table: which BFL weight
+//! (and which rows of it) each module key updates. Three naming schemes are
 //! understood: kohya with BFL names (`lora_unet_double_blocks_0_img_attn_qkv`), kohya with
 //! diffusers names (`lora_transformer_single_transformer_blocks_0_attn_to_q`) and PEFT/diffusers
 //! (`transformer.transformer_blocks.0.attn.to_q`). Updates to diffusers' separate q/k/v (and the
@@ -12,24 +13,16 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_transformers::models::flux::model::Config;
-use sd_lora::{AdapterReport, LoraAdapter};
+use sd_lora::{AdapterReport, LoraAdapter, Merge, MergeBackend};
 
 use crate::error::{Error, Result};
 use crate::keymap::{bfl_to_diffusers, DiffusersSource};
 
-/// Where a LoRA module's update goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LoraTarget {
-    /// The BFL weight (`double_blocks.0.img_attn.qkv.weight`).
-    pub weight: String,
-    /// `(first row, rows)` inside a fused weight, or `None` for the whole weight.
-    pub rows: Option<(usize, usize)>,
-    /// Whether the update's two halves are swapped (diffusers' `norm_out.linear`).
-    pub swap_halves: bool,
-}
+/// Where a LoRA module's update goes (sd-lora's merge target: a weight, the rows of a fused one, or
+/// swapped halves).
+pub use sd_lora::Target as LoraTarget;
 
 /// The linear layers of a FLUX transformer with `config`, as BFL module names (no `.weight`).
 pub fn linear_modules(config: &Config) -> Vec<String> {
@@ -117,25 +110,6 @@ impl FluxLora {
     }
 }
 
-#[derive(Debug, Clone)]
-struct Merge {
-    adapter: usize,
-    module: usize,
-    strength: f32,
-    target: LoraTarget,
-}
-
-/// Serves `inner`'s BFL weights with the planned LoRA updates added (in F32, then cast).
-pub struct FluxLoraBackend {
-    inner: Box<dyn SimpleBackend>,
-    merges: HashMap<String, Vec<Merge>>,
-    adapters: Vec<Arc<LoraAdapter>>,
-}
-
-fn msg(e: impl std::fmt::Display) -> candle_core::Error {
-    candle_core::Error::Msg(e.to_string())
-}
-
 /// Opens `loras`, matches their modules against a transformer with `config`, and wraps `inner`
 /// so the merged weights are served; returns the backend and what each adapter matched.
 ///
@@ -184,76 +158,8 @@ pub fn wrap_backend(
         adapters.push(Arc::new(adapter));
         reports.push(report);
     }
-    Ok((Box::new(FluxLoraBackend { inner, merges, adapters }), reports))
-}
-
-impl FluxLoraBackend {
-    fn merged(&self, name: &str, merges: &[Merge], base: Tensor) -> Result<Tensor> {
-        let mut acc = base;
-        for m in merges.iter().filter(|m| m.strength != 0.0) {
-            let adapter = &self.adapters[m.adapter];
-            let module = &adapter.modules()[m.module];
-            let delta = adapter.delta(module, acc.device())?;
-            let (rows, cols) = acc.dims2()?;
-            let (d_rows, d_cols) = delta.dims2()?;
-            let want = m.target.rows.map_or(rows, |(_, n)| n);
-            if d_cols != cols || d_rows != want {
-                return Err(Error::LoraMismatch {
-                    path: adapter.path().to_path_buf(),
-                    reason: format!(
-                        "module {} gives a [{d_rows}, {d_cols}] update but {name}{} is [{want}, {cols}]; the LoRA was trained for a FLUX model of another size",
-                        module.key,
-                        if m.target.rows.is_some() { " (its slice)" } else { "" }
-                    ),
-                });
-            }
-            let delta = if m.target.swap_halves {
-                Tensor::cat(&[delta.narrow(0, d_rows / 2, d_rows - d_rows / 2)?, delta.narrow(0, 0, d_rows / 2)?], 0)?
-            } else {
-                delta
-            };
-            let delta = match m.target.rows {
-                Some((start, n)) => {
-                    let mut parts = Vec::with_capacity(3);
-                    if start > 0 {
-                        parts.push(Tensor::zeros((start, cols), DType::F32, acc.device())?);
-                    }
-                    parts.push(delta);
-                    if start + n < rows {
-                        parts.push(Tensor::zeros((rows - start - n, cols), DType::F32, acc.device())?);
-                    }
-                    Tensor::cat(&parts, 0)?
-                }
-                None => delta,
-            };
-            acc = (acc + (delta * m.strength as f64)?)?;
-        }
-        Ok(acc)
-    }
-
-    fn fetch(&self, name: &str, shape: Option<Shape>, h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let get = |d: DType| match &shape {
-            Some(s) => self.inner.get(s.clone(), name, h, d, dev),
-            None => self.inner.get_unchecked(name, d, dev),
-        };
-        let Some(merges) = self.merges.get(name) else { return get(dtype) };
-        let base = get(DType::F32)?;
-        self.merged(name, merges, base).map_err(msg)?.to_dtype(dtype)
-    }
-}
-
-impl SimpleBackend for FluxLoraBackend {
-    fn get(&self, s: Shape, name: &str, h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.fetch(name, Some(s), h, dtype, dev)
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.fetch(name, None, candle_nn::Init::Const(0.), dtype, dev)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.inner.contains_tensor(name)
-    }
+    let family = sd_lora::adapter::family_name(sd_models::ModelFamily::Flux);
+    Ok((Box::new(MergeBackend::new(inner, merges, adapters, family)), reports))
 }
 
 /// Parses `path[:strength]` (strength defaults to 1 and may be negative), as sd-lora's specs.

@@ -14,8 +14,10 @@
 pub mod adapter;
 pub mod error;
 pub mod keys;
+pub mod merge;
 pub mod set;
 
 pub use adapter::{AdapterKind, LoraAdapter, LoraFormat, LoraMetadata, LoraModule};
 pub use error::{Error, Result};
+pub use merge::{Merge, MergeBackend, Target};
 pub use set::{parse_spec, AdapterReport, LoraReport, LoraSet};

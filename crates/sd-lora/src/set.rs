@@ -5,15 +5,15 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use sd_models::keymap::Component;
 use sd_models::loader::BackendHook;
 use sd_models::ModelConfig;
 
 use crate::adapter::{family_name, LoraAdapter};
-use crate::error::{Error, Result, ShapeMismatch};
+use crate::error::{Error, Result};
 use crate::keys::KeyResolver;
+use crate::merge::{Merge, MergeBackend, Target};
 
 /// What one adapter did to the loaded model.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,22 +67,8 @@ pub fn parse_spec(spec: &str) -> Result<(PathBuf, f32)> {
     Ok((PathBuf::from(spec), 1.0))
 }
 
-/// One merge to apply to a weight: adapter index, module index, strength.
-#[derive(Debug, Clone, Copy)]
-struct Merge {
-    adapter: usize,
-    module: usize,
-    strength: f32,
-}
-
 /// Which merges each weight of each component gets.
 type Plan = HashMap<Component, HashMap<String, Vec<Merge>>>;
-
-#[derive(Default)]
-struct State {
-    plan: Option<Arc<Plan>>,
-    report: LoraReport,
-}
 
 /// Adapters with their strengths, merged into a model while it loads.
 ///
@@ -100,7 +86,8 @@ struct State {
 #[derive(Clone, Default)]
 pub struct LoraSet {
     adapters: Vec<(Arc<LoraAdapter>, f32)>,
-    state: Arc<Mutex<State>>,
+    plan: Arc<Mutex<Option<Arc<Plan>>>>,
+    report: Arc<Mutex<LoraReport>>,
 }
 
 impl std::fmt::Debug for LoraSet {
@@ -148,7 +135,7 @@ impl LoraSet {
 
     /// What each adapter matched and merged during the last load.
     pub fn report(&self) -> LoraReport {
-        self.state.lock().map(|s| s.report.clone()).unwrap_or_default()
+        self.report.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
     /// A [`sd_models::loader::LoadOptions::backend_hook`] that merges this set into every component.
@@ -170,10 +157,12 @@ impl LoraSet {
                 match resolver.resolve(&m.key) {
                     Some((c, module)) => {
                         matched += 1;
-                        plan.entry(c).or_default().entry(format!("{module}.weight")).or_default().push(Merge {
+                        let weight = format!("{module}.weight");
+                        plan.entry(c).or_default().entry(weight.clone()).or_default().push(Merge {
                             adapter: ai,
                             module: mi,
                             strength: *strength,
+                            target: Target::whole(weight),
                         });
                     }
                     None => unmatched.push(m.key.clone()),
@@ -206,9 +195,8 @@ impl LoraSet {
                 unmatched,
             });
         }
-        let mut state = self.state.lock().map_err(|_| poisoned())?;
-        state.plan = Some(Arc::new(plan));
-        state.report = report;
+        *self.plan.lock().map_err(|_| poisoned())? = Some(Arc::new(plan));
+        *self.report.lock().map_err(|_| poisoned())? = report;
         Ok(())
     }
 
@@ -221,23 +209,19 @@ impl LoraSet {
         cfg: &ModelConfig,
         inner: Box<dyn SimpleBackend>,
     ) -> Result<Box<dyn SimpleBackend>> {
-        let have_plan = self.state.lock().map_err(|_| poisoned())?.plan.is_some();
+        let have_plan = self.plan.lock().map_err(|_| poisoned())?.is_some();
         if component == Component::Unet || !have_plan {
             self.plan(cfg)?;
         }
-        let plan = self.state.lock().map_err(|_| poisoned())?.plan.clone();
+        let plan = self.plan.lock().map_err(|_| poisoned())?.clone();
         let merges = plan.and_then(|p| p.get(&component).cloned()).unwrap_or_default();
         if merges.values().all(|v| v.iter().all(|m| m.strength == 0.0)) {
             // Nothing to add: serve the base weights untouched (bit-exact).
             return Ok(inner);
         }
-        Ok(Box::new(LoraBackend {
-            inner,
-            merges,
-            adapters: self.adapters.iter().map(|(a, _)| a.clone()).collect(),
-            state: self.state.clone(),
-            family: family_name(cfg.variant.family()),
-        }))
+        let adapters = self.adapters.iter().map(|(a, _)| a.clone()).collect();
+        let backend = MergeBackend::new(inner, merges, adapters, family_name(cfg.variant.family())).reporting_to(self.report.clone());
+        Ok(Box::new(backend))
     }
 }
 
@@ -252,107 +236,6 @@ fn hint(adapter: &LoraAdapter, cfg: &ModelConfig) -> String {
         _ => format!(
             "it was probably trained for a different architecture than this {model} model, or uses module names this loader does not know"
         ),
-    }
-}
-
-/// Serves `inner`'s weights with the planned LoRA updates added (in F32, then cast).
-struct LoraBackend {
-    inner: Box<dyn SimpleBackend>,
-    merges: HashMap<String, Vec<Merge>>,
-    adapters: Vec<Arc<LoraAdapter>>,
-    state: Arc<Mutex<State>>,
-    family: &'static str,
-}
-
-/// Reshapes a delta to the weight's shape when they differ only by layout: 1×1 conv ↔ linear, or
-/// a LoHa/LoKr `[out, in·kh·kw]` matrix for a conv kernel.
-fn fit(delta: Tensor, want: &Shape) -> Option<Tensor> {
-    if delta.shape() == want {
-        return Some(delta);
-    }
-    let ok = match (delta.dims(), want.dims()) {
-        ([a, b, 1, 1], [c, d]) => a == c && b == d,
-        ([a, _], [c, ..]) => a == c && delta.elem_count() == want.elem_count(),
-        _ => false,
-    };
-    if ok {
-        delta.reshape(want.clone()).ok()
-    } else {
-        None
-    }
-}
-
-impl LoraBackend {
-    fn merge(&self, name: &str, merges: &[Merge], base: Tensor) -> Result<Tensor> {
-        let mut acc = base;
-        for m in merges.iter().filter(|m| m.strength != 0.0) {
-            let adapter = &self.adapters[m.adapter];
-            let module = &adapter.modules()[m.module];
-            let delta = adapter.delta(module, acc.device())?;
-            let lora_shape = delta.dims().to_vec();
-            let delta = fit(delta, acc.shape()).ok_or_else(|| {
-                Error::ShapeMismatch(Box::new(ShapeMismatch {
-                    path: adapter.path().to_path_buf(),
-                    module: module.key.clone(),
-                    weight: name.to_string(),
-                    lora: lora_shape,
-                    model: acc.dims().to_vec(),
-                    hint: match adapter.likely_family() {
-                        Some(f) if f != self.family => {
-                            format!(
-                                "it looks like a LoRA for {f} but the model is {}; use a LoRA trained for {}",
-                                self.family, self.family
-                            )
-                        }
-                        _ => format!(
-                            "the LoRA was trained for a model with different layer sizes than this {} model",
-                            self.family
-                        ),
-                    },
-                }))
-            })?;
-            acc = (acc + (delta * m.strength as f64)?)?;
-        }
-        if let Ok(mut state) = self.state.lock() {
-            for m in merges {
-                if let Some(r) = state.report.adapters.get_mut(m.adapter) {
-                    r.applied.push(self.adapters[m.adapter].modules()[m.module].key.clone());
-                }
-            }
-        }
-        Ok(acc)
-    }
-
-    fn fetch(
-        &self,
-        name: &str,
-        shape: Option<Shape>,
-        h: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let get = |d: DType| match &shape {
-            Some(s) => self.inner.get(s.clone(), name, h, d, dev),
-            None => self.inner.get_unchecked(name, d, dev),
-        };
-        let Some(merges) = self.merges.get(name) else { return get(dtype) };
-        let base = get(DType::F32)?;
-        let merged = self.merge(name, merges, base).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        merged.to_dtype(dtype)
-    }
-}
-
-impl SimpleBackend for LoraBackend {
-    fn get(&self, s: Shape, name: &str, h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.fetch(name, Some(s), h, dtype, dev)
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.fetch(name, None, candle_nn::Init::Const(0.), dtype, dev)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.inner.contains_tensor(name)
     }
 }
 
