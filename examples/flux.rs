@@ -8,8 +8,8 @@ use sd_core::run::{ImageToImage, Inpaint, RunContext, Task};
 use sd_flux::pipeline::generate;
 use sd_flux::lora::parse_lora_spec;
 use sd_flux::{load, load_source, FluxFiles, FluxLoadOptions, FluxSource};
-use sd_core::image_io::{image_to_tensor, mask_to_tensor, save_png, tensor_to_images};
-use sd_core::run::NoiseKind;
+use sd_core::image_io::{image_to_tensor, infotext, mask_to_tensor, save_png, tensor_to_images};
+use sd_core::run::{random_seed, NoiseKind};
 use sd_toolkit::{device, model_name, parse_dtype, progress_bar, AnyResult};
 
 /// Generate images with FLUX.1 [dev] or [schnell].
@@ -124,14 +124,8 @@ fn body() -> AnyResult<()> {
     p.height = cli.height;
     p.batch_size = cli.batch;
     p.max_sequence_length = cli.max_sequence_length;
-    p.seed = cli.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64 >> 11).unwrap_or(0)
-    });
-    p.noise = match cli.noise.as_str() {
-        "philox" => NoiseKind::Philox,
-        "torch" => NoiseKind::Torch,
-        other => return Err(format!("unknown --noise {other:?}: use philox or torch").into()),
-    };
+    p.seed = cli.seed.unwrap_or_else(random_seed);
+    p.noise = cli.noise.parse::<NoiseKind>()?;
 
     let mut bar = progress_bar(p.steps);
     let open = |path: &Path| image::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()));
@@ -147,19 +141,18 @@ fn body() -> AnyResult<()> {
     let out = generate(&models, &p, &task, &mut RunContext::with_progress(&mut bar))?;
 
     // A1111-style metadata; "Distilled CFG Scale" is the name Forge gives FLUX's embedded guidance.
-    let mut text = format!(
-        "{}\nSteps: {}, Sampler: Euler (flow matching), Distilled CFG Scale: {}, Seed: {}, Size: {}x{}, Model: {}",
-        p.prompt,
-        p.steps,
-        p.guidance_scale,
-        out.seed,
-        p.width,
-        p.height,
-        model_name(&cli.model.to_string_lossy())
-    );
+    let mut fields = vec![
+        ("Steps", p.steps.to_string()),
+        ("Sampler", "Euler (flow matching)".to_string()),
+        ("Distilled CFG Scale", p.guidance_scale.to_string()),
+        ("Seed", out.seed.to_string()),
+        ("Size", format!("{}x{}", p.width, p.height)),
+        ("Model", model_name(&cli.model.to_string_lossy())),
+    ];
     if cli.init_image.is_some() {
-        text.push_str(&format!(", Denoising strength: {strength}"));
+        fields.push(("Denoising strength", strength.to_string()));
     }
+    let text = infotext(&p.prompt, "", &fields);
     let images = tensor_to_images(&out.images)?;
     for (i, img) in images.iter().enumerate() {
         let target = if images.len() == 1 {

@@ -208,11 +208,7 @@ pub fn params(models: &StableDiffusionModels, g: &GenArgs) -> AnyResult<Generati
     p.clip_skip = g.clip_skip;
     p.sampler = g.sampler.parse::<Sampler>()?;
     p.seed = g.seed.unwrap_or_else(sd_pipelines::pipeline::random_seed);
-    p.noise = match g.noise.as_str() {
-        "philox" => NoiseKind::Philox,
-        "torch" => NoiseKind::Torch,
-        other => return Err(format!("unknown --noise {other:?}: use philox or torch").into()),
-    };
+    p.noise = g.noise.parse::<NoiseKind>()?;
     Ok(p)
 }
 

@@ -43,6 +43,14 @@ pub enum NoiseKind {
 }
 
 impl NoiseKind {
+    /// `philox` or `torch`.
+    pub fn name(self) -> &'static str {
+        match self {
+            NoiseKind::Philox => "philox",
+            NoiseKind::Torch => "torch",
+        }
+    }
+
     /// The noise source for `seed`.
     pub fn source(self, seed: u64) -> Box<dyn NoiseSource> {
         match self {
@@ -104,6 +112,19 @@ impl Request {
             vae_tiling: None,
             noise: NoiseKind::Philox,
             max_sequence_length: None,
+        }
+    }
+}
+
+impl std::str::FromStr for NoiseKind {
+    type Err = Error;
+
+    /// `philox` (also empty) or `torch`, any case.
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "philox" => Ok(NoiseKind::Philox),
+            "torch" => Ok(NoiseKind::Torch),
+            other => Err(Error::invalid("noise", format!("unknown noise generator {other:?}; use \"philox\" or \"torch\""))),
         }
     }
 }
@@ -390,6 +411,16 @@ mod tests {
         let info = StepProgress { step: 1, total: 1, timestep: 1.0, latents: &x, family: ModelFamily::Flux };
         assert!(matches!(ctx.step_done(&info), Err(Error::InvalidRequest { field: "latents", .. })));
         Ok(())
+    }
+
+    #[test]
+    fn noise_kinds_parse_and_name() {
+        for k in [NoiseKind::Philox, NoiseKind::Torch] {
+            assert_eq!(k.name().parse::<NoiseKind>().ok(), Some(k));
+        }
+        assert_eq!(" TORCH ".parse::<NoiseKind>().ok(), Some(NoiseKind::Torch));
+        assert_eq!("".parse::<NoiseKind>().ok(), Some(NoiseKind::Philox));
+        assert!(matches!("cuda".parse::<NoiseKind>(), Err(Error::InvalidRequest { field: "noise", .. })));
     }
 
     #[test]

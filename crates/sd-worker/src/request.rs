@@ -484,11 +484,9 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
         Some(s) if s >= 0 => s as u64,
         _ => sd_pipelines::pipeline::random_seed(),
     };
-    let noise = match input.noise.as_deref().map(|n| n.trim().to_ascii_lowercase()) {
+    let noise = match input.noise.as_deref() {
         None => NoiseKind::Philox,
-        Some(n) if n.is_empty() || n == "philox" => NoiseKind::Philox,
-        Some(n) if n == "torch" => NoiseKind::Torch,
-        Some(n) => return Err(ApiError::invalid("noise", format!("unknown noise generator {n:?}; use \"philox\" or \"torch\""))),
+        Some(n) => n.parse::<NoiseKind>().map_err(|e| names.library_error(e))?,
     };
     let params = GenerationParams {
         prompt: input.prompt,
@@ -562,7 +560,7 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
         "strength": strength,
         "loras": resolved,
         "controlnets": control_summary,
-        "noise": if noise == NoiseKind::Torch { "torch" } else { "philox" },
+        "noise": noise.name(),
     });
     let mut parameters = parameters;
     if !caps.sampler_choice {

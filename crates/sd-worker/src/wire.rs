@@ -161,7 +161,7 @@ impl WireSpec {
                 sampler: p.sampler.kind.id().to_string(),
                 schedule: p.sampler.schedule.map(|s| s.as_str().to_string()),
                 clip_skip: p.clip_skip,
-                noise: if p.noise == NoiseKind::Torch { "torch" } else { "philox" }.to_string(),
+                noise: p.noise.name().to_string(),
             },
             loras: wire_loras,
             controlnets: wire_controlnets,
@@ -179,11 +179,7 @@ impl WireSpec {
         if sampler.schedule == Some(SigmaSchedule::Default) {
             sampler.schedule = None;
         }
-        let noise = match p.noise.as_str() {
-            "torch" => NoiseKind::Torch,
-            "philox" => NoiseKind::Philox,
-            other => return Err(bad("noise", format!("unknown noise generator {other:?}"))),
-        };
+        let noise = p.noise.parse::<NoiseKind>().map_err(|e| bad("noise", e.to_string()))?;
         let params = GenerationParams {
             prompt: p.prompt,
             negative_prompt: p.negative_prompt,
