@@ -55,6 +55,9 @@ pub enum Preprocessor {
     },
 }
 
+/// The preprocessor names [`Preprocessor`] parses (what `/controlnet/module_list` lists).
+pub const PREPROCESSOR_NAMES: [&str; 5] = ["none", "canny", "threshold", "scribble", "softedge"];
+
 impl FromStr for Preprocessor {
     type Err = Error;
 
@@ -68,7 +71,7 @@ impl FromStr for Preprocessor {
             "canny" => Ok(Preprocessor::Canny { low: 100.0, high: 200.0 }),
             other => Err(Error::InvalidInput {
                 field: "preprocessor",
-                reason: format!("unknown preprocessor {other:?}; known: none, canny, threshold, scribble, softedge"),
+                reason: format!("unknown preprocessor {other:?}; known: {}", PREPROCESSOR_NAMES.join(", ")),
             }),
         }
     }

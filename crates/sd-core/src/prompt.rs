@@ -1,6 +1,84 @@
 //! A1111-style prompt syntax: attention weights `(word:1.3)`, `(word)`, `[word]`, escapes, `BREAK`,
 //! and 75-token chunking so prompts longer than CLIP's 77 positions still count.
 
+/// A LoRA a prompt names with A1111's extra-network syntax, `<lora:name:weight>`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptLora {
+    /// The name as written (A1111 resolves it to a file stem in its LoRA folders).
+    pub name: String,
+    /// Its strength (1 when omitted).
+    pub weight: f64,
+}
+
+/// Removes A1111's extra-network tags (`<lora:name>`, `<lora:name:0.8>`, `<lora:name:te:unet>`,
+/// `<lyco:…>`, named `te=`/`unet=`) from `prompt` and returns the remaining text and the LoRAs, in
+/// order; the caller resolves the names (A1111 leaves the surrounding text as it was). Text that is
+/// not a tag (`a < b`, `<3`) stays. Refused, naming `field`: other network kinds (`<hypernet:…>`),
+/// empty names, weights that are not finite numbers, different text-encoder and UNet weights (a LoRA is
+/// merged with one strength here) and LyCORIS `dyn=`.
+pub fn extract_lora_tags(field: &'static str, prompt: &str) -> Result<(String, Vec<PromptLora>)> {
+    let mut out = String::with_capacity(prompt.len());
+    let mut loras = Vec::new();
+    let mut rest = prompt;
+    while let Some(open) = rest.find('<') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let tag = after.find('>').map(|close| &after[..close]).filter(|t| !t.contains('<'));
+        let parsed = tag.and_then(|t| t.split_once(':')).filter(|(kind, body)| {
+            !kind.is_empty() && kind.chars().all(|c| c.is_alphanumeric() || c == '_') && !body.is_empty()
+        });
+        let (Some(tag), Some((kind, body))) = (tag, parsed) else {
+            out.push('<');
+            rest = after;
+            continue;
+        };
+        if !matches!(kind.to_ascii_lowercase().as_str(), "lora" | "lyco") {
+            return Err(Error::invalid(
+                field,
+                format!("<{tag}>: extra network {kind:?} is not supported; only <lora:name:weight> (and <lyco:…>) tags are"),
+            ));
+        }
+        loras.push(lora_tag(field, tag, body)?);
+        rest = &after[tag.len() + 1..];
+    }
+    out.push_str(rest);
+    Ok((out, loras))
+}
+
+fn lora_tag(field: &'static str, tag: &str, body: &str) -> Result<PromptLora> {
+    let bad = |why: String| Error::invalid(field, format!("<{tag}>: {why}"));
+    let mut parts = body.split(':').map(str::trim);
+    let name = parts.next().unwrap_or_default().to_string();
+    if name.is_empty() {
+        return Err(bad("the LoRA name is empty".into()));
+    }
+    let number = |v: &str| -> Result<f64> {
+        v.parse::<f64>().ok().filter(|w| w.is_finite()).ok_or_else(|| bad(format!("{v:?} is not a finite number")))
+    };
+    let (mut positional, mut te, mut unet) = (Vec::new(), None, None);
+    for p in parts {
+        match p.split_once('=') {
+            Some(("te", v)) => te = Some(number(v.trim())?),
+            Some(("unet", v)) => unet = Some(number(v.trim())?),
+            Some(("dyn", _)) => return Err(bad("LyCORIS dyn= (dynamic rank) is not supported; remove it".into())),
+            Some((k, _)) => return Err(bad(format!("unknown option {k:?}; use <lora:name:weight>"))),
+            None => positional.push(number(p)?),
+        }
+    }
+    // A1111: the first number is the text encoder's weight, the second the UNet's (default: the same).
+    let te = te.or(positional.first().copied()).unwrap_or(1.0);
+    let unet = unet.or(positional.get(1).copied()).unwrap_or(te);
+    if positional.len() > 2 {
+        return Err(bad("at most two weights (text encoder, UNet) follow the name".into()));
+    }
+    if te != unet {
+        return Err(bad(format!(
+            "separate text-encoder ({te}) and UNet ({unet}) weights are not supported: a LoRA is merged with one strength; use <lora:{name}:weight>"
+        )));
+    }
+    Ok(PromptLora { name, weight: te })
+}
+
 /// One piece of a parsed prompt.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PromptPart {
@@ -386,6 +464,30 @@ pub fn chunk_tokens<E>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lora_tags_are_taken_out_of_the_prompt() -> Result<()> {
+        let (text, loras) = extract_lora_tags("prompt", "a cat <lora:detail:0.8>, <LORA:style> in a < b <3 <lyco:x:te=0.5:unet=0.5>")?;
+        assert_eq!(text, "a cat ,  in a < b <3 ");
+        assert_eq!(
+            loras,
+            vec![
+                PromptLora { name: "detail".into(), weight: 0.8 },
+                PromptLora { name: "style".into(), weight: 1.0 },
+                PromptLora { name: "x".into(), weight: 0.5 }
+            ]
+        );
+        let (_, l) = extract_lora_tags("prompt", "<lora:a:-0.5:-0.5>")?;
+        assert_eq!(l[0].weight, -0.5);
+        for bad in ["<lora::1>", "<lora:a:big>", "<lora:a:1:0.5>", "<lora:a:inf>", "<hypernet:h:1>", "<lora:a:1:dyn=4>", "<lora:a:1:1:1>"] {
+            assert!(matches!(extract_lora_tags("prompt", bad), Err(Error::InvalidRequest { field: "prompt", .. })), "{bad}");
+        }
+        // Not tags: stays as written.
+        for text in ["a < b > c", "<3", "<:x>", "x <lora:> y", "<a b:c>"] {
+            assert_eq!(extract_lora_tags("prompt", text)?, (text.to_string(), vec![]), "{text}");
+        }
+        Ok(())
+    }
 
     fn t(text: &str, weight: f32) -> PromptPart {
         PromptPart::Text { text: text.into(), weight }

@@ -17,7 +17,7 @@ use crate::server::Caller;
 use crate::controlnet::{ControlNetNames, ControlNetRequest};
 use crate::error::{ApiError, JobError};
 use crate::jobs::{unix_now, JobResult};
-use crate::request::{build_job, decode_image, from_value, parse_json_object, CommonInput, FieldNames, OpInput};
+use crate::request::{build_job, decode_base64, decode_image, from_value, parse_json_object, CommonInput, FieldNames, OpInput};
 use crate::state::{AppState, ModelInfo};
 
 const NAMES: FieldNames = FieldNames {
@@ -280,6 +280,125 @@ pub async fn progress(State(st): St, q: Result<Query<ProgressQuery>, QueryReject
     }))
 }
 
+/// `GET /sdapi/v1/loras`: the LoRAs of the configured folders, by the names `<lora:name:weight>` takes.
+pub async fn loras(State(st): St) -> Json<Value> {
+    let list = st.loras.list().into_iter().map(|l| json!({"name": l.name, "alias": l.name, "path": l.path, "metadata": {}}));
+    Json(Value::Array(list.collect()))
+}
+
+/// `GET /sdapi/v1/embeddings`: this worker loads no textual-inversion embeddings (yet), so none are listed.
+pub async fn embeddings() -> Json<Value> {
+    Json(json!({"loaded": {}, "skipped": {}}))
+}
+
+/// `GET /sdapi/v1/sd-vae`: no separate VAE files are offered; the model's own VAE is used.
+pub async fn sd_vae() -> Json<Value> {
+    Json(json!([]))
+}
+
+/// `GET /sdapi/v1/upscalers`: only A1111's "None" — this worker has no upscaler models (yet).
+pub async fn upscalers() -> Json<Value> {
+    Json(json!([{"name": "None", "model_name": Value::Null, "model_path": Value::Null, "model_url": Value::Null, "scale": 1}]))
+}
+
+/// `POST /sdapi/v1/png-info` `{"image": base64 PNG}`: the PNG's `parameters` text (`info`) and, as A1111,
+/// its fields parsed (`parameters`: `Prompt`, `Negative prompt`, `Steps`, …, `Size-1`/`Size-2`).
+pub async fn png_info(State(st): St, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    let body = body_bytes(&st, body)?;
+    blocking(move || {
+        let obj = parse_json_object(&body)?;
+        let image = obj.get("image").and_then(Value::as_str).ok_or_else(|| ApiError::invalid("image", "send the PNG as a base64 string"))?;
+        let bytes = decode_base64("image", image)?;
+        let text = if bytes.starts_with(b"\x89PNG") {
+            sd_core::image_io::read_png_parameters(&bytes).map_err(|e| ApiError::invalid("image", e.to_string()))?.unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let parameters = parse_infotext(&text);
+        Ok(Json(json!({"info": text, "items": {"parameters": text}, "parameters": parameters})))
+    })
+    .await
+}
+
+/// A1111's infotext as fields: the prompt lines, `Negative prompt:` lines, then `Key: value` pairs
+/// (values may be quoted and contain commas).
+pub fn parse_infotext(text: &str) -> Map<String, Value> {
+    let mut out = Map::new();
+    if text.trim().is_empty() {
+        return out;
+    }
+    let mut lines: Vec<&str> = text.lines().collect();
+    let settings = match lines.last() {
+        Some(last) if last.contains("Steps:") || (lines.len() > 1 && last.contains(": ")) => lines.pop().unwrap_or_default(),
+        _ => "",
+    };
+    let (mut prompt, mut negative, mut in_negative) = (Vec::new(), Vec::new(), false);
+    for l in lines {
+        if let Some(rest) = l.strip_prefix("Negative prompt:") {
+            in_negative = true;
+            negative.push(rest.trim_start());
+        } else if in_negative {
+            negative.push(l);
+        } else {
+            prompt.push(l);
+        }
+    }
+    out.insert("Prompt".into(), json!(prompt.join("\n")));
+    out.insert("Negative prompt".into(), json!(negative.join("\n")));
+    let mut rest = settings.trim();
+    while let Some((key, after)) = rest.split_once(':') {
+        let after = after.trim_start();
+        let (value, next) = if let Some(quoted) = after.strip_prefix('"') {
+            let mut end = None;
+            let mut escaped = false;
+            for (i, c) in quoted.char_indices() {
+                match c {
+                    '\\' if !escaped => escaped = true,
+                    '"' if !escaped => {
+                        end = Some(i);
+                        break;
+                    }
+                    _ => escaped = false,
+                }
+            }
+            match end {
+                Some(i) => (format!("\"{}\"", &quoted[..i]), quoted[i + 1..].trim_start().strip_prefix(',').unwrap_or("")),
+                None => (after.to_string(), ""),
+            }
+        } else {
+            match after.split_once(',') {
+                Some((v, n)) => (v.trim().to_string(), n),
+                None => (after.trim().to_string(), ""),
+            }
+        };
+        let key = key.trim();
+        if key == "Size" {
+            if let Some((w, h)) = value.split_once('x') {
+                out.insert("Size-1".into(), json!(w));
+                out.insert("Size-2".into(), json!(h));
+            }
+        }
+        out.insert(key.to_string(), json!(value.trim_matches('"')));
+        rest = next.trim_start();
+    }
+    out
+}
+
+/// `GET /controlnet/model_list`: the ControlNets of the configured folders, as the extension lists them.
+pub async fn controlnet_models(State(st): St) -> Json<Value> {
+    Json(json!({"model_list": st.controlnets.list().into_iter().map(|c| c.name).collect::<Vec<_>>()}))
+}
+
+/// `GET /controlnet/module_list`: the preprocessors this worker runs.
+pub async fn controlnet_modules() -> Json<Value> {
+    Json(json!({"module_list": sd_controlnet::preprocess::PREPROCESSOR_NAMES}))
+}
+
+/// `GET /controlnet/version`: the extension API version this worker's ControlNet fields follow.
+pub async fn controlnet_version() -> Json<Value> {
+    Json(json!({"version": 2}))
+}
+
 /// `POST /sdapi/v1/interrupt`: stops the running job within one step.
 pub async fn interrupt(State(st): St, caller: Caller) -> Json<Value> {
     // Only the caller's own job: another client's generation is not theirs to stop.
@@ -322,4 +441,24 @@ pub async fn sd_models(State(st): St) -> Result<Json<Value>, ApiError> {
 pub async fn options(State(st): St) -> Result<Json<Value>, ApiError> {
     let m = st.ready_model()?;
     Ok(Json(json!({"sd_model_checkpoint": m.name, "CLIP_stop_at_last_layers": 1, "samples_format": "png"})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn infotext_parses_as_a1111_does() {
+        let text = "a cat, (red:1.2)\nsecond line\nNegative prompt: blurry, low\nSteps: 20, Sampler: DPM++ 2M, CFG scale: 7, Seed: 42, Size: 512x768, Lora weights: \"a: 1, b: 0.5\", Model: sd15";
+        let m = parse_infotext(text);
+        assert_eq!(m["Prompt"], "a cat, (red:1.2)\nsecond line");
+        assert_eq!(m["Negative prompt"], "blurry, low");
+        assert_eq!(m["Steps"], "20");
+        assert_eq!(m["Sampler"], "DPM++ 2M");
+        assert_eq!((m["Size-1"].clone(), m["Size-2"].clone()), (json!("512"), json!("768")));
+        assert_eq!(m["Lora weights"], "a: 1, b: 0.5");
+        assert_eq!(m["Model"], "sd15");
+        assert!(parse_infotext("").is_empty());
+        assert_eq!(parse_infotext("just a prompt")["Prompt"], "just a prompt");
+    }
 }

@@ -375,6 +375,12 @@ fn lora_field(e: &sd_models::Error, wanted: &[ResolvedLora]) -> String {
     }
 }
 
+/// The prompt as the client wrote it (with its `<lora:…>` tags, which the run itself does not read), for
+/// the infotext.
+fn written_prompt(job: &Job, p: &sd_pipelines::pipeline::GenerationParams) -> String {
+    job.parameters["prompt"].as_str().map_or_else(|| p.prompt.clone(), str::to_string)
+}
+
 /// A library error as a job failure: cancellation, a named request field (`invalid_request`), or a
 /// generation failure.
 fn core_failure(e: sd_core::Error) -> Failure {
@@ -466,7 +472,8 @@ fn run_job(state: &AppState, engine: &mut Engine, job: &Job) -> Result<JobResult
             let mut hook = sd.controlnet_hook(&controlnets, p.width, p.height).map_err(|e| (JobStatus::Failed, e))?;
             let control = hook.as_mut().map(|h| h as &mut dyn ResidualHook);
             let out = generate(&sd.models, &p, &task, &mut run, SdExtras { control, scheduler: None }).map_err(failure)?;
-            (out.images, out.seed, a1111_parameters(&p, &engine.info.name, &extra))
+            let shown = sd_pipelines::pipeline::GenerationParams { prompt: written_prompt(job, &p), ..p.clone() };
+            (out.images, out.seed, a1111_parameters(&shown, &engine.info.name, &extra))
         }
         Backend::Flux(flux) => {
             flux.ensure_loras(&loras).map_err(|e| (JobStatus::Failed, e))?;
@@ -482,7 +489,7 @@ fn run_job(state: &AppState, engine: &mut Engine, job: &Job) -> Result<JobResult
                 ("Model", engine.info.name.clone()),
             ];
             fields.extend(extra.iter().map(|(k, v)| (*k, v.clone())));
-            (out.images, out.seed, infotext(&p.prompt, "", &fields))
+            (out.images, out.seed, infotext(&written_prompt(job, &p), "", &fields))
         }
     };
     let images = tensor_to_images(&images)

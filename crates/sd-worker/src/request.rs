@@ -8,6 +8,7 @@ use base64::engine::DecodePaddingMode;
 use base64::Engine as _;
 use image::{DynamicImage, GenericImageView};
 use sd_pipelines::pipeline::{GenerationParams, NoiseKind};
+use sd_core::prompt::extract_lora_tags;
 use sd_core::run::TaskKind;
 use sd_pipelines::schedulers::{Sampler, SamplerKind, SigmaSchedule};
 use serde::de::DeserializeOwned;
@@ -419,13 +420,20 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
     let limits = &state.config.limits;
     let caps = &model.caps;
     let multiple = caps.size_multiple;
+    // A1111's `<lora:name:weight>` tags come out of the prompt and join the request's LoRAs; the
+    // parameters (and the PNG's infotext) keep the prompt as written, as A1111 does.
+    let written_prompt = input.prompt.clone();
+    let (prompt, tags) = extract_lora_tags("prompt", &input.prompt).map_err(|e| names.library_error(e))?;
+    let mut input = input;
+    input.prompt = prompt;
     // Fields the model does not read (FLUX: negative prompt, sampler, clip skip) are accepted, since
     // front ends always send them, and listed as ignored in the result.
     let mut ignored: Vec<&str> = Vec::new();
     if !caps.controlnet && !input.controlnets.is_empty() {
         return Err(ApiError::invalid(names.controlnet.list, format!("ControlNets do not work with {} models; this worker serves one", caps.variant)));
     }
-    if !caps.lora && !input.loras.is_empty() {
+    let wants_loras = !input.loras.is_empty() || !tags.is_empty();
+    if !caps.lora && wants_loras {
         return Err(ApiError::invalid("loras", format!("this {} model takes no LoRAs (a quantized transformer); merge the LoRA before quantizing", caps.variant)));
     }
     if !caps.negative_prompt && !input.negative_prompt.trim().is_empty() {
@@ -505,7 +513,18 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
     };
     // The model's own rules: size multiple, guidance, clip skip, prompt syntax, the sampler's limits.
     caps.validate(&params).map_err(|e| names.library_error(e))?;
-    let resolved = state.loras.resolve_all(&input.loras)?;
+    let mut resolved = state.loras.resolve_all(&input.loras)?;
+    let tag_requests: Vec<LoraRequest> =
+        tags.iter().map(|t| LoraRequest { name: Some(t.name.clone()), path: None, strength: Some(t.weight) }).collect();
+    for (t, r) in tags.iter().zip(&tag_requests) {
+        let found = state.loras.resolve_all(std::slice::from_ref(r)).map_err(|e| {
+            ApiError::invalid("prompt", format!("<lora:{}:{}> in the prompt: {}", t.name, t.weight, e.message))
+        })?;
+        resolved.extend(found);
+    }
+    if resolved.len() > crate::lora::MAX_LORAS {
+        return Err(ApiError::invalid("loras", format!("{} LoRAs (with the prompt's <lora:…> tags); at most {} may be stacked", resolved.len(), crate::lora::MAX_LORAS)));
+    }
     let controlnets = state.controlnets.resolve_all(&input.controlnets, &names.controlnet, model.unet.as_ref())?;
     let pixels = |img: &DynamicImage| u64::from(img.width()) * u64::from(img.height());
     let mut job_pixels: u64 = controlnets.iter().map(|c| pixels(&c.image)).sum();
@@ -546,7 +565,7 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
     let parameters = json!({
         "operation": operation.name(),
         "model": model.name,
-        "prompt": params.prompt,
+        "prompt": written_prompt,
         "negative_prompt": params.negative_prompt,
         "width": width,
         "height": height,

@@ -570,6 +570,37 @@ fn loras_are_applied_per_request_and_removed_again() {
     assert_eq!(by_path["images"], with["images"]);
     let again = job(json!([]));
     assert_eq!(again["images"], plain["images"], "removing the LoRA restores the model");
+    // A1111's prompt tag does the same as the request field; the infotext keeps the prompt as written.
+    let id = s.submit(&json!({"operation": "image_generation", "prompt": "a tree <lora:sd15_kohya:1>", "width": 32, "height": 32, "steps": 3, "seed": 7}));
+    let tagged = s.stream(&id).last().cloned().expect("events").1;
+    assert_eq!(pixels_of(&tagged), pixels_of(&with), "<lora:…> in the prompt applies the LoRA");
+    assert_eq!(tagged["parameters"]["prompt"], "a tree <lora:sd15_kohya:1>");
+    assert_eq!(tagged["parameters"]["loras"][0]["name"], "sd15_kohya");
+    let meta = sd_pipelines::image_io::read_png_parameters(&unb64(tagged["images"][0].as_str().expect("image"))).expect("png").expect("meta");
+    assert!(meta.starts_with("a tree <lora:sd15_kohya:1>\n"), "{meta}");
+    for prompt in ["a tree <lora:missing:1>", "a tree <hypernet:h:1>", "<lora:sd15_kohya:1:0.5>"] {
+        let r = s.post("/v1/jobs", &json!({"operation": "image_generation", "prompt": prompt, "width": 32, "height": 32, "steps": 2}));
+        assert_error(&r, 400, "prompt");
+    }
+    // The A1111 route reads the same tags.
+    let a1111 = json!({"prompt": "a tree <lora:sd15_kohya:1>", "width": 32, "height": 32, "steps": 3, "seed": 7, "sampler_name": "Euler",
+        "cfg_scale": with["parameters"]["guidance_scale"]});
+    let r = s.post("/sdapi/v1/txt2img", &a1111);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(pixels_of(&r.json()), pixels_of(&with));
+    // The routes A1111 clients call to list LoRAs and read a PNG back.
+    let listed = s.get("/sdapi/v1/loras").json();
+    assert!(listed.as_array().is_some_and(|l| l.iter().any(|x| x["name"] == "sd15_kohya")), "{listed}");
+    let info = s.post("/sdapi/v1/png-info", &json!({"image": tagged["images"][0]}));
+    assert_eq!(info.status, 200, "{}", info.text());
+    let info = info.json();
+    assert_eq!(info["parameters"]["Prompt"], "a tree <lora:sd15_kohya:1>", "{info}");
+    assert_eq!(info["parameters"]["Seed"], "7");
+    assert_eq!(info["info"], meta.as_str());
+    assert_error(&s.post("/sdapi/v1/png-info", &json!({"image": 5})), 400, "image");
+    for route in ["/sdapi/v1/embeddings", "/sdapi/v1/sd-vae", "/sdapi/v1/upscalers", "/controlnet/model_list", "/controlnet/module_list", "/controlnet/version"] {
+        assert_eq!(s.get(route).status, 200, "{route}");
+    }
     s.shutdown();
 }
 
