@@ -88,6 +88,7 @@ fn run(args: Args) -> Result<(), String> {
         config,
         prefer_fp16_files: args.dtype.as_deref().is_some_and(|d| d.contains("16")),
         backend_hook: None,
+        vae: None,
     };
     let start = Instant::now();
     let models = loader::load(&args.path, &opts).map_err(|e| e.to_string())?;

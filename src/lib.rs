@@ -68,6 +68,10 @@ pub struct ModelArgs {
     /// A LoRA to merge, as `path.safetensors[:strength]` (strength defaults to 1, may be negative); repeatable.
     #[arg(long = "lora", value_name = "PATH[:STRENGTH]")]
     pub loras: Vec<String>,
+    /// A VAE to use instead of the model's own: a diffusers `vae/` folder or a `.safetensors` file
+    /// (e.g. `vae-ft-mse-840000-ema-pruned.safetensors`, `sdxl_vae_fp16_fix`).
+    #[arg(long)]
+    pub vae: Option<std::path::PathBuf>,
 }
 
 /// The generation settings every example shares.
@@ -150,6 +154,7 @@ pub fn load_model(args: &ModelArgs) -> AnyResult<StableDiffusionModels> {
         dtype: args.dtype.as_deref().map(parse_dtype).transpose()?,
         device: device(args.cpu)?,
         backend_hook: (!loras.is_empty()).then(|| loras.backend_hook()),
+        vae: args.vae.clone(),
         ..LoadOptions::default()
     };
     let models = load_with(args, opts)?;

@@ -187,57 +187,6 @@ impl SimpleBackend for DiffusersFluxBackend {
     }
 }
 
-/// Serves diffusers VAE names (what `sd_models::vae::AutoencoderKL` asks for) from an LDM-named
-/// autoencoder such as BFL's `ae.safetensors` (`encoder.down.0.block.0.…`, no prefix) or a full
-/// checkpoint's `first_stage_model.*`.
-pub struct LdmVaeBackend {
-    st: MmapedSafetensors,
-    blocks: usize,
-    source: String,
-}
-
-impl LdmVaeBackend {
-    /// Wraps the mapped file of a VAE with `blocks` resolution levels.
-    pub fn new(st: MmapedSafetensors, blocks: usize, source: impl Into<String>) -> Self {
-        Self { st, blocks, source: source.into() }
-    }
-
-    fn stored(&self, name: &str) -> Option<String> {
-        let ldm = sd_models::keymap::vae_to_ldm(name, self.blocks)?;
-        [format!("{}{ldm}", sd_models::keymap::LDM_VAE_PREFIX), ldm].into_iter().find(|n| self.st.get(n).is_ok())
-    }
-
-    fn load(&self, name: &str, expected: Option<&Shape>, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let stored = self
-            .stored(name)
-            .ok_or_else(|| msg(format!("{}: the VAE tensor {name} is missing; is this a FLUX autoencoder (ae.safetensors)?", self.source)))?;
-        let t = self.st.load(&stored, dev)?;
-        let t = match expected {
-            // LDM keeps the mid-block attention projections as 1×1 convolutions; diffusers as linears.
-            Some(s) if t.shape() != s && t.elem_count() == s.elem_count() && t.rank() != s.rank() => t.reshape(s.clone())?,
-            Some(s) if t.shape() != s => {
-                return Err(msg(format!("{}: {stored} has shape {:?}, expected {:?}", self.source, t.dims(), s.dims())))
-            }
-            _ => t,
-        };
-        t.to_dtype(dtype)?.contiguous()
-    }
-}
-
-impl SimpleBackend for LdmVaeBackend {
-    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.load(name, Some(&s), dtype, dev)
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.load(name, None, dtype, dev)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.stored(name).is_some()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

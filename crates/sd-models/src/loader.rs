@@ -45,6 +45,11 @@ pub struct LoadOptions {
     pub prefer_fp16_files: bool,
     /// Wraps each component's weight backend (folders and single files alike); see [`BackendHook`].
     pub backend_hook: Option<BackendHook>,
+    /// A VAE to use instead of the model's own: a diffusers `vae/` folder or a `.safetensors` file
+    /// (diffusers, LDM or `first_stage_model.*` names; see [`crate::vae::load_vae_weights`]). It must
+    /// have the model's latent channel count; a folder's `config.json` (scaling factor …) replaces the
+    /// model's VAE config, a file keeps it.
+    pub vae: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for LoadOptions {
@@ -56,6 +61,7 @@ impl std::fmt::Debug for LoadOptions {
             .field("config", &self.config)
             .field("prefer_fp16_files", &self.prefer_fp16_files)
             .field("backend_hook", &self.backend_hook.as_ref().map(|_| "<hook>"))
+            .field("vae", &self.vae)
             .finish()
     }
 }
@@ -69,6 +75,7 @@ impl Default for LoadOptions {
             config: None,
             prefer_fp16_files: false,
             backend_hook: None,
+            vae: None,
         }
     }
 }
@@ -242,6 +249,26 @@ fn build_components(
     Ok(Components { unet, vae, text_encoder, text_encoder_2 })
 }
 
+/// Replaces the loaded VAE with [`LoadOptions::vae`], when one is given.
+fn override_vae(opts: &LoadOptions, dtype: DType, config: &mut ModelConfig, vae: &mut AutoencoderKL, vae_dtype: &mut DType) -> Result<()> {
+    let Some(path) = &opts.vae else { return Ok(()) };
+    let (new_vae, cfg) = crate::vae::load_vae_weights(path, &config.vae, dtype, &opts.device)?;
+    if cfg.latent_channels != config.vae.latent_channels {
+        return Err(Error::InvalidConfig {
+            path: path.clone(),
+            reason: format!(
+                "this VAE has {} latent channels but the {} model needs {}; use a VAE made for this model family",
+                cfg.latent_channels, config.variant, config.vae.latent_channels
+            ),
+        });
+    }
+    *vae_dtype = vae_dtype_for(dtype, &cfg);
+    *vae = new_vae;
+    config.vae = cfg;
+    tracing::info!("using the VAE from {}", path.display());
+    Ok(())
+}
+
 /// The complete config of a diffusers folder for `variant`.
 pub fn folder_model_config(folder: &DiffusersFolder, variant: SdVariant) -> ModelConfig {
     let defaults = variant.config();
@@ -316,8 +343,8 @@ pub fn load_diffusers_folder(dir: &Path, opts: &LoadOptions) -> Result<StableDif
             dir.display()
         );
     }
-    let config = folder_model_config(&folder, variant);
-    let vae_dtype = vae_dtype_for(dtype, &config.vae);
+    let mut config = folder_model_config(&folder, variant);
+    let mut vae_dtype = vae_dtype_for(dtype, &config.vae);
     let mut components = vec![Component::Unet, Component::Vae, Component::TextEncoder];
     if config.text_encoder_2.is_some() {
         components.push(Component::TextEncoder2);
@@ -337,7 +364,8 @@ pub fn load_diffusers_folder(dir: &Path, opts: &LoadOptions) -> Result<StableDif
         vb.insert(c, VarBuilder::from_backend(backend, d, opts.device.clone()));
     }
     let on_err = |c: Component, e: candle_core::Error| classify(e, c, &folder.component_dir(c));
-    let parts = build_components(Builders { vb }, &config, &on_err)?;
+    let mut parts = build_components(Builders { vb }, &config, &on_err)?;
+    override_vae(opts, dtype, &mut config, &mut parts.vae, &mut vae_dtype)?;
     let tok_pad = if variant.family() == ModelFamily::Sd2 { PadToken::Exclamation } else { PadToken::EndOfText };
     let tokenizer = folder_tokenizer(&dir.join("tokenizer"), tok_pad)?;
     let tokenizer_2 = match config.text_encoder_2 {
@@ -388,9 +416,9 @@ fn prepare_single_file(path: &Path, opts: &LoadOptions) -> Result<(SingleFile, D
 /// The config is [`LoadOptions::config`] when given, else the published config of the variant.
 pub fn load_single_file(path: &Path, opts: &LoadOptions) -> Result<StableDiffusionModels> {
     let dtype = opts.resolved_dtype()?;
-    let (file, detected, config) = prepare_single_file(path, opts)?;
+    let (file, detected, mut config) = prepare_single_file(path, opts)?;
     let variant = config.variant;
-    let vae_dtype = vae_dtype_for(dtype, &config.vae);
+    let mut vae_dtype = vae_dtype_for(dtype, &config.vae);
     let file = Arc::new(file);
     let keymap = Arc::new(KeyMap::new(variant.family(), &config.unet, &config.vae));
     let mut components = vec![Component::Unet, Component::Vae, Component::TextEncoder];
@@ -409,7 +437,8 @@ pub fn load_single_file(path: &Path, opts: &LoadOptions) -> Result<StableDiffusi
     let on_err = |c: Component, e: candle_core::Error| {
         slots.get(&c).and_then(|s| take_error(s, &e)).unwrap_or_else(|| classify(e, c, path))
     };
-    let parts = build_components(Builders { vb }, &config, &on_err)?;
+    let mut parts = build_components(Builders { vb }, &config, &on_err)?;
+    override_vae(opts, dtype, &mut config, &mut parts.vae, &mut vae_dtype)?;
     let (tokenizer, tokenizer_2) = single_file_tokenizers(variant.family(), config.text_encoder_2.is_some(), path)?;
     tracing::info!("loaded {} ({}) from {}", variant, detected.evidence, path.display());
     Ok(StableDiffusionModels {

@@ -6,11 +6,16 @@
 //! that honour `force_upcast` load the VAE in F32 and cast latents/images at the boundary, which
 //! the loader does.
 
-use candle_core::{DType, Device, Module, Tensor};
+use std::path::Path;
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Module, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Linear, VarBuilder};
 
 use crate::config::VaeConfig;
 use crate::error::{Error, Result};
+use crate::keymap::{vae_to_ldm, LDM_VAE_PREFIX};
 use crate::ops::{self, Conv2d, GroupNorm};
 
 /// GroupNorm epsilon used everywhere in the SD VAE.
@@ -666,6 +671,105 @@ where
         Some(r) => Ok(r),
         None => candle_core::bail!("tiling produced no tiles for height {h}"),
     }
+}
+
+/// Serves diffusers VAE names (what `sd_models::vae::AutoencoderKL` asks for) from an LDM-named
+/// autoencoder: a VAE file with bare LDM names (`encoder.down.0.block.0.…`, as BFL's `ae.safetensors` or a
+/// stripped `vae-ft-mse-840000`) or with a full checkpoint's `first_stage_model.*` names.
+pub struct LdmVaeBackend {
+    st: MmapedSafetensors,
+    blocks: usize,
+    source: String,
+}
+
+impl LdmVaeBackend {
+    /// Wraps the mapped file of a VAE with `blocks` resolution levels.
+    pub fn new(st: MmapedSafetensors, blocks: usize, source: impl Into<String>) -> Self {
+        Self { st, blocks, source: source.into() }
+    }
+
+    fn stored(&self, name: &str) -> Option<String> {
+        let ldm = vae_to_ldm(name, self.blocks)?;
+        [format!("{}{ldm}", LDM_VAE_PREFIX), ldm].into_iter().find(|n| self.st.get(n).is_ok())
+    }
+
+    fn load(&self, name: &str, expected: Option<&Shape>, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let stored = self
+            .stored(name)
+            .ok_or_else(|| msg(format!("{}: the VAE tensor {name} is missing; is this a VAE (or a checkpoint with first_stage_model.* tensors) of this architecture?", self.source)))?;
+        let t = self.st.load(&stored, dev)?;
+        let t = match expected {
+            // LDM keeps the mid-block attention projections as 1×1 convolutions; diffusers as linears.
+            Some(s) if t.shape() != s && t.elem_count() == s.elem_count() && t.rank() != s.rank() => t.reshape(s.clone())?,
+            Some(s) if t.shape() != s => {
+                return Err(msg(format!("{}: {stored} has shape {:?}, expected {:?}", self.source, t.dims(), s.dims())))
+            }
+            _ => t,
+        };
+        t.to_dtype(dtype)?.contiguous()
+    }
+}
+
+impl SimpleBackend for LdmVaeBackend {
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.load(name, Some(&s), dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.load(name, None, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.stored(name).is_some()
+    }
+}
+
+fn msg(e: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+/// Loads a VAE by itself, as users keep them next to checkpoints: a diffusers `vae/` folder (its own
+/// `config.json` is returned and wins), or one `.safetensors` file with diffusers names, bare LDM names
+/// (`encoder.down.0.block.0.…`, e.g. `vae-ft-mse-840000-ema-pruned.safetensors`, BFL's `ae.safetensors`) or
+/// a checkpoint's `first_stage_model.*` — for a file, `config` describes the architecture (the model's
+/// own VAE config, when the file replaces it). Weights are loaded in `dtype` (F32 instead of F16 when the
+/// config says the VAE overflows in F16). PyTorch pickles are refused.
+pub fn load_vae_weights(path: &Path, config: &VaeConfig, dtype: DType, device: &Device) -> Result<(AutoencoderKL, VaeConfig)> {
+    let source = path.display().to_string();
+    let (cfg, files) = if path.is_dir() {
+        let cfg = crate::diffusers::read_vae_config(&path.join("config.json"))?;
+        (cfg, crate::diffusers::find_weight_files(path, false)?)
+    } else if path.is_file() {
+        if path.extension().is_some_and(|e| ["ckpt", "pt", "pth", "bin"].iter().any(|p| e.eq_ignore_ascii_case(p))) {
+            return Err(Error::UnsupportedFormat {
+                path: path.to_path_buf(),
+                reason: "PyTorch pickles are not loaded (unpickling can run arbitrary code); use the .safetensors version of this VAE".into(),
+            });
+        }
+        (config.clone(), vec![path.to_path_buf()])
+    } else {
+        return Err(Error::NotFound { what: "VAE file or folder".into(), path: path.to_path_buf() });
+    };
+    for f in &files {
+        crate::single_file::open_safetensors(f)?;
+    }
+    // SAFETY: read-only mapping; the files must not be truncated while the model is loading.
+    let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| Error::InvalidSafetensors { path: path.to_path_buf(), reason: e.to_string() })?;
+    let dtype = crate::loader::vae_dtype_for(dtype, &cfg);
+    // `decoder.conv_in` has the same name in both layouts; the blocks tell them apart.
+    let diffusers_names = st.get("decoder.up_blocks.0.resnets.0.conv1.weight").is_ok();
+    let backend: Box<dyn SimpleBackend> =
+        if diffusers_names { Box::new(st) } else { Box::new(LdmVaeBackend::new(st, cfg.block_out_channels.len(), source.clone())) };
+    let vae = AutoencoderKL::new(VarBuilder::from_backend(backend, dtype, device.clone()), &cfg).map_err(|e| Error::InvalidConfig {
+        path: path.to_path_buf(),
+        reason: format!(
+            "not a VAE of this architecture ({} latent channels, {} levels): {}",
+            cfg.latent_channels,
+            cfg.block_out_channels.len(),
+            crate::single_file::innermost(&e)
+        ),
+    })?;
+    Ok((vae, cfg))
 }
 
 #[cfg(test)]

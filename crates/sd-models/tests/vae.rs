@@ -283,3 +283,54 @@ proptest! {
         }
     }
 }
+
+/// `LoadOptions::vae`: a separate VAE (the tiny SDXL one, same architecture, other weights) replaces the
+/// model's own, from a diffusers folder (its config wins), a diffusers-named file, a checkpoint's
+/// `first_stage_model.*` tensors and a bare LDM-named file; every one decodes as diffusers does.
+#[test]
+fn a_separate_vae_replaces_the_models_own() -> TestResult {
+    use sd_models::loader::{load, LoadOptions};
+    let g = goldens("sdxl")?;
+    let scratch = std::env::temp_dir().join(format!("sd-models-vae-override-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    // Bare LDM names: the SDXL checkpoint's first_stage_model.* without the prefix.
+    let ckpt = candle_core::safetensors::load(fixtures().join("sdxl.safetensors"), &Device::Cpu)?;
+    let bare: HashMap<String, Tensor> =
+        ckpt.into_iter().filter_map(|(k, v)| k.strip_prefix("first_stage_model.").map(|k| (k.to_string(), v))).collect();
+    assert!(bare.len() > 20);
+    let bare_path = scratch.join("vae-bare-ldm.safetensors");
+    candle_core::safetensors::save(&bare, &bare_path)?;
+    let sources = [
+        fixtures().join("sdxl/vae"),
+        fixtures().join("sdxl/vae/diffusion_pytorch_model.safetensors"),
+        fixtures().join("sdxl.safetensors"),
+        bare_path,
+    ];
+    for (model, vae) in [("sd15", &sources[0]), ("sd15.safetensors", &sources[1]), ("sd15", &sources[2]), ("sd15.safetensors", &sources[3])] {
+        // Tiny single files need their folder's config, as diffusers' `config=`.
+        let config = model.ends_with(".safetensors").then(|| sd_models::loader::read_folder_config(&fixtures().join("sd15"), None)).transpose()?;
+        let opts = LoadOptions { vae: Some(vae.clone()), config, ..LoadOptions::default() };
+        let m = load(&fixtures().join(model), &opts)?;
+        let decoded = m.vae.decode(golden(&g, "latent")?)?;
+        assert_close(&format!("{model} with the VAE of {}", vae.display()), &decoded, golden(&g, "decoded")?)?;
+        // A folder brings its config (SDXL's scaling factor); a file keeps the model's.
+        let want = if vae.is_dir() { 0.13025 } else { 0.18215 };
+        assert_eq!(m.config.vae.scaling_factor, want, "{}", vae.display());
+    }
+    // Without the option the model's own VAE decodes differently.
+    let own = load(&fixtures().join("sd15"), &LoadOptions::default())?;
+    assert!(max_diff(&own.vae.decode(golden(&g, "latent")?)?, golden(&g, "decoded")?)? > 1e-2);
+    // A FLUX (16-channel) VAE, a missing path and a pickle are refused with what to do.
+    for (vae, needle) in [
+        (fixtures().join("flux/dev/vae"), "latent channels"),
+        (scratch.join("missing.safetensors"), "not found"),
+        (scratch.join("vae.pt"), "pickle"),
+    ] {
+        std::fs::write(scratch.join("vae.pt"), b"x")?;
+        let opts = LoadOptions { vae: Some(vae.clone()), ..LoadOptions::default() };
+        let msg = load(&fixtures().join("sd15"), &opts).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.to_lowercase().contains(needle), "{}: {msg}", vae.display());
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok(())
+}

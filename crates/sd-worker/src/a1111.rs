@@ -291,9 +291,18 @@ pub async fn embeddings() -> Json<Value> {
     Json(json!({"loaded": {}, "skipped": {}}))
 }
 
-/// `GET /sdapi/v1/sd-vae`: no separate VAE files are offered; the model's own VAE is used.
-pub async fn sd_vae() -> Json<Value> {
-    Json(json!([]))
+/// `GET /sdapi/v1/sd-vae`: the VAE given with `--vae`, if any (per-request VAE switching is not offered).
+pub async fn sd_vae(State(st): St) -> Json<Value> {
+    let list: Vec<Value> = st
+        .config
+        .vae
+        .iter()
+        .map(|p| {
+            let name = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            json!({"model_name": name, "filename": p.display().to_string()})
+        })
+        .collect();
+    Json(Value::Array(list))
 }
 
 /// `GET /sdapi/v1/upscalers`: only A1111's "None" — this worker has no upscaler models (yet).

@@ -27,6 +27,10 @@ pub struct Cli {
     /// (default: the file's own folder).
     #[arg(long, env = "SD_WORKER_MODEL_CONFIG")]
     pub model_config: Option<PathBuf>,
+    /// A VAE to use instead of the model's own (Stable Diffusion models): a diffusers `vae/` folder or a
+    /// `.safetensors` file with diffusers, LDM or `first_stage_model.*` names.
+    #[arg(long, env = "SD_WORKER_VAE")]
+    pub vae: Option<PathBuf>,
     /// Device: `auto` (a GPU when compiled in and present), `cpu`, `cuda[:N]` or `metal[:N]`.
     #[arg(long, env = "SD_WORKER_DEVICE", default_value = "auto")]
     pub device: String,
@@ -223,6 +227,8 @@ pub struct WorkerConfig {
     pub variant: Option<SdVariant>,
     /// Folder whose configs describe a single-file checkpoint.
     pub model_config: Option<PathBuf>,
+    /// A VAE replacing the model's own.
+    pub vae: Option<PathBuf>,
     /// Device for every component.
     pub device: Device,
     /// Weight dtype, `None` for the device default.
@@ -260,6 +266,7 @@ impl WorkerConfig {
             model,
             variant: None,
             model_config: None,
+            vae: None,
             device: Device::Cpu,
             dtype: None,
             queue_capacity: 16,
@@ -374,6 +381,7 @@ impl Cli {
             model,
             variant,
             model_config: self.model_config,
+            vae: self.vae,
             device,
             dtype,
             queue_capacity: self.queue_capacity,

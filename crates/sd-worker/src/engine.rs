@@ -53,6 +53,7 @@ fn load_options(cfg: &WorkerConfig) -> Result<LoadOptions, String> {
         device: cfg.device.clone(),
         config,
         prefer_fp16_files: prefer_fp16(cfg),
+        vae: cfg.vae.clone(),
         ..LoadOptions::default()
     })
 }

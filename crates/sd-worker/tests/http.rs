@@ -1550,3 +1550,21 @@ fn sse_ids_grow_and_last_event_id_resumes_after_them() {
     assert_eq!(done.status, 200);
     assert!(sse_ids(&done.text()).is_empty(), "{}", done.text());
 }
+
+/// `--vae`: the worker decodes with the given VAE (here the tiny SDXL one, same architecture) instead of
+/// the model's own (the refusals are sd-models' tests).
+#[test]
+fn a_separate_vae_is_used_for_decoding() {
+    let job = json!({"operation": "image_generation", "prompt": "a tree", "width": 32, "height": 32, "steps": 2, "seed": 3});
+    let run = |cfg| {
+        let s = Server::start(cfg);
+        let done = s.stream(&s.submit(&job)).last().cloned().expect("events").1;
+        s.shutdown();
+        pixels_of(&done)
+    };
+    let own = run(config("sd15"));
+    let mut cfg = config("sd15");
+    cfg.vae = Some(fixture("sdxl/vae"));
+    let other = run(cfg);
+    assert_ne!(own, other, "the VAE override changed nothing");
+}
