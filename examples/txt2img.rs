@@ -1,6 +1,9 @@
 //! Text to image: `cargo run --release --example txt2img -- -m model.safetensors -p "a red fox in the snow"`.
+//! A1111's hires fix: add `--hires-scale 2` (and `--hires-upscaler Latent|"Latent (nearest)"|Lanczos|Nearest`,
+//! `--hires-steps`, `--hires-strength`).
 
 use clap::Parser;
+use sd_pipelines::hires::{generate_hires, HiresFix, HiresUpscaler};
 use sd_pipelines::pipeline::{generate, RunContext, Task};
 use sd_toolkit::{load_model, model_name, params, progress_bar, save_outputs, AnyResult, GenArgs, ModelArgs};
 
@@ -12,6 +15,18 @@ struct Cli {
     model: ModelArgs,
     #[command(flatten)]
     gen: GenArgs,
+    /// Hires fix: render at the size given, upscale by this factor and re-generate (A1111's `hr_scale`).
+    #[arg(long)]
+    hires_scale: Option<f64>,
+    /// Hires fix upscaler: `Latent`, `Latent (nearest)`, `Lanczos` or `Nearest`.
+    #[arg(long, default_value = "Latent")]
+    hires_upscaler: String,
+    /// Hires fix second-pass steps (default: the first pass's).
+    #[arg(long)]
+    hires_steps: Option<usize>,
+    /// Hires fix denoising strength.
+    #[arg(long, default_value_t = 0.7)]
+    hires_strength: f64,
 }
 
 fn main() -> std::process::ExitCode {
@@ -25,8 +40,26 @@ fn body() -> AnyResult<()> {
     eprintln!("loaded {} in {:.1}s", models.config.variant, t0.elapsed().as_secs_f64());
     let p = params(&models, &cli.gen)?;
     let mut bar = progress_bar(p.steps);
-    let out = generate(&models, &p, &Task::TextToImage, &mut RunContext::with_progress(&mut bar), Default::default())?;
-    for path in save_outputs(&out, &p, &model_name(&cli.model.spec()), &cli.gen.output, &[])? {
+    let mut extra = Vec::new();
+    let out = match cli.hires_scale {
+        Some(scale) => {
+            let upscaler: HiresUpscaler = cli.hires_upscaler.parse()?;
+            let mut hr = HiresFix::scaled(&p, scale, upscaler, cli.hires_strength)?;
+            hr.steps = cli.hires_steps;
+            extra.extend([
+                ("Denoising strength", hr.strength.to_string()),
+                ("Hires upscale", scale.to_string()),
+                ("Hires upscaler", upscaler.name().to_string()),
+            ]);
+            if let Some(s) = hr.steps {
+                extra.push(("Hires steps", s.to_string()));
+            }
+            generate_hires(&models, &p, &hr, &mut RunContext::with_progress(&mut bar))?
+        }
+        None => generate(&models, &p, &Task::TextToImage, &mut RunContext::with_progress(&mut bar), Default::default())?,
+    };
+    let extra: Vec<(&str, String)> = extra.into_iter().collect();
+    for path in save_outputs(&out, &p, &model_name(&cli.model.spec()), &cli.gen.output, &extra)? {
         println!("{} (seed {})", path.display(), out.seed);
     }
     Ok(())

@@ -192,7 +192,7 @@ impl Capabilities {
         self.validate(r)?;
         self.check_task_kind(task.kind(), task.strength(), r.steps)?;
         match task {
-            Task::ImageToImage(t) => crate::run::check_image("image", t.image, 3, r.height, r.width)?,
+            Task::ImageToImage(t) => crate::run::check_batch_image("image", t.image, 3, r.height, r.width, r.batch_size)?,
             Task::Inpaint(t) => {
                 crate::run::check_image("image", t.image, 3, r.height, r.width)?;
                 crate::run::check_image("mask", t.mask, 1, r.height, r.width)?;

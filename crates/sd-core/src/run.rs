@@ -229,6 +229,19 @@ pub enum Task<'a> {
     ImageToImage(ImageToImage<'a>),
     /// Repaint the masked part of an image (see [`Inpaint`]).
     Inpaint(Inpaint<'a>),
+    /// Re-generate from latents instead of pixels (see [`LatentsToImage`]): the second pass of a hires fix
+    /// with a latent upscaler; diffusers' img2img given 4-channel "images".
+    LatentsToImage(LatentsToImage<'a>),
+}
+
+/// Extra inputs of an img2img run that starts from latents.
+#[derive(Debug, Clone)]
+pub struct LatentsToImage<'a> {
+    /// Latents in the model's space `[1 or batch, c, h/f, w/f]` (the VAE's scaling already applied, as a
+    /// family's `generate` returns them).
+    pub latents: &'a Tensor,
+    /// Fraction of the schedule re-noised: 0 keeps the latents, 1 ignores them.
+    pub strength: f64,
 }
 
 impl Task<'_> {
@@ -238,6 +251,7 @@ impl Task<'_> {
             Task::TextToImage => TaskKind::TextToImage,
             Task::ImageToImage(_) => TaskKind::ImageToImage,
             Task::Inpaint(_) => TaskKind::Inpaint,
+            Task::LatentsToImage(_) => TaskKind::ImageToImage,
         }
     }
 
@@ -252,6 +266,7 @@ impl Task<'_> {
             Task::TextToImage => None,
             Task::ImageToImage(t) => Some(t.strength),
             Task::Inpaint(t) => Some(t.strength),
+            Task::LatentsToImage(t) => Some(t.strength),
         }
     }
 }
@@ -369,11 +384,18 @@ pub fn check_strength(strength: f64) -> Result<()> {
 
 /// Checks an input tensor is `[1, channels, height, width]` (the request's size).
 pub fn check_image(field: &'static str, t: &Tensor, channels: usize, height: usize, width: usize) -> Result<()> {
+    check_batch_image(field, t, channels, height, width, 1)
+}
+
+/// Checks an input tensor is `[1 or batch, channels, height, width]`: one input for every image of the
+/// batch, or one per image.
+pub fn check_batch_image(field: &'static str, t: &Tensor, channels: usize, height: usize, width: usize, batch: usize) -> Result<()> {
     let dims = t.dims();
-    if dims != [1, channels, height, width] {
+    let ok = dims.len() == 4 && (dims[0] == 1 || dims[0] == batch) && dims[1..] == [channels, height, width];
+    if !ok {
         return Err(Error::invalid(
             field,
-            format!("expected a [1, {channels}, {height}, {width}] tensor (height × width of the request), got {dims:?}"),
+            format!("expected a [1, {channels}, {height}, {width}] tensor (height × width of the request; or one per batch image), got {dims:?}"),
         ));
     }
     Ok(())

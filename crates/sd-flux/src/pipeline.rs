@@ -80,7 +80,11 @@ pub fn validate(models: &FluxModels, p: &FluxParams) -> Result<()> {
 }
 
 fn unsupported(task: &Task<'_>) -> Error {
-    Error::invalid("task", format!("FLUX.1 dev/schnell do not run {}; they run txt2img, img2img and inpaint", task.name()))
+    let what = match task {
+        Task::LatentsToImage(_) => "img2img from latents (pass pixels with Task::ImageToImage)",
+        other => other.name(),
+    };
+    Error::invalid("task", format!("FLUX.1 dev/schnell do not run {what}; they run txt2img, img2img and inpaint"))
 }
 
 /// Runs `task` for the request `p`: validates, encodes the prompt, draws every random tensor from
@@ -108,7 +112,9 @@ pub fn generate(models: &FluxModels, p: &FluxParams, task: &Task<'_>, run: &mut 
         Task::TextToImage => (draw(noise, shape, &models.device)?, 0, None),
         Task::ImageToImage(t) => {
             let start = sched.begin_at_strength(t.strength)?;
-            let init = encode_image(models, t.image, noise)?.repeat((p.batch_size, 1, 1, 1))?;
+            // One image for the whole batch, or one per batch image.
+            let init = encode_image(models, t.image, noise)?;
+            let init = if init.dim(0)? == p.batch_size { init } else { init.repeat((p.batch_size, 1, 1, 1))? };
             let eps = draw(noise, shape, &models.device)?;
             (sched.scale_noise(&init, &eps, start)?, start, None)
         }

@@ -9,6 +9,7 @@
 pub mod conditioning;
 pub mod control;
 pub mod error;
+pub mod hires;
 pub mod image_io;
 pub mod pipeline;
 

@@ -13,7 +13,7 @@ use crate::schedulers::{
 };
 pub use sd_core::family::{Capabilities, PromptSyntax, StrengthRounding};
 pub use sd_core::run::{
-    random_seed, EditFn, ImageToImage, Inpaint, NoiseKind, ProgressFn, Request, RunContext, StepProgress, Task, TaskKind, MAX_BATCH,
+    random_seed, EditFn, ImageToImage, Inpaint, LatentsToImage, NoiseKind, ProgressFn, Request, RunContext, StepProgress, Task, TaskKind, MAX_BATCH,
     MAX_SIDE, MAX_STEPS,
 };
 
@@ -201,7 +201,17 @@ pub fn generate(
         }
         Task::ImageToImage(input) => {
             let start = sched.begin_at_strength(input.strength)?;
-            let init = encode(models, input.image, p, noise)?.repeat((p.batch_size, 1, 1, 1))?;
+            let init = batched(encode(models, input.image, p, noise)?, p.batch_size)?;
+            let eps = draw(noise, &shape, models)?;
+            (sched.add_noise(&init, &eps, start)?, start, None)
+        }
+        Task::LatentsToImage(input) => {
+            let dims = input.latents.dims();
+            if dims.len() != 4 || !(dims[0] == 1 || dims[0] == p.batch_size) || dims[1..] != shape[1..] {
+                return Err(Error::invalid("latents", format!("expected [1 or {}, {}, {}, {}] latents, got {dims:?}", p.batch_size, shape[1], shape[2], shape[3])));
+            }
+            let start = sched.begin_at_strength(input.strength)?;
+            let init = batched(input.latents.to_device(&models.device)?.to_dtype(models.dtype)?, p.batch_size)?;
             let eps = draw(noise, &shape, models)?;
             (sched.add_noise(&init, &eps, start)?, start, None)
         }
@@ -214,6 +224,11 @@ pub fn generate(
     let latents = denoise(models, p, sched.as_mut(), &cond, latents, start, inpaint.as_ref(), extras.control, noise, run)?;
     let images = decode(models, &latents, p)?;
     Ok(GenerationOutput { images, latents, seed: p.seed })
+}
+
+/// One input for every image of the batch, or already one per image.
+fn batched(t: Tensor, batch: usize) -> Result<Tensor> {
+    Ok(if t.dim(0)? == batch { t } else { t.repeat((batch, 1, 1, 1))? })
 }
 
 fn unsupported(task: &Task<'_>) -> Error {

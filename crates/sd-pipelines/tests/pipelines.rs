@@ -258,3 +258,62 @@ fn own_scheduler_and_latent_edits() {
     let max = out.latents.abs().and_then(|t| t.max_all()).and_then(|t| t.to_scalar::<f32>()).expect("max");
     assert_eq!(max, 0.0, "the last step's edit is what gets decoded");
 }
+
+/// Hires fix against diffusers' txt2img chained into img2img (tools/hires_goldens.py): the latent
+/// upscaler end to end; the Lanczos one pass by pass (PIL's Lanczos and the `image` crate's differ by a
+/// few levels, so the second pass starts from the image diffusers got).
+#[test]
+fn hires_fix_matches_diffusers_chained_pipelines() {
+    use sd_pipelines::hires::{generate_hires, HiresFix, HiresUpscaler};
+    let m = model("sd15");
+    let g = golden("sd15_hires_latent");
+    let p = g.params();
+    let hr = HiresFix { width: 64, height: 64, upscaler: HiresUpscaler::Latent, steps: Some(5), strength: 0.6 };
+    let mut noise = g.draws();
+    let mut steps = Vec::new();
+    let mut cb = |s: &StepProgress<'_>| {
+        steps.push((s.step, s.total, s.latents.dims().to_vec()));
+        ControlFlow::Continue(())
+    };
+    let out = generate_hires(&m, &p, &hr, &mut RunContext::with_progress(&mut cb).noise(&mut noise)).expect("hires");
+    assert_eq!(noise.remaining(), 0, "every diffusers draw is used, in order");
+    g.check("sd15_hires_latent", &out.latents, &out.images);
+    let seen: Vec<(usize, usize)> = steps.iter().map(|s| (s.0, s.1)).collect();
+    assert_eq!(seen, [(1, 4), (2, 4), (3, 4), (4, 4), (1, 3), (2, 3), (3, 3)], "both passes report their steps");
+    assert_eq!((steps[0].2.clone(), steps[6].2.clone()), (vec![1, 4, 16, 16], vec![1, 4, 32, 32]));
+
+    let g = golden("sd15_hires_lanczos");
+    let p = g.params();
+    let draws = g.draws();
+    let mut first_noise = sd_pipelines::schedulers::NoiseQueue::new([g.tensors["draw_0"].clone()]);
+    let first = generate(&m, &p, &Task::TextToImage, &mut RunContext::default().noise(&mut first_noise), SdExtras::default()).expect("first");
+    assert_close("first pass latents", &first.latents, &g.tensors["first_latents"], 1e-3);
+    assert_close("first pass image", &first.images, &g.tensors["first_image"], 1e-3);
+    let upscaled = &g.tensors["upscaled_image"];
+    // Our Lanczos against PIL's on the same picture: close, not equal.
+    let ours = sd_pipelines::image_io::tensor_to_images(&first.images).expect("rgb");
+    let ours = image::DynamicImage::ImageRgb8(ours[0].clone()).resize_exact(64, 64, image::imageops::FilterType::Lanczos3);
+    let ours = ((sd_pipelines::image_io::image_to_tensor(&ours, 64, 64).expect("tensor") + 1.0).expect("+1") / 2.0).expect("/2");
+    let diff = (&ours - upscaled).expect("diff").abs().expect("abs");
+    let (mean, max) = (diff.mean_all().expect("mean").to_scalar::<f32>().expect("f32"), diff.max_all().expect("max").to_scalar::<f32>().expect("f32"));
+    eprintln!("Lanczos, image crate vs PIL: mean |diff| {mean:.4}, max {max:.4}");
+    assert!(mean < 0.02 && max < 0.2, "Lanczos: mean {mean}, max {max}");
+    let second = HiresFix { width: 64, height: 64, upscaler: HiresUpscaler::Lanczos, steps: Some(5), strength: 0.6 }.second_pass(&p);
+    let image = ((upscaled * 2.0).expect("x2") - 1.0).expect("-1");
+    let mut second_noise = sd_pipelines::schedulers::NoiseQueue::new([g.tensors["draw_1"].clone(), g.tensors["draw_2"].clone()]);
+    let task = Task::ImageToImage(ImageToImage { image: &image, strength: 0.6 });
+    let out = generate(&m, &second, &task, &mut RunContext::default().noise(&mut second_noise), SdExtras::default()).expect("second");
+    g.check("sd15_hires_lanczos", &out.latents, &out.images);
+    // The whole Lanczos hires fix runs through the same draws and lands at the target size.
+    let mut all = draws;
+    let hr = HiresFix { width: 64, height: 64, upscaler: HiresUpscaler::Lanczos, steps: Some(5), strength: 0.6 };
+    let whole = generate_hires(&m, &p, &hr, &mut RunContext::default().noise(&mut all)).expect("hires lanczos");
+    assert_eq!((whole.images.dims().to_vec(), all.remaining()), (vec![1, 3, 64, 64], 0));
+    // Refusals name the hires fields.
+    let bad = HiresFix { width: 60, ..hr.clone() };
+    let e = generate_hires(&m, &p, &bad, &mut RunContext::default()).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("hr_width"), "{e}");
+    let bad = HiresFix { strength: 0.1, steps: Some(5), ..hr };
+    let e = generate_hires(&m, &p, &bad, &mut RunContext::default()).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("denoising_strength"), "{e}");
+}

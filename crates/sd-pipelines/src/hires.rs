@@ -1,0 +1,184 @@
+//! A1111's hires fix: a two-pass txt2img. The first pass runs at the request's size; its result is
+//! upscaled — in latent space (A1111's "Latent" upscalers) or in pixels (Lanczos, nearest) — and the
+//! second pass re-generates it at the target size as img2img at `strength` (A1111's
+//! `denoising_strength`), with `steps` steps (A1111's `hr_second_pass_steps`; the first pass's count when
+//! absent). Checked against diffusers' `StableDiffusionPipeline` chained into
+//! `StableDiffusionImg2ImgPipeline` (tools/hires_goldens.py).
+
+use std::str::FromStr;
+
+use candle_core::{DType, Tensor};
+use image::{imageops::FilterType, DynamicImage};
+use sd_models::loader::StableDiffusionModels;
+
+use crate::error::{Error, Result};
+use crate::image_io::{image_to_tensor, tensor_to_images};
+use crate::pipeline::{
+    capabilities, generate, EditFn, GenerationOutput, GenerationParams, ImageToImage, LatentsToImage, ProgressFn, RunContext, SdExtras, Task,
+};
+use crate::schedulers::NoiseSource;
+
+/// How the first pass is enlarged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HiresUpscaler {
+    /// Bilinear interpolation of the latents (A1111's "Latent"; PyTorch `interpolate(mode="bilinear")`).
+    Latent,
+    /// Nearest-neighbour interpolation of the latents (A1111's "Latent (nearest)").
+    LatentNearest,
+    /// The decoded image resized with a Lanczos filter (A1111's "Lanczos", and "None").
+    Lanczos,
+    /// The decoded image resized nearest-neighbour (A1111's "Nearest").
+    Nearest,
+}
+
+impl HiresUpscaler {
+    /// Every upscaler, by A1111 name.
+    pub const ALL: [HiresUpscaler; 4] = [HiresUpscaler::Latent, HiresUpscaler::LatentNearest, HiresUpscaler::Lanczos, HiresUpscaler::Nearest];
+
+    /// The A1111 name.
+    pub fn name(self) -> &'static str {
+        match self {
+            HiresUpscaler::Latent => "Latent",
+            HiresUpscaler::LatentNearest => "Latent (nearest)",
+            HiresUpscaler::Lanczos => "Lanczos",
+            HiresUpscaler::Nearest => "Nearest",
+        }
+    }
+
+    fn in_latent_space(self) -> bool {
+        matches!(self, HiresUpscaler::Latent | HiresUpscaler::LatentNearest)
+    }
+}
+
+impl FromStr for HiresUpscaler {
+    type Err = Error;
+
+    /// A1111's names, any case; "None" (resize without an upscaler model) is Lanczos, as in A1111.
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "latent" | "latent (bilinear)" => Ok(HiresUpscaler::Latent),
+            "latent (nearest)" | "latent (nearest-exact)" => Ok(HiresUpscaler::LatentNearest),
+            "lanczos" | "none" | "" => Ok(HiresUpscaler::Lanczos),
+            "nearest" => Ok(HiresUpscaler::Nearest),
+            other => Err(Error::invalid(
+                "hr_upscaler",
+                format!(
+                    "unknown upscaler {other:?}; use one of: {} (ESRGAN-family upscalers are not available here)",
+                    HiresUpscaler::ALL.map(|u| u.name()).join(", ")
+                ),
+            )),
+        }
+    }
+}
+
+/// The second pass of a hires fix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HiresFix {
+    /// Target width in pixels.
+    pub width: usize,
+    /// Target height in pixels.
+    pub height: usize,
+    /// How the first pass is enlarged.
+    pub upscaler: HiresUpscaler,
+    /// Steps of the second pass (`None`: the first pass's); as img2img, `⌊steps · strength⌋` run.
+    pub steps: Option<usize>,
+    /// Fraction of the second pass's schedule re-noised (A1111's `denoising_strength`, default 0.7).
+    pub strength: f64,
+}
+
+impl HiresFix {
+    /// A1111's `hr_scale`: the target is the first pass's size times `scale`, each side rounded down to a
+    /// multiple of 8.
+    pub fn scaled(p: &GenerationParams, scale: f64, upscaler: HiresUpscaler, strength: f64) -> Result<Self> {
+        if !scale.is_finite() || !(1.0..=8.0).contains(&scale) {
+            return Err(Error::invalid("hr_scale", format!("{scale} is outside 1..=8")));
+        }
+        let side = |v: usize| ((v as f64 * scale) as usize / 8) * 8;
+        Ok(Self { width: side(p.width), height: side(p.height), upscaler, steps: None, strength })
+    }
+
+    /// The second pass's request: the first's at the target size, with the second pass's steps.
+    pub fn second_pass(&self, p: &GenerationParams) -> GenerationParams {
+        GenerationParams { width: self.width, height: self.height, steps: self.steps.unwrap_or(p.steps), ..p.clone() }
+    }
+}
+
+/// Runs a hires fix: txt2img at `p`'s size, upscale, img2img at `hr`'s size. Every random tensor of both
+/// passes comes, in that order, from `run`'s noise source (else from `p.seed`); the progress callback and
+/// the latent editor see both passes (each with its own step count).
+pub fn generate_hires(models: &StableDiffusionModels, p: &GenerationParams, hr: &HiresFix, run: &mut RunContext<'_>) -> Result<GenerationOutput> {
+    let second = hr.second_pass(p);
+    let caps = capabilities(models)?;
+    caps.validate(p)?;
+    caps.validate(&second).map_err(|e| rename(e, &[("width", "hr_width"), ("height", "hr_height"), ("steps", "hr_steps")]))?;
+    if hr.width < p.width || hr.height < p.height {
+        return Err(Error::invalid("hr_scale", format!("the target {}×{} is smaller than the first pass {}×{}", hr.width, hr.height, p.width, p.height)));
+    }
+    caps.check_task_kind(sd_core::run::TaskKind::ImageToImage, Some(hr.strength), second.steps)
+        .map_err(|e| rename(e, &[("strength", "denoising_strength")]))?;
+    let mut noise = run.take_noise(p.noise, p.seed);
+    let first = pass(models, p, &Task::TextToImage, noise.get(), run)?;
+    let f = models.config.vae_scale_factor();
+    if hr.upscaler.in_latent_space() {
+        let (h, w) = (hr.height / f, hr.width / f);
+        let latents = first.latents.to_dtype(DType::F32)?;
+        let up = match hr.upscaler {
+            HiresUpscaler::LatentNearest => latents.upsample_nearest2d(h, w)?,
+            _ => latents.upsample_bilinear2d(h, w, false)?,
+        };
+        let out = pass(models, &second, &Task::LatentsToImage(LatentsToImage { latents: &up, strength: hr.strength }), noise.get(), run)?;
+        return Ok(GenerationOutput { seed: p.seed, ..out });
+    }
+    let filter = if hr.upscaler == HiresUpscaler::Nearest { FilterType::Nearest } else { FilterType::Lanczos3 };
+    let resized = tensor_to_images(&first.images)?
+        .into_iter()
+        .map(|img| {
+            let img = DynamicImage::ImageRgb8(img).resize_exact(hr.width as u32, hr.height as u32, filter);
+            image_to_tensor(&img, hr.width, hr.height)
+        })
+        .collect::<sd_core::Result<Vec<Tensor>>>()?;
+    let image = Tensor::cat(&resized, 0)?;
+    let out = pass(models, &second, &Task::ImageToImage(ImageToImage { image: &image, strength: hr.strength }), noise.get(), run)?;
+    Ok(GenerationOutput { seed: p.seed, ..out })
+}
+
+/// One pass, drawing from `noise` and reporting through `run`'s callbacks.
+fn pass(
+    models: &StableDiffusionModels,
+    request: &GenerationParams,
+    task: &Task<'_>,
+    noise: &mut dyn NoiseSource,
+    run: &mut RunContext<'_>,
+) -> Result<GenerationOutput> {
+    let progress = run.progress.as_deref_mut().map(|f| f as &mut ProgressFn<'_>);
+    let edit = run.edit.as_deref_mut().map(|f| f as &mut EditFn<'_>);
+    let mut ctx = RunContext { noise: Some(noise), progress, edit };
+    generate(models, request, task, &mut ctx, SdExtras::default())
+}
+
+/// Names a second-pass error by the hires field it comes from.
+fn rename(e: sd_core::Error, names: &[(&'static str, &'static str)]) -> Error {
+    match e {
+        sd_core::Error::InvalidRequest { field, reason } => {
+            let field = names.iter().find(|(from, _)| *from == field).map_or(field, |(_, to)| to);
+            Error::invalid(field, reason)
+        }
+        other => Error::Core(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upscaler_names_parse_as_a1111_writes_them() {
+        for u in HiresUpscaler::ALL {
+            assert_eq!(u.name().parse::<HiresUpscaler>().ok(), Some(u));
+        }
+        assert_eq!("None".parse::<HiresUpscaler>().ok(), Some(HiresUpscaler::Lanczos));
+        assert_eq!("latent (nearest-exact)".parse::<HiresUpscaler>().ok(), Some(HiresUpscaler::LatentNearest));
+        let e = "R-ESRGAN 4x+".parse::<HiresUpscaler>().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("hr_upscaler") && e.contains("ESRGAN"), "{e}");
+    }
+}
