@@ -70,6 +70,8 @@ pub struct Capabilities {
     pub prompt_syntax: PromptSyntax,
     /// A dedicated inpainting model (9-channel UNet: mask and masked image as extra input).
     pub inpaint_model: bool,
+    /// Whether the family offers A1111's two-pass txt2img (hires fix).
+    pub hires_fix: bool,
     /// Width and height must be multiples of this.
     pub size_multiple: usize,
     /// Default width in pixels.
@@ -219,6 +221,7 @@ mod tests {
             clip_skip_layers: 0,
             prompt_syntax: PromptSyntax::Literal,
             inpaint_model: false,
+            hires_fix: false,
             size_multiple: 16,
             default_width: 1024,
             default_height: 1024,
@@ -240,6 +243,7 @@ mod tests {
             controlnet: true,
             clip_skip_layers: 12,
             prompt_syntax: PromptSyntax::A1111,
+            hires_fix: true,
             size_multiple: 8,
             default_width: 512,
             default_height: 512,

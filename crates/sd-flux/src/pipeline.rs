@@ -47,6 +47,7 @@ pub fn capabilities(models: &FluxModels) -> Capabilities {
         clip_skip_layers: 0,
         prompt_syntax: PromptSyntax::Literal,
         inpaint_model: false,
+        hires_fix: false,
         size_multiple: 2 * models.vae_scale_factor(),
         default_width: 1024,
         default_height: 1024,

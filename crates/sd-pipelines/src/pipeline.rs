@@ -42,6 +42,7 @@ pub fn capabilities(models: &StableDiffusionModels) -> Result<Capabilities> {
         clip_skip_layers: c.text_encoder.num_hidden_layers,
         prompt_syntax: PromptSyntax::A1111,
         inpaint_model: c.is_inpaint(),
+        hires_fix: true,
         size_multiple: c.vae_scale_factor().max(8),
         default_width: c.default_width,
         default_height: c.default_height,

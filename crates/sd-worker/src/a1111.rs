@@ -17,7 +17,7 @@ use crate::server::Caller;
 use crate::controlnet::{ControlNetNames, ControlNetRequest};
 use crate::error::{ApiError, JobError};
 use crate::jobs::{unix_now, JobResult};
-use crate::request::{build_job, decode_base64, decode_image, from_value, parse_json_object, CommonInput, FieldNames, OpInput};
+use crate::request::{build_job, decode_base64, decode_image, from_value, parse_json_object, CommonInput, FieldNames, HiresInput, OpInput};
 use crate::state::{AppState, ModelInfo};
 
 const NAMES: FieldNames = FieldNames {
@@ -73,6 +73,13 @@ struct A1111Request {
     mask: Option<String>,
     denoising_strength: Option<f64>,
     inpainting_mask_invert: Option<u64>,
+    // txt2img hires fix
+    enable_hr: Option<bool>,
+    hr_scale: Option<f64>,
+    hr_upscaler: Option<String>,
+    hr_resize_x: Option<u64>,
+    hr_resize_y: Option<u64>,
+    hr_second_pass_steps: Option<u64>,
     // Extensions; only the ControlNet extension's units are read.
     alwayson_scripts: Option<Map<String, Value>>,
 }
@@ -164,6 +171,14 @@ fn common(r: &A1111Request) -> Result<CommonInput, ApiError> {
         loras: Vec::new(),
         noise: None,
         controlnets: controlnet_units(r)?,
+        hires: r.enable_hr.unwrap_or(false).then(|| HiresInput {
+            scale: r.hr_scale,
+            resize_x: r.hr_resize_x,
+            resize_y: r.hr_resize_y,
+            upscaler: r.hr_upscaler.clone(),
+            steps: r.hr_second_pass_steps,
+            strength: r.denoising_strength,
+        }),
     })
 }
 

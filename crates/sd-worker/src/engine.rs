@@ -15,6 +15,7 @@ use sd_pipelines::image_io::a1111_parameters;
 use sd_controlnet::preprocess::prepare_image;
 use sd_controlnet::{ControlNetHook, ControlNetModel, ControlUnit};
 use sd_pipelines::control::ResidualHook;
+use sd_pipelines::hires::generate_hires;
 use sd_pipelines::pipeline::{generate, SdExtras};
 use sd_core::preview::latents_to_rgb;
 use sd_flux::{FluxLoadOptions, FluxModels};
@@ -407,7 +408,7 @@ fn failure(e: sd_pipelines::Error) -> Failure {
 }
 
 fn run_job(state: &AppState, engine: &mut Engine, job: &Job) -> Result<JobResult, Failure> {
-    let JobSpec { operation, params: p, loras, controlnets } =
+    let JobSpec { operation, params: p, loras, controlnets, hires } =
         job.take_spec().ok_or_else(|| (JobStatus::Failed, JobError::new("internal_error", "the job has no request")))?;
     let every = state.config.preview_every;
     let mut last = Instant::now();
@@ -472,7 +473,19 @@ fn run_job(state: &AppState, engine: &mut Engine, job: &Job) -> Result<JobResult
             sd.ensure_loras(&loras).map_err(|e| (JobStatus::Failed, e))?;
             let mut hook = sd.controlnet_hook(&controlnets, p.width, p.height).map_err(|e| (JobStatus::Failed, e))?;
             let control = hook.as_mut().map(|h| h as &mut dyn ResidualHook);
-            let out = generate(&sd.models, &p, &task, &mut run, SdExtras { control, scheduler: None }).map_err(failure)?;
+            let out = match &hires {
+                Some(hr) => {
+                    extra.push(("Denoising strength", format!("{}", hr.strength)));
+                    extra.push(("Hires resize", format!("{}x{}", hr.width, hr.height)));
+                    extra.push(("Hires upscaler", hr.upscaler.name().to_string()));
+                    if let Some(steps) = hr.steps {
+                        extra.push(("Hires steps", steps.to_string()));
+                    }
+                    generate_hires(&sd.models, &p, hr, &mut run)
+                }
+                None => generate(&sd.models, &p, &task, &mut run, SdExtras { control, scheduler: None }),
+            }
+            .map_err(failure)?;
             let shown = sd_pipelines::pipeline::GenerationParams { prompt: written_prompt(job, &p), ..p.clone() };
             (out.images, out.seed, a1111_parameters(&shown, &engine.info.name, &extra))
         }

@@ -189,6 +189,8 @@ pub struct JobSpec {
     pub loras: Vec<ResolvedLora>,
     /// ControlNets to run at every step.
     pub controlnets: Vec<crate::controlnet::ResolvedControlNet>,
+    /// A1111's hires fix (a second, upscaled pass) for a generation.
+    pub hires: Option<sd_pipelines::hires::HiresFix>,
 }
 
 /// Mutable state of a job.

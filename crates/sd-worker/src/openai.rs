@@ -92,6 +92,7 @@ fn common(r: &ImagesRequest) -> Result<CommonInput, ApiError> {
         loras: Vec::new(),
         noise: None,
         controlnets: Vec::new(),
+        hires: None,
     })
 }
 

@@ -10,6 +10,7 @@ use image::{DynamicImage, GenericImageView};
 use sd_pipelines::pipeline::{GenerationParams, NoiseKind};
 use sd_core::prompt::extract_lora_tags;
 use sd_core::run::TaskKind;
+use sd_pipelines::hires::{HiresFix, HiresUpscaler};
 use sd_pipelines::schedulers::{Sampler, SamplerKind, SigmaSchedule};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -101,6 +102,46 @@ pub struct CommonInput {
     pub noise: Option<String>,
     /// ControlNets, each with its index in the client's list.
     pub controlnets: Vec<(usize, ControlNetRequest)>,
+    /// A1111's hires fix, when asked for (`enable_hr`).
+    pub hires: Option<HiresInput>,
+}
+
+/// A1111's hires-fix fields, before defaults (names as in A1111's txt2img API).
+#[derive(Debug, Clone, Default)]
+pub struct HiresInput {
+    /// `hr_scale` (2 when neither it nor a resize is given).
+    pub scale: Option<f64>,
+    /// `hr_resize_x` (0 or absent: from the scale, or the aspect ratio with `hr_resize_y`).
+    pub resize_x: Option<u64>,
+    /// `hr_resize_y`.
+    pub resize_y: Option<u64>,
+    /// `hr_upscaler` ("Latent" by default).
+    pub upscaler: Option<String>,
+    /// `hr_second_pass_steps` (0 or absent: the first pass's).
+    pub steps: Option<u64>,
+    /// `denoising_strength` (0.7, A1111's UI default, when absent).
+    pub strength: Option<f64>,
+}
+
+/// The target size of a hires fix: `hr_resize_x/y` when given (one of them: the other keeps the aspect
+/// ratio; both: exactly that size, where A1111 would crop), else the size times `hr_scale`; each side
+/// rounded down to a multiple of `multiple`.
+fn hires_target(h: &HiresInput, width: usize, height: usize, multiple: usize) -> Result<(usize, usize), ApiError> {
+    let round = |v: f64| ((v as usize) / multiple) * multiple;
+    let (x, y) = (h.resize_x.unwrap_or(0) as f64, h.resize_y.unwrap_or(0) as f64);
+    let (w, hh) = (width as f64, height as f64);
+    Ok(match (x > 0.0, y > 0.0) {
+        (false, false) => {
+            let scale = h.scale.unwrap_or(2.0);
+            if !scale.is_finite() || !(1.0..=8.0).contains(&scale) {
+                return Err(ApiError::invalid("hr_scale", format!("{scale} is outside 1..=8")));
+            }
+            (round(w * scale), round(hh * scale))
+        }
+        (true, false) => (round(x), round(x * hh / w)),
+        (false, true) => (round(y * w / hh), round(y)),
+        (true, true) => (round(x), round(y)),
+    })
 }
 
 /// The operation-specific part of a request, images already decoded.
@@ -357,6 +398,7 @@ pub fn native_job(state: &AppState, model: &ModelInfo, body: &[u8]) -> Result<(J
         loras: r.loras.unwrap_or_default(),
         noise: r.noise,
         controlnets: r.controlnets.unwrap_or_default().into_iter().enumerate().collect(),
+        hires: None,
     };
     let op_input = match op.as_str() {
         "image_generation" => OpInput::Generation,
@@ -588,7 +630,54 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
     if !ignored.is_empty() || !caps.sampler_choice {
         parameters["ignored"] = json!(ignored);
     }
-    Ok((JobSpec { operation, params, loras: resolved, controlnets }, parameters))
+    let hires = match input.hires {
+        None => None,
+        Some(h) => {
+            if !matches!(operation, Operation::Generation) {
+                return Err(ApiError::invalid("enable_hr", "hires fix applies to txt2img only"));
+            }
+            if !caps.hires_fix {
+                return Err(ApiError::invalid("enable_hr", format!("{} models have no hires fix here", caps.variant)));
+            }
+            if !controlnets.is_empty() {
+                return Err(ApiError::invalid("enable_hr", "hires fix with ControlNets is not supported; send one or the other"));
+            }
+            let (w, hh) = hires_target(&h, width, height, multiple)?;
+            if w > limits.max_width || hh > limits.max_height || w < width || hh < height {
+                return Err(ApiError::invalid(
+                    if h.resize_x.is_some() || h.resize_y.is_some() { "hr_resize_x" } else { "hr_scale" },
+                    format!("the hires target {w}×{hh} must lie between the first pass {width}×{height} and this worker's limit {}×{}", limits.max_width, limits.max_height),
+                ));
+            }
+            let upscaler: HiresUpscaler = h.upscaler.as_deref().unwrap_or("Latent").parse().map_err(|e: sd_pipelines::Error| ApiError::invalid("hr_upscaler", e.to_string()))?;
+            let hr_steps = match h.steps.filter(|s| *s > 0) {
+                Some(s) if s > limits.max_steps as u64 => {
+                    return Err(ApiError::invalid("hr_second_pass_steps", format!("{s} is outside 1..={} (this worker's limit)", limits.max_steps)))
+                }
+                other => other.map(|s| s as usize),
+            };
+            let hr = HiresFix { width: w, height: hh, upscaler, steps: hr_steps, strength: h.strength.unwrap_or(0.7) };
+            let second = hr.second_pass(&params);
+            let hr_names = |e: sd_core::Error| {
+                let field = match e.field() {
+                    Some("width") => "hr_resize_x",
+                    Some("height") => "hr_resize_y",
+                    Some("steps") => "hr_second_pass_steps",
+                    Some("strength") => "denoising_strength",
+                    Some(other) => other,
+                    None => "hr_upscaler",
+                };
+                ApiError::invalid(field, e.to_string())
+            };
+            caps.validate(&second).map_err(hr_names)?;
+            caps.check_task_kind(TaskKind::ImageToImage, Some(hr.strength), second.steps).map_err(hr_names)?;
+            parameters["hires"] = json!({
+                "width": w, "height": hh, "upscaler": upscaler.name(), "steps": second.steps, "denoising_strength": hr.strength,
+            });
+            Some(hr)
+        }
+    };
+    Ok((JobSpec { operation, params, loras: resolved, controlnets, hires }, parameters))
 }
 
 #[cfg(test)]

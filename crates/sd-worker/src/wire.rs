@@ -16,6 +16,7 @@ use crate::controlnet::{ControlNetFolders, ResolvedControlNet};
 use crate::error::JobError;
 use crate::jobs::{JobSpec, Operation};
 use crate::lora::{LoraFolders, LoraRequest};
+use sd_pipelines::hires::{HiresFix, HiresUpscaler};
 
 /// The JSON form of a [`JobSpec`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -37,6 +38,25 @@ pub struct WireSpec {
     pub loras: Vec<WireLora>,
     /// ControlNets with their already preprocessed pictures.
     pub controlnets: Vec<WireControlNet>,
+    /// Hires fix of a generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hires: Option<WireHires>,
+}
+
+/// [`HiresFix`] as JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireHires {
+    /// Target width.
+    pub width: usize,
+    /// Target height.
+    pub height: usize,
+    /// A1111 upscaler name.
+    pub upscaler: String,
+    /// Second-pass steps.
+    #[serde(default)]
+    pub steps: Option<usize>,
+    /// Denoising strength.
+    pub strength: f64,
 }
 
 /// [`GenerationParams`] as JSON.
@@ -144,11 +164,19 @@ impl WireSpec {
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
+        let hires = spec.hires.as_ref().map(|h| WireHires {
+            width: h.width,
+            height: h.height,
+            upscaler: h.upscaler.name().to_string(),
+            steps: h.steps,
+            strength: h.strength,
+        });
         Ok(Self {
             operation: spec.operation.name().to_string(),
             image,
             mask,
             strength,
+            hires,
             params: WireParams {
                 prompt: p.prompt.clone(),
                 negative_prompt: p.negative_prompt.clone(),
@@ -219,7 +247,17 @@ impl WireSpec {
                 end: c.end,
             });
         }
-        Ok(JobSpec { operation, params, loras: resolved, controlnets: units })
+        let hires = match self.hires {
+            None => None,
+            Some(h) => Some(HiresFix {
+                width: h.width,
+                height: h.height,
+                upscaler: h.upscaler.parse::<HiresUpscaler>().map_err(|e| bad("hr_upscaler", e.to_string()))?,
+                steps: h.steps,
+                strength: h.strength,
+            }),
+        };
+        Ok(JobSpec { operation, params, loras: resolved, controlnets: units, hires })
     }
 }
 
@@ -265,6 +303,7 @@ mod tests {
                 max_sequence_length: None,
             },
             loras: vec![ResolvedLora { name: "sd15_kohya".into(), path: lora_path.clone(), strength: -0.5 }],
+            hires: Some(HiresFix { width: 128, height: 96, upscaler: HiresUpscaler::LatentNearest, steps: Some(9), strength: 0.55 }),
             controlnets: vec![ResolvedControlNet {
                 name: "sd15".into(),
                 path: cn_path.clone(),
@@ -291,6 +330,7 @@ mod tests {
             other => panic!("operation changed: {other:?}"),
         }
         assert_eq!(back.loras, spec.loras);
+        assert_eq!(back.hires, spec.hires, "the hires fix travels");
         let (c, d) = (&spec.controlnets[0], &back.controlnets[0]);
         assert_eq!((&c.path, &c.preprocessor_name, c.scale, c.start, c.end), (&d.path, &d.preprocessor_name, d.scale, d.start, d.end));
         assert_eq!(c.image.to_rgb8(), d.image.to_rgb8());

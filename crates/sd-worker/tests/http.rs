@@ -1568,3 +1568,44 @@ fn a_separate_vae_is_used_for_decoding() {
     let other = run(cfg);
     assert_ne!(own, other, "the VAE override changed nothing");
 }
+
+/// A1111's hires fix on `/sdapi/v1/txt2img`: `enable_hr` with `hr_scale`, `hr_upscaler`,
+/// `hr_second_pass_steps` and `denoising_strength` gives the upscaled image and A1111's infotext keys;
+/// bad hires fields are 400s naming them.
+#[test]
+fn a1111_hires_fix_renders_the_second_pass() {
+    let s = Server::start(config("sd15"));
+    let base = json!({"prompt": "a tree", "width": 32, "height": 32, "steps": 3, "seed": 5, "sampler_name": "Euler", "cfg_scale": 7});
+    let mut hr = base.clone();
+    hr["enable_hr"] = json!(true);
+    hr["hr_scale"] = json!(2);
+    hr["hr_upscaler"] = json!("Latent");
+    hr["hr_second_pass_steps"] = json!(4);
+    hr["denoising_strength"] = json!(0.5);
+    let r = s.post("/sdapi/v1/txt2img", &hr);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let img = decode_png(v["images"][0].as_str().expect("image"));
+    assert_eq!((img.width(), img.height()), (64, 64));
+    let info: Value = serde_json::from_str(v["info"].as_str().expect("info")).expect("info json");
+    let text = info["infotexts"][0].as_str().expect("infotext");
+    assert!(text.contains("Size: 32x32") && text.contains("Hires upscaler: Latent") && text.contains("Hires steps: 4"), "{text}");
+    // Pixel upscaler and an explicit target.
+    let mut px = hr.clone();
+    px["hr_upscaler"] = json!("Lanczos");
+    px["hr_resize_x"] = json!(48);
+    let r = s.post("/sdapi/v1/txt2img", &px);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let img = decode_png(r.json()["images"][0].as_str().expect("image"));
+    assert_eq!((img.width(), img.height()), (48, 48));
+    for (field, value, named) in [
+        ("hr_upscaler", json!("R-ESRGAN 4x+"), "hr_upscaler"),
+        ("hr_scale", json!(20), "hr_scale"),
+        ("denoising_strength", json!(0.01), "denoising_strength"),
+    ] {
+        let mut bad = hr.clone();
+        bad[field] = value;
+        assert_error(&s.post("/sdapi/v1/txt2img", &bad), 400, named);
+    }
+    s.shutdown();
+}
