@@ -9,6 +9,7 @@ pub mod detect;
 pub mod device;
 pub mod diffusers;
 pub mod error;
+pub mod hash;
 #[cfg(feature = "hub")]
 pub mod hub;
 pub mod keymap;

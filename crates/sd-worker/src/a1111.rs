@@ -457,7 +457,13 @@ pub async fn schedulers() -> Json<Value> {
 pub async fn sd_models(State(st): St) -> Result<Json<Value>, ApiError> {
     let m = st.ready_model()?;
     Ok(Json(json!([{
-        "title": m.name, "model_name": m.name, "hash": Value::Null, "sha256": Value::Null, "filename": m.source, "config": Value::Null,
+        // A1111's title: the file name and its short hash.
+        "title": match &m.sha256 {
+            Some(h) => format!("{} [{}]", std::path::Path::new(&m.source).file_name().map_or(m.name.clone(), |f| f.to_string_lossy().into_owned()), &h[..10]),
+            None => m.name.clone(),
+        },
+        "model_name": m.name, "hash": m.sha256.as_ref().map(|h| h[..10].to_string()), "sha256": m.sha256,
+        "filename": m.source, "config": Value::Null,
     }])))
 }
 

@@ -62,7 +62,7 @@ fn load_options(cfg: &WorkerConfig) -> Result<LoadOptions, String> {
 /// Loads a FLUX model and remembers where its transformer came from, for LoRA reloads.
 fn flux_engine(cfg: &WorkerConfig, p: &std::path::Path) -> Result<Engine, String> {
     let models = load_flux(cfg, p)?;
-    let info = Arc::new(describe_flux(&models, cfg));
+    let info = Arc::new(ModelInfo { sha256: file_sha256(p), ..describe_flux(&models, cfg) });
     // Where the transformer's rotary split is described: the components folder, or the model's own.
     let repo = match (&cfg.model_config, p.is_dir()) {
         (Some(r), false) => r.clone(),
@@ -106,6 +106,24 @@ fn source_name(cfg: &WorkerConfig) -> String {
     }
 }
 
+/// The SHA-256 of a single-file model, for A1111's `Model hash` (read once at load; folders have none).
+fn file_sha256(path: &std::path::Path) -> Option<String> {
+    if !path.is_file() {
+        return None;
+    }
+    let t = Instant::now();
+    match sd_models::hash::sha256(path) {
+        Ok(h) => {
+            tracing::info!(secs = t.elapsed().as_secs_f64(), "model hashed (A1111 Model hash {})", &h[..10]);
+            Some(h)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the model file could not be hashed; infotext goes without Model hash");
+            None
+        }
+    }
+}
+
 fn describe(models: &StableDiffusionModels, cfg: &WorkerConfig) -> Result<ModelInfo, String> {
     // A scheduler config no sampler can honour stops loading here, not every request later.
     let caps = sd_pipelines::pipeline::capabilities(models).map_err(|e| e.to_string())?;
@@ -116,6 +134,7 @@ fn describe(models: &StableDiffusionModels, cfg: &WorkerConfig) -> Result<ModelI
         device: describe_device(&models.device),
         caps,
         unet: Some(models.unet.config().clone()),
+        sha256: None,
     })
 }
 
@@ -127,6 +146,7 @@ fn describe_flux(models: &FluxModels, cfg: &WorkerConfig) -> ModelInfo {
         device: describe_device(&models.device),
         caps: sd_flux::pipeline::capabilities(models),
         unet: None,
+        sha256: None,
     }
 }
 
@@ -293,7 +313,7 @@ fn engine_main(state: Arc<AppState>, rx: mpsc::Receiver<Arc<Job>>) {
         }
         let opts = load_options(cfg)?;
         let models = load(&path, &opts).map_err(|e| e.to_string())?;
-        let info = Arc::new(describe(&models, cfg)?);
+        let info = Arc::new(ModelInfo { sha256: file_sha256(&path), ..describe(&models, cfg)? });
         Ok(Engine { backend: Backend::Sd(Box::new(SdBackend { models, path, opts, applied: Vec::new(), controlnets: Vec::new() })), info })
     }))
     .unwrap_or_else(|_| Err("the loader panicked".into()));
@@ -432,6 +452,16 @@ fn run_job(state: &AppState, engine: &mut Engine, job: &Job) -> Result<JobResult
     let mut extra: Vec<(&str, String)> = Vec::new();
     if let Operation::Transform { strength, .. } | Operation::Inpaint { strength, .. } = &operation {
         extra.push(("Denoising strength", format!("{strength}")));
+    }
+    if let Some(h) = &engine.info.sha256 {
+        extra.push(("Model hash", h[..10].to_string()));
+    }
+    if !loras.is_empty() {
+        // A1111's "addnet" hashes, so civitai links the LoRAs of a re-imported PNG.
+        let hashes: Vec<String> = loras.iter().filter_map(|l| sd_models::hash::lora_hash(&l.path).ok().map(|h| format!("{}: {h}", l.name))).collect();
+        if hashes.len() == loras.len() {
+            extra.push(("Lora hashes", format!("\"{}\"", hashes.join(", "))));
+        }
     }
     if let Backend::Flux(flux) = &engine.backend {
         // Forge's convention: FLUX's embedded guidance is the "Distilled CFG Scale"; true CFG is off.

@@ -33,6 +33,9 @@ pub struct ModelInfo {
     pub caps: Capabilities,
     /// The UNet's config, which ControlNets are checked against before a job is queued (SD only).
     pub unet: Option<sd_models::UNetConfig>,
+    /// SHA-256 of a single-file model (A1111's `Model hash` is its first 10 hex digits); `None` for folders.
+    #[serde(default)]
+    pub sha256: Option<String>,
 }
 
 /// Model loading state.

@@ -565,6 +565,8 @@ fn loras_are_applied_per_request_and_removed_again() {
     let bytes = unb64(with["images"][0].as_str().expect("image"));
     let meta = sd_pipelines::image_io::read_png_parameters(&bytes).expect("png").expect("meta");
     assert!(meta.contains("Lora weights: \"sd15_kohya: 1\""), "{meta}");
+    // A1111's "addnet" hash (first 12 hex of the SHA-256 after the safetensors header; Python hashlib gives 5f59d4c77694).
+    assert!(meta.contains("Lora hashes: \"sd15_kohya: 5f59d4c77694\""), "{meta}");
     assert_eq!(with["parameters"]["loras"][0]["name"], "sd15_kohya");
     let by_path = job(json!([{"path": "sd15_kohya.safetensors", "strength": 1.0}]));
     assert_eq!(by_path["images"], with["images"]);
@@ -673,6 +675,11 @@ fn a_single_file_checkpoint_loads_with_its_config_folder() {
     let m = s.get("/v1/models").json();
     assert_eq!(m["data"][0]["id"], "sd15");
     assert_eq!(m["data"][0]["variant"], "sd15");
+    // A1111's model hash and title (SHA-256 of the file from Python's hashlib: 3895e39d401cf66ca8581385f4e919e65cfcd876f7b64d2cb011073d67bc6cc5).
+    let listed = s.get("/sdapi/v1/sd-models").json();
+    assert_eq!(listed[0]["sha256"], "3895e39d401cf66ca8581385f4e919e65cfcd876f7b64d2cb011073d67bc6cc5", "{listed}");
+    assert_eq!(listed[0]["hash"], "3895e39d40");
+    assert_eq!(listed[0]["title"], "sd15.safetensors [3895e39d40]");
     // A lone file gets the bundled full CLIP vocabulary, whose ids the tiny fixture's 1000-token
     // text encoder cannot embed, so generation fails, as a job error and not a crash.
     let r = s.post("/v1/images/generations", &json!({"prompt": "file", "size": "32x32", "steps": 2}));
