@@ -89,6 +89,7 @@ fn run(args: Args) -> Result<(), String> {
         prefer_fp16_files: args.dtype.as_deref().is_some_and(|d| d.contains("16")),
         backend_hook: None,
         vae: None,
+        tokenizer_dir: args.config_from.clone(),
     };
     let start = Instant::now();
     let models = loader::load(&args.path, &opts).map_err(|e| e.to_string())?;

@@ -50,6 +50,9 @@ pub struct LoadOptions {
     /// have the model's latent channel count; a folder's `config.json` (scaling factor …) replaces the
     /// model's VAE config, a file keeps it.
     pub vae: Option<PathBuf>,
+    /// For a single file: a diffusers folder whose `tokenizer/` (and `tokenizer_2/`) are used instead of
+    /// the bundled CLIP vocabulary (the folder that [`LoadOptions::config`] was read from, typically).
+    pub tokenizer_dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for LoadOptions {
@@ -62,6 +65,7 @@ impl std::fmt::Debug for LoadOptions {
             .field("prefer_fp16_files", &self.prefer_fp16_files)
             .field("backend_hook", &self.backend_hook.as_ref().map(|_| "<hook>"))
             .field("vae", &self.vae)
+            .field("tokenizer_dir", &self.tokenizer_dir)
             .finish()
     }
 }
@@ -76,6 +80,7 @@ impl Default for LoadOptions {
             prefer_fp16_files: false,
             backend_hook: None,
             vae: None,
+            tokenizer_dir: None,
         }
     }
 }
@@ -439,7 +444,7 @@ pub fn load_single_file(path: &Path, opts: &LoadOptions) -> Result<StableDiffusi
     };
     let mut parts = build_components(Builders { vb }, &config, &on_err)?;
     override_vae(opts, dtype, &mut config, &mut parts.vae, &mut vae_dtype)?;
-    let (tokenizer, tokenizer_2) = single_file_tokenizers(variant.family(), config.text_encoder_2.is_some(), path)?;
+    let (tokenizer, tokenizer_2) = single_file_tokenizers(variant.family(), config.text_encoder_2.is_some(), path, opts.tokenizer_dir.as_deref())?;
     tracing::info!("loaded {} ({}) from {}", variant, detected.evidence, path.display());
     Ok(StableDiffusionModels {
         config,
@@ -460,10 +465,16 @@ fn single_file_tokenizers(
     family: ModelFamily,
     second: bool,
     path: &Path,
+    folder: Option<&Path>,
 ) -> Result<(ClipTokenizer, Option<ClipTokenizer>)> {
     let pad = if family == ModelFamily::Sd2 { PadToken::Exclamation } else { PadToken::EndOfText };
-    let first = bundled_tokenizer(pad, path)?;
-    let second = if second { Some(bundled_tokenizer(PadToken::Exclamation, path)?) } else { None };
+    // A config folder's own tokenizer wins (custom or tiny vocabularies); else the bundled one.
+    let pick = |sub: &str, pad: PadToken| match folder.map(|f| f.join(sub)).filter(|d| d.is_dir()) {
+        Some(dir) => ClipTokenizer::from_folder(&dir),
+        None => bundled_tokenizer(pad, path),
+    };
+    let first = pick("tokenizer", pad)?;
+    let second = if second { Some(pick("tokenizer_2", PadToken::Exclamation)?) } else { None };
     Ok((first, second))
 }
 

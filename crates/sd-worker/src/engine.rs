@@ -55,6 +55,7 @@ fn load_options(cfg: &WorkerConfig) -> Result<LoadOptions, String> {
         config,
         prefer_fp16_files: prefer_fp16(cfg),
         vae: cfg.vae.clone(),
+        tokenizer_dir: cfg.model_config.clone(),
         ..LoadOptions::default()
     })
 }
