@@ -42,6 +42,7 @@ const NAMES: FieldNames = FieldNames {
         low: "threshold_a",
         high: "threshold_b",
     },
+    hires: crate::request::A1111_HIRES_NAMES,
 };
 
 /// A1111 API defaults.

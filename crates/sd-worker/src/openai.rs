@@ -31,6 +31,7 @@ const NAMES: FieldNames = FieldNames {
     strength: "strength",
     seed: "seed",
     controlnet: crate::controlnet::NATIVE_CONTROLNET_NAMES,
+    hires: crate::request::NATIVE_NAMES.hires,
 };
 
 /// OpenAI's fields, plus the diffusion settings it lacks (`negative_prompt`, `steps`, …).

@@ -54,7 +54,39 @@ pub struct FieldNames {
     pub seed: &'static str,
     /// The ControlNet list and its fields.
     pub controlnet: ControlNetNames,
+    /// The hires-fix fields.
+    pub hires: HiresNames,
 }
+
+/// How an API names the hires-fix fields.
+#[derive(Debug, Clone, Copy)]
+pub struct HiresNames {
+    /// The switch (or the object).
+    pub enable: &'static str,
+    /// Scale factor.
+    pub scale: &'static str,
+    /// Target width.
+    pub resize_x: &'static str,
+    /// Target height.
+    pub resize_y: &'static str,
+    /// Upscaler.
+    pub upscaler: &'static str,
+    /// Second-pass steps.
+    pub steps: &'static str,
+    /// Second-pass strength.
+    pub strength: &'static str,
+}
+
+/// A1111's hires-fix names (`/sdapi/v1/txt2img`).
+pub const A1111_HIRES_NAMES: HiresNames = HiresNames {
+    enable: "enable_hr",
+    scale: "hr_scale",
+    resize_x: "hr_resize_x",
+    resize_y: "hr_resize_y",
+    upscaler: "hr_upscaler",
+    steps: "hr_second_pass_steps",
+    strength: "denoising_strength",
+};
 
 /// The native API's names.
 pub const NATIVE_NAMES: FieldNames = FieldNames {
@@ -69,6 +101,15 @@ pub const NATIVE_NAMES: FieldNames = FieldNames {
     strength: "strength",
     seed: "seed",
     controlnet: NATIVE_CONTROLNET_NAMES,
+    hires: HiresNames {
+        enable: "hires",
+        scale: "hires.scale",
+        resize_x: "hires.width",
+        resize_y: "hires.height",
+        upscaler: "hires.upscaler",
+        steps: "hires.steps",
+        strength: "hires.strength",
+    },
 };
 
 /// Request fields every operation shares, before defaults.
@@ -126,7 +167,7 @@ pub struct HiresInput {
 /// The target size of a hires fix: `hr_resize_x/y` when given (one of them: the other keeps the aspect
 /// ratio; both: exactly that size, where A1111 would crop), else the size times `hr_scale`; each side
 /// rounded down to a multiple of `multiple`.
-fn hires_target(h: &HiresInput, width: usize, height: usize, multiple: usize) -> Result<(usize, usize), ApiError> {
+fn hires_target(h: &HiresInput, width: usize, height: usize, multiple: usize, names: &HiresNames) -> Result<(usize, usize), ApiError> {
     let round = |v: f64| ((v as usize) / multiple) * multiple;
     let (x, y) = (h.resize_x.unwrap_or(0) as f64, h.resize_y.unwrap_or(0) as f64);
     let (w, hh) = (width as f64, height as f64);
@@ -134,7 +175,7 @@ fn hires_target(h: &HiresInput, width: usize, height: usize, multiple: usize) ->
         (false, false) => {
             let scale = h.scale.unwrap_or(2.0);
             if !scale.is_finite() || !(1.0..=8.0).contains(&scale) {
-                return Err(ApiError::invalid("hr_scale", format!("{scale} is outside 1..=8")));
+                return Err(ApiError::invalid(names.scale, format!("{scale} is outside 1..=8")));
             }
             (round(w * scale), round(hh * scale))
         }
@@ -327,6 +368,19 @@ pub fn parse_json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, 
     }
 }
 
+/// The native API's hires fix (`image_generation` only): `scale` (2) or `width`/`height`, `upscaler`
+/// ("Latent"), `steps` (the first pass's), `strength` (0.7).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NativeHires {
+    scale: Option<f64>,
+    width: Option<u64>,
+    height: Option<u64>,
+    upscaler: Option<String>,
+    steps: Option<u64>,
+    strength: Option<f64>,
+}
+
 /// The native `POST /v1/jobs` body, minus `operation`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -345,6 +399,7 @@ struct NativeRequest {
     loras: Option<Vec<LoraRequest>>,
     noise: Option<String>,
     controlnets: Option<Vec<ControlNetRequest>>,
+    hires: Option<NativeHires>,
     input_image: Option<String>,
     init_image: Option<String>,
     mask_image: Option<String>,
@@ -398,7 +453,7 @@ pub fn native_job(state: &AppState, model: &ModelInfo, body: &[u8]) -> Result<(J
         loras: r.loras.unwrap_or_default(),
         noise: r.noise,
         controlnets: r.controlnets.unwrap_or_default().into_iter().enumerate().collect(),
-        hires: None,
+        hires: r.hires.map(|h| HiresInput { scale: h.scale, resize_x: h.width, resize_y: h.height, upscaler: h.upscaler, steps: h.steps, strength: h.strength }),
     };
     let op_input = match op.as_str() {
         "image_generation" => OpInput::Generation,
@@ -630,29 +685,30 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
     if !ignored.is_empty() || !caps.sampler_choice {
         parameters["ignored"] = json!(ignored);
     }
+    let hn = &names.hires;
     let hires = match input.hires {
         None => None,
         Some(h) => {
             if !matches!(operation, Operation::Generation) {
-                return Err(ApiError::invalid("enable_hr", "hires fix applies to txt2img only"));
+                return Err(ApiError::invalid(hn.enable, "hires fix applies to txt2img only"));
             }
             if !caps.hires_fix {
-                return Err(ApiError::invalid("enable_hr", format!("{} models have no hires fix here", caps.variant)));
+                return Err(ApiError::invalid(hn.enable, format!("{} models have no hires fix here", caps.variant)));
             }
             if !controlnets.is_empty() {
-                return Err(ApiError::invalid("enable_hr", "hires fix with ControlNets is not supported; send one or the other"));
+                return Err(ApiError::invalid(hn.enable, "hires fix with ControlNets is not supported; send one or the other"));
             }
-            let (w, hh) = hires_target(&h, width, height, multiple)?;
+            let (w, hh) = hires_target(&h, width, height, multiple, hn)?;
             if w > limits.max_width || hh > limits.max_height || w < width || hh < height {
                 return Err(ApiError::invalid(
-                    if h.resize_x.is_some() || h.resize_y.is_some() { "hr_resize_x" } else { "hr_scale" },
+                    if h.resize_x.is_some() || h.resize_y.is_some() { hn.resize_x } else { hn.scale },
                     format!("the hires target {w}×{hh} must lie between the first pass {width}×{height} and this worker's limit {}×{}", limits.max_width, limits.max_height),
                 ));
             }
-            let upscaler: HiresUpscaler = h.upscaler.as_deref().unwrap_or("Latent").parse().map_err(|e: sd_pipelines::Error| ApiError::invalid("hr_upscaler", e.to_string()))?;
+            let upscaler: HiresUpscaler = h.upscaler.as_deref().unwrap_or("Latent").parse().map_err(|e: sd_pipelines::Error| ApiError::invalid(hn.upscaler, e.to_string()))?;
             let hr_steps = match h.steps.filter(|s| *s > 0) {
                 Some(s) if s > limits.max_steps as u64 => {
-                    return Err(ApiError::invalid("hr_second_pass_steps", format!("{s} is outside 1..={} (this worker's limit)", limits.max_steps)))
+                    return Err(ApiError::invalid(hn.steps, format!("{s} is outside 1..={} (this worker's limit)", limits.max_steps)))
                 }
                 other => other.map(|s| s as usize),
             };
@@ -660,12 +716,12 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
             let second = hr.second_pass(&params);
             let hr_names = |e: sd_core::Error| {
                 let field = match e.field() {
-                    Some("width") => "hr_resize_x",
-                    Some("height") => "hr_resize_y",
-                    Some("steps") => "hr_second_pass_steps",
-                    Some("strength") => "denoising_strength",
+                    Some("width") => hn.resize_x,
+                    Some("height") => hn.resize_y,
+                    Some("steps") => hn.steps,
+                    Some("strength") => hn.strength,
                     Some(other) => other,
-                    None => "hr_upscaler",
+                    None => hn.upscaler,
                 };
                 ApiError::invalid(field, e.to_string())
             };

@@ -1618,5 +1618,22 @@ fn a1111_hires_fix_renders_the_second_pass() {
         bad[field] = value;
         assert_error(&s.post("/sdapi/v1/txt2img", &bad), 400, named);
     }
+    // The native API's `hires` object, with its own field names.
+    let native = json!({"operation": "image_generation", "prompt": "a tree", "width": 32, "height": 32, "steps": 3, "seed": 5,
+        "hires": {"scale": 2, "upscaler": "Latent (nearest)", "steps": 4, "strength": 0.5}});
+    let ev = s.stream(&s.submit(&native));
+    let (name, done) = ev.last().cloned().expect("events");
+    assert_eq!(name, "complete", "{ev:?}");
+    let img = decode_png(done["images"][0].as_str().expect("image"));
+    assert_eq!((img.width(), img.height()), (64, 64));
+    assert_eq!(done["parameters"]["hires"]["upscaler"], "Latent (nearest)");
+    let totals: Vec<u64> = ev.iter().filter(|e| e.0 == "progress").filter_map(|e| e.1["total"].as_u64()).collect();
+    assert_eq!((totals.first(), totals.last()), (Some(&3), Some(&2)), "both passes report progress: {totals:?}");
+    let mut bad = native.clone();
+    bad["hires"]["upscaler"] = json!("4x-UltraSharp");
+    assert_error(&s.post("/v1/jobs", &bad), 400, "hires.upscaler");
+    let mut bad = native.clone();
+    bad["hires"]["sharpen"] = json!(true);
+    assert_eq!(s.post("/v1/jobs", &bad).status, 400);
     s.shutdown();
 }
