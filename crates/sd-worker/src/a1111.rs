@@ -146,6 +146,67 @@ fn controlnet_units(r: &A1111Request) -> Result<Vec<(usize, ControlNetRequest)>,
     Ok(out)
 }
 
+/// Whether `requested` names the loaded model as A1111 clients write it: its name, its file name, or its
+/// title `file [hash]` (the hash, when given, must be the model's).
+fn names_loaded_model(requested: &str, model: &ModelInfo) -> bool {
+    let requested = requested.trim();
+    let (name, hash) = match requested.rsplit_once(" [") {
+        Some((n, h)) if h.ends_with(']') => (n.trim(), Some(h.trim_end_matches(']'))),
+        _ => (requested, None),
+    };
+    let file = std::path::Path::new(&model.source).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = std::path::Path::new(name).file_stem().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    let name_ok = name == model.name || name == file || stem == model.name;
+    let hash_ok = match (hash, &model.sha256) {
+        (Some(h), Some(full)) => full.starts_with(&h.to_ascii_lowercase()),
+        _ => true,
+    };
+    name_ok && hash_ok
+}
+
+/// The `override_settings` this worker honours: `sd_model_checkpoint` and `sd_vae` must name what it
+/// serves (it cannot switch models or VAEs per request), `randn_source` "CPU" draws the noise with
+/// PyTorch's CPU generator (A1111's CPU source); A1111's default "GPU"/"NV" source is refused, as its
+/// noise cannot be reproduced here; `eta_noise_seed_delta` must be 0.
+fn check_override_settings(o: &Map<String, Value>, model: &ModelInfo, vae: Option<&std::path::Path>) -> Result<Option<String>, ApiError> {
+    let text = |k: &str| o.get(k).and_then(Value::as_str);
+    if let Some(ckpt) = text("sd_model_checkpoint") {
+        if !names_loaded_model(ckpt, model) {
+            return Err(ApiError::invalid(
+                "override_settings.sd_model_checkpoint",
+                format!("this worker serves {:?} only and cannot switch to {ckpt:?}", model.name),
+            ));
+        }
+    }
+    if let Some(v) = text("sd_vae") {
+        // "Automatic" is what the worker uses; "None" is the model's own VAE.
+        let ok = match vae {
+            Some(p) => v == "Automatic" || Some(std::ffi::OsStr::new(v)) == p.file_name() || std::path::Path::new(v).file_stem() == p.file_stem(),
+            None => v == "Automatic" || v == "None",
+        };
+        if !ok {
+            return Err(ApiError::invalid("override_settings.sd_vae", format!("this worker cannot switch to the VAE {v:?}; it uses {}", ours_or_model(vae))));
+        }
+    }
+    if let Some(d) = o.get("eta_noise_seed_delta").filter(|d| !d.is_null()) {
+        if d.as_f64() != Some(0.0) {
+            return Err(ApiError::invalid("override_settings.eta_noise_seed_delta", "only 0 is supported (the noise would differ from A1111's anyway)"));
+        }
+    }
+    match text("randn_source").map(|s| s.to_ascii_uppercase()) {
+        None => Ok(None),
+        Some(s) if s == "CPU" => Ok(Some("torch".into())),
+        Some(s) => Err(ApiError::invalid(
+            "override_settings.randn_source",
+            format!("{s:?}: A1111's GPU (NV) noise cannot be reproduced here; use \"CPU\" (PyTorch's CPU generator) or leave it out"),
+        )),
+    }
+}
+
+fn ours_or_model(vae: Option<&std::path::Path>) -> String {
+    vae.map_or_else(|| "the model's own".to_string(), |p| p.display().to_string())
+}
+
 fn common(r: &A1111Request) -> Result<CommonInput, ApiError> {
     let batch = r.batch_size.unwrap_or(1);
     let n_iter = r.n_iter.unwrap_or(1);
@@ -223,7 +284,12 @@ async fn run(st: Arc<AppState>, caller: Caller, body: Bytes, img2img: bool) -> R
         let obj = parse_json_object(&body)?;
         let request = Value::Object(obj.clone());
         let r: A1111Request = from_value(Value::Object(obj))?;
-        let input = common(&r)?;
+        let mut input = common(&r)?;
+        if let Some(o) = &r.override_settings {
+            if let Some(noise) = check_override_settings(o, &model2, st2.config.vae.as_deref())? {
+                input.noise = Some(noise);
+            }
+        }
         let op = if img2img {
             let first = r.init_images.as_ref().and_then(|v| v.first()).ok_or_else(|| ApiError::invalid("init_images", "missing; send one base64 image"))?;
             let image = decode_image("init_images[0]", first)?;
@@ -458,20 +524,46 @@ pub async fn schedulers() -> Json<Value> {
 pub async fn sd_models(State(st): St) -> Result<Json<Value>, ApiError> {
     let m = st.ready_model()?;
     Ok(Json(json!([{
-        // A1111's title: the file name and its short hash.
-        "title": match &m.sha256 {
-            Some(h) => format!("{} [{}]", std::path::Path::new(&m.source).file_name().map_or(m.name.clone(), |f| f.to_string_lossy().into_owned()), &h[..10]),
-            None => m.name.clone(),
-        },
+        "title": title(&m),
         "model_name": m.name, "hash": m.sha256.as_ref().map(|h| h[..10].to_string()), "sha256": m.sha256,
         "filename": m.source, "config": Value::Null,
     }])))
 }
 
+/// A1111's title of the model: `file.safetensors [short hash]` for a single file, else its name.
+fn title(m: &ModelInfo) -> String {
+    match &m.sha256 {
+        Some(h) => {
+            let file = std::path::Path::new(&m.source).file_name().map_or(m.name.clone(), |f| f.to_string_lossy().into_owned());
+            format!("{file} [{}]", &h[..10])
+        }
+        None => m.name.clone(),
+    }
+}
+
+/// `POST /sdapi/v1/options`: how A1111 clients pick a checkpoint. Naming the loaded model (name, file name
+/// or `file [hash]` title) succeeds; another model is a 400 naming `sd_model_checkpoint` (this worker serves
+/// one model). Other settings are accepted and have no effect here.
+pub async fn set_options(State(st): St, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    let body = body_bytes(&st, body)?;
+    let model = st.ready_model()?;
+    let obj = parse_json_object(&body)?;
+    if let Some(v) = obj.get("sd_model_checkpoint") {
+        let requested = v.as_str().ok_or_else(|| ApiError::invalid("sd_model_checkpoint", "expected a string"))?;
+        if !names_loaded_model(requested, &model) {
+            return Err(ApiError::invalid(
+                "sd_model_checkpoint",
+                format!("this worker serves {:?} only and cannot switch to {requested:?}", model.name),
+            ));
+        }
+    }
+    Ok(Json(Value::Null))
+}
+
 /// `GET /sdapi/v1/options`: the settings front ends read at startup.
 pub async fn options(State(st): St) -> Result<Json<Value>, ApiError> {
     let m = st.ready_model()?;
-    Ok(Json(json!({"sd_model_checkpoint": m.name, "CLIP_stop_at_last_layers": 1, "samples_format": "png"})))
+    Ok(Json(json!({"sd_model_checkpoint": title(&m), "CLIP_stop_at_last_layers": 1, "samples_format": "png"})))
 }
 
 #[cfg(test)]

@@ -176,7 +176,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/sdapi/v1/samplers", get(a1111::samplers))
         .route("/sdapi/v1/schedulers", get(a1111::schedulers))
         .route("/sdapi/v1/sd-models", get(a1111::sd_models))
-        .route("/sdapi/v1/options", get(a1111::options))
+        .route("/sdapi/v1/options", get(a1111::options).post(a1111::set_options))
         .route("/sdapi/v1/loras", get(a1111::loras))
         .route("/sdapi/v1/embeddings", get(a1111::embeddings))
         .route("/sdapi/v1/sd-vae", get(a1111::sd_vae))

@@ -680,6 +680,21 @@ fn a_single_file_checkpoint_loads_with_its_config_folder() {
     assert_eq!(listed[0]["sha256"], "3895e39d401cf66ca8581385f4e919e65cfcd876f7b64d2cb011073d67bc6cc5", "{listed}");
     assert_eq!(listed[0]["hash"], "3895e39d40");
     assert_eq!(listed[0]["title"], "sd15.safetensors [3895e39d40]");
+    // Picking the loaded model by any of its names works; another model is refused by name.
+    for name in ["sd15.safetensors [3895e39d40]", "sd15", "sd15.safetensors"] {
+        let r = s.post("/sdapi/v1/options", &json!({"sd_model_checkpoint": name, "CLIP_stop_at_last_layers": 1}));
+        assert_eq!(r.status, 200, "{name}: {}", r.text());
+    }
+    assert_eq!(s.get("/sdapi/v1/options").json()["sd_model_checkpoint"], "sd15.safetensors [3895e39d40]");
+    for name in ["other.safetensors", "sd15.safetensors [0000000000]"] {
+        assert_error(&s.post("/sdapi/v1/options", &json!({"sd_model_checkpoint": name})), 400, "sd_model_checkpoint");
+    }
+    let txt = |o: Value| json!({"prompt": "x", "width": 32, "height": 32, "steps": 1, "override_settings": o});
+    assert_error(&s.post("/sdapi/v1/txt2img", &txt(json!({"sd_model_checkpoint": "other"}))), 400, "override_settings.sd_model_checkpoint");
+    assert_error(&s.post("/sdapi/v1/txt2img", &txt(json!({"randn_source": "GPU"}))), 400, "override_settings.randn_source");
+    assert_error(&s.post("/sdapi/v1/txt2img", &txt(json!({"sd_vae": "vae-ft-mse.safetensors"}))), 400, "override_settings.sd_vae");
+    let r = s.post("/sdapi/v1/txt2img", &txt(json!({"randn_source": "CPU", "sd_vae": "Automatic", "sd_model_checkpoint": "sd15"})));
+    assert_eq!(r.status, 200, "{}", r.text());
     // The config folder's tokenizer is used (DECISIONS: not the bundled vocabulary, whose ids the tiny
     // fixture's 1000-token text encoder could not embed), so the file generates as the folder does.
     let r = s.post("/v1/images/generations", &json!({"prompt": "file", "size": "32x32", "steps": 2, "seed": 4}));
