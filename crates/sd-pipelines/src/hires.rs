@@ -90,11 +90,17 @@ impl HiresFix {
     /// A1111's `hr_scale`: the target is the first pass's size times `scale`, each side rounded down to a
     /// multiple of 8.
     pub fn scaled(p: &GenerationParams, scale: f64, upscaler: HiresUpscaler, strength: f64) -> Result<Self> {
+        let (width, height) = Self::scaled_size(p.width, p.height, scale, 8)?;
+        Ok(Self { width, height, upscaler, steps: None, strength })
+    }
+
+    /// `width × height` times `scale` (1 to 8), each side rounded down to a multiple of `multiple`.
+    pub fn scaled_size(width: usize, height: usize, scale: f64, multiple: usize) -> Result<(usize, usize)> {
         if !scale.is_finite() || !(1.0..=8.0).contains(&scale) {
             return Err(Error::invalid("hr_scale", format!("{scale} is outside 1..=8")));
         }
-        let side = |v: usize| ((v as f64 * scale) as usize / 8) * 8;
-        Ok(Self { width: side(p.width), height: side(p.height), upscaler, steps: None, strength })
+        let side = |v: usize| ((v as f64 * scale) as usize / multiple) * multiple;
+        Ok((side(width), side(height)))
     }
 
     /// The second pass's request: the first's at the target size, with the second pass's steps.

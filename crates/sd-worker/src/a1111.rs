@@ -154,7 +154,7 @@ fn names_loaded_model(requested: &str, model: &ModelInfo) -> bool {
         Some((n, h)) if h.ends_with(']') => (n.trim(), Some(h.trim_end_matches(']'))),
         _ => (requested, None),
     };
-    let file = std::path::Path::new(&model.source).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    let file = model_file_name(model).unwrap_or_default();
     let stem = std::path::Path::new(name).file_stem().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
     let name_ok = name == model.name || name == file || stem == model.name;
     let hash_ok = match (hash, &model.sha256) {
@@ -533,12 +533,14 @@ pub async fn sd_models(State(st): St) -> Result<Json<Value>, ApiError> {
 /// A1111's title of the model: `file.safetensors [short hash]` for a single file, else its name.
 fn title(m: &ModelInfo) -> String {
     match &m.sha256 {
-        Some(h) => {
-            let file = std::path::Path::new(&m.source).file_name().map_or(m.name.clone(), |f| f.to_string_lossy().into_owned());
-            format!("{file} [{}]", &h[..10])
-        }
+        Some(h) => format!("{} [{}]", model_file_name(m).unwrap_or_else(|| m.name.clone()), &h[..10]),
         None => m.name.clone(),
     }
+}
+
+/// The file name of the model's source (`sd15.safetensors`).
+fn model_file_name(m: &ModelInfo) -> Option<String> {
+    std::path::Path::new(&m.source).file_name().map(|f| f.to_string_lossy().into_owned())
 }
 
 /// `POST /sdapi/v1/options`: how A1111 clients pick a checkpoint. Naming the loaded model (name, file name

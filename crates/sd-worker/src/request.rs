@@ -172,13 +172,13 @@ fn hires_target(h: &HiresInput, width: usize, height: usize, multiple: usize, na
     let (x, y) = (h.resize_x.unwrap_or(0) as f64, h.resize_y.unwrap_or(0) as f64);
     let (w, hh) = (width as f64, height as f64);
     Ok(match (x > 0.0, y > 0.0) {
-        (false, false) => {
-            let scale = h.scale.unwrap_or(2.0);
-            if !scale.is_finite() || !(1.0..=8.0).contains(&scale) {
-                return Err(ApiError::invalid(names.scale, format!("{scale} is outside 1..=8")));
-            }
-            (round(w * scale), round(hh * scale))
-        }
+        (false, false) => HiresFix::scaled_size(width, height, h.scale.unwrap_or(2.0), multiple).map_err(|e| {
+            let reason = match e {
+                sd_pipelines::Error::Core(sd_core::Error::InvalidRequest { reason, .. }) => reason,
+                other => other.to_string(),
+            };
+            ApiError::invalid(names.scale, reason)
+        })?,
         (true, false) => (round(x), round(x * hh / w)),
         (false, true) => (round(y * w / hh), round(y)),
         (true, true) => (round(x), round(y)),
