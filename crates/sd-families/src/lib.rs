@@ -1,0 +1,240 @@
+//! One entry to every model family of the workspace.
+//!
+//! The family crates (`sd-pipelines` for Stable Diffusion 1.x/2.x/XL, `sd-flux` for FLUX.1) never
+//! depend on each other; this crate is the one place that knows them all. It detects a model's
+//! family from its files ([`detect`]), loads it ([`LoadedModel::load`]), says what it can do
+//! ([`LoadedModel::capabilities`], sd-core's rule set), keeps the LoRAs merged into it and the
+//! ControlNets attached to it between runs, and runs an sd-core [`Request`] + [`Task`] through the
+//! family's one `generate` ([`LoadedModel::generate`]). A server or an app dispatches through it
+//! and holds no model logic; a new family is one more arm here and nothing elsewhere.
+//!
+//! ```no_run
+//! use sd_core::image_io::{save_png, tensor_to_images};
+//! use sd_core::run::{RunContext, Task};
+//! use sd_families::{Extras, LoadSpec, LoadedModel};
+//!
+//! fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     // A Stable Diffusion or FLUX folder or single file: the family is read from the files.
+//!     let mut model = LoadedModel::load("models/sd-turbo".as_ref(), &LoadSpec::default())?;
+//!     let mut request = model.capabilities().request("a red fox in the snow");
+//!     request.seed = 42;
+//!     let out = model.generate(&request, &Task::TextToImage, &mut RunContext::default(), &Extras::default())?;
+//!     let text = model.infotext(&request, &request.prompt, "sd-turbo", &Extras::default(), &[]);
+//!     save_png(&tensor_to_images(&out.images)?[0], "fox.png".as_ref(), Some(&text))?;
+//!     Ok(())
+//! }
+//! ```
+
+mod error;
+mod flux;
+mod stable_diffusion;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use image::DynamicImage;
+use sd_core::run::{RunContext, Task};
+
+pub use error::{Error, Result};
+pub use flux::FluxModel;
+pub use sd_core::family::{Capabilities, ModelFamily};
+pub use sd_core::run::Request;
+pub use sd_models::SdVariant;
+pub use sd_pipelines::hires::{HiresFix, HiresUpscaler};
+pub use stable_diffusion::StableDiffusionModel;
+
+/// The crate that runs a model (finer than that, [`ModelFamily`] tells SD 1.x, 2.x and XL apart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// Stable Diffusion 1.x / 2.x / XL and their inpainting and turbo variants (`sd-pipelines`).
+    StableDiffusion,
+    /// FLUX.1 dev / schnell (`sd-flux`).
+    Flux,
+}
+
+impl Family {
+    /// Every family, in the order [`detect`] tries them.
+    pub const ALL: [Family; 2] = [Family::Flux, Family::StableDiffusion];
+
+    /// A short lower-case name (`stable-diffusion`, `flux`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::StableDiffusion => "stable-diffusion",
+            Family::Flux => "flux",
+        }
+    }
+}
+
+/// The family of the model at `path` (a diffusers folder, a single checkpoint file or a FLUX
+/// transformer file), read from its files: FLUX when a `model_index.json` / `config.json` names a
+/// FLUX class or the tensors are a FLUX transformer's, else Stable Diffusion (whose loader then says
+/// what is wrong with a path that is neither).
+pub fn detect(path: &Path) -> Family {
+    if sd_flux::detect::is_flux(path) {
+        Family::Flux
+    } else {
+        Family::StableDiffusion
+    }
+}
+
+/// How to load a model, for every family.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// Stable Diffusion only: force a variant instead of detecting it (needed for the turbo variants).
+    pub variant: Option<SdVariant>,
+    /// Weight dtype; `None`: F32 on the CPU, the family's half type on GPUs.
+    pub dtype: Option<DType>,
+    /// Where the weights go.
+    pub device: Device,
+    /// For a single file: a diffusers folder of the same model that supplies what the file lacks (SD:
+    /// component configs and tokenizers, as diffusers' `config=`; FLUX: the text encoders, VAE,
+    /// tokenizers and scheduler beside a lone transformer). Ignored for folders.
+    pub components: Option<PathBuf>,
+    /// Stable Diffusion only: a VAE folder or file used instead of the model's own.
+    pub vae: Option<PathBuf>,
+    /// In diffusers folders, load `*.fp16.safetensors` when both variants are present.
+    pub prefer_fp16_files: bool,
+}
+
+impl Default for LoadSpec {
+    fn default() -> Self {
+        Self { variant: None, dtype: None, device: Device::Cpu, components: None, vae: None, prefer_fp16_files: false }
+    }
+}
+
+/// A LoRA to merge (errors about it name `loras[i]`, its index in [`Extras::loras`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraWeight {
+    /// The adapter file.
+    pub path: PathBuf,
+    /// Scale of its delta.
+    pub strength: f64,
+}
+
+/// A ControlNet unit of a run (Stable Diffusion only).
+#[derive(Debug, Clone, Copy)]
+pub struct ControlNetUnit<'a> {
+    /// A ControlNet diffusers folder or single `.safetensors` file.
+    pub path: &'a Path,
+    /// The control picture, already preprocessed (resized to the generation size here).
+    pub image: &'a DynamicImage,
+    /// Conditioning scale (`0..=2`).
+    pub scale: f64,
+    /// Fraction of the schedule where the unit starts acting.
+    pub start: f64,
+    /// Fraction of the schedule after which it stops.
+    pub end: f64,
+}
+
+/// What a run adds to the model besides the request: adapters, control and a second pass.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Extras<'a> {
+    /// LoRAs the weights must carry for this run (empty: the plain model); the set stays merged for
+    /// the next run, so repeating it costs nothing.
+    pub loras: &'a [LoraWeight],
+    /// ControlNet units (refused by families without ControlNet support, naming `controlnets`).
+    pub controlnets: &'a [ControlNetUnit<'a>],
+    /// A1111's hires fix: txt2img at the request's size, then img2img at this one (refused by families
+    /// without one, naming `hires`).
+    pub hires: Option<&'a HiresFix>,
+}
+
+/// What a run returns, for every family.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    /// Decoded images `[batch, 3, h, w]` in [0, 1], F32 on the CPU.
+    pub images: Tensor,
+    /// The final latents, unscaled (the family's layout: `[batch, channels, h/f, w/f]`).
+    pub latents: Tensor,
+    /// The seed used.
+    pub seed: u64,
+}
+
+/// A loaded model of any family, with the LoRAs merged into it and its ControlNet cache.
+#[derive(Debug)]
+pub enum LoadedModel {
+    /// Stable Diffusion 1.x / 2.x / XL.
+    StableDiffusion(Box<StableDiffusionModel>),
+    /// FLUX.1.
+    Flux(Box<FluxModel>),
+}
+
+impl LoadedModel {
+    /// Detects the family of `path` and loads it; a scheduler config no sampler can honour fails here,
+    /// not at every request later.
+    pub fn load(path: &Path, spec: &LoadSpec) -> Result<Self> {
+        Ok(match detect(path) {
+            Family::StableDiffusion => Self::StableDiffusion(Box::new(StableDiffusionModel::load(path, spec)?)),
+            Family::Flux => Self::Flux(Box::new(FluxModel::load(path, spec)?)),
+        })
+    }
+
+    /// The crate that runs it.
+    pub fn family(&self) -> Family {
+        match self {
+            Self::StableDiffusion(_) => Family::StableDiffusion,
+            Self::Flux(_) => Family::Flux,
+        }
+    }
+
+    /// What it runs and how it reads a request (the rules `generate` applies; check requests with
+    /// them before queueing).
+    pub fn capabilities(&self) -> &Capabilities {
+        match self {
+            Self::StableDiffusion(m) => &m.caps,
+            Self::Flux(m) => &m.caps,
+        }
+    }
+
+    /// The weights' dtype.
+    pub fn dtype(&self) -> DType {
+        match self {
+            Self::StableDiffusion(m) => m.models.dtype,
+            Self::Flux(m) => m.models.dtype,
+        }
+    }
+
+    /// The device every component is on.
+    pub fn device(&self) -> &Device {
+        match self {
+            Self::StableDiffusion(m) => &m.models.device,
+            Self::Flux(m) => &m.models.device,
+        }
+    }
+
+    /// The UNet's config, which a ControlNet must match (Stable Diffusion only).
+    pub fn unet_config(&self) -> Option<&sd_models::UNetConfig> {
+        match self {
+            Self::StableDiffusion(m) => Some(m.models.unet.config()),
+            Self::Flux(_) => None,
+        }
+    }
+
+    /// Makes the weights carry exactly `loras` (the same set as now costs nothing; a set that fails
+    /// to apply leaves the model as it was).
+    pub fn set_loras(&mut self, loras: &[LoraWeight]) -> Result<()> {
+        match self {
+            Self::StableDiffusion(m) => m.set_loras(loras),
+            Self::Flux(m) => m.set_loras(loras),
+        }
+    }
+
+    /// Runs `task` for `request` with `extras`, through the family's `generate`: the request is
+    /// validated there, against [`LoadedModel::capabilities`], with errors that name the field.
+    pub fn generate(&mut self, request: &Request, task: &Task<'_>, run: &mut RunContext<'_>, extras: &Extras<'_>) -> Result<Generated> {
+        match self {
+            Self::StableDiffusion(m) => m.generate(request, task, run, extras),
+            Self::Flux(m) => m.generate(request, task, run, extras),
+        }
+    }
+
+    /// A1111's `parameters` text for a run of `request`: the family's own entries (sampler, CFG, hires
+    /// fix, FLUX's distilled guidance …) and then `extra` (hashes and other entries the caller knows).
+    /// `prompt` is the prompt as the user wrote it (with its `<lora:…>` tags).
+    pub fn infotext(&self, request: &Request, prompt: &str, model_name: &str, extras: &Extras<'_>, extra: &[(&str, String)]) -> String {
+        match self {
+            Self::StableDiffusion(_) => stable_diffusion::infotext(request, prompt, model_name, extras, extra),
+            Self::Flux(m) => m.infotext(request, prompt, model_name, extra),
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! The family seam on the tiny fixtures: detection from files, loading through one entry, runs equal to
+//! each family's own `generate`, and LoRA / ControlNet / hires requests checked and named by field.
+
+use std::path::PathBuf;
+
+use sd_core::run::{ImageToImage, RunContext, Task};
+use sd_families::{detect, ControlNetUnit, Extras, Family, HiresFix, HiresUpscaler, LoadSpec, LoadedModel, LoraWeight};
+
+fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(rel)
+}
+
+fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b).and_then(|d| d.abs()).and_then(|d| d.flatten_all()).and_then(|d| d.max(0)).and_then(|d| d.to_scalar::<f32>()).expect("diff")
+}
+
+fn load(rel: &str) -> LoadedModel {
+    LoadedModel::load(&fixture(rel), &LoadSpec::default()).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+fn small(model: &LoadedModel, prompt: &str) -> sd_core::run::Request {
+    let mut p = model.capabilities().request(prompt);
+    p.width = 64;
+    p.height = 64;
+    p.steps = 2;
+    p.seed = 7;
+    p
+}
+
+#[test]
+fn the_family_is_read_from_folders_and_single_files() {
+    assert_eq!(detect(&fixture("sd15")), Family::StableDiffusion);
+    assert_eq!(detect(&fixture("sd15.safetensors")), Family::StableDiffusion);
+    assert_eq!(detect(&fixture("sdxl")), Family::StableDiffusion);
+    assert_eq!(detect(&fixture("flux/schnell")), Family::Flux);
+    assert_eq!(detect(&fixture("flux/dev/transformer")), Family::Flux);
+    assert_eq!(detect(&fixture("flux/flux-tiny-schnell.safetensors")), Family::Flux);
+    // Something that is neither goes to Stable Diffusion, whose loader says what is wrong with it.
+    let err = LoadedModel::load(&fixture("schedulers"), &LoadSpec::default()).expect_err("not a model");
+    assert!(err.to_string().contains("model_index.json") || err.to_string().contains("schedulers"), "{err}");
+}
+
+#[test]
+fn a_stable_diffusion_run_through_the_seam_equals_the_family_entry() {
+    let mut model = load("sd15");
+    assert_eq!(model.family(), Family::StableDiffusion);
+    assert!(model.unet_config().is_some());
+    assert!(model.capabilities().controlnet && model.capabilities().hires_fix);
+    let p = small(&model, "a red fox");
+    let ours = model.generate(&p, &Task::TextToImage, &mut RunContext::default(), &Extras::default()).expect("seam");
+    let LoadedModel::StableDiffusion(sd) = &model else { panic!("family") };
+    let direct = sd_pipelines::pipeline::generate(&sd.models, &p, &Task::TextToImage, &mut RunContext::default(), Default::default()).expect("direct");
+    assert_eq!(max_diff(&ours.images, &direct.images), 0.0);
+    assert_eq!(ours.seed, 7);
+    let text = model.infotext(&p, "a red fox <lora:x:1>", "sd15", &Extras::default(), &[("Model hash", "0123456789".into())]);
+    assert!(text.starts_with("a red fox <lora:x:1>\n"), "{text}");
+    assert!(text.contains("Seed: 7") && text.contains("Size: 64x64") && text.contains("Model hash: 0123456789"), "{text}");
+}
+
+#[test]
+fn a_flux_run_through_the_seam_equals_the_family_entry_and_refuses_sd_extras_by_field() {
+    let mut model = load("flux/schnell");
+    assert_eq!(model.family(), Family::Flux);
+    assert!(model.unet_config().is_none());
+    let p = small(&model, "a red fox");
+    let ours = model.generate(&p, &Task::TextToImage, &mut RunContext::default(), &Extras::default()).expect("seam");
+    let LoadedModel::Flux(flux) = &model else { panic!("family") };
+    let direct = sd_flux::pipeline::generate(&flux.models, &p, &Task::TextToImage, &mut RunContext::default()).expect("direct");
+    assert_eq!(max_diff(&ours.images, &direct.images), 0.0);
+
+    let image = image::DynamicImage::new_rgb8(64, 64);
+    let units = [ControlNetUnit { path: &fixture("controlnet/sd15"), image: &image, scale: 1.0, start: 0.0, end: 1.0 }];
+    let err = model
+        .generate(&p, &Task::TextToImage, &mut RunContext::default(), &Extras { controlnets: &units, ..Extras::default() })
+        .expect_err("no ControlNet on FLUX");
+    assert_eq!(err.field().as_deref(), Some("controlnets"), "{err}");
+    let hr = HiresFix { width: 128, height: 128, upscaler: HiresUpscaler::Latent, steps: None, strength: 0.5 };
+    let err = model.generate(&p, &Task::TextToImage, &mut RunContext::default(), &Extras { hires: Some(&hr), ..Extras::default() }).expect_err("no hires");
+    assert_eq!(err.field().as_deref(), Some("hires"), "{err}");
+    let spec = LoadSpec { vae: Some(fixture("sd15/vae")), ..LoadSpec::default() };
+    let err = LoadedModel::load(&fixture("flux/schnell"), &spec).expect_err("no separate VAE for FLUX");
+    assert_eq!(err.field().as_deref(), Some("vae"), "{err}");
+}
+
+#[test]
+fn flux_dev_writes_its_distilled_guidance_in_the_infotext() {
+    let model = load("flux/dev");
+    let mut p = small(&model, "a red fox");
+    p.guidance_scale = 4.0;
+    let text = model.infotext(&p, "a red fox", "flux-dev", &Extras::default(), &[]);
+    assert!(text.contains("Distilled CFG Scale: 4") && text.contains("Sampler: Euler") && text.contains("CFG scale: 1"), "{text}");
+}
+
+#[test]
+fn a_lora_that_does_not_fit_names_its_index_and_leaves_the_model_serving() {
+    let mut model = load("sd15");
+    let p = small(&model, "a cat");
+    let plain = model.generate(&p, &Task::TextToImage, &mut RunContext::default(), &Extras::default()).expect("plain");
+    let fits = [LoraWeight { path: fixture("lora/sd15_kohya.safetensors"), strength: 1.0 }];
+    let with = model.generate(&p, &Task::TextToImage, &mut RunContext::default(), &Extras { loras: &fits, ..Extras::default() }).expect("lora");
+    assert!(max_diff(&with.images, &plain.images) > 1e-4, "the LoRA changed nothing");
+    let wrong = [
+        LoraWeight { path: fixture("lora/sd15_kohya.safetensors"), strength: 1.0 },
+        LoraWeight { path: fixture("lora/sdxl_kohya.safetensors"), strength: 1.0 },
+    ];
+    let err = model.generate(&p, &Task::TextToImage, &mut RunContext::default(), &Extras { loras: &wrong, ..Extras::default() }).expect_err("SDXL LoRA");
+    assert_eq!(err.field().as_deref(), Some("loras[1]"), "{err}");
+    let missing = [LoraWeight { path: fixture("lora/none.safetensors"), strength: 1.0 }];
+    let err = model.set_loras(&missing).expect_err("missing");
+    assert_eq!(err.field().as_deref(), Some("loras[0]"), "{err}");
+    // The failed sets changed nothing: the last good set is still merged, and removing it restores the model.
+    let again = model.generate(&p, &Task::TextToImage, &mut RunContext::default(), &Extras { loras: &fits, ..Extras::default() }).expect("lora");
+    assert_eq!(max_diff(&again.images, &with.images), 0.0);
+    let back = model.generate(&p, &Task::TextToImage, &mut RunContext::default(), &Extras::default()).expect("plain again");
+    assert_eq!(max_diff(&back.images, &plain.images), 0.0);
+}
+
+#[test]
+fn controlnets_and_the_hires_fix_run_on_stable_diffusion_and_bad_ones_name_their_field() {
+    let mut model = load("sd15");
+    let p = small(&model, "a house");
+    let image = image::DynamicImage::new_rgb8(64, 64);
+    let plain = model.generate(&p, &Task::TextToImage, &mut RunContext::default(), &Extras::default()).expect("plain");
+    let units = [ControlNetUnit { path: &fixture("controlnet/sd15"), image: &image, scale: 1.0, start: 0.0, end: 1.0 }];
+    let controlled =
+        model.generate(&p, &Task::TextToImage, &mut RunContext::default(), &Extras { controlnets: &units, ..Extras::default() }).expect("controlnet");
+    assert!(max_diff(&controlled.images, &plain.images) > 1e-5, "the ControlNet changed nothing");
+    let bad = [units[0], ControlNetUnit { path: &fixture("controlnet/sdxl"), ..units[0] }];
+    let err = model.generate(&p, &Task::TextToImage, &mut RunContext::default(), &Extras { controlnets: &bad, ..Extras::default() }).expect_err("SDXL ControlNet");
+    assert_eq!(err.field().as_deref(), Some("controlnets[1].model"), "{err}");
+
+    let hr = HiresFix { width: 96, height: 96, upscaler: HiresUpscaler::Latent, steps: Some(2), strength: 0.5 };
+    let extras = Extras { hires: Some(&hr), ..Extras::default() };
+    let two_pass = model.generate(&p, &Task::TextToImage, &mut RunContext::default(), &extras).expect("hires");
+    assert_eq!(two_pass.images.dims(), &[1, 3, 96, 96]);
+    let text = model.infotext(&p, &p.prompt, "sd15", &extras, &[]);
+    assert!(text.contains("Hires resize: 96x96") && text.contains("Hires upscaler: Latent") && text.contains("Hires steps: 2"), "{text}");
+    let init = candle_core::Tensor::zeros((1, 3, 64, 64), candle_core::DType::F32, &candle_core::Device::Cpu).expect("image");
+    let task = Task::ImageToImage(ImageToImage { image: &init, strength: 0.5 });
+    let err = model.generate(&p, &task, &mut RunContext::default(), &extras).expect_err("hires is txt2img");
+    assert_eq!(err.field().as_deref(), Some("hires"), "{err}");
+}
