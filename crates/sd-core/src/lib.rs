@@ -5,6 +5,7 @@
 //! - [`run`]: request limits and checks, the seed's generator, per-step progress/cancel and latent-edit
 //!   callbacks, and the [`run::RunContext`] a family's `generate` takes.
 //! - [`prompt`]: A1111's prompt syntax (weights, `BREAK`, 75-token chunks) and its limits.
+//! - [`prompt_schedule`]: A1111 prompt editing `[from:to:when]` and alternation `[a|b]` per model call.
 //! - [`family`]: what a loaded model can do ([`family::Capabilities`]) and the one request check every
 //!   family and front end shares.
 //! - [`preview`]: cheap latent → RGB previews per [`ModelFamily`].
@@ -40,6 +41,7 @@ pub mod family;
 pub mod image_io;
 pub mod preview;
 pub mod prompt;
+pub mod prompt_schedule;
 pub mod run;
 pub mod schedulers;
 

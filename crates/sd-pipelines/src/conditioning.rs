@@ -172,6 +172,22 @@ pub fn build_conditioning(
     clip_skip: usize,
     guided: bool,
     batch: usize,
+    size: (usize, usize),
+) -> Result<Conditioning> {
+    conditioning_for(models, prompt, negative, negative.is_empty(), clip_skip, guided, batch, size)
+}
+
+/// [`build_conditioning`], where `zero_negative` says whether SDXL's negative half is zeros (an empty
+/// negative prompt; with prompt editing, one that is empty at every step, as A1111 decides it).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conditioning_for(
+    models: &StableDiffusionModels,
+    prompt: &str,
+    negative: &str,
+    zero_negative: bool,
+    clip_skip: usize,
+    guided: bool,
+    batch: usize,
     (height, width): (usize, usize),
 ) -> Result<Conditioning> {
     let sdxl = models.config.variant.family() == ModelFamily::Sdxl;
@@ -180,7 +196,7 @@ pub fn build_conditioning(
     let mut len = pos.context.dim(1)?;
     if guided {
         // SDXL with an empty negative prompt gets zero embeddings (built below at the final length).
-        let neg = if sdxl && negative.is_empty() {
+        let neg = if sdxl && zero_negative {
             None
         } else {
             let neg = encode_prompt(models, negative, clip_skip)?;

@@ -14,7 +14,7 @@ use sd_models::loader::StableDiffusionModels;
 use crate::error::{Error, Result};
 use crate::image_io::{image_to_tensor, tensor_to_images};
 use crate::pipeline::{
-    capabilities, generate, EditFn, GenerationOutput, GenerationParams, ImageToImage, LatentsToImage, ProgressFn, RunContext, SdExtras, Task,
+    capabilities, generate_pass, EditFn, GenerationOutput, GenerationParams, ImageToImage, LatentsToImage, ProgressFn, RunContext, PromptClock, SdExtras, Task,
 };
 use crate::schedulers::NoiseSource;
 
@@ -123,7 +123,10 @@ pub fn generate_hires(models: &StableDiffusionModels, p: &GenerationParams, hr: 
     caps.check_task_kind(sd_core::run::TaskKind::ImageToImage, Some(hr.strength), second.steps)
         .map_err(|e| rename(e, &[("strength", "denoising_strength")]))?;
     let mut noise = run.take_noise(p.noise, p.seed);
-    let first = pass(models, p, &Task::TextToImage, noise.get(), run)?;
+    // Prompt editing: the second pass schedules over its own calls, whole numbers counting from the first's.
+    let first_clock = PromptClock::single(p);
+    let second_clock = PromptClock { base: first_clock.base, hires: Some(second.sampler.kind.schedule_steps(second.steps)) };
+    let first = pass(models, p, &Task::TextToImage, noise.get(), run, first_clock)?;
     let f = models.config.vae_scale_factor();
     if hr.upscaler.in_latent_space() {
         let (h, w) = (hr.height / f, hr.width / f);
@@ -132,7 +135,7 @@ pub fn generate_hires(models: &StableDiffusionModels, p: &GenerationParams, hr: 
             HiresUpscaler::LatentNearest => latents.upsample_nearest2d(h, w)?,
             _ => latents.upsample_bilinear2d(h, w, false)?,
         };
-        let out = pass(models, &second, &Task::LatentsToImage(LatentsToImage { latents: &up, strength: hr.strength }), noise.get(), run)?;
+        let out = pass(models, &second, &Task::LatentsToImage(LatentsToImage { latents: &up, strength: hr.strength }), noise.get(), run, second_clock)?;
         return Ok(GenerationOutput { seed: p.seed, ..out });
     }
     let filter = if hr.upscaler == HiresUpscaler::Nearest { FilterType::Nearest } else { FilterType::Lanczos3 };
@@ -144,7 +147,7 @@ pub fn generate_hires(models: &StableDiffusionModels, p: &GenerationParams, hr: 
         })
         .collect::<sd_core::Result<Vec<Tensor>>>()?;
     let image = Tensor::cat(&resized, 0)?;
-    let out = pass(models, &second, &Task::ImageToImage(ImageToImage { image: &image, strength: hr.strength }), noise.get(), run)?;
+    let out = pass(models, &second, &Task::ImageToImage(ImageToImage { image: &image, strength: hr.strength }), noise.get(), run, second_clock)?;
     Ok(GenerationOutput { seed: p.seed, ..out })
 }
 
@@ -155,11 +158,12 @@ fn pass(
     task: &Task<'_>,
     noise: &mut dyn NoiseSource,
     run: &mut RunContext<'_>,
+    clock: PromptClock,
 ) -> Result<GenerationOutput> {
     let progress = run.progress.as_deref_mut().map(|f| f as &mut ProgressFn<'_>);
     let edit = run.edit.as_deref_mut().map(|f| f as &mut EditFn<'_>);
     let mut ctx = RunContext { noise: Some(noise), progress, edit };
-    generate(models, request, task, &mut ctx, SdExtras::default())
+    generate_pass(models, request, task, &mut ctx, SdExtras::default(), clock)
 }
 
 /// Names a second-pass error by the hires field it comes from.

@@ -5,7 +5,8 @@ use sd_models::loader::StableDiffusionModels;
 use sd_models::unet::{AddedCond, UNetConditioning};
 use sd_models::PredictionType as ModelPrediction;
 
-use crate::conditioning::{build_conditioning, Conditioning};
+use crate::conditioning::{conditioning_for, Conditioning};
+use sd_core::prompt_schedule::{prompt_schedule, schedule_index};
 use crate::control::ResidualHook;
 use crate::error::{Error, Result};
 use crate::schedulers::{
@@ -185,6 +186,70 @@ pub fn generate(
     run: &mut RunContext<'_>,
     extras: SdExtras<'_>,
 ) -> Result<GenerationOutput> {
+    generate_pass(models, p, task, run, extras, PromptClock::single(p))
+}
+
+/// The step count A1111's prompt editing schedules a pass over: model calls (a second-order sampler's
+/// steps doubled) and, for a hires fix's second pass, the first pass's too.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PromptClock {
+    /// Model calls of the (first) pass's schedule.
+    pub base: usize,
+    /// The second pass's, for a hires fix's second pass.
+    pub hires: Option<usize>,
+}
+
+impl PromptClock {
+    /// A pass on its own.
+    pub fn single(p: &GenerationParams) -> Self {
+        Self { base: p.sampler.kind.schedule_steps(p.steps), hires: None }
+    }
+}
+
+/// The conditioning of each stretch of model calls: A1111 prompt editing (`[from:to:when]`) and
+/// alternation (`[a|b]`) in the prompt and the negative prompt resolved per call, each distinct pair of
+/// texts encoded once. `(last call, conditioning)` in call order; a plain prompt gives one entry.
+fn conditioning_schedule(models: &StableDiffusionModels, p: &GenerationParams, clock: PromptClock) -> Result<Vec<(usize, Conditioning)>> {
+    let pos = prompt_schedule(&p.prompt, clock.base, clock.hires);
+    let neg = prompt_schedule(&p.negative_prompt, clock.base, clock.hires);
+    // A1111 zeroes SDXL's negative conditioning only when every scheduled negative text is empty.
+    let zero_negative = neg.iter().all(|e| e.text.is_empty());
+    let ends: std::collections::BTreeSet<usize> = pos.iter().chain(&neg).map(|e| e.end_at_step).collect();
+    let mut built: Vec<((usize, usize), Conditioning)> = Vec::new();
+    let mut out = Vec::with_capacity(ends.len());
+    for end in ends {
+        let key = (schedule_index(pos.iter().map(|e| e.end_at_step), end), schedule_index(neg.iter().map(|e| e.end_at_step), end));
+        let cond = match built.iter().find(|(k, _)| *k == key) {
+            Some((_, c)) => c.clone(),
+            None => {
+                let c = conditioning_for(
+                    models,
+                    &pos[key.0].text,
+                    &neg[key.1].text,
+                    zero_negative,
+                    p.clip_skip,
+                    guided(p),
+                    p.batch_size,
+                    (p.height, p.width),
+                )?;
+                built.push((key, c.clone()));
+                c
+            }
+        };
+        out.push((end, cond));
+    }
+    Ok(out)
+}
+
+/// [`generate`] with the prompt-editing clock of the pass.
+pub(crate) fn generate_pass(
+    models: &StableDiffusionModels,
+    p: &GenerationParams,
+    task: &Task<'_>,
+    run: &mut RunContext<'_>,
+    extras: SdExtras<'_>,
+    clock: PromptClock,
+) -> Result<GenerationOutput> {
     let caps = capabilities(models)?;
     caps.check(p, task)?;
     let mut sched = match extras.scheduler {
@@ -193,7 +258,7 @@ pub fn generate(
     };
     let mut noise = run.take_noise(p.noise, p.seed);
     let noise = noise.get();
-    let cond = build_conditioning(models, &p.prompt, &p.negative_prompt, p.clip_skip, guided(p), p.batch_size, (p.height, p.width))?;
+    let cond = conditioning_schedule(models, p, clock)?;
     let shape = latent_shape(models, p);
     let (latents, start, inpaint) = match task {
         Task::TextToImage => {
@@ -297,7 +362,7 @@ fn denoise(
     models: &StableDiffusionModels,
     p: &GenerationParams,
     sched: &mut dyn Scheduler,
-    cond: &Conditioning,
+    cond: &[(usize, Conditioning)],
     mut latents: Tensor,
     start: usize,
     inpaint: Option<&InpaintState>,
@@ -308,12 +373,15 @@ fn denoise(
     let g = guided(p);
     let timesteps = sched.timesteps().to_vec();
     let total = timesteps.len().saturating_sub(start);
-    let added = match (&cond.text_embeds, &cond.time_ids) {
+    let added = |c: &Conditioning| match (&c.text_embeds, &c.time_ids) {
         (Some(text_embeds), Some(time_ids)) => Some(AddedCond { text_embeds: text_embeds.clone(), time_ids: time_ids.clone() }),
         _ => None,
     };
-    let mut unet_cond = UNetConditioning { added, ..Default::default() };
+    let mut unet_cond = UNetConditioning::default();
     for (i, &t) in timesteps.iter().enumerate().skip(start) {
+        // A1111 counts prompt-editing steps in model calls from the start of the pass.
+        let cond = &cond[schedule_index(cond.iter().map(|(end, _)| *end), i - start)].1;
+        unet_cond.added = added(cond);
         let input = if g { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
         let input = sched.scale_model_input(&input, i)?;
         if let Some(hook) = hook.as_deref_mut() {

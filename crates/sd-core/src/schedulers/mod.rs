@@ -152,6 +152,15 @@ impl SamplerKind {
         Self::UniPc,
     ];
 
+    /// Model calls A1111 schedules prompt editing over for `steps` steps: twice the steps for its
+    /// second-order samplers (Heun), the steps otherwise.
+    pub fn schedule_steps(self, steps: usize) -> usize {
+        match self {
+            Self::Heun => steps * 2,
+            _ => steps,
+        }
+    }
+
     /// The A1111 display name ("Euler a", "DPM++ 2M" …).
     pub fn display_name(self) -> &'static str {
         match self {
