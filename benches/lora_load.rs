@@ -1,6 +1,8 @@
 //! Time to build an SD 1.5-sized UNet (860 M parameters, stored F16, loaded as F32 on the CPU)
 //! from a memory-mapped safetensors file, without and with one rank-64 kohya LoRA on every
-//! attention, feed-forward and transformer projection layer — the merge overhead of `sd-lora`.
+//! attention, feed-forward and transformer projection layer — the merge overhead of `sd-lora` —
+//! and the time to switch LoRA sets on the loaded UNet in place (`sd_lora::LivePatcher`: the
+//! previous set taken out, the next patched in), which is what a server pays per change of set.
 //!
 //! Random weights, written once to `target/lora_bench/` (≈1.7 GB + 50 MB). Never run in CI:
 //! `cargo bench --bench lora_load`; `SD_BENCH_SMALL=1` swaps in a tiny config to check the harness.
@@ -16,7 +18,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
 use sd_lora::keys::{kohya_key, UnetNaming};
-use sd_lora::LoraSet;
+use sd_lora::{LivePatcher, LoraSet};
 use sd_models::keymap::{unet_modules, Component};
 use sd_models::unet::UNet2DConditionModel;
 use sd_models::{ModelConfig, PerBlock, SdVariant, UNetConfig};
@@ -157,6 +159,41 @@ fn bench(c: &mut Criterion) {
     g.bench_function("base", |b| b.iter(|| build(&unet, &cfg, None).map(drop)));
     g.bench_function("with_rank64_lora", |b| b.iter(|| build(&unet, &cfg, Some(&set)).map(drop)));
     g.finish();
+
+    // The same file at another strength: a switch rewrites every weight the LoRA touches.
+    let mut other = LoraSet::new();
+    if let Err(e) = other.add_file(&lora, -0.5) {
+        eprintln!("cannot open the bench LoRA: {e}");
+        return;
+    }
+    let mut patcher = LivePatcher::new();
+    let model = match live_build(&unet, &cfg, &patcher) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("cannot build the UNet: {e}");
+            return;
+        }
+    };
+    let mut g = c.benchmark_group("lora_switch_sd15_unet");
+    g.sampling_mode(SamplingMode::Flat).sample_size(20).measurement_time(Duration::from_secs(20));
+    let mut flip = false;
+    g.bench_function("switch_rank64_set_in_place", |b| {
+        b.iter(|| {
+            flip = !flip;
+            patcher.apply(if flip { &set } else { &other }, &cfg).map(drop)
+        })
+    });
+    g.finish();
+    eprintln!("{} weights recorded, {} patched per switch", patcher.recorded(), patcher.patched());
+    drop(model);
+}
+
+/// The plain UNet, its weights recorded for in-place patching.
+fn live_build(unet: &Path, cfg: &ModelConfig, patcher: &LivePatcher) -> candle_core::Result<UNet2DConditionModel> {
+    // SAFETY: the bench's own files, not modified while mapped.
+    let st = unsafe { MmapedSafetensors::new(unet)? };
+    let backend = patcher.recording_hook()(Component::Unet, cfg, Box::new(st)).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    UNet2DConditionModel::new(VarBuilder::from_backend(backend, DType::F32, Device::Cpu), &cfg.unet)
 }
 
 criterion_group!(benches, bench);

@@ -23,11 +23,11 @@ pub struct StableDiffusionModel {
     /// The components.
     pub models: StableDiffusionModels,
     pub(crate) caps: Capabilities,
-    /// The local folder or file the models came from, reloaded when the LoRA set changes.
+    /// The local folder or file the models came from.
     path: PathBuf,
-    /// Options of the plain model (no LoRA hook).
-    opts: LoadOptions,
-    /// The LoRA files and strengths merged into `models` now (empty: the plain model).
+    /// Patches LoRA sets into the loaded weights in place (switching sets never reloads the model).
+    patcher: sd_lora::LivePatcher,
+    /// The LoRA files and strengths patched into `models` now (empty: the plain model).
     applied: Vec<LoraWeight>,
     /// Most recently used last.
     controlnets: Vec<(PathBuf, ControlNetModel)>,
@@ -48,6 +48,7 @@ impl StableDiffusionModel {
     /// Loads a diffusers folder or a single checkpoint.
     pub fn load(path: &Path, spec: &LoadSpec) -> Result<Self> {
         let config = spec.components.as_deref().map(|dir| read_folder_config(dir, spec.variant)).transpose()?;
+        let patcher = sd_lora::LivePatcher::new();
         let opts = LoadOptions {
             variant: spec.variant,
             dtype: spec.dtype,
@@ -56,32 +57,37 @@ impl StableDiffusionModel {
             prefer_fp16_files: spec.prefer_fp16_files,
             vae: spec.vae.clone(),
             tokenizer_dir: spec.components.clone(),
-            ..LoadOptions::default()
+            backend_hook: Some(patcher.recording_hook()),
         };
         let models = load(path, &opts)?;
         let caps = sd_pipelines::pipeline::capabilities(&models)?;
-        Ok(Self { models, caps, path: path.to_path_buf(), opts, applied: Vec::new(), controlnets: Vec::new() })
+        Ok(Self { models, caps, path: path.to_path_buf(), patcher, applied: Vec::new(), controlnets: Vec::new() })
     }
 
-    /// LoRAs are merged into the weights as they load, so a different set means a reload; the new
-    /// weights load before the old ones go, so a LoRA that fails leaves the model serving.
+    /// Patches `wanted` into the loaded weights in place (the previous set taken out first); a set that
+    /// fails to apply leaves the previous one in place.
     pub(crate) fn set_loras(&mut self, wanted: &[LoraWeight]) -> Result<()> {
         if wanted == self.applied.as_slice() {
             return Ok(());
         }
-        let mut set = sd_lora::LoraSet::new();
-        for (i, l) in wanted.iter().enumerate() {
-            set.add_file(&l.path, l.strength as f32)
-                .map_err(|e| Error::Lora { field: format!("loras[{i}]"), message: format!("cannot read LoRA {}: {e}", l.path.display()) })?;
-        }
-        let opts = LoadOptions { backend_hook: (!set.is_empty()).then(|| set.backend_hook()), ..self.opts.clone() };
+        let set = lora_set(wanted)?;
         let t = Instant::now();
-        let models = load(&self.path, &opts)
-            .map_err(|e| Error::Lora { field: lora_field(&e, wanted), message: format!("the LoRAs could not be applied: {e}") })?;
-        self.models = models;
-        self.applied = wanted.to_vec();
-        tracing::info!(secs = t.elapsed().as_secs_f64(), loras = wanted.len(), report = %set.report(), "model reloaded with LoRAs");
-        Ok(())
+        match self.patcher.apply(&set, &self.models.config) {
+            Ok(report) => {
+                self.applied = wanted.to_vec();
+                tracing::info!(secs = t.elapsed().as_secs_f64(), loras = wanted.len(), weights = self.patcher.patched(), report = %report, "LoRA set patched in");
+                Ok(())
+            }
+            Err(e) => {
+                // The patcher left the plain model; put the previous set back (it applied before).
+                let previous = std::mem::take(&mut self.applied);
+                match lora_set(&previous).and_then(|set| self.patcher.apply(&set, &self.models.config).map_err(|e| lora_error(e, &previous))) {
+                    Ok(_) => self.applied = previous,
+                    Err(again) => tracing::error!(error = %again, "the previous LoRA set could not be restored; serving the plain model"),
+                }
+                Err(lora_error(e, wanted))
+            }
+        }
     }
 
     /// The hook running `units`, each ControlNet loaded once and then kept in the cache.
@@ -135,23 +141,23 @@ impl StableDiffusionModel {
     }
 }
 
-/// `loras[i]` for the LoRA a loading error is about, else `loras`. Errors raised while the weights
-/// load reach here through candle, which keeps only their text, so the LoRA's path in the message
-/// identifies it when the typed error is gone.
-fn lora_field(e: &sd_models::Error, wanted: &[LoraWeight]) -> String {
-    let typed = match e {
-        sd_models::Error::Extension(inner) => inner.downcast_ref::<sd_lora::Error>().and_then(sd_lora::Error::path),
-        _ => None,
-    };
-    let text = e.to_string();
-    let index = match typed {
-        Some(p) => wanted.iter().position(|l| l.path == p),
-        None => wanted.iter().position(|l| text.contains(&l.path.display().to_string())),
-    };
-    match index {
+/// Opens every LoRA of `wanted` (errors name `loras[i]`).
+fn lora_set(wanted: &[LoraWeight]) -> Result<sd_lora::LoraSet> {
+    let mut set = sd_lora::LoraSet::new();
+    for (i, l) in wanted.iter().enumerate() {
+        set.add_file(&l.path, l.strength as f32)
+            .map_err(|e| Error::Lora { field: format!("loras[{i}]"), message: format!("cannot read LoRA {}: {e}", l.path.display()) })?;
+    }
+    Ok(set)
+}
+
+/// A LoRA that would not apply, naming `loras[i]` for the file it is about (else `loras`).
+fn lora_error(e: sd_lora::Error, wanted: &[LoraWeight]) -> Error {
+    let field = match e.path().and_then(|p| wanted.iter().position(|l| l.path == p)) {
         Some(i) => format!("loras[{i}]"),
         None => "loras".into(),
-    }
+    };
+    Error::Lora { field, message: format!("the LoRAs could not be applied: {e}") }
 }
 
 /// A1111's parameters for an SD run: its own entries, `extra`, then the hires fix's.

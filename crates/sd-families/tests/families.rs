@@ -140,3 +140,58 @@ fn controlnets_and_the_hires_fix_run_on_stable_diffusion_and_bad_ones_name_their
     let err = model.generate(&p, &task, &mut RunContext::default(), &extras).expect_err("hires is txt2img");
     assert_eq!(err.field().as_deref(), Some("hires"), "{err}");
 }
+
+/// The model `rel` loaded with `loras` merged while it loads (the reference for in-place patching).
+fn loaded_with(rel: &str, components: Option<&str>, loras: &[LoraWeight]) -> sd_models::loader::StableDiffusionModels {
+    let mut set = sd_lora::LoraSet::new();
+    for l in loras {
+        set.add_file(&l.path, l.strength as f32).expect("lora");
+    }
+    let config = components.map(|c| sd_models::loader::read_folder_config(&fixture(c), None).expect("config"));
+    let opts = sd_models::loader::LoadOptions {
+        backend_hook: Some(set.backend_hook()),
+        config,
+        tokenizer_dir: components.map(fixture),
+        ..Default::default()
+    };
+    sd_models::loader::load(&fixture(rel), &opts).expect("load with LoRAs")
+}
+
+/// A model (and the folder that completes a single file) with LoRA files and strengths.
+type PatchCase<'a> = (&'a str, Option<&'a str>, &'a [(&'a str, f64)]);
+
+#[test]
+fn loras_patched_in_place_compute_what_loras_merged_at_load_compute() {
+    let cases: &[PatchCase<'_>] = &[
+        ("sd15", None, &[("lora/sd15_kohya.safetensors", 0.8)]),
+        ("sd15", None, &[("lora/sd15_peft.safetensors", 1.0)]),
+        ("sd15", None, &[("lora/sd15_loha.safetensors", 0.7)]),
+        ("sd15", None, &[("lora/sd15_lokr.safetensors", 1.2)]),
+        ("sd15", None, &[("lora/sd15_kohya_ldm.safetensors", 1.0), ("lora/sd15_diffusers_old.safetensors", -0.6)]),
+        // A single file: OpenCLIP's fused in_proj is split into q/k/v views that are patched in place.
+        ("sd2.safetensors", Some("sd2"), &[("lora/sd2_kohya.safetensors", 0.9), ("lora/sd2_peft.safetensors", 0.5)]),
+        ("sdxl", None, &[("lora/sdxl_kohya.safetensors", 1.0)]),
+    ];
+    for (rel, components, loras) in cases {
+        let spec = LoadSpec { components: components.map(fixture), ..LoadSpec::default() };
+        let mut model = LoadedModel::load(&fixture(rel), &spec).expect("load");
+        let p = small(&model, "a red fox");
+        let run = |model: &mut LoadedModel, loras: &[LoraWeight]| {
+            model.generate(&p, &Task::TextToImage, &mut RunContext::default(), &Extras { loras, ..Extras::default() }).expect("run").latents
+        };
+        let plain = run(&mut model, &[]);
+        let weights: Vec<LoraWeight> = loras.iter().map(|(f, s)| LoraWeight { path: fixture(f), strength: *s }).collect();
+        let patched = run(&mut model, &weights);
+        let reference = loaded_with(rel, *components, &weights);
+        let want = sd_pipelines::pipeline::generate(&reference, &p, &Task::TextToImage, &mut RunContext::default(), Default::default()).expect("reference").latents;
+        assert_eq!(max_diff(&patched, &want), 0.0, "{rel} with {loras:?}");
+        assert!(max_diff(&patched, &plain) > 0.0, "{rel}: the LoRAs changed nothing");
+        // Taking the set out restores the plain weights exactly.
+        assert_eq!(max_diff(&run(&mut model, &[]), &plain), 0.0, "{rel}: restore");
+        // Switching straight from one set to another equals the other alone.
+        let one = &weights[..1];
+        let first = run(&mut model, one);
+        let _ = run(&mut model, &weights);
+        assert_eq!(max_diff(&run(&mut model, one), &first), 0.0, "{rel}: switching back");
+    }
+}

@@ -431,6 +431,13 @@ impl LoraAdapter {
     /// The weight update of `module` (scale included), as F32 on `device`: `[out, in]` or
     /// `[out, in, kh, kw]` for LoRA, `[out, in·kh·kw]` for LoHa/LoKr (the merger reshapes).
     pub fn delta(&self, module: &LoraModule, device: &Device) -> Result<Tensor> {
+        self.scaled_delta(module, device, 1.0)
+    }
+
+    /// [`LoraAdapter::delta`] times `strength`. For plain LoRA modules the factor is folded into the
+    /// small `up` matrix before the product, so no pass over the full-size update is spent on scaling.
+    pub fn scaled_delta(&self, module: &LoraModule, device: &Device, strength: f64) -> Result<Tensor> {
+        let scale = module.scale() as f64 * strength;
         let load = |name: &str| -> Result<Tensor> { Ok(self.st.load(name, device)?.to_dtype(DType::F32)?) };
         let flat = |t: Tensor| -> Result<Tensor> {
             let rows = t.dims().first().copied().unwrap_or(1);
@@ -444,10 +451,10 @@ impl LoraAdapter {
                 match mid {
                     None => {
                         let rest: Vec<usize> = module.down_shape[1..].to_vec();
-                        let w = up.matmul(&flat(down)?)?;
+                        let w = (up * scale)?.matmul(&flat(down)?)?;
                         let mut shape = vec![out];
                         shape.extend(rest);
-                        w.reshape(shape)?
+                        return Ok(w.reshape(shape)?);
                     }
                     Some(mid) => {
                         // W[o,i,h,w] = Σ_ab up[o,a] · mid[a,b,h,w] · down[b,i]: the 1×1 → k×k → 1×1 conv stack.
@@ -476,7 +483,7 @@ impl LoraAdapter {
                 kron(&factor(w1)?, &factor(w2)?)?
             }
         };
-        Ok((d * module.scale() as f64)?)
+        Ok((d * scale)?)
     }
 
     /// The model family the adapter was most likely trained for, from metadata and tensor shapes.

@@ -14,10 +14,12 @@
 pub mod adapter;
 pub mod error;
 pub mod keys;
+pub mod live;
 pub mod merge;
 pub mod set;
 
 pub use adapter::{AdapterKind, LoraAdapter, LoraFormat, LoraMetadata, LoraModule};
 pub use error::{Error, Result};
+pub use live::LivePatcher;
 pub use merge::{Merge, MergeBackend, Target};
 pub use set::{parse_spec, AdapterReport, LoraReport, LoraSet};

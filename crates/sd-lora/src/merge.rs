@@ -74,55 +74,12 @@ impl MergeBackend {
         self
     }
 
-    /// `base` (F32) with every update of `merges` added.
+    /// `base` (F32) with every update of `merges` added, recorded in the report.
     fn merged(&self, name: &str, merges: &[Merge], base: Tensor) -> Result<Tensor> {
-        let mut acc = base;
-        for m in merges.iter().filter(|m| m.strength != 0.0) {
-            let adapter = &self.adapters[m.adapter];
-            let module = &adapter.modules()[m.module];
-            let delta = adapter.delta(module, acc.device())?;
-            let lora_shape = delta.dims().to_vec();
-            let delta = if m.target.swap_halves { swap_halves(&delta)? } else { delta };
-            // The shape the update must have: the weight's, or its rows inside a fused weight.
-            let want: Shape = match m.target.rows {
-                Some((_, n)) => {
-                    let mut d = acc.dims().to_vec();
-                    d[0] = n;
-                    d.into()
-                }
-                None => acc.shape().clone(),
-            };
-            let delta = fit(delta, &want).ok_or_else(|| {
-                Error::ShapeMismatch(Box::new(ShapeMismatch {
-                    path: adapter.path().to_path_buf(),
-                    module: module.key.clone(),
-                    weight: match m.target.rows {
-                        Some((start, n)) => format!("{name} (rows {start}..{})", start + n),
-                        None => name.to_string(),
-                    },
-                    lora: lora_shape,
-                    model: want.dims().to_vec(),
-                    hint: match adapter.likely_family() {
-                        Some(f) if f != self.family => {
-                            format!("it looks like a LoRA for {f} but the model is {}; use a LoRA trained for {}", self.family, self.family)
-                        }
-                        _ => format!("the LoRA was trained for a model with different layer sizes than this {} model", self.family),
-                    },
-                }))
-            })?;
-            let delta = match m.target.rows {
-                Some((start, n)) => pad_rows(&delta, start, n, acc.dim(0)?)?,
-                None => delta,
-            };
-            acc = (acc + (delta * m.strength as f64)?)?;
-        }
+        let acc = add_updates(&self.adapters, self.family, name, merges, base)?;
         if let Some(report) = &self.report {
             if let Ok(mut r) = report.lock() {
-                for m in merges {
-                    if let Some(a) = r.adapters.get_mut(m.adapter) {
-                        a.applied.push(self.adapters[m.adapter].modules()[m.module].key.clone());
-                    }
-                }
+                record_applied(&mut r, &self.adapters, merges);
             }
         }
         Ok(acc)
@@ -151,6 +108,61 @@ impl SimpleBackend for MergeBackend {
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.inner.contains_tensor(name)
+    }
+}
+
+/// `base` (F32) with every update of `merges` added: the one merge rule, for weights as they load
+/// ([`MergeBackend`]) and for weights patched in place ([`crate::live::LivePatcher`]).
+pub(crate) fn add_updates(adapters: &[Arc<LoraAdapter>], family: &'static str, name: &str, merges: &[Merge], base: Tensor) -> Result<Tensor> {
+    let mut acc = base;
+    for m in merges.iter().filter(|m| m.strength != 0.0) {
+        let adapter = &adapters[m.adapter];
+        let module = &adapter.modules()[m.module];
+        let delta = adapter.scaled_delta(module, acc.device(), m.strength as f64)?;
+        let lora_shape = delta.dims().to_vec();
+        let delta = if m.target.swap_halves { swap_halves(&delta)? } else { delta };
+        // The shape the update must have: the weight's, or its rows inside a fused weight.
+        let want: Shape = match m.target.rows {
+            Some((_, n)) => {
+                let mut d = acc.dims().to_vec();
+                d[0] = n;
+                d.into()
+            }
+            None => acc.shape().clone(),
+        };
+        let delta = fit(delta, &want).ok_or_else(|| {
+            Error::ShapeMismatch(Box::new(ShapeMismatch {
+                path: adapter.path().to_path_buf(),
+                module: module.key.clone(),
+                weight: match m.target.rows {
+                    Some((start, n)) => format!("{name} (rows {start}..{})", start + n),
+                    None => name.to_string(),
+                },
+                lora: lora_shape,
+                model: want.dims().to_vec(),
+                hint: match adapter.likely_family() {
+                    Some(f) if f != family => {
+                        format!("it looks like a LoRA for {f} but the model is {family}; use a LoRA trained for {family}")
+                    }
+                    _ => format!("the LoRA was trained for a model with different layer sizes than this {family} model"),
+                },
+            }))
+        })?;
+        let delta = match m.target.rows {
+            Some((start, n)) => pad_rows(&delta, start, n, acc.dim(0)?)?,
+            None => delta,
+        };
+        acc = (acc + delta)?;
+    }
+    Ok(acc)
+}
+
+/// Adds the module keys of `merges` to their adapters' `applied` lists.
+pub(crate) fn record_applied(report: &mut LoraReport, adapters: &[Arc<LoraAdapter>], merges: &[Merge]) {
+    for m in merges {
+        if let Some(a) = report.adapters.get_mut(m.adapter) {
+            a.applied.push(adapters[m.adapter].modules()[m.module].key.clone());
+        }
     }
 }
 

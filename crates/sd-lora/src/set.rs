@@ -68,7 +68,7 @@ pub fn parse_spec(spec: &str) -> Result<(PathBuf, f32)> {
 }
 
 /// Which merges each weight of each component gets.
-type Plan = HashMap<Component, HashMap<String, Vec<Merge>>>;
+pub(crate) type Plan = HashMap<Component, HashMap<String, Vec<Merge>>>;
 
 /// Adapters with their strengths, merged into a model while it loads.
 ///
@@ -147,6 +147,20 @@ impl LoraSet {
     /// Resolves every adapter against `cfg`: errors for adapters that match nothing, a warning for
     /// partial matches. Resets the report.
     pub fn plan(&self, cfg: &ModelConfig) -> Result<()> {
+        let (plan, report) = self.build_plan(cfg)?;
+        *self.plan.lock().map_err(|_| poisoned())? = Some(Arc::new(plan));
+        *self.report.lock().map_err(|_| poisoned())? = report;
+        Ok(())
+    }
+
+    /// The adapters, shared.
+    pub(crate) fn shared_adapters(&self) -> Vec<Arc<LoraAdapter>> {
+        self.adapters.iter().map(|(a, _)| a.clone()).collect()
+    }
+
+    /// Which merges each weight of each component gets, and a report with every adapter's unmatched
+    /// modules (nothing applied yet).
+    pub(crate) fn build_plan(&self, cfg: &ModelConfig) -> Result<(Plan, LoraReport)> {
         let resolver = KeyResolver::new(cfg);
         let mut plan: Plan = HashMap::new();
         let mut report = LoraReport::default();
@@ -195,9 +209,7 @@ impl LoraSet {
                 unmatched,
             });
         }
-        *self.plan.lock().map_err(|_| poisoned())? = Some(Arc::new(plan));
-        *self.report.lock().map_err(|_| poisoned())? = report;
-        Ok(())
+        Ok((plan, report))
     }
 
     /// Wraps the weight backend of `component` so the adapters are merged into the weights it serves.
@@ -225,7 +237,7 @@ impl LoraSet {
     }
 }
 
-fn poisoned() -> Error {
+pub(crate) fn poisoned() -> Error {
     Error::Candle(candle_core::Error::Msg("LoRA state lock poisoned by an earlier panic".into()))
 }
 
