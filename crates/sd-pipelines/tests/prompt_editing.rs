@@ -32,9 +32,10 @@ fn trajectory(m: &StableDiffusionModels, p: &GenerationParams) -> Vec<Tensor> {
         seen.push(s.latents.clone());
         Ok(None)
     };
-    let mut run = RunContext { edit: Some(&mut edit), ..RunContext::default() };
-    generate(m, p, &Task::TextToImage, &mut run, Default::default()).expect("run");
-    drop(run);
+    {
+        let mut run = RunContext { edit: Some(&mut edit), ..RunContext::default() };
+        generate(m, p, &Task::TextToImage, &mut run, Default::default()).expect("run");
+    }
     seen
 }
 
@@ -56,7 +57,6 @@ fn an_edit_switches_the_prompt_after_the_model_call_a1111_names() {
     let mut edit = |s: &StepProgress<'_>| -> sd_core::Result<Option<Tensor>> { Ok((s.step == 2).then(|| cat_after_two.clone())) };
     let mut run = RunContext { edit: Some(&mut edit), ..RunContext::default() };
     let dog = generate(&m, &request(&m, "a dog", 3), &Task::TextToImage, &mut run, Default::default()).expect("run");
-    drop(run);
     assert!(same(&dog.latents, &edited[2]));
 }
 
