@@ -72,6 +72,10 @@ pub struct ModelArgs {
     /// (e.g. `vae-ft-mse-840000-ema-pruned.safetensors`, `sdxl_vae_fp16_fix`).
     #[arg(long)]
     pub vae: Option<std::path::PathBuf>,
+    /// Textual-inversion embeddings prompts may name by file stem (A1111 `.pt`, `.safetensors`, diffusers
+    /// `.bin`): a file, or a folder searched recursively; repeatable. Those for another model are skipped.
+    #[arg(long = "embeddings", value_name = "FILE_OR_DIR")]
+    pub embeddings: Vec<std::path::PathBuf>,
 }
 
 /// The generation settings every example shares.
@@ -157,7 +161,13 @@ pub fn load_model(args: &ModelArgs) -> AnyResult<StableDiffusionModels> {
         vae: args.vae.clone(),
         ..LoadOptions::default()
     };
-    let models = load_with(args, opts)?;
+    let mut models = load_with(args, opts)?;
+    for file in sd_families::embedding_files(&args.embeddings) {
+        match models.add_embedding(&file) {
+            Ok(e) => eprintln!("embedding {} ({} vectors)", e.name, e.len()),
+            Err(e) => eprintln!("embedding {} skipped: {e}", file.display()),
+        }
+    }
     for a in loras.report().adapters {
         eprintln!(
             "LoRA {} (strength {}): {} modules merged{}",

@@ -377,7 +377,36 @@ pub struct TokenChunk {
     pub ids: Vec<u32>,
     /// Multiplier per position (1.0 on bos/eos/padding).
     pub weights: Vec<f32>,
+    /// Textual-inversion embeddings placed in the chunk: their vectors replace the token embeddings
+    /// of the placeholder ids (A1111 writes id 0) from `position` on.
+    pub fixes: Vec<EmbeddingFix>,
 }
+
+/// Where a textual-inversion embedding goes in a [`TokenChunk`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmbeddingFix {
+    /// First position of its vectors in the chunk's ids (the begin-of-text token is position 0).
+    pub position: usize,
+    /// Which embedding (the caller's index).
+    pub embedding: usize,
+    /// How many vectors (positions) it fills.
+    pub vectors: usize,
+}
+
+/// An embedding named at a position of a token stream: which one, how many name tokens it covers
+/// and how many vectors it puts in their place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmbeddingMatch {
+    /// The caller's index of the embedding.
+    pub embedding: usize,
+    /// Tokens of its name that it replaces.
+    pub name_tokens: usize,
+    /// Vectors it contributes.
+    pub vectors: usize,
+}
+
+/// The id A1111 puts where an embedding's vectors go (its vectors replace that id's embedding).
+pub const EMBEDDING_PLACEHOLDER: u32 = 0;
 
 /// Special token ids the chunker needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -405,14 +434,32 @@ pub fn chunk_tokens<E>(
     parts: &[PromptPart],
     max_len: usize,
     special: SpecialTokens,
+    tokenize: impl FnMut(&str) -> std::result::Result<Vec<u32>, E>,
+) -> std::result::Result<Vec<TokenChunk>, E> {
+    chunk_tokens_with_embeddings(parts, max_len, special, tokenize, |_, _| None)
+}
+
+/// [`chunk_tokens`] with textual-inversion embeddings, as A1111's `tokenize_line`: at each token,
+/// `find(tokens, i)` may name an embedding whose name starts there; its name tokens are replaced by
+/// one [`EMBEDDING_PLACEHOLDER`] per vector (weighted like the text around it), recorded as an
+/// [`EmbeddingFix`], and an embedding that does not fit in what is left of a chunk starts the next one.
+/// (Where a chunk overflows and its tail moves after a comma, the embeddings in the tail move with it;
+/// A1111 leaves their vectors behind, which writes them over the old chunk's padding.)
+pub fn chunk_tokens_with_embeddings<E>(
+    parts: &[PromptPart],
+    max_len: usize,
+    special: SpecialTokens,
     mut tokenize: impl FnMut(&str) -> std::result::Result<Vec<u32>, E>,
+    mut find: impl FnMut(&[u32], usize) -> Option<EmbeddingMatch>,
 ) -> std::result::Result<Vec<TokenChunk>, E> {
     let content = max_len.saturating_sub(2).max(1);
     let mut chunks = Vec::new();
     let mut ids: Vec<u32> = Vec::new();
     let mut weights: Vec<f32> = Vec::new();
+    // Positions in `ids` (no begin-of-text yet).
+    let mut fixes: Vec<EmbeddingFix> = Vec::new();
     let mut last_comma: Option<usize> = None;
-    let finish = |ids: &mut Vec<u32>, weights: &mut Vec<f32>, chunks: &mut Vec<TokenChunk>| {
+    let finish = |ids: &mut Vec<u32>, weights: &mut Vec<f32>, fixes: &mut Vec<EmbeddingFix>, chunks: &mut Vec<TokenChunk>| {
         let mut cid = Vec::with_capacity(max_len);
         let mut cw = Vec::with_capacity(max_len);
         cid.push(special.bos);
@@ -423,40 +470,62 @@ pub fn chunk_tokens<E>(
         cw.push(1.0);
         cid.resize(max_len, special.pad);
         cw.resize(max_len, 1.0);
-        chunks.push(TokenChunk { ids: cid, weights: cw });
+        let fixes = fixes.drain(..).map(|f| EmbeddingFix { position: f.position + 1, ..f }).collect();
+        chunks.push(TokenChunk { ids: cid, weights: cw, fixes });
     };
     for part in parts {
         let (text, weight) = match part {
             PromptPart::Break => {
-                finish(&mut ids, &mut weights, &mut chunks);
+                finish(&mut ids, &mut weights, &mut fixes, &mut chunks);
                 last_comma = None;
                 continue;
             }
             PromptPart::Text { text, weight } => (text, *weight),
         };
-        for token in tokenize(text)? {
+        let tokens = tokenize(text)?;
+        let mut pos = 0;
+        while pos < tokens.len() {
+            let token = tokens[pos];
             if Some(token) == special.comma {
                 last_comma = Some(ids.len());
             } else if ids.len() == content {
                 if let Some(c) = last_comma.filter(|&c| ids.len() - c <= COMMA_BACKTRACK) {
                     let moved_ids = ids.split_off(c + 1);
                     let moved_w = weights.split_off(c + 1);
-                    finish(&mut ids, &mut weights, &mut chunks);
+                    let (kept, moved): (Vec<EmbeddingFix>, Vec<EmbeddingFix>) = fixes.drain(..).partition(|f| f.position <= c);
+                    fixes = kept;
+                    finish(&mut ids, &mut weights, &mut fixes, &mut chunks);
                     ids = moved_ids;
                     weights = moved_w;
+                    fixes = moved.into_iter().map(|f| EmbeddingFix { position: f.position - (c + 1), ..f }).collect();
                     last_comma = None;
                 }
             }
             if ids.len() == content {
-                finish(&mut ids, &mut weights, &mut chunks);
+                finish(&mut ids, &mut weights, &mut fixes, &mut chunks);
                 last_comma = None;
             }
-            ids.push(token);
-            weights.push(weight);
+            match find(&tokens, pos) {
+                None => {
+                    ids.push(token);
+                    weights.push(weight);
+                    pos += 1;
+                }
+                Some(m) => {
+                    if ids.len() + m.vectors > content {
+                        finish(&mut ids, &mut weights, &mut fixes, &mut chunks);
+                        last_comma = None;
+                    }
+                    fixes.push(EmbeddingFix { position: ids.len(), embedding: m.embedding, vectors: m.vectors });
+                    ids.extend(std::iter::repeat_n(EMBEDDING_PLACEHOLDER, m.vectors));
+                    weights.extend(std::iter::repeat_n(weight, m.vectors));
+                    pos += m.name_tokens.max(1);
+                }
+            }
         }
     }
     if !ids.is_empty() || chunks.is_empty() {
-        finish(&mut ids, &mut weights, &mut chunks);
+        finish(&mut ids, &mut weights, &mut fixes, &mut chunks);
     }
     Ok(chunks)
 }
@@ -622,6 +691,6 @@ mod tests {
         assert_eq!(c.len(), 2);
         assert_eq!(c[1].ids, vec![100, 2, 101, 0, 0]);
         let e = chunk_tokens(&[t("", 1.0)], 5, SP, words).unwrap();
-        assert_eq!(e, vec![TokenChunk { ids: vec![100, 101, 0, 0, 0], weights: vec![1.0; 5] }]);
+        assert_eq!(e, vec![TokenChunk { ids: vec![100, 101, 0, 0, 0], weights: vec![1.0; 5], fixes: vec![] }]);
     }
 }

@@ -8,7 +8,7 @@ use sd_core::image_io::infotext;
 use sd_core::run::{Request, RunContext, Task};
 use sd_flux::{FluxLoadOptions, FluxModels};
 
-use crate::{Error, Extras, Generated, LoadSpec, LoraWeight, Result};
+use crate::{Error, Extras, Generated, LoadSpec, LoraWeight, Result, SkippedEmbedding};
 
 /// A FLUX model, where its transformer came from and the LoRAs merged into it.
 pub struct FluxModel {
@@ -21,6 +21,8 @@ pub struct FluxModel {
     axes: Option<Vec<usize>>,
     /// The LoRA files and strengths merged into the transformer now.
     applied: Vec<LoraWeight>,
+    /// Every embedding file given: FLUX takes none.
+    pub(crate) skipped_embeddings: Vec<SkippedEmbedding>,
 }
 
 impl std::fmt::Debug for FluxModel {
@@ -62,7 +64,15 @@ impl FluxModel {
         };
         let axes = sd_flux::transformer::folder_axes(&repo.join("transformer"))?;
         let caps = sd_flux::pipeline::capabilities(&models);
-        Ok(Self { models, caps, transformer: path.to_path_buf(), axes, applied: Vec::new() })
+        let skipped_embeddings = crate::embedding_files(&spec.embeddings)
+            .into_iter()
+            .map(|path| SkippedEmbedding {
+                name: crate::file_stem(&path),
+                path,
+                reason: "FLUX models take no textual-inversion embeddings".into(),
+            })
+            .collect();
+        Ok(Self { models, caps, transformer: path.to_path_buf(), axes, applied: Vec::new(), skipped_embeddings })
     }
 
     /// FLUX LoRAs touch only the transformer, so only it is reloaded (T5-XXL is the largest part).

@@ -94,12 +94,70 @@ pub struct LoadSpec {
     pub vae: Option<PathBuf>,
     /// In diffusers folders, load `*.fp16.safetensors` when both variants are present.
     pub prefer_fp16_files: bool,
+    /// Textual-inversion embeddings: files, or folders searched recursively for `.pt`, `.bin`, `.pth`
+    /// and `.safetensors` files. Those that do not fit the model are skipped (see
+    /// [`LoadedModel::embeddings`]), as A1111 skips them.
+    pub embeddings: Vec<PathBuf>,
 }
 
 impl Default for LoadSpec {
     fn default() -> Self {
-        Self { variant: None, dtype: None, device: Device::Cpu, components: None, vae: None, prefer_fp16_files: false }
+        Self { variant: None, dtype: None, device: Device::Cpu, components: None, vae: None, prefer_fp16_files: false, embeddings: Vec::new() }
     }
+}
+
+/// A textual-inversion embedding a loaded model can use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmbeddingInfo {
+    /// The name prompts use.
+    pub name: String,
+    /// Its file.
+    pub path: PathBuf,
+    /// Prompt positions it fills.
+    pub vectors: usize,
+    /// Width of its (first text encoder's) vectors.
+    pub width: usize,
+}
+
+/// An embedding file that was not loaded, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedEmbedding {
+    /// The name it would have had.
+    pub name: String,
+    /// Its file.
+    pub path: PathBuf,
+    /// Why it was skipped (another model's embedding, an unreadable file …).
+    pub reason: String,
+}
+
+/// A file's stem, as the name prompts use.
+pub(crate) fn file_stem(path: &Path) -> String {
+    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// The embedding files under `paths` (files as given; folders searched recursively, sorted).
+pub fn embedding_files(paths: &[PathBuf]) -> Vec<PathBuf> {
+    fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        let mut entries: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        entries.sort();
+        for p in entries {
+            if p.is_dir() && depth < 8 {
+                walk(&p, depth + 1, out);
+            } else if p.extension().is_some_and(|e| matches!(e.to_string_lossy().to_ascii_lowercase().as_str(), "pt" | "bin" | "pth" | "safetensors")) {
+                out.push(p);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            walk(p, 0, &mut out);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    out
 }
 
 /// A LoRA to merge (errors about it name `loras[i]`, its index in [`Extras::loras`]).
@@ -148,6 +206,15 @@ pub struct Generated {
     pub latents: Tensor,
     /// The seed used.
     pub seed: u64,
+}
+
+fn info(e: &sd_models::embeddings::TextualInversion) -> EmbeddingInfo {
+    EmbeddingInfo {
+        name: e.name.clone(),
+        path: e.path.clone(),
+        vectors: e.len(),
+        width: e.vectors.first().and_then(|v| v.dim(1).ok()).unwrap_or(0),
+    }
 }
 
 /// A loaded model of any family, with the LoRAs merged into it and its ControlNet cache.
@@ -207,6 +274,26 @@ impl LoadedModel {
         match self {
             Self::StableDiffusion(m) => Some(m.models.unet.config()),
             Self::Flux(_) => None,
+        }
+    }
+
+    /// The textual-inversion embeddings prompts may name, and the files skipped at load.
+    pub fn embeddings(&self) -> (Vec<EmbeddingInfo>, &[SkippedEmbedding]) {
+        match self {
+            Self::StableDiffusion(m) => (m.models.embeddings.iter().map(info).collect(), &m.skipped_embeddings),
+            Self::Flux(m) => (Vec::new(), &m.skipped_embeddings),
+        }
+    }
+
+    /// The embeddings `prompt` names (in order of first use, each once), for the infotext's `TI hashes`.
+    pub fn embeddings_used(&self, prompt: &str) -> Vec<EmbeddingInfo> {
+        match self {
+            Self::StableDiffusion(m) => sd_pipelines::conditioning::embeddings_used(&m.models, prompt)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|i| m.models.embeddings.get(i).map(info))
+                .collect(),
+            Self::Flux(_) => Vec::new(),
         }
     }
 

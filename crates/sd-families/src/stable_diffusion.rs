@@ -12,7 +12,7 @@ use sd_pipelines::control::ResidualHook;
 use sd_pipelines::hires::generate_hires;
 use sd_pipelines::pipeline::{generate, SdExtras};
 
-use crate::{ControlNetUnit, Error, Extras, Generated, LoadSpec, LoraWeight, Result};
+use crate::{ControlNetUnit, Error, Extras, Generated, LoadSpec, LoraWeight, Result, SkippedEmbedding};
 
 /// ControlNets kept loaded between runs (a client that sends the same ControlNet with every job should
 /// not pay its load each time).
@@ -31,6 +31,8 @@ pub struct StableDiffusionModel {
     applied: Vec<LoraWeight>,
     /// Most recently used last.
     controlnets: Vec<(PathBuf, ControlNetModel)>,
+    /// Embedding files that did not fit the model.
+    pub(crate) skipped_embeddings: Vec<SkippedEmbedding>,
 }
 
 impl std::fmt::Debug for StableDiffusionModel {
@@ -59,9 +61,19 @@ impl StableDiffusionModel {
             tokenizer_dir: spec.components.clone(),
             backend_hook: Some(patcher.recording_hook()),
         };
-        let models = load(path, &opts)?;
+        let mut models = load(path, &opts)?;
         let caps = sd_pipelines::pipeline::capabilities(&models)?;
-        Ok(Self { models, caps, path: path.to_path_buf(), patcher, applied: Vec::new(), controlnets: Vec::new() })
+        let mut skipped_embeddings = Vec::new();
+        for file in crate::embedding_files(&spec.embeddings) {
+            if let Err(e) = models.add_embedding(&file) {
+                tracing::warn!(file = %file.display(), error = %e, "textual-inversion embedding skipped");
+                skipped_embeddings.push(SkippedEmbedding { name: crate::file_stem(&file), path: file, reason: e.to_string() });
+            }
+        }
+        if !models.embeddings.is_empty() {
+            tracing::info!(loaded = models.embeddings.len(), skipped = skipped_embeddings.len(), "textual-inversion embeddings");
+        }
+        Ok(Self { models, caps, path: path.to_path_buf(), patcher, applied: Vec::new(), controlnets: Vec::new(), skipped_embeddings })
     }
 
     /// Patches `wanted` into the loaded weights in place (the previous set taken out first); a set that

@@ -160,6 +160,14 @@ impl ClipTextModel {
 
     /// Runs the encoder on token ids `[batch, seq]` (U32 or I64).
     pub fn forward(&self, input_ids: &Tensor) -> Result<ClipOutput> {
+        self.forward_with_vectors(input_ids, &[])
+    }
+
+    /// [`ClipTextModel::forward`] with token embeddings replaced: each `(position, vectors)` puts the
+    /// `[n, hidden]` vectors at positions `position..position + n` of every sequence, before the position
+    /// embeddings are added (textual inversion, as A1111's `EmbeddingsWithFixes`; vectors that would
+    /// reach the last position are cut).
+    pub fn forward_with_vectors(&self, input_ids: &Tensor, fixes: &[(usize, Tensor)]) -> Result<ClipOutput> {
         let rows = self.checked_ids(input_ids)?;
         let (b, seq) = (rows.len(), rows.first().map_or(0, Vec::len));
         let max_len = self.max_len();
@@ -170,7 +178,11 @@ impl ClipTextModel {
         let flat: Vec<u32> = rows.iter().flatten().copied().collect();
         let ids = Tensor::from_vec(flat, (b, seq), device)?;
         let positions = self.position_embedding.narrow(0, 0, seq)?;
-        let mut x = self.token_embedding.forward(&ids)?.broadcast_add(&positions)?;
+        let mut tokens = self.token_embedding.forward(&ids)?;
+        for (pos, vectors) in fixes {
+            tokens = splice(&tokens, *pos, vectors)?;
+        }
+        let mut x = tokens.broadcast_add(&positions)?;
         let mask = causal_mask(seq, x.dtype(), device)?;
 
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
@@ -219,6 +231,18 @@ impl ClipTextModel {
     }
 }
 
+/// `x` `[batch, seq, hidden]` with `vectors` `[n, hidden]` written from `pos` on in every sequence, at
+/// most up to the position before the last.
+fn splice(x: &Tensor, pos: usize, vectors: &Tensor) -> Result<Tensor> {
+    let (b, seq, hidden) = x.dims3()?;
+    if pos == 0 || pos + 1 >= seq || vectors.rank() != 2 || vectors.dim(1)? != hidden {
+        bail!("an embedding of shape {:?} cannot go at position {pos} of a {seq}-token, {hidden}-wide sequence", vectors.dims());
+    }
+    let n = vectors.dim(0)?.min(seq - pos - 1);
+    let v = vectors.narrow(0, 0, n)?.to_dtype(x.dtype())?.to_device(x.device())?.unsqueeze(0)?.broadcast_as((b, n, hidden))?;
+    Tensor::cat(&[&x.narrow(1, 0, pos)?, &v, &x.narrow(1, pos + n, seq - pos - n)?], 1)
+}
+
 /// The position whose final state is the pooled output, following transformers: with the legacy
 /// `eos_token_id == 2` config it is the first maximal id (the end-of-text token has the largest id
 /// in the CLIP vocabulary); otherwise the first `eos_token_id`, or position 0 when there is none.
@@ -263,5 +287,8 @@ mod tests {
         // New config: the first eos id, not the largest id.
         assert_eq!(eos_position(&[998, 5, 999, 7, 0], 999), 2);
         assert_eq!(eos_position(&[998, 5, 6], 999), 0);
+        // Textual-inversion placeholders (id 0, as A1111 writes them) keep the legacy pooling on
+        // end-of-text, where A1111 pools (diffusers' added ids ≥ 49408 would win the argmax instead).
+        assert_eq!(eos_position(&[49406, 320, 0, 0, 49407, 49407], 2), 4);
     }
 }

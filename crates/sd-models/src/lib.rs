@@ -8,6 +8,7 @@ pub mod config;
 pub mod detect;
 pub mod device;
 pub mod diffusers;
+pub mod embeddings;
 pub mod error;
 pub mod hash;
 #[cfg(feature = "hub")]

@@ -149,6 +149,20 @@ pub struct StableDiffusionModels {
     pub vae_dtype: DType,
     /// Device of every component.
     pub device: Device,
+    /// Textual-inversion embeddings prompts may name (see [`StableDiffusionModels::add_embedding`]).
+    pub embeddings: Vec<crate::embeddings::TextualInversion>,
+}
+
+impl StableDiffusionModels {
+    /// Loads the textual-inversion embedding at `path` (checked against this model's text encoders) so
+    /// prompts can use it by its file stem; an embedding of the same name is replaced.
+    pub fn add_embedding(&mut self, path: &Path) -> Result<&crate::embeddings::TextualInversion> {
+        let e = crate::embeddings::TextualInversion::load(path, &self.config)?;
+        self.embeddings.retain(|old| !old.name.eq_ignore_ascii_case(&e.name));
+        self.embeddings.push(e);
+        let last = self.embeddings.len() - 1;
+        Ok(&self.embeddings[last])
+    }
 }
 
 impl std::fmt::Debug for StableDiffusionModels {
@@ -389,6 +403,7 @@ pub fn load_diffusers_folder(dir: &Path, opts: &LoadOptions) -> Result<StableDif
         dtype,
         vae_dtype,
         device: opts.device.clone(),
+        embeddings: Vec::new(),
     })
 }
 
@@ -457,6 +472,7 @@ pub fn load_single_file(path: &Path, opts: &LoadOptions) -> Result<StableDiffusi
         dtype,
         vae_dtype,
         device: opts.device.clone(),
+        embeddings: Vec::new(),
     })
 }
 

@@ -8,7 +8,8 @@ use sd_models::tokenizer::ClipTokenizer;
 use sd_models::ModelFamily;
 
 use crate::error::{Error, Result};
-use crate::prompt::{chunk_tokens, parse_prompt_attention, SpecialTokens, TokenChunk, MAX_PROMPT_CHUNKS};
+use crate::prompt::{chunk_tokens_with_embeddings, parse_prompt_attention, EmbeddingMatch, SpecialTokens, TokenChunk, MAX_PROMPT_CHUNKS};
+use sd_models::embeddings::TextualInversion;
 
 /// Text conditioning for one prompt (or a negative prompt), before batching.
 #[derive(Debug, Clone)]
@@ -38,19 +39,48 @@ fn specials(tok: &ClipTokenizer) -> Result<SpecialTokens> {
 }
 
 /// Parses a prompt's A1111 syntax and tokenizes it into `max_len`-token chunks with per-token weights,
-/// exactly as [`encode_prompt`] feeds them to a text encoder.
+/// exactly as [`encode_prompt`] feeds them to a text encoder (without textual-inversion embeddings).
 pub fn prompt_chunks(tok: &ClipTokenizer, prompt: &str, max_len: usize) -> Result<Vec<TokenChunk>> {
+    prompt_chunks_with_embeddings(tok, prompt, max_len, &[])
+}
+
+/// [`prompt_chunks`] where the names of `embeddings` in the prompt become their vectors' placeholders
+/// (A1111's matching: by the name's tokens, longest name first, so case does not matter).
+pub fn prompt_chunks_with_embeddings(tok: &ClipTokenizer, prompt: &str, max_len: usize, embeddings: &[TextualInversion]) -> Result<Vec<TokenChunk>> {
     let parts = parse_prompt_attention(prompt)?;
     let special = specials(tok)?;
-    let chunks = chunk_tokens(&parts, max_len, special, |text| {
-        let ids = tok.encode(text).map_err(Error::Model)?;
-        // Strip the bos/eos encode() adds: chunks get their own.
-        Ok::<_, Error>(ids.get(1..ids.len().saturating_sub(1)).map(<[u32]>::to_vec).unwrap_or_default())
-    })?;
+    let strip = |ids: Vec<u32>| ids.get(1..ids.len().saturating_sub(1)).map(<[u32]>::to_vec).unwrap_or_default();
+    let mut names: Vec<(Vec<u32>, usize, usize)> = Vec::with_capacity(embeddings.len());
+    for (i, e) in embeddings.iter().enumerate() {
+        let ids = strip(tok.encode(&e.name).map_err(Error::Model)?);
+        if !ids.is_empty() {
+            names.push((ids, i, e.len()));
+        }
+    }
+    names.sort_by_key(|n| std::cmp::Reverse(n.0.len()));
+    let find = |tokens: &[u32], pos: usize| {
+        names.iter().find(|(ids, _, _)| tokens[pos..].starts_with(ids)).map(|(ids, i, n)| EmbeddingMatch { embedding: *i, name_tokens: ids.len(), vectors: *n })
+    };
+    let chunks = chunk_tokens_with_embeddings(&parts, max_len, special, |text| Ok::<_, Error>(strip(tok.encode(text).map_err(Error::Model)?)), find)?;
     if chunks.len() > MAX_PROMPT_CHUNKS {
         return Err(Error::invalid("prompt", format!("the prompt encodes into {} chunks of 75 tokens; at most {MAX_PROMPT_CHUNKS}", chunks.len())));
     }
     Ok(chunks)
+}
+
+/// The indices (in `models.embeddings`) of the embeddings `prompt` names, in order of first use.
+pub fn embeddings_used(models: &StableDiffusionModels, prompt: &str) -> Result<Vec<usize>> {
+    if models.embeddings.is_empty() {
+        return Ok(Vec::new());
+    }
+    let chunks = prompt_chunks_with_embeddings(&models.tokenizer, prompt, models.config.text_encoder.max_position_embeddings, &models.embeddings)?;
+    let mut used = Vec::new();
+    for f in chunks.iter().flat_map(|c| &c.fixes) {
+        if !used.contains(&f.embedding) {
+            used.push(f.embedding);
+        }
+    }
+    Ok(used)
 }
 
 /// Which hidden state an encoder contributes.
@@ -64,12 +94,17 @@ enum Layer {
 
 /// Runs one encoder over the chunks; returns `[1, 77·chunks, hidden]` and the first chunk's pooled
 /// projection (A1111 and diffusers both pool from the first window).
-fn encode_chunks(enc: &ClipTextModel, chunks: &[TokenChunk], layer: Layer, device: &Device) -> Result<(Tensor, Option<Tensor>)> {
+fn encode_chunks(enc: &ClipTextModel, chunks: &[TokenChunk], layer: Layer, device: &Device, vectors: &[Option<&Tensor>]) -> Result<(Tensor, Option<Tensor>)> {
     let mut outs = Vec::with_capacity(chunks.len());
     let mut pooled = None;
     for (i, chunk) in chunks.iter().enumerate() {
         let ids = Tensor::new(chunk.ids.as_slice(), device)?.unsqueeze(0)?;
-        let out = enc.forward(&ids)?;
+        let fixes = chunk
+            .fixes
+            .iter()
+            .map(|f| vectors.get(f.embedding).copied().flatten().map(|v| (f.position, v.clone())).ok_or_else(|| Error::invalid("prompt", "an embedding the prompt names is missing")))
+            .collect::<Result<Vec<_>>>()?;
+        let out = enc.forward_with_vectors(&ids, &fixes)?;
         let z = match layer {
             Layer::Normed(0) => out.last_hidden_state.clone(),
             Layer::Normed(skip) => enc.final_layer_norm(out.hidden(skip).map_err(Error::Model)?)?,
@@ -110,8 +145,8 @@ pub fn encode_prompt(models: &StableDiffusionModels, prompt: &str, clip_skip: us
     let max_len = models.config.text_encoder.max_position_embeddings;
     match models.config.variant.family() {
         ModelFamily::Sd1 | ModelFamily::Sd2 => {
-            let chunks = prompt_chunks(&models.tokenizer, prompt, max_len)?;
-            let (context, _) = encode_chunks(&models.text_encoder, &chunks, Layer::Normed(skip), device)?;
+            let chunks = prompt_chunks_with_embeddings(&models.tokenizer, prompt, max_len, &models.embeddings)?;
+            let (context, _) = encode_chunks(&models.text_encoder, &chunks, Layer::Normed(skip), device, &encoder_vectors(models, 0))?;
             Ok(PromptEmbeds { context, pooled: None })
         }
         ModelFamily::Flux => Err(Error::invalid("model", "FLUX models are conditioned by T5 + CLIP in sd-flux; run them with sd_flux::pipeline")),
@@ -120,10 +155,11 @@ pub fn encode_prompt(models: &StableDiffusionModels, prompt: &str, clip_skip: us
                 (Some(e), Some(t)) => (e, t),
                 _ => return Err(Error::invalid("model", "an SDXL model needs its second text encoder and tokenizer")),
             };
-            let c1 = prompt_chunks(&models.tokenizer, prompt, max_len)?;
-            let c2 = prompt_chunks(tok2, prompt, max_len)?;
-            let (e1, _) = encode_chunks(&models.text_encoder, &c1, Layer::Raw(1 + skip), device)?;
-            let (e2, pooled) = encode_chunks(enc2, &c2, Layer::Raw(1 + skip), device)?;
+            let c1 = prompt_chunks_with_embeddings(&models.tokenizer, prompt, max_len, &models.embeddings)?;
+            let c2 = prompt_chunks_with_embeddings(tok2, prompt, max_len, &models.embeddings)?;
+            let (e1, _) = encode_chunks(&models.text_encoder, &c1, Layer::Raw(1 + skip), device, &encoder_vectors(models, 0))?;
+            // Pooled at end-of-text as A1111 does (placeholders are id 0), not at diffusers' argmax.
+            let (e2, pooled) = encode_chunks(enc2, &c2, Layer::Raw(1 + skip), device, &encoder_vectors(models, 1))?;
             // The two tokenizers can split a long prompt into different chunk counts only through
             // their padding token, which never changes the content; guard anyway.
             let (e1, e2) = equalize(e1, e2)?;
@@ -131,6 +167,11 @@ pub fn encode_prompt(models: &StableDiffusionModels, prompt: &str, clip_skip: us
             Ok(PromptEmbeds { context, pooled })
         }
     }
+}
+
+/// Every embedding's vectors for text encoder `index` (in the order of `models.embeddings`).
+fn encoder_vectors(models: &StableDiffusionModels, index: usize) -> Vec<Option<&Tensor>> {
+    models.embeddings.iter().map(|e| e.vectors.get(index)).collect()
 }
 
 fn equalize(a: Tensor, b: Tensor) -> Result<(Tensor, Tensor)> {

@@ -368,9 +368,16 @@ pub async fn loras(State(st): St) -> Json<Value> {
     Json(Value::Array(list.collect()))
 }
 
-/// `GET /sdapi/v1/embeddings`: this worker loads no textual-inversion embeddings (yet), so none are listed.
-pub async fn embeddings() -> Json<Value> {
-    Json(json!({"loaded": {}, "skipped": {}}))
+/// `GET /sdapi/v1/embeddings`: the textual-inversion embeddings of `--embeddings-dir` loaded with the
+/// model, and those skipped (another model's), in A1111's shape.
+pub async fn embeddings(State(st): St) -> Result<Json<Value>, ApiError> {
+    let model = st.ready_model()?;
+    let entry = |e: &crate::state::EmbeddingEntry| {
+        json!({"step": Value::Null, "sd_checkpoint": Value::Null, "sd_checkpoint_name": Value::Null, "shape": e.width, "vectors": e.vectors})
+    };
+    let loaded: serde_json::Map<String, Value> = model.embeddings.loaded.iter().map(|e| (e.name.clone(), entry(e))).collect();
+    let skipped: serde_json::Map<String, Value> = model.embeddings.skipped.iter().map(|e| (e.name.clone(), entry(e))).collect();
+    Ok(Json(json!({"loaded": loaded, "skipped": skipped})))
 }
 
 /// `GET /sdapi/v1/sd-vae`: the VAE given with `--vae`, if any (per-request VAE switching is not offered).

@@ -64,6 +64,10 @@ pub struct Cli {
     /// Folder of ControlNets (diffusers folders or `.safetensors` files) requests may use (repeatable; `,` in the env var).
     #[arg(long = "controlnet-dir", env = "SD_WORKER_CONTROLNET_DIRS", value_delimiter = ',')]
     pub controlnet_dirs: Vec<PathBuf>,
+    /// Folder of textual-inversion embeddings (`.pt`, `.bin`, `.safetensors`, searched recursively) that
+    /// prompts may name, as A1111's `--embeddings-dir` (repeatable; `,` in the env var).
+    #[arg(long = "embeddings-dir", env = "SD_WORKER_EMBEDDINGS_DIRS", value_delimiter = ',')]
+    pub embedding_dirs: Vec<PathBuf>,
     /// Seconds a finished job's result is kept.
     #[arg(long, env = "SD_WORKER_JOB_EXPIRY_SECS", default_value_t = 3600)]
     pub job_expiry_secs: u64,
@@ -241,6 +245,8 @@ pub struct WorkerConfig {
     pub lora_dirs: Vec<PathBuf>,
     /// Folders ControlNet requests are confined to.
     pub controlnet_dirs: Vec<PathBuf>,
+    /// Folders of textual-inversion embeddings loaded with the model.
+    pub embedding_dirs: Vec<PathBuf>,
     /// How long finished jobs are kept.
     pub job_expiry: Duration,
     /// Preview every N steps (0 = never).
@@ -273,6 +279,7 @@ impl WorkerConfig {
             limits: Limits { max_width: 2048, max_height: 2048, max_batch: 4, max_steps: 150, max_body_bytes: 50 * 1024 * 1024 },
             lora_dirs: Vec::new(),
             controlnet_dirs: Vec::new(),
+            embedding_dirs: Vec::new(),
             job_expiry: Duration::from_secs(3600),
             preview_every: 1,
             shutdown_grace: Duration::from_secs(30),
@@ -394,6 +401,7 @@ impl Cli {
             },
             lora_dirs: self.lora_dirs,
             controlnet_dirs: self.controlnet_dirs,
+            embedding_dirs: self.embedding_dirs,
             job_expiry: Duration::from_secs(self.job_expiry_secs),
             preview_every: self.preview_every,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),

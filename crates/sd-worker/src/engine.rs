@@ -16,7 +16,7 @@ use sd_families::{ControlNetUnit, Extras, LoadSpec, LoadedModel, LoraWeight};
 use crate::config::{describe_device, ModelSource, WorkerConfig};
 use crate::error::JobError;
 use crate::jobs::{Job, JobResult, JobSpec, JobStatus, Operation, Preview};
-use crate::state::{AppState, ModelInfo, ModelState};
+use crate::state::{AppState, EmbeddingEntry, EmbeddingList, ModelInfo, ModelState};
 
 /// Base64 with padding (what every API here sends and accepts).
 pub fn b64(bytes: &[u8]) -> String {
@@ -42,6 +42,7 @@ fn load_spec(cfg: &WorkerConfig) -> LoadSpec {
         components: cfg.model_config.clone(),
         vae: cfg.vae.clone(),
         prefer_fp16_files: prefer_fp16(cfg),
+        embeddings: cfg.embedding_dirs.clone(),
     }
 }
 
@@ -104,6 +105,13 @@ fn describe(model: &LoadedModel, cfg: &WorkerConfig, path: &std::path::Path) -> 
         caps: model.capabilities().clone(),
         unet: model.unet_config().cloned(),
         sha256: file_sha256(path),
+        embeddings: {
+            let (loaded, skipped) = model.embeddings();
+            EmbeddingList {
+                loaded: loaded.into_iter().map(|e| EmbeddingEntry { name: e.name, vectors: e.vectors, width: e.width, reason: None }).collect(),
+                skipped: skipped.iter().map(|e| EmbeddingEntry { name: e.name.clone(), vectors: 0, width: 0, reason: Some(e.reason.clone()) }).collect(),
+            }
+        },
     }
 }
 
@@ -257,6 +265,19 @@ fn run_job(state: &AppState, engine: &mut Engine, job: &Job) -> Result<JobResult
     }
     if let Some(h) = &engine.info.sha256 {
         extra.push(("Model hash", h[..10].to_string()));
+    }
+    // A1111's "TI hashes" for the embeddings the prompts name (first 12 hex digits of the file's sha256).
+    let mut used = engine.model.embeddings_used(&p.prompt);
+    for e in engine.model.embeddings_used(&p.negative_prompt) {
+        if !used.iter().any(|u| u.name == e.name) {
+            used.push(e);
+        }
+    }
+    if !used.is_empty() {
+        let hashes: Vec<String> = used.iter().filter_map(|e| sd_models::hash::sha256(&e.path).ok().map(|h| format!("{}: {}", e.name, &h[..12]))).collect();
+        if hashes.len() == used.len() {
+            extra.push(("TI hashes", format!("\"{}\"", hashes.join(", "))));
+        }
     }
     if !loras.is_empty() {
         // A1111's "addnet" hashes, so civitai links the LoRAs of a re-imported PNG.

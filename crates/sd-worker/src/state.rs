@@ -36,6 +36,31 @@ pub struct ModelInfo {
     /// SHA-256 of a single-file model (A1111's `Model hash` is its first 10 hex digits); `None` for folders.
     #[serde(default)]
     pub sha256: Option<String>,
+    /// Textual-inversion embeddings loaded with the model, and the files skipped.
+    #[serde(default)]
+    pub embeddings: EmbeddingList,
+}
+
+/// The textual-inversion embeddings of a loaded model.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct EmbeddingList {
+    /// Usable in prompts.
+    pub loaded: Vec<EmbeddingEntry>,
+    /// Not loaded (another model's embedding, an unreadable file).
+    pub skipped: Vec<EmbeddingEntry>,
+}
+
+/// One embedding of an [`EmbeddingList`].
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct EmbeddingEntry {
+    /// The name prompts use.
+    pub name: String,
+    /// Prompt positions it fills (0 when skipped).
+    pub vectors: usize,
+    /// Vector width (0 when skipped).
+    pub width: usize,
+    /// Why it was skipped.
+    pub reason: Option<String>,
 }
 
 /// Model loading state.

@@ -1652,3 +1652,27 @@ fn a1111_hires_fix_renders_the_second_pass() {
     assert_eq!(s.post("/v1/jobs", &bad).status, 400);
     s.shutdown();
 }
+
+#[test]
+fn embeddings_from_the_embeddings_dir_are_listed_used_by_name_and_hashed_in_the_infotext() {
+    let mut cfg = config("sd15");
+    cfg.embedding_dirs = vec![fixture("embeddings")];
+    let s = Server::start(cfg);
+    let list = s.get("/sdapi/v1/embeddings").json();
+    for name in ["mystyle", "badhand", "cattoy"] {
+        assert_eq!(list["loaded"][name]["shape"], 32, "{list}");
+    }
+    assert_eq!(list["loaded"]["mystyle"]["vectors"], 2);
+    assert!(list["skipped"]["xlstyle"].is_object(), "the SDXL embedding does not fit SD 1.5: {list}");
+    let txt2img = |prompt: &str, negative: &str| {
+        let r = s.post("/sdapi/v1/txt2img", &json!({"prompt": prompt, "negative_prompt": negative, "steps": 2, "width": 32, "height": 32, "seed": 5}));
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["images"][0].as_str().expect("image").to_string()
+    };
+    let with = txt2img("a mystyle cat", "BadHand");
+    let meta = sd_pipelines::image_io::read_png_parameters(&unb64(&with)).expect("png").expect("meta");
+    // First 12 hex digits of each file's SHA-256 (as `sha256sum` prints it), as A1111 writes them.
+    assert!(meta.contains("TI hashes: \"mystyle: c62b57cce65c, badhand: b66172badbf3\""), "{meta}");
+    assert_ne!(with, txt2img("a cat", ""), "the embeddings changed nothing");
+    s.shutdown();
+}
