@@ -100,6 +100,8 @@ impl PipelineGolden {
             vae_tiling: Some(false),
             noise: NoiseKind::Philox,
             max_sequence_length: None,
+            variation: None,
+            eta_noise_seed_delta: 0,
         }
     }
 

@@ -133,6 +133,7 @@ impl Capabilities {
         let why = if self.size_multiple > 8 { " (2 × the VAE scale factor, for the 2×2 latent patches)" } else { "" };
         check_size(r.width, r.height, self.size_multiple, why)?;
         check_counts(r.steps, r.batch_size, r.guidance_scale)?;
+        crate::run::check_variation(r.variation)?;
         if self.clip_skip_layers > 0 && r.clip_skip > self.clip_skip_layers {
             return Err(Error::invalid("clip_skip", format!("{} exceeds the text encoder's {} layers", r.clip_skip, self.clip_skip_layers)));
         }

@@ -8,6 +8,7 @@ use candle_core::Tensor;
 
 use crate::error::{Error, Result};
 use crate::family::ModelFamily;
+use crate::schedulers::noise::{CudaPhiloxNoise, PerImageNoise};
 use crate::schedulers::{NoiseSource, Sampler, SamplerKind, SeededNoise, TorchCpuNoise};
 
 /// Largest image side accepted, in pixels; beyond it a request is rejected before any allocation.
@@ -40,24 +41,63 @@ pub enum NoiseKind {
     /// PyTorch's CPU generator: the same noise as diffusers with `torch.Generator("cpu").manual_seed(seed)`,
     /// so a diffusers seed reproduces its image.
     Torch,
+    /// A1111's "CPU" random source: PyTorch's CPU generator, one per image seeded `seed + i`.
+    A1111Cpu,
+    /// A1111's "NV" source — and its default "GPU" source on NVIDIA cards —: what `torch.randn` draws on
+    /// an NVIDIA GPU ([`CudaPhiloxNoise`]), one generator per image seeded `seed + i`.
+    A1111Nv,
 }
 
 impl NoiseKind {
-    /// `philox` or `torch`.
+    /// `philox`, `torch`, `a1111-cpu` or `a1111-nv`.
     pub fn name(self) -> &'static str {
         match self {
             NoiseKind::Philox => "philox",
             NoiseKind::Torch => "torch",
+            NoiseKind::A1111Cpu => "a1111-cpu",
+            NoiseKind::A1111Nv => "a1111-nv",
         }
     }
 
-    /// The noise source for `seed`.
+    /// One stream of noise for `seed` (see [`NoiseKind::source_for`] for a whole request).
     pub fn source(self, seed: u64) -> Box<dyn NoiseSource> {
+        (self.generator())(seed)
+    }
+
+    fn generator(self) -> fn(u64) -> Box<dyn NoiseSource> {
         match self {
-            NoiseKind::Philox => Box::new(SeededNoise::new(seed)),
-            NoiseKind::Torch => Box::new(TorchCpuNoise::new(seed)),
+            NoiseKind::Philox => |s| Box::new(SeededNoise::new(s)),
+            NoiseKind::Torch | NoiseKind::A1111Cpu => |s| Box::new(TorchCpuNoise::new(s)),
+            NoiseKind::A1111Nv => |s| Box::new(CudaPhiloxNoise::new(s)),
         }
     }
+
+    /// Whether each image of a batch has its own generator, as in A1111.
+    pub fn per_image(self) -> bool {
+        matches!(self, NoiseKind::A1111Cpu | NoiseKind::A1111Nv)
+    }
+
+    /// The noise of request `p`: one stream for `p.seed` (Philox, Torch), or A1111's per-image generators
+    /// (its kinds, or any kind with a variation seed or an eta noise seed delta).
+    pub fn source_for(self, p: &Request) -> Box<dyn NoiseSource> {
+        if !self.per_image() && p.variation.is_none() && p.eta_noise_seed_delta == 0 {
+            return self.source(p.seed);
+        }
+        let mut noise = PerImageNoise::new(self.generator(), p.seed, p.batch_size).with_eta_noise_seed_delta(p.eta_noise_seed_delta);
+        if let Some(v) = p.variation {
+            noise = noise.with_variation(v.subseed, v.strength);
+        }
+        Box::new(noise)
+    }
+}
+
+/// A1111's variation seed: the initial noise is the seed's, spherically blended towards the subseed's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Variation {
+    /// The variation seed (image `i` uses `subseed + i`).
+    pub subseed: u64,
+    /// How far towards it, in [0, 1] (0: the seed's noise).
+    pub strength: f32,
 }
 
 /// What to generate: the request every family takes. A family reads the fields it has (FLUX has no
@@ -93,6 +133,11 @@ pub struct Request {
     pub noise: NoiseKind,
     /// T5 tokens (FLUX; `None`: the variant's default).
     pub max_sequence_length: Option<usize>,
+    /// A1111's variation seed (`subseed`, `subseed_strength`).
+    pub variation: Option<Variation>,
+    /// A1111's eta noise seed delta (ENSD): the sampler's noise after the initial latents comes from
+    /// `seed + delta` (0: from the seed's own generators).
+    pub eta_noise_seed_delta: u64,
 }
 
 impl Request {
@@ -112,6 +157,8 @@ impl Request {
             vae_tiling: None,
             noise: NoiseKind::Philox,
             max_sequence_length: None,
+            variation: None,
+            eta_noise_seed_delta: 0,
         }
     }
 }
@@ -119,12 +166,14 @@ impl Request {
 impl std::str::FromStr for NoiseKind {
     type Err = Error;
 
-    /// `philox` (also empty) or `torch`, any case.
+    /// `philox` (also empty), `torch`, `a1111-cpu` or `a1111-nv` (also `nv`), any case.
     fn from_str(s: &str) -> Result<Self> {
         match s.trim().to_ascii_lowercase().as_str() {
             "" | "philox" => Ok(NoiseKind::Philox),
             "torch" => Ok(NoiseKind::Torch),
-            other => Err(Error::invalid("noise", format!("unknown noise generator {other:?}; use \"philox\" or \"torch\""))),
+            "a1111-cpu" => Ok(NoiseKind::A1111Cpu),
+            "a1111-nv" | "nv" => Ok(NoiseKind::A1111Nv),
+            other => Err(Error::invalid("noise", format!("unknown noise generator {other:?}; use \"philox\", \"torch\", \"a1111-cpu\" or \"a1111-nv\""))),
         }
     }
 }
@@ -186,6 +235,14 @@ impl<'a> RunContext<'a> {
 
     /// The noise this run draws from: the context's source (taken: it serves one run), else a fresh
     /// generator of `kind` seeded with `seed`.
+    pub fn take_noise_for(&mut self, p: &Request) -> RunNoise<'a> {
+        match self.noise.take() {
+            Some(n) => RunNoise::Given(n),
+            None => RunNoise::Seeded(p.noise.source_for(p)),
+        }
+    }
+
+    /// Takes the noise source given to the run, or one stream of `kind` for `seed`.
     pub fn take_noise(&mut self, kind: NoiseKind, seed: u64) -> RunNoise<'a> {
         match self.noise.take() {
             Some(n) => RunNoise::Given(n),
@@ -358,6 +415,14 @@ pub fn check_size(width: usize, height: usize, multiple: usize, why: &str) -> Re
         }
     }
     Ok(())
+}
+
+/// Checks a variation seed's strength is in [0, 1].
+pub fn check_variation(v: Option<Variation>) -> Result<()> {
+    match v {
+        Some(v) if !(0.0..=1.0).contains(&v.strength) => Err(Error::invalid("subseed_strength", format!("{} is outside [0, 1]", v.strength))),
+        _ => Ok(()),
+    }
 }
 
 /// Checks the step count, batch size and guidance scale every family shares.

@@ -107,7 +107,7 @@ pub fn generate(models: &FluxModels, p: &FluxParams, task: &Task<'_>, run: &mut 
     let shape = (p.batch_size, latent_channels(models), lh, lw);
     let sched = FlowMatchEulerScheduler::new(&models.scheduler, p.steps, image_seq_len(p.width, p.height, models.vae_scale_factor()))?;
     let cond = conditioning(models, p)?;
-    let mut noise = run.take_noise(p.noise, p.seed);
+    let mut noise = run.take_noise_for(p);
     let noise = noise.get();
     let (x, start, blend) = match task {
         Task::TextToImage => (draw(noise, shape, &models.device)?, 0, None),

@@ -22,6 +22,8 @@ fn params(steps: usize, guidance: f64) -> FluxParams {
     FluxParams {
         seed: 3,
         max_sequence_length: Some(32),
+        variation: None,
+        eta_noise_seed_delta: 0,
         ..FluxParams::new("a photo of a cat", 16, 16, steps, guidance)
     }
 }

@@ -147,6 +147,8 @@ fn tiny_params(variant: &str) -> FluxParams {
     FluxParams {
         seed: 42,
         max_sequence_length: Some(32),
+        variation: None,
+        eta_noise_seed_delta: 0,
         ..FluxParams::new("a photo of a cat", 16, 16, 4, if variant == "dev" { 3.5 } else { 0.0 })
     }
 }

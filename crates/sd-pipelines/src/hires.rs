@@ -122,7 +122,7 @@ pub fn generate_hires(models: &StableDiffusionModels, p: &GenerationParams, hr: 
     }
     caps.check_task_kind(sd_core::run::TaskKind::ImageToImage, Some(hr.strength), second.steps)
         .map_err(|e| rename(e, &[("strength", "denoising_strength")]))?;
-    let mut noise = run.take_noise(p.noise, p.seed);
+    let mut noise = run.take_noise_for(p);
     // Prompt editing: the second pass schedules over its own calls, whole numbers counting from the first's.
     let first_clock = PromptClock::single(p);
     let second_clock = PromptClock { base: first_clock.base, hires: Some(second.sampler.kind.schedule_steps(second.steps)) };

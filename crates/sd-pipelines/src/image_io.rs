@@ -19,6 +19,17 @@ pub fn a1111_parameters(p: &GenerationParams, model: &str, extra: &[(&str, Strin
     if p.clip_skip > 1 {
         fields.push(("Clip skip", p.clip_skip.to_string()));
     }
+    if let Some(v) = p.variation {
+        fields.push(("Variation seed", v.subseed.to_string()));
+        fields.push(("Variation seed strength", format!("{}", v.strength)));
+    }
+    if p.eta_noise_seed_delta != 0 {
+        fields.push(("ENSD", p.eta_noise_seed_delta.to_string()));
+    }
+    // A1111 writes the random source only when it is not its default "GPU" (NV noise on NVIDIA cards).
+    if p.noise == sd_core::run::NoiseKind::A1111Cpu {
+        fields.push(("RNG", "CPU".to_string()));
+    }
     fields.extend(extra.iter().map(|(k, v)| (*k, v.clone())));
     infotext(&p.prompt, &p.negative_prompt, &fields)
 }

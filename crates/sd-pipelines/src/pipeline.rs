@@ -256,7 +256,7 @@ pub(crate) fn generate_pass(
         Some(s) => s,
         None => build_scheduler(p.sampler, &scheduler_config(models)?, p.steps)?,
     };
-    let mut noise = run.take_noise(p.noise, p.seed);
+    let mut noise = run.take_noise_for(p);
     let noise = noise.get();
     let cond = conditioning_schedule(models, p, clock)?;
     let shape = latent_shape(models, p);

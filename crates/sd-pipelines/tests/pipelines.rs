@@ -59,6 +59,8 @@ impl Golden {
             vae_tiling: Some(false),
             noise: NoiseKind::Philox,
             max_sequence_length: None,
+            variation: None,
+            eta_noise_seed_delta: 0,
         }
     }
 

@@ -58,6 +58,10 @@ struct A1111Request {
     prompt: Option<String>,
     negative_prompt: Option<String>,
     seed: Option<i64>,
+    subseed: Option<i64>,
+    subseed_strength: Option<f64>,
+    seed_resize_from_h: Option<i64>,
+    seed_resize_from_w: Option<i64>,
     sampler_name: Option<String>,
     sampler_index: Option<String>,
     scheduler: Option<String>,
@@ -165,10 +169,11 @@ fn names_loaded_model(requested: &str, model: &ModelInfo) -> bool {
 }
 
 /// The `override_settings` this worker honours: `sd_model_checkpoint` and `sd_vae` must name what it
-/// serves (it cannot switch models or VAEs per request), `randn_source` "CPU" draws the noise with
-/// PyTorch's CPU generator (A1111's CPU source); A1111's default "GPU"/"NV" source is refused, as its
-/// noise cannot be reproduced here; `eta_noise_seed_delta` must be 0.
-fn check_override_settings(o: &Map<String, Value>, model: &ModelInfo, vae: Option<&std::path::Path>) -> Result<Option<String>, ApiError> {
+/// serves (it cannot switch models or VAEs per request); `randn_source` picks A1111's noise ("GPU" and
+/// "NV": what an NVIDIA GPU draws, "CPU": PyTorch's CPU generator, each image from its own seed);
+/// `eta_noise_seed_delta` (ENSD) re-seeds the sampler's noise as A1111 does. Returns the noise kind (when
+/// given) and the ENSD.
+fn check_override_settings(o: &Map<String, Value>, model: &ModelInfo, vae: Option<&std::path::Path>) -> Result<(Option<String>, u64), ApiError> {
     let text = |k: &str| o.get(k).and_then(Value::as_str);
     if let Some(ckpt) = text("sd_model_checkpoint") {
         if !names_loaded_model(ckpt, model) {
@@ -188,19 +193,20 @@ fn check_override_settings(o: &Map<String, Value>, model: &ModelInfo, vae: Optio
             return Err(ApiError::invalid("override_settings.sd_vae", format!("this worker cannot switch to the VAE {v:?}; it uses {}", ours_or_model(vae))));
         }
     }
-    if let Some(d) = o.get("eta_noise_seed_delta").filter(|d| !d.is_null()) {
-        if d.as_f64() != Some(0.0) {
-            return Err(ApiError::invalid("override_settings.eta_noise_seed_delta", "only 0 is supported (the noise would differ from A1111's anyway)"));
-        }
-    }
-    match text("randn_source").map(|s| s.to_ascii_uppercase()) {
-        None => Ok(None),
-        Some(s) if s == "CPU" => Ok(Some("torch".into())),
-        Some(s) => Err(ApiError::invalid(
-            "override_settings.randn_source",
-            format!("{s:?}: A1111's GPU (NV) noise cannot be reproduced here; use \"CPU\" (PyTorch's CPU generator) or leave it out"),
-        )),
-    }
+    let ensd = match o.get("eta_noise_seed_delta").filter(|d| !d.is_null()) {
+        None => 0,
+        Some(d) => d
+            .as_u64()
+            .or_else(|| d.as_str().and_then(|s| s.trim().parse().ok()))
+            .ok_or_else(|| ApiError::invalid("override_settings.eta_noise_seed_delta", format!("{d} is not a non-negative integer")))?,
+    };
+    let noise = match text("randn_source").map(|s| s.to_ascii_uppercase()) {
+        None => None,
+        Some(s) if s == "CPU" => Some("a1111-cpu".into()),
+        Some(s) if s == "GPU" || s == "NV" => Some("a1111-nv".into()),
+        Some(s) => return Err(ApiError::invalid("override_settings.randn_source", format!("{s:?}: use \"GPU\", \"NV\" or \"CPU\""))),
+    };
+    Ok((noise, ensd))
 }
 
 fn ours_or_model(vae: Option<&std::path::Path>) -> String {
@@ -208,6 +214,16 @@ fn ours_or_model(vae: Option<&std::path::Path>) -> String {
 }
 
 fn common(r: &A1111Request) -> Result<CommonInput, ApiError> {
+    for (field, v) in [("seed_resize_from_h", r.seed_resize_from_h), ("seed_resize_from_w", r.seed_resize_from_w)] {
+        if v.is_some_and(|v| v > 0) {
+            return Err(ApiError::invalid(field, "resizing the seed's noise is not supported; leave it at -1 or 0"));
+        }
+    }
+    if let Some(s) = r.subseed_strength {
+        if !(0.0..=1.0).contains(&s) {
+            return Err(ApiError::invalid("subseed_strength", format!("{s} is outside [0, 1]")));
+        }
+    }
     let batch = r.batch_size.unwrap_or(1);
     let n_iter = r.n_iter.unwrap_or(1);
     if n_iter == 0 {
@@ -231,7 +247,10 @@ fn common(r: &A1111Request) -> Result<CommonInput, ApiError> {
         batch: Some(batch.saturating_mul(n_iter)),
         clip_skip,
         loras: Vec::new(),
-        noise: None,
+        // A1111's default random source is "GPU": on NVIDIA cards, the noise `a1111-nv` reproduces.
+        noise: Some("a1111-nv".into()),
+        variation: r.subseed_strength.map(|s| (r.subseed.unwrap_or(-1), s)),
+        eta_noise_seed_delta: 0,
         controlnets: controlnet_units(r)?,
         hires: r.enable_hr.unwrap_or(false).then(|| HiresInput {
             scale: r.hr_scale,
@@ -254,9 +273,9 @@ fn response(result: &JobResult, request: Value, model: &ModelInfo, send_images: 
         "all_negative_prompts": vec![p["negative_prompt"].clone(); n],
         "seed": result.seed,
         "all_seeds": vec![result.seed; n],
-        "subseed": -1,
-        "all_subseeds": vec![-1; n],
-        "subseed_strength": 0,
+        "subseed": p["subseed"],
+        "all_subseeds": (0..n).map(|i| p["subseed"].as_i64().map_or(-1, |s| s + i as i64)).collect::<Vec<_>>(),
+        "subseed_strength": p["subseed_strength"],
         "width": p["width"],
         "height": p["height"],
         "sampler_name": p["sampler"],
@@ -286,9 +305,11 @@ async fn run(st: Arc<AppState>, caller: Caller, body: Bytes, img2img: bool) -> R
         let r: A1111Request = from_value(Value::Object(obj))?;
         let mut input = common(&r)?;
         if let Some(o) = &r.override_settings {
-            if let Some(noise) = check_override_settings(o, &model2, st2.config.vae.as_deref())? {
+            let (noise, ensd) = check_override_settings(o, &model2, st2.config.vae.as_deref())?;
+            if let Some(noise) = noise {
                 input.noise = Some(noise);
             }
+            input.eta_noise_seed_delta = ensd;
         }
         let op = if img2img {
             let first = r.init_images.as_ref().and_then(|v| v.first()).ok_or_else(|| ApiError::invalid("init_images", "missing; send one base64 image"))?;

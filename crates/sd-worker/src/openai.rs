@@ -92,6 +92,8 @@ fn common(r: &ImagesRequest) -> Result<CommonInput, ApiError> {
         clip_skip: r.clip_skip,
         loras: Vec::new(),
         noise: None,
+        variation: None,
+        eta_noise_seed_delta: 0,
         controlnets: Vec::new(),
         hires: None,
     })

@@ -139,8 +139,13 @@ pub struct CommonInput {
     pub clip_skip: Option<u64>,
     /// LoRAs.
     pub loras: Vec<LoraRequest>,
-    /// Noise generator: `philox` (default, the same on every device) or `torch` (diffusers' CPU generator).
+    /// Noise generator: `philox` (default, the same on every device), `torch` (diffusers' CPU generator),
+    /// `a1111-cpu` or `a1111-nv` (A1111's CPU and NV/GPU sources, one generator per image).
     pub noise: Option<String>,
+    /// A1111's variation seed (`subseed`, negative: random) and `subseed_strength`.
+    pub variation: Option<(i64, f64)>,
+    /// A1111's eta noise seed delta.
+    pub eta_noise_seed_delta: u64,
     /// ControlNets, each with its index in the client's list.
     pub controlnets: Vec<(usize, ControlNetRequest)>,
     /// A1111's hires fix, when asked for (`enable_hr`).
@@ -452,6 +457,8 @@ pub fn native_job(state: &AppState, model: &ModelInfo, body: &[u8]) -> Result<(J
         clip_skip: r.clip_skip,
         loras: r.loras.unwrap_or_default(),
         noise: r.noise,
+        variation: None,
+        eta_noise_seed_delta: 0,
         controlnets: r.controlnets.unwrap_or_default().into_iter().enumerate().collect(),
         hires: r.hires.map(|h| HiresInput { scale: h.scale, resize_x: h.width, resize_y: h.height, upscaler: h.upscaler, steps: h.steps, strength: h.strength }),
     };
@@ -607,6 +614,15 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
         vae_tiling: None,
         noise,
         max_sequence_length: None,
+        variation: match input.variation {
+            Some((_, 0.0)) => None,
+            Some((subseed, strength)) => Some(sd_core::run::Variation {
+                subseed: if subseed >= 0 { subseed as u64 } else { sd_pipelines::pipeline::random_seed() },
+                strength: strength as f32,
+            }),
+            None => None,
+        },
+        eta_noise_seed_delta: input.eta_noise_seed_delta,
     };
     // The model's own rules: size multiple, guidance, clip skip, prompt syntax, the sampler's limits.
     caps.validate(&params).map_err(|e| names.library_error(e))?;
@@ -677,6 +693,9 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
         "loras": resolved,
         "controlnets": control_summary,
         "noise": noise.name(),
+        "subseed": params.variation.map_or(json!(-1), |v| json!(v.subseed)),
+        "subseed_strength": params.variation.map_or(0.0, |v| f64::from(v.strength)),
+        "eta_noise_seed_delta": params.eta_noise_seed_delta,
     });
     let mut parameters = parameters;
     if !caps.sampler_choice {

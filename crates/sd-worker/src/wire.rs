@@ -84,8 +84,18 @@ pub struct WireParams {
     pub schedule: Option<String>,
     /// Clip skip.
     pub clip_skip: usize,
-    /// `philox` or `torch`.
+    /// `philox`, `torch`, `a1111-cpu` or `a1111-nv`.
     pub noise: String,
+    /// A1111 variation seed and its strength.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variation: Option<(u64, f32)>,
+    /// A1111 eta noise seed delta.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub eta_noise_seed_delta: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// One LoRA.
@@ -190,6 +200,8 @@ impl WireSpec {
                 schedule: p.sampler.schedule.map(|s| s.as_str().to_string()),
                 clip_skip: p.clip_skip,
                 noise: p.noise.name().to_string(),
+                variation: p.variation.map(|v| (v.subseed, v.strength)),
+                eta_noise_seed_delta: p.eta_noise_seed_delta,
             },
             loras: wire_loras,
             controlnets: wire_controlnets,
@@ -222,6 +234,8 @@ impl WireSpec {
             vae_tiling: None,
             noise,
             max_sequence_length: None,
+            variation: p.variation.map(|(subseed, strength)| sd_core::run::Variation { subseed, strength }),
+            eta_noise_seed_delta: p.eta_noise_seed_delta,
         };
         let strength = || self.strength.ok_or_else(|| bad("strength", "missing from the queued job"));
         let image = || image_from("image", self.image.as_deref().unwrap_or_default());
@@ -299,8 +313,10 @@ mod tests {
                 sampler: Sampler::new(SamplerKind::DpmPp2m, SigmaSchedule::Karras),
                 clip_skip: 2,
                 vae_tiling: None,
-                noise: NoiseKind::Torch,
+                noise: NoiseKind::A1111Nv,
                 max_sequence_length: None,
+                variation: Some(sd_core::run::Variation { subseed: 77, strength: 0.25 }),
+                eta_noise_seed_delta: 31337,
             },
             loras: vec![ResolvedLora { name: "sd15_kohya".into(), path: lora_path.clone(), strength: -0.5 }],
             hires: Some(HiresFix { width: 128, height: 96, upscaler: HiresUpscaler::LatentNearest, steps: Some(9), strength: 0.55 }),
@@ -321,6 +337,7 @@ mod tests {
         let (p, q) = (&spec.params, &back.params);
         assert_eq!((&p.prompt, &p.negative_prompt, p.width, p.height, p.steps), (&q.prompt, &q.negative_prompt, q.width, q.height, q.steps));
         assert_eq!((p.guidance_scale, p.seed, p.batch_size, p.sampler, p.clip_skip, p.noise), (q.guidance_scale, q.seed, q.batch_size, q.sampler, q.clip_skip, q.noise));
+        assert_eq!((p.variation, p.eta_noise_seed_delta), (q.variation, q.eta_noise_seed_delta));
         match (&spec.operation, &back.operation) {
             (Operation::Inpaint { image: a, mask: m, strength: s }, Operation::Inpaint { image: b, mask: n, strength: t }) => {
                 assert_eq!(a.to_rgb8(), b.to_rgb8(), "images travel losslessly");

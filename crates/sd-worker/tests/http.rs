@@ -589,7 +589,11 @@ fn loras_are_applied_per_request_and_removed_again() {
         "cfg_scale": with["parameters"]["guidance_scale"]});
     let r = s.post("/sdapi/v1/txt2img", &a1111);
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(pixels_of(&r.json()), pixels_of(&with));
+    // A1111 routes draw A1111's default (GPU/NV) noise: the native API gives the same with `noise: a1111-nv`.
+    let id = s.submit(&json!({"operation": "image_generation", "prompt": "a tree", "width": 32, "height": 32, "steps": 3, "seed": 7,
+        "noise": "a1111-nv", "loras": [{"name": "sd15_kohya", "strength": 1.0}]}));
+    let (_, native_nv) = s.stream(&id).last().cloned().expect("events");
+    assert_eq!(pixels_of(&r.json()), pixels_of(&native_nv));
     // The routes A1111 clients call to list LoRAs and read a PNG back.
     let listed = s.get("/sdapi/v1/loras").json();
     assert!(listed.as_array().is_some_and(|l| l.iter().any(|x| x["name"] == "sd15_kohya")), "{listed}");
@@ -691,7 +695,15 @@ fn a_single_file_checkpoint_loads_with_its_config_folder() {
     }
     let txt = |o: Value| json!({"prompt": "x", "width": 32, "height": 32, "steps": 1, "override_settings": o});
     assert_error(&s.post("/sdapi/v1/txt2img", &txt(json!({"sd_model_checkpoint": "other"}))), 400, "override_settings.sd_model_checkpoint");
-    assert_error(&s.post("/sdapi/v1/txt2img", &txt(json!({"randn_source": "GPU"}))), 400, "override_settings.randn_source");
+    assert_error(&s.post("/sdapi/v1/txt2img", &txt(json!({"randn_source": "TPU"}))), 400, "override_settings.randn_source");
+    assert_error(&s.post("/sdapi/v1/txt2img", &txt(json!({"eta_noise_seed_delta": "x"}))), 400, "override_settings.eta_noise_seed_delta");
+    // A1111's default "GPU" source on NVIDIA cards, and its "NV" source, are the same noise here.
+    let gpu = s.post("/sdapi/v1/txt2img", &json!({"prompt": "x", "width": 32, "height": 32, "steps": 1, "seed": 3, "override_settings": {"randn_source": "GPU"}}));
+    let nv = s.post("/sdapi/v1/txt2img", &json!({"prompt": "x", "width": 32, "height": 32, "steps": 1, "seed": 3, "override_settings": {"randn_source": "NV"}}));
+    let default = s.post("/sdapi/v1/txt2img", &json!({"prompt": "x", "width": 32, "height": 32, "steps": 1, "seed": 3}));
+    assert_eq!(gpu.status, 200, "{}", gpu.text());
+    assert_eq!(pixels_of(&gpu.json()), pixels_of(&nv.json()));
+    assert_eq!(pixels_of(&gpu.json()), pixels_of(&default.json()));
     assert_error(&s.post("/sdapi/v1/txt2img", &txt(json!({"sd_vae": "vae-ft-mse.safetensors"}))), 400, "override_settings.sd_vae");
     let r = s.post("/sdapi/v1/txt2img", &txt(json!({"randn_source": "CPU", "sd_vae": "Automatic", "sd_model_checkpoint": "sd15"})));
     assert_eq!(r.status, 200, "{}", r.text());
@@ -939,7 +951,7 @@ fn a1111_controlnet_extension_units_are_honoured() {
     assert_ne!(first_image(&controlled), first_image(&plain), "the ControlNet unit changed nothing");
     // The native API with the same unit gives the same pixels.
     let id = s.submit(&json!({"operation": "image_generation", "prompt": "a tree", "steps": 3, "width": 32, "height": 32, "seed": 7,
-        "guidance_scale": 7.5, "controlnets": [{"model": "sd15", "image": img, "preprocessor": "canny", "scale": 0.8,
+        "guidance_scale": 7.5, "noise": "a1111-nv", "controlnets": [{"model": "sd15", "image": img, "preprocessor": "canny", "scale": 0.8,
         "low_threshold": 50, "high_threshold": 120}]}));
     let (_, native) = s.stream(&id).last().cloned().expect("events");
     assert_eq!(pixels_of(&native), first_image(&controlled));
@@ -1674,5 +1686,43 @@ fn embeddings_from_the_embeddings_dir_are_listed_used_by_name_and_hashed_in_the_
     // First 12 hex digits of each file's SHA-256 (as `sha256sum` prints it), as A1111 writes them.
     assert!(meta.contains("TI hashes: \"mystyle: c62b57cce65c, badhand: b66172badbf3\""), "{meta}");
     assert_ne!(with, txt2img("a cat", ""), "the embeddings changed nothing");
+    s.shutdown();
+}
+
+#[test]
+fn a1111_variation_seeds_and_eta_noise_seed_delta_change_the_noise_as_asked() {
+    let s = Server::start(config("sd15"));
+    let run = |extra: Value| {
+        let mut body = json!({"prompt": "a fox", "width": 32, "height": 32, "steps": 3, "seed": 12, "sampler_name": "Euler a"});
+        for (k, v) in extra.as_object().expect("object") {
+            body[k] = v.clone();
+        }
+        let r = s.post("/sdapi/v1/txt2img", &body);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        let meta = sd_pipelines::image_io::read_png_parameters(&unb64(v["images"][0].as_str().expect("image"))).expect("png").expect("meta");
+        (pixels_of(&v), meta, v)
+    };
+    let (plain, _, _) = run(json!({}));
+    let (varied, meta, v) = run(json!({"subseed": 99, "subseed_strength": 0.5}));
+    assert_ne!(varied, plain);
+    assert!(meta.contains("Variation seed: 99, Variation seed strength: 0.5"), "{meta}");
+    let info: Value = serde_json::from_str(v["info"].as_str().expect("info")).expect("json");
+    assert_eq!((info["subseed"].as_u64(), info["subseed_strength"].as_f64()), (Some(99), Some(0.5)));
+    assert_eq!(run(json!({"subseed": 99, "subseed_strength": 0.5})).0, varied, "a variation seed is reproducible");
+    assert_eq!(run(json!({"subseed": 99, "subseed_strength": 0})).0, plain);
+    let (ensd, meta, _) = run(json!({"override_settings": {"eta_noise_seed_delta": 31337}}));
+    assert_ne!(ensd, plain, "an ancestral sampler's noise comes from seed + ENSD");
+    assert!(meta.contains("ENSD: 31337"), "{meta}");
+    let (cpu, meta, _) = run(json!({"override_settings": {"randn_source": "CPU"}}));
+    assert_ne!(cpu, plain);
+    assert!(meta.contains("RNG: CPU"), "{meta}");
+    for (body, field) in [(json!({"subseed_strength": 2}), "subseed_strength"), (json!({"seed_resize_from_h": 64}), "seed_resize_from_h")] {
+        let mut b = json!({"prompt": "a fox", "width": 32, "height": 32, "steps": 2});
+        for (k, v) in body.as_object().expect("object") {
+            b[k] = v.clone();
+        }
+        assert_error(&s.post("/sdapi/v1/txt2img", &b), 400, field);
+    }
     s.shutdown();
 }

@@ -251,6 +251,160 @@ fn philox4x32_10(mut ctr: [u32; 4], mut key: [u32; 2]) -> [u32; 4] {
     ctr
 }
 
+/// What `torch.randn(shape, device="cuda")` draws after `torch.manual_seed(seed)` on an NVIDIA GPU,
+/// computed on the CPU: A1111's "NV" random source, and its default "GPU" source on NVIDIA cards.
+///
+/// Each draw of `n` values runs Philox4x32-10 with key = the seed and counter `[draw, 0, i, 0]` for
+/// value `i` (the draw number is PyTorch's offset, advanced by one per call as A1111's generator does),
+/// and keeps the first Box–Muller value of the first two words, computed as A1111's NumPy
+/// implementation does (double precision from the single-precision constants). Reference: the
+/// expected output in the docstring of A1111's `modules/rng_philox.py`
+/// (<https://github.com/AUTOMATIC1111/stable-diffusion-webui/blob/master/modules/rng_philox.py>), the
+/// values `torch.randn(3, 4, device="cuda")` gives after `torch.manual_seed(0)`: matched to within a few
+/// float ulps (the GPU computes Box–Muller in single precision).
+#[derive(Debug, Clone)]
+pub struct CudaPhiloxNoise {
+    key: [u32; 2],
+    offset: u32,
+}
+
+impl CudaPhiloxNoise {
+    /// The generator of `seed`, before its first draw.
+    pub fn new(seed: u64) -> Self {
+        Self { key: [seed as u32, (seed >> 32) as u32], offset: 0 }
+    }
+
+    /// One draw of `n` standard normals.
+    pub fn normals(&mut self, n: usize) -> Vec<f32> {
+        // The single-precision constants A1111 uses, widened as NumPy widens them.
+        let inv = f64::from(2.3283064e-10f64 as f32);
+        let inv_2pi = f64::from((2.3283064e-10f64 * 6.2831855f64) as f32);
+        let offset = self.offset;
+        self.offset = self.offset.wrapping_add(1);
+        (0..n)
+            .map(|i| {
+                let [x, y, _, _] = philox4x32_10([offset, 0, i as u32, 0], self.key);
+                let u = f64::from(x) * inv + inv / 2.0;
+                let v = f64::from(y) * inv_2pi + inv_2pi / 2.0;
+                ((-2.0 * u.ln()).sqrt() * v.sin()) as f32
+            })
+            .collect()
+    }
+}
+
+impl NoiseSource for CudaPhiloxNoise {
+    fn randn(&mut self, shape: &Shape, dtype: DType, device: &Device) -> Result<Tensor> {
+        let data = self.normals(shape.elem_count());
+        Ok(Tensor::from_vec(data, shape.clone(), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?)
+    }
+}
+
+/// A1111's per-image noise: image `i` of a batch draws from its own generator seeded `seed + i` (and,
+/// with a variation seed, mixes in the first draw of `subseed + i`); after the initial latents, the
+/// generators are re-seeded with `seed + i + eta_noise_seed_delta` when that setting is not 0. A draw
+/// whose first dimension is not the batch (an img2img encoder sample) comes from the first image's
+/// generator.
+pub struct PerImageNoise {
+    make: fn(u64) -> Box<dyn NoiseSource>,
+    seeds: Vec<u64>,
+    generators: Vec<Box<dyn NoiseSource>>,
+    variation: Option<(Vec<u64>, f32)>,
+    eta_noise_seed_delta: u64,
+    drawn_first: bool,
+}
+
+impl std::fmt::Debug for PerImageNoise {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PerImageNoise").field("seeds", &self.seeds).field("variation", &self.variation).field("eta_noise_seed_delta", &self.eta_noise_seed_delta).finish()
+    }
+}
+
+impl PerImageNoise {
+    /// Generators made by `make` for `seed, seed + 1, …` (`batch` of them).
+    pub fn new(make: fn(u64) -> Box<dyn NoiseSource>, seed: u64, batch: usize) -> Self {
+        let seeds: Vec<u64> = (0..batch.max(1) as u64).map(|i| seed.wrapping_add(i)).collect();
+        let generators = seeds.iter().map(|&s| make(s)).collect();
+        Self { make, seeds, generators, variation: None, eta_noise_seed_delta: 0, drawn_first: false }
+    }
+
+    /// A variation seed (`subseed + i` per image) mixed into the initial latents by spherical
+    /// interpolation at `strength` (A1111's `subseed_strength`; 0 leaves the seed's noise).
+    pub fn with_variation(mut self, subseed: u64, strength: f32) -> Self {
+        if strength != 0.0 {
+            let subseeds = (0..self.seeds.len() as u64).map(|i| subseed.wrapping_add(i)).collect();
+            self.variation = Some((subseeds, strength));
+        }
+        self
+    }
+
+    /// A1111's `eta_noise_seed_delta` (ENSD): what the sampler's noise after the initial latents is
+    /// seeded with, on top of each image's seed.
+    pub fn with_eta_noise_seed_delta(mut self, delta: u64) -> Self {
+        self.eta_noise_seed_delta = delta;
+        self
+    }
+
+    fn first(&mut self, row: &Shape, dtype: DType, device: &Device) -> Result<Tensor> {
+        let mut rows = Vec::with_capacity(self.generators.len());
+        for (i, g) in self.generators.iter_mut().enumerate() {
+            let noise = g.randn(row, DType::F32, &Device::Cpu)?;
+            let noise = match &self.variation {
+                Some((subseeds, strength)) => {
+                    let sub = (self.make)(subseeds[i]).randn(row, DType::F32, &Device::Cpu)?;
+                    slerp(*strength, &noise, &sub)?
+                }
+                None => noise,
+            };
+            rows.push(noise);
+        }
+        if self.eta_noise_seed_delta != 0 {
+            self.generators = self.seeds.iter().map(|&s| (self.make)(s.wrapping_add(self.eta_noise_seed_delta))).collect();
+        }
+        Ok(Tensor::stack(&rows, 0)?.to_dtype(dtype)?.to_device(device)?)
+    }
+}
+
+impl NoiseSource for PerImageNoise {
+    fn randn(&mut self, shape: &Shape, dtype: DType, device: &Device) -> Result<Tensor> {
+        let dims = shape.dims();
+        if dims.first() != Some(&self.generators.len()) {
+            return self.generators[0].randn(shape, dtype, device);
+        }
+        let row: Shape = dims[1..].to_vec().into();
+        if !self.drawn_first {
+            self.drawn_first = true;
+            return self.first(&row, dtype, device);
+        }
+        let rows = self.generators.iter_mut().map(|g| g.randn(&row, DType::F32, &Device::Cpu)).collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&rows, 0)?.to_dtype(dtype)?.to_device(device)?)
+    }
+}
+
+/// A1111's `slerp(val, low, high)` on one image's noise `[c, h, w]`: norms and dot products over the
+/// second axis, the linear blend (with A1111's weights) when the two are nearly parallel.
+fn slerp(val: f32, low: &Tensor, high: &Tensor) -> Result<Tensor> {
+    let low_norm = low.broadcast_div(&low.sqr()?.sum_keepdim(1)?.sqrt()?)?;
+    let high_norm = high.broadcast_div(&high.sqr()?.sum_keepdim(1)?.sqrt()?)?;
+    let dot = (low_norm * high_norm)?.sum(1)?;
+    if dot.mean_all()?.to_scalar::<f32>()? > 0.9995 {
+        return Ok(((low * f64::from(val))? + (high * f64::from(1.0 - val))?)?);
+    }
+    let omega = dot.to_vec2::<f32>()?;
+    let (a, b): (Vec<f32>, Vec<f32>) = omega
+        .iter()
+        .flatten()
+        .map(|&d| {
+            let o = d.clamp(-1.0, 1.0).acos();
+            let so = o.sin();
+            (((1.0 - val) * o).sin() / so, (val * o).sin() / so)
+        })
+        .unzip();
+    let (c, w) = (omega.len(), omega.first().map_or(0, Vec::len));
+    let a = Tensor::from_vec(a, (c, 1, w), low.device())?;
+    let b = Tensor::from_vec(b, (c, 1, w), low.device())?;
+    Ok((low.broadcast_mul(&a)? + high.broadcast_mul(&b)?)?)
+}
+
 /// Prepared noise tensors handed out in order (e.g. the exact draws of a reference run).
 #[derive(Debug, Clone, Default)]
 pub struct NoiseQueue {
@@ -300,6 +454,62 @@ impl NoiseSource for NoNoise {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cuda_philox_noise_matches_a1111s_published_values() {
+        // The expected output in the docstring of A1111's modules/rng_philox.py
+        // (https://github.com/AUTOMATIC1111/stable-diffusion-webui/blob/master/modules/rng_philox.py) for
+        // `Generator(seed=0).randn(shape=(3, 4))` — also what torch.randn(3, 4, device="cuda") gives after
+        // torch.manual_seed(0).
+        let want = [
+            -0.92466259, -0.42534415, -2.6438457, 0.14518388, -0.12086647, -0.57972564, -0.62285122, -0.32838709, -1.07454231,
+            -0.36314407, -1.67105067, 2.26550497,
+        ];
+        // The published values are the GPU's single-precision Box–Muller; A1111's NumPy code (which this
+        // follows) computes it in double precision, and the two differ by a few float ulps (≤ 3e-7 here).
+        let got = CudaPhiloxNoise::new(0).normals(12);
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((f64::from(*g) - w).abs() < 5e-7, "value {i}: {g} vs {w}");
+        }
+        // Each draw is a new offset: the second draw is not the first again.
+        let mut g = CudaPhiloxNoise::new(0);
+        let first = g.normals(4);
+        assert_ne!(g.normals(4), first);
+    }
+
+    #[test]
+    fn per_image_noise_seeds_each_image_and_reseeds_after_the_first_draw_with_ensd() {
+        let shape: Shape = (2, 4, 3, 3).into();
+        let row: Shape = (4, 3, 3).into();
+        let one = |seed: u64, draws: usize| {
+            let mut g = CudaPhiloxNoise::new(seed);
+            (0..draws).map(|_| g.randn(&row, DType::F32, &Device::Cpu)).collect::<Result<Vec<_>>>().expect("draws")
+        };
+        let diff = |a: &Tensor, b: &Tensor| (a - b).and_then(|d| d.abs()).and_then(|d| d.flatten_all()).and_then(|d| d.max(0)).and_then(|d| d.to_scalar::<f32>()).expect("diff");
+        let make: fn(u64) -> Box<dyn NoiseSource> = |s| Box::new(CudaPhiloxNoise::new(s));
+        let mut n = PerImageNoise::new(make, 10, 2);
+        let a = n.randn(&shape, DType::F32, &Device::Cpu).expect("first");
+        let b = n.randn(&shape, DType::F32, &Device::Cpu).expect("second");
+        let (s10, s11) = (one(10, 2), one(11, 2));
+        assert_eq!(diff(&a.get(0).expect("row"), &s10[0]), 0.0);
+        assert_eq!(diff(&a.get(1).expect("row"), &s11[0]), 0.0);
+        assert_eq!(diff(&b.get(1).expect("row"), &s11[1]), 0.0, "the sampler's noise continues each image's stream");
+        // ENSD: after the initial latents each image draws from seed + i + delta.
+        let mut n = PerImageNoise::new(make, 10, 2).with_eta_noise_seed_delta(31337);
+        let a2 = n.randn(&shape, DType::F32, &Device::Cpu).expect("first");
+        let b2 = n.randn(&shape, DType::F32, &Device::Cpu).expect("second");
+        assert_eq!(diff(&a2, &a), 0.0);
+        assert_eq!(diff(&b2.get(0).expect("row"), &one(10 + 31337, 1)[0]), 0.0);
+        // A variation seed at strength 1 gives the subseed's noise; at 0 the seed's.
+        let mut v = PerImageNoise::new(make, 10, 2).with_variation(500, 1.0);
+        let full = v.randn(&shape, DType::F32, &Device::Cpu).expect("variation");
+        assert!(diff(&full.get(1).expect("row"), &one(501, 1)[0]) < 1e-5);
+        let mut v = PerImageNoise::new(make, 10, 2).with_variation(500, 0.0);
+        assert_eq!(diff(&v.randn(&shape, DType::F32, &Device::Cpu).expect("none"), &a), 0.0);
+        let mut v = PerImageNoise::new(make, 10, 2).with_variation(500, 0.3);
+        let mid = v.randn(&shape, DType::F32, &Device::Cpu).expect("mix");
+        assert!(diff(&mid, &a) > 1e-3 && diff(&mid, &full) > 1e-3);
+    }
 
     #[test]
     fn mt19937_known_answer() {
