@@ -396,15 +396,13 @@ fn denoise(
             None => input,
         };
         let out = models.unet.forward(&input, t, &cond.context, &unet_cond)?;
-        let out = if g {
+        latents = if g {
+            // Both predictions go to the scheduler: CFG++-style samplers need the unconditional one alone.
             let n = latents.dim(0)?;
-            let uncond = out.narrow(0, 0, n)?;
-            let text = out.narrow(0, n, n)?;
-            (&uncond + ((text - &uncond)? * p.guidance_scale)?)?
+            sched.step_guided(&out.narrow(0, 0, n)?, &out.narrow(0, n, n)?, p.guidance_scale, i, &latents, noise)?
         } else {
-            out
+            sched.step(&out, i, &latents, noise)?
         };
-        latents = sched.step(&out, i, &latents, noise)?;
         if let Some((mask, init, eps)) = inpaint.and_then(|s| s.blend.as_ref()) {
             // Keep the unmasked area on the original image, noised to the level of the next step.
             let proper = match timesteps.get(i + 1) {

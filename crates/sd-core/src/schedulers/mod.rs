@@ -97,6 +97,23 @@ pub trait Scheduler: Send {
         noise: &mut dyn NoiseSource,
     ) -> Result<Tensor>;
 
+    /// Advances the latents from a classifier-free-guided call's two predictions: the pipeline hands
+    /// over the unconditional and conditional outputs and the guidance `scale` instead of their blend.
+    /// The default blends them (`uncond + scale·(cond − uncond)`) and calls [`Scheduler::step`]; a
+    /// sampler that needs the unconditional prediction on its own (CFG++ renoises with it) overrides it.
+    fn step_guided(
+        &mut self,
+        uncond: &Tensor,
+        cond: &Tensor,
+        scale: f64,
+        timestep_index: usize,
+        sample: &Tensor,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor> {
+        let guided = (uncond + ((cond - uncond)? * scale)?)?;
+        self.step(&guided, timestep_index, sample, noise)
+    }
+
     /// Noises clean latents to the level of `timestep_index` (img2img starts, inpainting masks).
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep_index: usize)
         -> Result<Tensor>;
