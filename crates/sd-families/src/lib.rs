@@ -315,6 +315,15 @@ impl LoadedModel {
         }
     }
 
+    /// Decodes latents as a run of `request` ends (a step's latents from the progress callback too: what
+    /// an interrupted run shows).
+    pub fn decode_latents(&self, latents: &Tensor, request: &Request) -> Result<Tensor> {
+        match self {
+            Self::StableDiffusion(m) => Ok(sd_pipelines::pipeline::decode_latents(&m.models, latents, request)?),
+            Self::Flux(m) => Ok(sd_flux::pipeline::decode_latents(&m.models, latents)?),
+        }
+    }
+
     /// A1111's `parameters` text for a run of `request`: the family's own entries (sampler, CFG, hires
     /// fix, FLUX's distilled guidance …) and then `extra` (hashes and other entries the caller knows).
     /// `prompt` is the prompt as the user wrote it (with its `<lora:…>` tags).

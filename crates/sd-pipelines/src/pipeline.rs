@@ -131,6 +131,13 @@ fn use_tiling(p: &GenerationParams, latent_pixels: usize) -> bool {
 const TILE: usize = 64;
 const TILE_OVERLAP: usize = 16;
 
+/// Decodes scheduler-space latents `[b, 4, h/8, w/8]` to images `[b, 3, h, w]` in [0, 1] (F32, CPU),
+/// tiled as `p.vae_tiling` says — what a run ends with, also usable on a step's latents (an
+/// interrupted run's images).
+pub fn decode_latents(models: &StableDiffusionModels, latents: &Tensor, p: &GenerationParams) -> Result<Tensor> {
+    decode(models, latents, p)
+}
+
 fn decode(models: &StableDiffusionModels, latents: &Tensor, p: &GenerationParams) -> Result<Tensor> {
     let vae = &models.vae;
     let z = (latents.to_dtype(models.vae_dtype)? / models.config.vae.scaling_factor)?;

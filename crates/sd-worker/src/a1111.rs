@@ -327,7 +327,9 @@ async fn run(st: Arc<AppState>, caller: Caller, body: Bytes, img2img: bool) -> R
         } else {
             OpInput::Generation
         };
-        let (spec, params) = build_job(&st2, &model2, input, &NAMES, op)?;
+        let (mut spec, params) = build_job(&st2, &model2, input, &NAMES, op)?;
+        // As A1111: an interrupted (or skipped) generation answers with the images of its last step.
+        spec.partial_on_cancel = true;
         Ok((spec, params, request, r.send_images.unwrap_or(true)))
     })
     .await?;
@@ -518,7 +520,14 @@ pub async fn controlnet_version() -> Json<Value> {
     Json(json!({"version": 2}))
 }
 
-/// `POST /sdapi/v1/interrupt`: stops the running job within one step.
+/// `POST /sdapi/v1/skip`: as A1111's skip of the current image; a job here is one batch, so it ends the
+/// running job as an interrupt does (an A1111 request gets the images of its last step).
+pub async fn skip(st: State<Arc<AppState>>, caller: Caller) -> Json<Value> {
+    interrupt(st, caller).await
+}
+
+/// `POST /sdapi/v1/interrupt`: stops the running job within one step (an A1111 request then answers
+/// with the images of its last step, as A1111 does; native and OpenAI jobs end cancelled).
 pub async fn interrupt(State(st): St, caller: Caller) -> Json<Value> {
     // Only the caller's own job: another client's generation is not theirs to stop.
     if let Some(job) = st.current().filter(|j| j.owner == caller.0) {

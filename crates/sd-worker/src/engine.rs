@@ -238,11 +238,16 @@ fn failure(e: sd_families::Error) -> Failure {
 }
 
 fn run_job(state: &AppState, engine: &mut Engine, job: &Job) -> Result<JobResult, Failure> {
-    let JobSpec { operation, params: p, loras, controlnets, hires } =
+    let JobSpec { operation, params: p, loras, controlnets, hires, partial_on_cancel } =
         job.take_spec().ok_or_else(|| (JobStatus::Failed, JobError::new("internal_error", "the job has no request")))?;
     let every = state.config.preview_every;
     let mut last = Instant::now();
+    // The latest step's latents, for the images an interrupted A1111 request answers with.
+    let mut latest: Option<candle_core::Tensor> = None;
     let mut cb = |s: &StepProgress<'_>| -> ControlFlow<()> {
+        if partial_on_cancel {
+            latest = Some(s.latents.clone());
+        }
         let now = Instant::now();
         state.metrics.observe_step(now - last);
         last = now;
@@ -320,10 +325,21 @@ fn run_job(state: &AppState, engine: &mut Engine, job: &Job) -> Result<JobResult
         .map(|c| ControlNetUnit { path: &c.path, image: &c.image, scale: c.scale, start: c.start, end: c.end })
         .collect();
     let extras = Extras { loras: &lora_weights, controlnets: &units, hires: hires.as_ref() };
-    let mut run = RunContext::with_progress(&mut cb);
-    let out = engine.model.generate(&p, &task, &mut run, &extras).map_err(failure)?;
+    let generated = {
+        let mut run = RunContext::with_progress(&mut cb);
+        engine.model.generate(&p, &task, &mut run, &extras)
+    };
     let infotext = engine.model.infotext(&p, &written_prompt(job, &p), &engine.info.name, &extras, &extra);
-    let (images, seed) = (out.images, out.seed);
+    let (images, seed) = match generated {
+        Ok(out) => (out.images, out.seed),
+        Err(e) if e.is_cancelled() && latest.is_some() => {
+            // A1111 answers an interrupt with what the last step shows (of a hires fix's second pass too).
+            let latents = latest.take().ok_or_else(|| failure(e))?;
+            tracing::info!("interrupted: answering with the last step's images");
+            (engine.model.decode_latents(&latents, &p).map_err(failure)?, p.seed)
+        }
+        Err(e) => return Err(failure(e)),
+    };
     let images = tensor_to_images(&images)
         .and_then(|imgs| imgs.iter().map(|img| encode_png(img, Some(&infotext)).map(|png| b64(&png))).collect::<Result<Vec<_>, _>>())
         .map_err(core_failure)?;

@@ -191,6 +191,8 @@ pub struct JobSpec {
     pub controlnets: Vec<crate::controlnet::ResolvedControlNet>,
     /// A1111's hires fix (a second, upscaled pass) for a generation.
     pub hires: Option<sd_pipelines::hires::HiresFix>,
+    /// An interrupted run ends with the images of its last step (A1111 routes) instead of an error.
+    pub partial_on_cancel: bool,
 }
 
 /// Mutable state of a job.

@@ -752,7 +752,7 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
             Some(hr)
         }
     };
-    Ok((JobSpec { operation, params, loras: resolved, controlnets, hires }, parameters))
+    Ok((JobSpec { operation, params, loras: resolved, controlnets, hires, partial_on_cancel: false }, parameters))
 }
 
 #[cfg(test)]

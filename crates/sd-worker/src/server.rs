@@ -173,6 +173,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/sdapi/v1/img2img", post(a1111::img2img))
         .route("/sdapi/v1/progress", get(a1111::progress))
         .route("/sdapi/v1/interrupt", post(a1111::interrupt))
+        .route("/sdapi/v1/skip", post(a1111::skip))
         .route("/sdapi/v1/samplers", get(a1111::samplers))
         .route("/sdapi/v1/schedulers", get(a1111::schedulers))
         .route("/sdapi/v1/sd-models", get(a1111::sd_models))

@@ -41,6 +41,9 @@ pub struct WireSpec {
     /// Hires fix of a generation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hires: Option<WireHires>,
+    /// An interrupted run returns its last step's images (A1111 routes).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub partial_on_cancel: bool,
 }
 
 /// [`HiresFix`] as JSON.
@@ -187,6 +190,7 @@ impl WireSpec {
             mask,
             strength,
             hires,
+            partial_on_cancel: spec.partial_on_cancel,
             params: WireParams {
                 prompt: p.prompt.clone(),
                 negative_prompt: p.negative_prompt.clone(),
@@ -271,7 +275,7 @@ impl WireSpec {
                 strength: h.strength,
             }),
         };
-        Ok(JobSpec { operation, params, loras: resolved, controlnets: units, hires })
+        Ok(JobSpec { operation, params, loras: resolved, controlnets: units, hires, partial_on_cancel: self.partial_on_cancel })
     }
 }
 
@@ -320,6 +324,7 @@ mod tests {
             },
             loras: vec![ResolvedLora { name: "sd15_kohya".into(), path: lora_path.clone(), strength: -0.5 }],
             hires: Some(HiresFix { width: 128, height: 96, upscaler: HiresUpscaler::LatentNearest, steps: Some(9), strength: 0.55 }),
+            partial_on_cancel: true,
             controlnets: vec![ResolvedControlNet {
                 name: "sd15".into(),
                 path: cn_path.clone(),

@@ -323,10 +323,11 @@ fn finished_jobs_expire() {
 #[test]
 fn shutdown_cancels_queued_jobs_and_finishes_the_running_one() {
     let mut cfg = config("sd15");
-    cfg.shutdown_grace = Duration::from_secs(60);
+    // A grace far beyond the job's run time, so a loaded machine cannot turn "finishes" into "cut off".
+    cfg.shutdown_grace = Duration::from_secs(600);
     let s = Server::start(cfg);
     // Long enough that it is still running when shutdown begins, so `b` is still queued then.
-    let a = s.submit(&json!({"operation": "image_generation", "prompt": "a", "width": 32, "height": 32, "steps": 400, "seed": 1}));
+    let a = s.submit(&json!({"operation": "image_generation", "prompt": "a", "width": 32, "height": 32, "steps": 150, "seed": 1}));
     s.wait_status(&a, |v| v["status"] == "running");
     let b = s.submit(&json!({"operation": "image_generation", "prompt": "b", "width": 32, "height": 32, "steps": 2, "seed": 1}));
     let addr = s.addr;
@@ -1723,6 +1724,30 @@ fn a1111_variation_seeds_and_eta_noise_seed_delta_change_the_noise_as_asked() {
             b[k] = v.clone();
         }
         assert_error(&s.post("/sdapi/v1/txt2img", &b), 400, field);
+    }
+    s.shutdown();
+}
+
+#[test]
+fn an_interrupted_or_skipped_a1111_request_answers_200_with_its_last_steps_images() {
+    let s = Server::start(config("sd15"));
+    for route in ["/sdapi/v1/interrupt", "/sdapi/v1/skip"] {
+        let addr = s.addr;
+        let body = json!({"prompt": "a long one", "width": 32, "height": 32, "steps": 1000, "seed": 4});
+        let waiting = std::thread::spawn(move || raw_request(addr, "POST", "/sdapi/v1/txt2img", "application/json", body.to_string().as_bytes()));
+        let t0 = std::time::Instant::now();
+        while s.get("/sdapi/v1/progress").json()["state"]["sampling_step"].as_u64().unwrap_or(0) < 2 {
+            assert!(t0.elapsed() < Duration::from_secs(60), "the job never started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(s.post(route, &json!({})).status, 200);
+        let r = waiting.join().expect("request thread");
+        assert_eq!(r.status, 200, "{route}: {}", r.text());
+        let v = r.json();
+        let img = decode_png(v["images"][0].as_str().expect("image"));
+        assert_eq!((img.width(), img.height()), (32, 32));
+        let meta = sd_pipelines::image_io::read_png_parameters(&unb64(v["images"][0].as_str().expect("image"))).expect("png").expect("meta");
+        assert!(meta.contains("Steps: 1000") && meta.contains("Seed: 4"), "{meta}");
     }
     s.shutdown();
 }
