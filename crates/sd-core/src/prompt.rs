@@ -1,21 +1,23 @@
 //! A1111-style prompt syntax: attention weights `(word:1.3)`, `(word)`, `[word]`, escapes, `BREAK`,
 //! and 75-token chunking so prompts longer than CLIP's 77 positions still count.
 
-/// A LoRA a prompt names with A1111's extra-network syntax, `<lora:name:weight>`.
+/// A LoRA a prompt names with A1111's extra-network syntax, `<lora:name:weight>` or
+/// `<lora:name:te_weight:unet_weight>`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PromptLora {
     /// The name as written (A1111 resolves it to a file stem in its LoRA folders).
     pub name: String,
-    /// Its strength (1 when omitted).
+    /// Its strength on the UNet (1 when omitted).
     pub weight: f64,
+    /// Its strength on the text encoders (the UNet's unless given apart).
+    pub text_encoder_weight: f64,
 }
 
 /// Removes A1111's extra-network tags (`<lora:name>`, `<lora:name:0.8>`, `<lora:name:te:unet>`,
 /// `<lyco:…>`, named `te=`/`unet=`) from `prompt` and returns the remaining text and the LoRAs, in
 /// order; the caller resolves the names (A1111 leaves the surrounding text as it was). Text that is
 /// not a tag (`a < b`, `<3`) stays. Refused, naming `field`: other network kinds (`<hypernet:…>`),
-/// empty names, weights that are not finite numbers, different text-encoder and UNet weights (a LoRA is
-/// merged with one strength here) and LyCORIS `dyn=`.
+/// empty names, weights that are not finite numbers and LyCORIS `dyn=`.
 pub fn extract_lora_tags(field: &'static str, prompt: &str) -> Result<(String, Vec<PromptLora>)> {
     let mut out = String::with_capacity(prompt.len());
     let mut loras = Vec::new();
@@ -71,12 +73,7 @@ fn lora_tag(field: &'static str, tag: &str, body: &str) -> Result<PromptLora> {
     if positional.len() > 2 {
         return Err(bad("at most two weights (text encoder, UNet) follow the name".into()));
     }
-    if te != unet {
-        return Err(bad(format!(
-            "separate text-encoder ({te}) and UNet ({unet}) weights are not supported: a LoRA is merged with one strength; use <lora:{name}:weight>"
-        )));
-    }
-    Ok(PromptLora { name, weight: te })
+    Ok(PromptLora { name, weight: unet, text_encoder_weight: te })
 }
 
 /// One piece of a parsed prompt.
@@ -541,14 +538,18 @@ mod tests {
         assert_eq!(
             loras,
             vec![
-                PromptLora { name: "detail".into(), weight: 0.8 },
-                PromptLora { name: "style".into(), weight: 1.0 },
-                PromptLora { name: "x".into(), weight: 0.5 }
+                PromptLora { name: "detail".into(), weight: 0.8, text_encoder_weight: 0.8 },
+                PromptLora { name: "style".into(), weight: 1.0, text_encoder_weight: 1.0 },
+                PromptLora { name: "x".into(), weight: 0.5, text_encoder_weight: 0.5 }
             ]
         );
         let (_, l) = extract_lora_tags("prompt", "<lora:a:-0.5:-0.5>")?;
         assert_eq!(l[0].weight, -0.5);
-        for bad in ["<lora::1>", "<lora:a:big>", "<lora:a:1:0.5>", "<lora:a:inf>", "<hypernet:h:1>", "<lora:a:1:dyn=4>", "<lora:a:1:1:1>"] {
+        // A1111: the first number is the text encoders' weight, the second the UNet's.
+        let (_, l) = extract_lora_tags("prompt", "<lora:a:0.25:1.5> <lora:b:te=0:unet=0.7>")?;
+        assert_eq!((l[0].text_encoder_weight, l[0].weight), (0.25, 1.5));
+        assert_eq!((l[1].text_encoder_weight, l[1].weight), (0.0, 0.7));
+        for bad in ["<lora::1>", "<lora:a:big>", "<lora:a:inf>", "<hypernet:h:1>", "<lora:a:1:dyn=4>", "<lora:a:1:1:1>"] {
             assert!(matches!(extract_lora_tags("prompt", bad), Err(Error::InvalidRequest { field: "prompt", .. })), "{bad}");
         }
         // Not tags: stays as written.

@@ -165,8 +165,11 @@ pub fn embedding_files(paths: &[PathBuf]) -> Vec<PathBuf> {
 pub struct LoraWeight {
     /// The adapter file.
     pub path: PathBuf,
-    /// Scale of its delta.
+    /// Scale of its delta (on the UNet / transformer).
     pub strength: f64,
+    /// Scale on the text encoders when it differs (A1111's `<lora:name:te:unet>`; Stable Diffusion only:
+    /// FLUX LoRAs here change only the transformer).
+    pub text_encoder_strength: Option<f64>,
 }
 
 /// A ControlNet unit of a run (Stable Diffusion only).

@@ -157,8 +157,11 @@ impl StableDiffusionModel {
 fn lora_set(wanted: &[LoraWeight]) -> Result<sd_lora::LoraSet> {
     let mut set = sd_lora::LoraSet::new();
     for (i, l) in wanted.iter().enumerate() {
-        set.add_file(&l.path, l.strength as f32)
-            .map_err(|e| Error::Lora { field: format!("loras[{i}]"), message: format!("cannot read LoRA {}: {e}", l.path.display()) })?;
+        match l.text_encoder_strength {
+            Some(te) => set.add_file_split(&l.path, l.strength as f32, te as f32),
+            None => set.add_file(&l.path, l.strength as f32),
+        }
+        .map_err(|e| Error::Lora { field: format!("loras[{i}]"), message: format!("cannot read LoRA {}: {e}", l.path.display()) })?;
     }
     Ok(set)
 }

@@ -96,16 +96,16 @@ fn a_lora_that_does_not_fit_names_its_index_and_leaves_the_model_serving() {
     let mut model = load("sd15");
     let p = small(&model, "a cat");
     let plain = model.generate(&p, &Task::TextToImage, &mut RunContext::default(), &Extras::default()).expect("plain");
-    let fits = [LoraWeight { path: fixture("lora/sd15_kohya.safetensors"), strength: 1.0 }];
+    let fits = [LoraWeight { path: fixture("lora/sd15_kohya.safetensors"), strength: 1.0, text_encoder_strength: None }];
     let with = model.generate(&p, &Task::TextToImage, &mut RunContext::default(), &Extras { loras: &fits, ..Extras::default() }).expect("lora");
     assert!(max_diff(&with.images, &plain.images) > 1e-4, "the LoRA changed nothing");
     let wrong = [
-        LoraWeight { path: fixture("lora/sd15_kohya.safetensors"), strength: 1.0 },
-        LoraWeight { path: fixture("lora/sdxl_kohya.safetensors"), strength: 1.0 },
+        LoraWeight { path: fixture("lora/sd15_kohya.safetensors"), strength: 1.0, text_encoder_strength: None },
+        LoraWeight { path: fixture("lora/sdxl_kohya.safetensors"), strength: 1.0, text_encoder_strength: None },
     ];
     let err = model.generate(&p, &Task::TextToImage, &mut RunContext::default(), &Extras { loras: &wrong, ..Extras::default() }).expect_err("SDXL LoRA");
     assert_eq!(err.field().as_deref(), Some("loras[1]"), "{err}");
-    let missing = [LoraWeight { path: fixture("lora/none.safetensors"), strength: 1.0 }];
+    let missing = [LoraWeight { path: fixture("lora/none.safetensors"), strength: 1.0, text_encoder_strength: None }];
     let err = model.set_loras(&missing).expect_err("missing");
     assert_eq!(err.field().as_deref(), Some("loras[0]"), "{err}");
     // The failed sets changed nothing: the last good set is still merged, and removing it restores the model.
@@ -180,7 +180,7 @@ fn loras_patched_in_place_compute_what_loras_merged_at_load_compute() {
             model.generate(&p, &Task::TextToImage, &mut RunContext::default(), &Extras { loras, ..Extras::default() }).expect("run").latents
         };
         let plain = run(&mut model, &[]);
-        let weights: Vec<LoraWeight> = loras.iter().map(|(f, s)| LoraWeight { path: fixture(f), strength: *s }).collect();
+        let weights: Vec<LoraWeight> = loras.iter().map(|(f, s)| LoraWeight { path: fixture(f), strength: *s, text_encoder_strength: None }).collect();
         let patched = run(&mut model, &weights);
         let reference = loaded_with(rel, *components, &weights);
         let want = sd_pipelines::pipeline::generate(&reference, &p, &Task::TextToImage, &mut RunContext::default(), Default::default()).expect("reference").latents;
@@ -194,4 +194,26 @@ fn loras_patched_in_place_compute_what_loras_merged_at_load_compute() {
         let _ = run(&mut model, &weights);
         assert_eq!(max_diff(&run(&mut model, one), &first), 0.0, "{rel}: switching back");
     }
+}
+
+#[test]
+fn separate_text_encoder_and_unet_strengths_patch_each_part_with_its_own() {
+    let mut model = load("sd15");
+    let p = small(&model, "a red fox");
+    let lora = fixture("lora/sd15_kohya.safetensors");
+    let mut run = |te: Option<f64>| {
+        let loras = [LoraWeight { path: lora.clone(), strength: 1.0, text_encoder_strength: te }];
+        model.generate(&p, &Task::TextToImage, &mut RunContext::default(), &Extras { loras: &loras, ..Extras::default() }).expect("run").latents
+    };
+    let both = run(None);
+    let unet_only = run(Some(0.0));
+    assert!(max_diff(&both, &unet_only) > 0.0, "the text encoders' part of the LoRA counts");
+    assert_eq!(max_diff(&run(Some(1.0)), &both), 0.0);
+    // The same rule as merging while loading.
+    let mut set = sd_lora::LoraSet::new();
+    set.add_file_split(&lora, 1.0, 0.0).expect("lora");
+    let opts = sd_models::loader::LoadOptions { backend_hook: Some(set.backend_hook()), ..Default::default() };
+    let reference = sd_models::loader::load(&fixture("sd15"), &opts).expect("load");
+    let want = sd_pipelines::pipeline::generate(&reference, &p, &Task::TextToImage, &mut RunContext::default(), Default::default()).expect("reference").latents;
+    assert_eq!(max_diff(&unet_only, &want), 0.0);
 }

@@ -85,14 +85,15 @@ pub(crate) type Plan = HashMap<Component, HashMap<String, Vec<Merge>>>;
 /// ```
 #[derive(Clone, Default)]
 pub struct LoraSet {
-    adapters: Vec<(Arc<LoraAdapter>, f32)>,
+    /// Each adapter with its strength and, when it differs, its text encoders' strength.
+    adapters: Vec<(Arc<LoraAdapter>, f32, Option<f32>)>,
     plan: Arc<Mutex<Option<Arc<Plan>>>>,
     report: Arc<Mutex<LoraReport>>,
 }
 
 impl std::fmt::Debug for LoraSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.adapters.iter().map(|(a, s)| (a.path(), s))).finish()
+        f.debug_list().entries(self.adapters.iter().map(|(a, s, te)| (a.path(), s, te))).finish()
     }
 }
 
@@ -114,7 +115,7 @@ impl LoraSet {
 
     /// Adds an opened adapter with a strength.
     pub fn add(&mut self, adapter: LoraAdapter, strength: f32) {
-        self.adapters.push((Arc::new(adapter), strength));
+        self.adapters.push((Arc::new(adapter), strength, None));
     }
 
     /// Opens and adds the adapter at `path`.
@@ -123,9 +124,17 @@ impl LoraSet {
         Ok(())
     }
 
-    /// The adapters and their strengths.
+    /// Adds the adapter at `path` with one strength for the UNet and another for the text encoders
+    /// (A1111's `<lora:name:te_weight:unet_weight>`).
+    pub fn add_file_split(&mut self, path: impl AsRef<Path>, unet: f32, text_encoders: f32) -> Result<()> {
+        let adapter = LoraAdapter::open(path)?;
+        self.adapters.push((Arc::new(adapter), unet, (text_encoders != unet).then_some(text_encoders)));
+        Ok(())
+    }
+
+    /// The adapters and their (UNet) strengths.
     pub fn adapters(&self) -> impl Iterator<Item = (&LoraAdapter, f32)> {
-        self.adapters.iter().map(|(a, s)| (a.as_ref(), *s))
+        self.adapters.iter().map(|(a, s, _)| (a.as_ref(), *s))
     }
 
     /// Whether the set has no adapters.
@@ -155,7 +164,7 @@ impl LoraSet {
 
     /// The adapters, shared.
     pub(crate) fn shared_adapters(&self) -> Vec<Arc<LoraAdapter>> {
-        self.adapters.iter().map(|(a, _)| a.clone()).collect()
+        self.adapters.iter().map(|(a, _, _)| a.clone()).collect()
     }
 
     /// Which merges each weight of each component gets, and a report with every adapter's unmatched
@@ -164,7 +173,7 @@ impl LoraSet {
         let resolver = KeyResolver::new(cfg);
         let mut plan: Plan = HashMap::new();
         let mut report = LoraReport::default();
-        for (ai, (adapter, strength)) in self.adapters.iter().enumerate() {
+        for (ai, (adapter, strength, te_strength)) in self.adapters.iter().enumerate() {
             let mut unmatched = Vec::new();
             let mut matched = 0;
             for (mi, m) in adapter.modules().iter().enumerate() {
@@ -172,10 +181,15 @@ impl LoraSet {
                     Some((c, module)) => {
                         matched += 1;
                         let weight = format!("{module}.weight");
+                        let text_encoder = matches!(c, Component::TextEncoder | Component::TextEncoder2);
+                        let strength = match te_strength {
+                            Some(te) if text_encoder => *te,
+                            _ => *strength,
+                        };
                         plan.entry(c).or_default().entry(weight.clone()).or_default().push(Merge {
                             adapter: ai,
                             module: mi,
-                            strength: *strength,
+                            strength,
                             target: Target::whole(weight),
                         });
                     }
@@ -231,7 +245,7 @@ impl LoraSet {
             // Nothing to add: serve the base weights untouched (bit-exact).
             return Ok(inner);
         }
-        let adapters = self.adapters.iter().map(|(a, _)| a.clone()).collect();
+        let adapters = self.adapters.iter().map(|(a, _, _)| a.clone()).collect();
         let backend = MergeBackend::new(inner, merges, adapters, family_name(cfg.variant.family())).reporting_to(self.report.clone());
         Ok(Box::new(backend))
     }

@@ -319,7 +319,7 @@ fn run_job(state: &AppState, engine: &mut Engine, job: &Job) -> Result<JobResult
         (Operation::Inpaint { strength, .. }, Some((image, Some(mask)))) => Task::Inpaint(Inpaint { image, mask, strength: *strength }),
         _ => Task::TextToImage,
     };
-    let lora_weights: Vec<LoraWeight> = loras.iter().map(|l| LoraWeight { path: l.path.clone(), strength: l.strength }).collect();
+    let lora_weights: Vec<LoraWeight> = loras.iter().map(|l| LoraWeight { path: l.path.clone(), strength: l.strength, text_encoder_strength: l.text_encoder_strength }).collect();
     let units: Vec<ControlNetUnit<'_>> = controlnets
         .iter()
         .map(|c| ControlNetUnit { path: &c.path, image: &c.image, scale: c.scale, start: c.start, end: c.end })

@@ -26,6 +26,9 @@ pub struct LoraRequest {
     pub path: Option<String>,
     /// Scale of the LoRA delta (default 1).
     pub strength: Option<f64>,
+    /// Scale on the text encoders when it differs from `strength` (A1111's `<lora:name:te:unet>`).
+    #[serde(default)]
+    pub text_encoder_strength: Option<f64>,
 }
 
 /// A LoRA file confirmed to lie inside an allowed folder.
@@ -38,6 +41,9 @@ pub struct ResolvedLora {
     pub path: PathBuf,
     /// Scale of the delta.
     pub strength: f64,
+    /// Scale on the text encoders, when it differs from `strength`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text_encoder_strength: Option<f64>,
 }
 
 /// A LoRA found by listing the allowed folders.
@@ -84,6 +90,10 @@ impl LoraFolders {
         if !strength.is_finite() || strength.abs() > MAX_STRENGTH {
             return Err(ApiError::invalid(format!("loras[{i}].strength"), format!("{strength} is outside -{MAX_STRENGTH}..={MAX_STRENGTH}")));
         }
+        if let Some(te) = r.text_encoder_strength.filter(|te| !te.is_finite() || te.abs() > MAX_STRENGTH) {
+            return Err(ApiError::invalid(format!("loras[{i}].text_encoder_strength"), format!("{te} is outside -{MAX_STRENGTH}..={MAX_STRENGTH}")));
+        }
+        let text_encoder_strength = r.text_encoder_strength.filter(|&te| te != strength);
         let (field, path) = match (&r.name, &r.path) {
             (Some(name), None) => (format!("loras[{i}].name"), self.by_name(i, name)?),
             (None, Some(path)) => (format!("loras[{i}].path"), self.by_path(i, path)?),
@@ -96,7 +106,7 @@ impl LoraFolders {
         // The header is read now (no tensor data), so a corrupt or foreign file is a 400 at
         // submission rather than a failed job later.
         sd_lora::LoraAdapter::open(&path).map_err(|e| ApiError::invalid(field, e.to_string()))?;
-        Ok(ResolvedLora { name, path, strength })
+        Ok(ResolvedLora { name, path, strength, text_encoder_strength })
     }
 
     fn no_folders(field: String) -> ApiError {
@@ -209,7 +219,7 @@ mod tests {
     }
 
     fn req(name: Option<&str>, path: Option<&str>) -> LoraRequest {
-        LoraRequest { name: name.map(Into::into), path: path.map(Into::into), strength: None }
+        LoraRequest { name: name.map(Into::into), path: path.map(Into::into), strength: None, text_encoder_strength: None }
     }
 
     #[test]
@@ -236,7 +246,7 @@ mod tests {
         assert_eq!(err.field.as_deref(), Some("loras[1].name"));
         let names: Vec<String> = f.list().into_iter().map(|l| l.name).collect();
         assert_eq!(names, ["a", "b", "corrupt"]);
-        let bad = LoraRequest { name: Some("a".into()), path: None, strength: Some(f64::NAN) };
+        let bad = LoraRequest { name: Some("a".into()), path: None, strength: Some(f64::NAN), text_encoder_strength: None };
         assert_eq!(f.resolve_all(&[bad]).expect_err("nan").field.as_deref(), Some("loras[0].strength"));
         let _ = std::fs::remove_dir_all(&d);
     }

@@ -628,7 +628,7 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
     caps.validate(&params).map_err(|e| names.library_error(e))?;
     let mut resolved = state.loras.resolve_all(&input.loras)?;
     let tag_requests: Vec<LoraRequest> =
-        tags.iter().map(|t| LoraRequest { name: Some(t.name.clone()), path: None, strength: Some(t.weight) }).collect();
+        tags.iter().map(|t| LoraRequest { name: Some(t.name.clone()), path: None, strength: Some(t.weight), text_encoder_strength: Some(t.text_encoder_weight) }).collect();
     for (t, r) in tags.iter().zip(&tag_requests) {
         let found = state.loras.resolve_all(std::slice::from_ref(r)).map_err(|e| {
             ApiError::invalid("prompt", format!("<lora:{}:{}> in the prompt: {}", t.name, t.weight, e.message))

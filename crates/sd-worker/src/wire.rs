@@ -108,6 +108,9 @@ pub struct WireLora {
     pub path: String,
     /// Strength.
     pub strength: f64,
+    /// Text encoders' strength, when it differs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_encoder_strength: Option<f64>,
 }
 
 /// One ControlNet unit.
@@ -160,7 +163,7 @@ impl WireSpec {
         let wire_loras = spec
             .loras
             .iter()
-            .map(|l| Ok(WireLora { path: relative(loras.relative(&l.path), "LoRA", &l.name)?, strength: l.strength }))
+            .map(|l| Ok(WireLora { path: relative(loras.relative(&l.path), "LoRA", &l.name)?, strength: l.strength, text_encoder_strength: l.text_encoder_strength }))
             .collect::<Result<Vec<_>, String>>()?;
         let wire_controlnets = spec
             .controlnets
@@ -249,7 +252,7 @@ impl WireSpec {
             "image_inpaint" => Operation::Inpaint { image: image()?, mask: image_from("mask_image", self.mask.as_deref().unwrap_or_default())?, strength: strength()? },
             other => return Err(bad("operation", format!("unknown operation {other:?} in the queued job"))),
         };
-        let requests: Vec<LoraRequest> = self.loras.iter().map(|l| LoraRequest { name: None, path: Some(l.path.clone()), strength: Some(l.strength) }).collect();
+        let requests: Vec<LoraRequest> = self.loras.iter().map(|l| LoraRequest { name: None, path: Some(l.path.clone()), strength: Some(l.strength), text_encoder_strength: l.text_encoder_strength }).collect();
         let resolved = loras.resolve_all(&requests).map_err(|e| JobError { code: "invalid_lora", message: e.message, field: e.field })?;
         let mut units = Vec::with_capacity(self.controlnets.len());
         for (i, c) in self.controlnets.into_iter().enumerate() {
@@ -322,7 +325,7 @@ mod tests {
                 variation: Some(sd_core::run::Variation { subseed: 77, strength: 0.25 }),
                 eta_noise_seed_delta: 31337,
             },
-            loras: vec![ResolvedLora { name: "sd15_kohya".into(), path: lora_path.clone(), strength: -0.5 }],
+            loras: vec![ResolvedLora { name: "sd15_kohya".into(), path: lora_path.clone(), strength: -0.5, text_encoder_strength: Some(0.25) }],
             hires: Some(HiresFix { width: 128, height: 96, upscaler: HiresUpscaler::LatentNearest, steps: Some(9), strength: 0.55 }),
             partial_on_cancel: true,
             controlnets: vec![ResolvedControlNet {

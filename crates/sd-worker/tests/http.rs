@@ -581,7 +581,13 @@ fn loras_are_applied_per_request_and_removed_again() {
     assert_eq!(tagged["parameters"]["loras"][0]["name"], "sd15_kohya");
     let meta = sd_pipelines::image_io::read_png_parameters(&unb64(tagged["images"][0].as_str().expect("image"))).expect("png").expect("meta");
     assert!(meta.starts_with("a tree <lora:sd15_kohya:1>\n"), "{meta}");
-    for prompt in ["a tree <lora:missing:1>", "a tree <hypernet:h:1>", "<lora:sd15_kohya:1:0.5>"] {
+    // A1111's split weights, `<lora:name:te:unet>`: the text encoders' part at 0 differs from both at 1.
+    let split = s.submit(&json!({"operation": "image_generation", "prompt": "a tree <lora:sd15_kohya:0:1>", "width": 32, "height": 32, "steps": 3, "seed": 7}));
+    let (name, split) = s.stream(&split).last().cloned().expect("events");
+    assert_eq!(name, "complete", "{split}");
+    assert_eq!(split["parameters"]["loras"][0]["text_encoder_strength"], 0.0);
+    assert_ne!(pixels_of(&split), pixels_of(&tagged));
+    for prompt in ["a tree <lora:missing:1>", "a tree <hypernet:h:1>", "<lora:sd15_kohya:1:big>"] {
         let r = s.post("/v1/jobs", &json!({"operation": "image_generation", "prompt": prompt, "width": 32, "height": 32, "steps": 2}));
         assert_error(&r, 400, "prompt");
     }
