@@ -218,7 +218,8 @@ impl PromptClock {
 /// texts encoded once. `(last call, conditioning)` in call order; a plain prompt gives one entry.
 fn conditioning_schedule(models: &StableDiffusionModels, p: &GenerationParams, clock: PromptClock) -> Result<Vec<(usize, Conditioning)>> {
     let pos = prompt_schedule(&p.prompt, clock.base, clock.hires);
-    let neg = prompt_schedule(&p.negative_prompt, clock.base, clock.hires);
+    // Without guidance the negative prompt is never encoded: its schedule must not split the stretches.
+    let neg = if guided(p) { prompt_schedule(&p.negative_prompt, clock.base, clock.hires) } else { prompt_schedule("", clock.base, clock.hires) };
     // A1111 zeroes SDXL's negative conditioning only when every scheduled negative text is empty.
     let zero_negative = neg.iter().all(|e| e.text.is_empty());
     let ends: std::collections::BTreeSet<usize> = pos.iter().chain(&neg).map(|e| e.end_at_step).collect();

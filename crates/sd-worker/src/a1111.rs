@@ -391,6 +391,14 @@ pub async fn loras(State(st): St) -> Json<Value> {
     Json(Value::Array(list.collect()))
 }
 
+/// `POST /sdapi/v1/refresh-loras`, `/refresh-checkpoints`, `/refresh-vae`: nothing to rescan — the LoRA
+/// folders are listed afresh on every request, and the checkpoint and VAE are the ones this worker loaded —
+/// so they answer as A1111 does (`null`) once the model is ready.
+pub async fn refresh(State(st): St) -> Result<Json<Value>, ApiError> {
+    st.ready_model()?;
+    Ok(Json(Value::Null))
+}
+
 /// `GET /sdapi/v1/embeddings`: the textual-inversion embeddings of `--embeddings-dir` loaded with the
 /// model, and those skipped (another model's), in A1111's shape.
 pub async fn embeddings(State(st): St) -> Result<Json<Value>, ApiError> {

@@ -614,6 +614,10 @@ fn loras_are_applied_per_request_and_removed_again() {
     for route in ["/sdapi/v1/embeddings", "/sdapi/v1/sd-vae", "/sdapi/v1/upscalers", "/controlnet/model_list", "/controlnet/module_list", "/controlnet/version"] {
         assert_eq!(s.get(route).status, 200, "{route}");
     }
+    for route in ["/sdapi/v1/refresh-loras", "/sdapi/v1/refresh-checkpoints", "/sdapi/v1/refresh-vae"] {
+        let r = s.post(route, &json!({}));
+        assert_eq!((r.status, r.text().trim()), (200, "null"), "{route}");
+    }
     s.shutdown();
 }
 
