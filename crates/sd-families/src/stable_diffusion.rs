@@ -9,7 +9,7 @@ use sd_core::family::Capabilities;
 use sd_core::run::{Request, RunContext, Task};
 use sd_models::loader::{load, read_folder_config, LoadOptions, StableDiffusionModels};
 use sd_pipelines::control::ResidualHook;
-use sd_pipelines::hires::generate_hires;
+use sd_pipelines::hires::generate_hires_controlled;
 use sd_pipelines::pipeline::{generate, SdExtras};
 
 use crate::{ControlNetUnit, Error, Extras, Generated, LoadSpec, LoraWeight, Result, SkippedEmbedding};
@@ -146,7 +146,12 @@ impl StableDiffusionModel {
         let mut hook = self.controlnet_hook(extras.controlnets, p.width, p.height)?;
         let control = hook.as_mut().map(|h| h as &mut dyn ResidualHook);
         let out = match extras.hires {
-            Some(hr) => generate_hires(&self.models, p, hr, run)?,
+            Some(hr) => {
+                // The second pass gets the same units with the control images at its own size.
+                let mut second = self.controlnet_hook(extras.controlnets, hr.width, hr.height)?;
+                let second = second.as_mut().map(|h| h as &mut dyn ResidualHook);
+                generate_hires_controlled(&self.models, p, hr, run, [control, second])?
+            }
             None => generate(&self.models, p, task, run, SdExtras { control, scheduler: None })?,
         };
         Ok(Generated { images: out.images, latents: out.latents, seed: out.seed })

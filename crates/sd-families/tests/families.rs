@@ -135,6 +135,11 @@ fn controlnets_and_the_hires_fix_run_on_stable_diffusion_and_bad_ones_name_their
     assert_eq!(two_pass.images.dims(), &[1, 3, 96, 96]);
     let text = model.infotext(&p, &p.prompt, "sd15", &extras, &[]);
     assert!(text.contains("Hires resize: 96x96") && text.contains("Hires upscaler: Latent") && text.contains("Hires steps: 2"), "{text}");
+    // ControlNets steer both passes of a hires fix (the control image resized to each pass's size).
+    let control_extras = Extras { hires: Some(&hr), controlnets: &units, ..Extras::default() };
+    let controlled_two_pass = model.generate(&p, &Task::TextToImage, &mut RunContext::default(), &control_extras).expect("hires + ControlNet");
+    assert_eq!(controlled_two_pass.images.dims(), &[1, 3, 96, 96]);
+    assert!(max_diff(&controlled_two_pass.images, &two_pass.images) > 1e-5, "the ControlNet changed nothing in the hires fix");
     let init = candle_core::Tensor::zeros((1, 3, 64, 64), candle_core::DType::F32, &candle_core::Device::Cpu).expect("image");
     let task = Task::ImageToImage(ImageToImage { image: &init, strength: 0.5 });
     let err = model.generate(&p, &task, &mut RunContext::default(), &extras).expect_err("hires is txt2img");
@@ -216,4 +221,29 @@ fn separate_text_encoder_and_unet_strengths_patch_each_part_with_its_own() {
     let reference = sd_models::loader::load(&fixture("sd15"), &opts).expect("load");
     let want = sd_pipelines::pipeline::generate(&reference, &p, &Task::TextToImage, &mut RunContext::default(), Default::default()).expect("reference").latents;
     assert_eq!(max_diff(&unet_only, &want), 0.0);
+}
+
+#[test]
+fn the_hires_fix_second_pass_is_steered_by_its_own_controlnet_hook() {
+    use sd_controlnet::{ControlNetHook, ControlNetModel, ControlUnit};
+    use sd_pipelines::control::ResidualHook;
+    let m = sd_models::loader::load(&fixture("sd15"), &sd_models::loader::LoadOptions::default()).expect("load");
+    let mut p = sd_pipelines::pipeline::default_params(&m, "a house");
+    (p.width, p.height, p.steps, p.seed) = (64, 64, 2, 7);
+    let hr = HiresFix { width: 96, height: 96, upscaler: HiresUpscaler::Latent, steps: Some(2), strength: 0.6 };
+    let model = ControlNetModel::load(&fixture("controlnet/sd15"), m.unet.config(), m.dtype, &m.device).expect("controlnet");
+    let picture = image::DynamicImage::new_rgb8(64, 64);
+    let hook = |w: usize, h: usize| {
+        let image = sd_controlnet::preprocess::prepare_image(&picture, w, h).expect("image");
+        ControlNetHook::new(vec![ControlUnit::new(model.clone(), image, 1.0)], m.unet.config()).expect("hook")
+    };
+    let run = |first: bool, second: bool| {
+        let (mut a, mut b) = (hook(64, 64), hook(96, 96));
+        let hooks = [first.then_some(&mut a as &mut dyn ResidualHook), second.then_some(&mut b as &mut dyn ResidualHook)];
+        sd_pipelines::hires::generate_hires_controlled(&m, &p, &hr, &mut RunContext::default(), hooks).expect("hires").latents
+    };
+    let both = run(true, true);
+    assert!(max_diff(&both, &run(true, false)) > 1e-5, "the second pass's hook acts");
+    assert!(max_diff(&both, &run(false, true)) > 1e-5, "the first pass's hook acts");
+    assert_eq!(max_diff(&run(false, false), &sd_pipelines::hires::generate_hires(&m, &p, &hr, &mut RunContext::default()).expect("plain").latents), 0.0);
 }

@@ -11,6 +11,7 @@ use candle_core::{DType, Tensor};
 use image::{imageops::FilterType, DynamicImage};
 use sd_models::loader::StableDiffusionModels;
 
+use crate::control::ResidualHook;
 use crate::error::{Error, Result};
 use crate::image_io::{image_to_tensor, tensor_to_images};
 use crate::pipeline::{
@@ -113,6 +114,18 @@ impl HiresFix {
 /// passes comes, in that order, from `run`'s noise source (else from `p.seed`); the progress callback and
 /// the latent editor see both passes (each with its own step count).
 pub fn generate_hires(models: &StableDiffusionModels, p: &GenerationParams, hr: &HiresFix, run: &mut RunContext<'_>) -> Result<GenerationOutput> {
+    generate_hires_controlled(models, p, hr, run, [None, None])
+}
+
+/// [`generate_hires`] with residual hooks (ControlNets) for the first and the second pass — each built for
+/// its own pass's size (A1111's ControlNet extension resizes the control image to the hires size).
+pub fn generate_hires_controlled(
+    models: &StableDiffusionModels,
+    p: &GenerationParams,
+    hr: &HiresFix,
+    run: &mut RunContext<'_>,
+    [first_control, second_control]: [Option<&mut dyn ResidualHook>; 2],
+) -> Result<GenerationOutput> {
     let second = hr.second_pass(p);
     let caps = capabilities(models)?;
     caps.validate(p)?;
@@ -126,7 +139,7 @@ pub fn generate_hires(models: &StableDiffusionModels, p: &GenerationParams, hr: 
     // Prompt editing: the second pass schedules over its own calls, whole numbers counting from the first's.
     let first_clock = PromptClock::single(p);
     let second_clock = PromptClock { base: first_clock.base, hires: Some(second.sampler.kind.schedule_steps(second.steps)) };
-    let first = pass(models, p, &Task::TextToImage, noise.get(), run, first_clock)?;
+    let first = pass(models, p, &Task::TextToImage, noise.get(), run, first_clock, first_control)?;
     let f = models.config.vae_scale_factor();
     if hr.upscaler.in_latent_space() {
         let (h, w) = (hr.height / f, hr.width / f);
@@ -135,7 +148,8 @@ pub fn generate_hires(models: &StableDiffusionModels, p: &GenerationParams, hr: 
             HiresUpscaler::LatentNearest => latents.upsample_nearest2d(h, w)?,
             _ => latents.upsample_bilinear2d(h, w, false)?,
         };
-        let out = pass(models, &second, &Task::LatentsToImage(LatentsToImage { latents: &up, strength: hr.strength }), noise.get(), run, second_clock)?;
+        let task = Task::LatentsToImage(LatentsToImage { latents: &up, strength: hr.strength });
+        let out = pass(models, &second, &task, noise.get(), run, second_clock, second_control)?;
         return Ok(GenerationOutput { seed: p.seed, ..out });
     }
     let filter = if hr.upscaler == HiresUpscaler::Nearest { FilterType::Nearest } else { FilterType::Lanczos3 };
@@ -147,7 +161,8 @@ pub fn generate_hires(models: &StableDiffusionModels, p: &GenerationParams, hr: 
         })
         .collect::<sd_core::Result<Vec<Tensor>>>()?;
     let image = Tensor::cat(&resized, 0)?;
-    let out = pass(models, &second, &Task::ImageToImage(ImageToImage { image: &image, strength: hr.strength }), noise.get(), run, second_clock)?;
+    let task = Task::ImageToImage(ImageToImage { image: &image, strength: hr.strength });
+    let out = pass(models, &second, &task, noise.get(), run, second_clock, second_control)?;
     Ok(GenerationOutput { seed: p.seed, ..out })
 }
 
@@ -159,11 +174,12 @@ fn pass(
     noise: &mut dyn NoiseSource,
     run: &mut RunContext<'_>,
     clock: PromptClock,
+    control: Option<&mut dyn ResidualHook>,
 ) -> Result<GenerationOutput> {
     let progress = run.progress.as_deref_mut().map(|f| f as &mut ProgressFn<'_>);
     let edit = run.edit.as_deref_mut().map(|f| f as &mut EditFn<'_>);
     let mut ctx = RunContext { noise: Some(noise), progress, edit };
-    generate_pass(models, request, task, &mut ctx, SdExtras::default(), clock)
+    generate_pass(models, request, task, &mut ctx, SdExtras { control, scheduler: None }, clock)
 }
 
 /// Names a second-pass error by the hires field it comes from.

@@ -714,9 +714,6 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
             if !caps.hires_fix {
                 return Err(ApiError::invalid(hn.enable, format!("{} models have no hires fix here", caps.variant)));
             }
-            if !controlnets.is_empty() {
-                return Err(ApiError::invalid(hn.enable, "hires fix with ControlNets is not supported; send one or the other"));
-            }
             let (w, hh) = hires_target(&h, width, height, multiple, hn)?;
             if w > limits.max_width || hh > limits.max_height || w < width || hh < height {
                 return Err(ApiError::invalid(

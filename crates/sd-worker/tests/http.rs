@@ -1761,3 +1761,22 @@ fn an_interrupted_or_skipped_a1111_request_answers_200_with_its_last_steps_image
     }
     s.shutdown();
 }
+
+#[test]
+fn a1111_hires_fix_with_a_controlnet_unit_steers_both_passes() {
+    let s = Server::start(controlnet_config());
+    let img = b64(&control_png(32, 32));
+    let body = |units: Value| {
+        json!({"prompt": "a tree", "steps": 2, "width": 32, "height": 32, "seed": 7, "enable_hr": true, "hr_scale": 1.5,
+            "denoising_strength": 0.6, "alwayson_scripts": {"controlnet": {"args": units}}})
+    };
+    let plain = s.post("/sdapi/v1/txt2img", &body(json!([])));
+    let controlled = s.post("/sdapi/v1/txt2img", &body(json!([{"image": img, "module": "canny", "model": "sd15", "threshold_a": 50, "threshold_b": 120}])));
+    assert_eq!(controlled.status, 200, "{}", controlled.text());
+    let pic = |r: &Resp| decode_png(r.json()["images"][0].as_str().expect("image"));
+    assert_eq!((pic(&controlled).width(), pic(&controlled).height()), (48, 48));
+    assert_ne!(pic(&controlled).to_rgb8().into_raw(), pic(&plain).to_rgb8().into_raw());
+    let meta = sd_pipelines::image_io::read_png_parameters(&unb64(controlled.json()["images"][0].as_str().expect("image"))).expect("png").expect("meta");
+    assert!(meta.contains("Hires resize: 48x48") && meta.contains("ControlNet 0"), "{meta}");
+    s.shutdown();
+}
