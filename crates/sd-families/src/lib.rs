@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! One entry to every model family of the workspace.
 //!
 //! The family crates (`sd-pipelines` for Stable Diffusion 1.x/2.x/XL, `sd-flux` for FLUX.1) never
