@@ -13,4 +13,6 @@ PY=${1:-tools/.venv/bin/python}
 if [ -f tools/lora_fixtures.py ]; then "$PY" tools/lora_fixtures.py; fi
 "$PY" tools/controlnet_fixtures.py
 "$PY" tools/flux_fixtures.py
+"$PY" tools/ti_goldens.py
+"$PY" tools/a1111_prompt_schedules.py
 du -sh fixtures

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Starts the worker on the tiny fixtures and drives it with the official A1111 client (webuiapi).
+# Needs Python with `pip install webuiapi` (set PYTHON); not part of CI, which has no Python.
+#   PYTHON=/path/to/venv/bin/python tools/webuiapi_check.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+PORT=${PORT:-7871}
+cargo build -q -p sd-worker
+target/debug/sd-worker --model fixtures/sd15 --port "$PORT" --lora-dir fixtures/lora \
+  --embeddings-dir fixtures/embeddings --controlnet-dir fixtures/controlnet --max-steps 1000 >/tmp/sd-worker-webuiapi.log 2>&1 &
+worker=$!
+trap 'kill $worker 2>/dev/null || true' EXIT
+for _ in $(seq 1 300); do
+  curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null 2>&1 && break
+  sleep 0.2
+done
+"$PYTHON" tools/webuiapi_check.py --port "$PORT"
