@@ -71,32 +71,37 @@ impl<'a> Parser<'a> {
     fn prompt(&mut self, mut pos: usize, depth: usize) -> (Vec<Node>, usize) {
         let mut nodes = Vec::new();
         while let Some(c) = self.at(pos) {
-            match c {
-                b'\\' => {
-                    // `\\.`: the backslash and the next character (any, UTF-8 included) stay as written.
-                    let Some(next) = self.text[pos + 1..].chars().next() else { break };
-                    let end = pos + 1 + next.len_utf8();
-                    push_text(&mut nodes, &self.text[pos..end]);
-                    pos = end;
+            if matches!(c, b'(' | b'[') {
+                let Some((node, end)) = self.construct(pos, depth + 1) else { break };
+                nodes.extend(node);
+                pos = end;
+            } else {
+                let end = self.plain(pos);
+                if end == pos {
+                    break;
                 }
-                b'(' | b'[' => match self.construct(pos, depth + 1) {
-                    Some((node, end)) => {
-                        nodes.extend(node);
-                        pos = end;
-                    }
-                    None => break,
-                },
-                c if is_delimiter(c) => break,
-                _ => {
-                    let start = pos;
-                    while self.at(pos).is_some_and(|c| !is_delimiter(c)) {
-                        pos += 1;
-                    }
-                    push_text(&mut nodes, &self.text[start..pos]);
-                }
+                push_text(&mut nodes, &self.text[pos..end]);
+                pos = end;
             }
         }
         (nodes, pos)
+    }
+
+    /// The end of the plain text from `pos`: A1111's `plain` rule, `([^\\\[\]():|]|\\.)+` — anything
+    /// but the syntax's characters, and a backslash with the character after it (UTF-8 included), kept
+    /// as written. `pos` itself when none starts there (a trailing backslash is none).
+    fn plain(&self, mut pos: usize) -> usize {
+        while let Some(c) = self.at(pos) {
+            if c == b'\\' {
+                let Some(next) = self.text[pos + 1..].chars().next() else { break };
+                pos += 1 + next.len_utf8();
+            } else if is_delimiter(c) {
+                break;
+            } else {
+                pos += 1;
+            }
+        }
+        pos
     }
 
     /// An `emphasized`, `scheduled` or `alternate` construct at `pos` (a `(` or `[`).
@@ -215,18 +220,13 @@ impl<'a> Parser<'a> {
                         None => break,
                     }
                 } else {
-                    let (part, p) = self.prompt_plain(pos);
-                    if p == pos {
+                    let end = self.plain(pos);
+                    if end == pos {
                         break;
                     }
-                    for n in part {
-                        match n {
-                            Node::Text(t) => push_text(&mut nodes, &t),
-                            other => nodes.push(other),
-                        }
-                    }
+                    push_text(&mut nodes, &self.text[pos..end]);
                     top.push(Top::Text);
-                    pos = p;
+                    pos = end;
                 }
             }
             match self.at(pos) {
@@ -239,28 +239,6 @@ impl<'a> Parser<'a> {
                 Some(_) => return None,
             }
         }
-    }
-
-    /// Plain text and escapes from `pos` (no constructs).
-    fn prompt_plain(&mut self, mut pos: usize) -> (Vec<Node>, usize) {
-        let mut nodes = Vec::new();
-        while let Some(c) = self.at(pos) {
-            if c == b'\\' {
-                let Some(next) = self.text[pos + 1..].chars().next() else { break };
-                let end = pos + 1 + next.len_utf8();
-                push_text(&mut nodes, &self.text[pos..end]);
-                pos = end;
-            } else if is_delimiter(c) {
-                break;
-            } else {
-                let start = pos;
-                while self.at(pos).is_some_and(|c| !is_delimiter(c)) {
-                    pos += 1;
-                }
-                push_text(&mut nodes, &self.text[start..pos]);
-            }
-        }
-        (nodes, pos)
     }
 
     /// Closing characters from the end of the construct `[start, end)` down to a `scheduled` construct

@@ -54,7 +54,7 @@ pub enum Family {
 }
 
 impl Family {
-    /// Every family, in the order [`detect`] tries them.
+    /// Every family.
     pub const ALL: [Family; 2] = [Family::Flux, Family::StableDiffusion];
 
     /// A short lower-case name (`stable-diffusion`, `flux`).
