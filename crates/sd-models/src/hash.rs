@@ -68,6 +68,13 @@ pub fn sha256(path: &Path) -> Result<String> {
     hashed(path, Kind::Whole)
 }
 
+/// The whole file's SHA-256 if it was computed before and the file has not changed since (no reading).
+pub fn cached_sha256(path: &Path) -> Option<String> {
+    let meta = std::fs::metadata(path).ok()?;
+    let key = (path.to_path_buf(), meta.len(), meta.modified().ok(), Kind::Whole);
+    cache().lock().ok()?.get(&key).cloned()
+}
+
 /// A1111's `Model hash`: the first 10 hex digits of the file's SHA-256.
 pub fn model_hash(path: &Path) -> Result<String> {
     Ok(sha256(path)?[..10].to_string())

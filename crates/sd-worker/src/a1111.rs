@@ -150,17 +150,17 @@ fn controlnet_units(r: &A1111Request) -> Result<Vec<(usize, ControlNetRequest)>,
     Ok(out)
 }
 
-/// Whether `requested` names the loaded model as A1111 clients write it: its name, its file name, or its
+/// Whether `requested` names `model` as A1111 clients write it: its name, its key, its file name, or its
 /// title `file [hash]` (the hash, when given, must be the model's).
-fn names_loaded_model(requested: &str, model: &ModelInfo) -> bool {
+pub fn names_model(requested: &str, model: &ModelInfo) -> bool {
     let requested = requested.trim();
     let (name, hash) = match requested.rsplit_once(" [") {
         Some((n, h)) if h.ends_with(']') => (n.trim(), Some(h.trim_end_matches(']'))),
         _ => (requested, None),
     };
     let file = model_file_name(model).unwrap_or_default();
-    let stem = std::path::Path::new(name).file_stem().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-    let name_ok = name == model.name || name == file || stem == model.name;
+    let stem = file_stem_of(name);
+    let name_ok = name == model.name || name == model.key || name == file || stem == model.name || stem == model.key;
     let hash_ok = match (hash, &model.sha256) {
         (Some(h), Some(full)) => full.starts_with(&h.to_ascii_lowercase()),
         _ => true,
@@ -168,21 +168,13 @@ fn names_loaded_model(requested: &str, model: &ModelInfo) -> bool {
     name_ok && hash_ok
 }
 
-/// The `override_settings` this worker honours: `sd_model_checkpoint` and `sd_vae` must name what it
-/// serves (it cannot switch models or VAEs per request); `randn_source` picks A1111's noise ("GPU" and
+/// The `override_settings` this worker honours besides `sd_model_checkpoint` (resolved before): `sd_vae` must
+/// name the VAE it uses (it cannot switch VAEs per request); `randn_source` picks A1111's noise ("GPU" and
 /// "NV": what an NVIDIA GPU draws, "CPU": PyTorch's CPU generator, each image from its own seed);
 /// `eta_noise_seed_delta` (ENSD) re-seeds the sampler's noise as A1111 does. Returns the noise kind (when
 /// given) and the ENSD.
-fn check_override_settings(o: &Map<String, Value>, model: &ModelInfo, vae: Option<&std::path::Path>) -> Result<(Option<String>, u64), ApiError> {
+fn check_override_settings(o: &Map<String, Value>, vae: Option<&std::path::Path>) -> Result<(Option<String>, u64), ApiError> {
     let text = |k: &str| o.get(k).and_then(Value::as_str);
-    if let Some(ckpt) = text("sd_model_checkpoint") {
-        if !names_loaded_model(ckpt, model) {
-            return Err(ApiError::invalid(
-                "override_settings.sd_model_checkpoint",
-                format!("this worker serves {:?} only and cannot switch to {ckpt:?}", model.name),
-            ));
-        }
-    }
     if let Some(v) = text("sd_vae") {
         // "Automatic" is what the worker uses; "None" is the model's own VAE.
         let ok = match vae {
@@ -284,7 +276,7 @@ fn response(result: &JobResult, request: Value, model: &ModelInfo, send_images: 
         "batch_size": n,
         "restore_faces": false,
         "sd_model_name": model.name,
-        "sd_model_hash": Value::Null,
+        "sd_model_hash": model.sha256.as_ref().map(|h| h[..10].to_string()),
         "denoising_strength": p["strength"],
         "clip_skip": p["clip_skip"],
         "infotexts": vec![result.infotext.clone(); n],
@@ -297,15 +289,29 @@ fn response(result: &JobResult, request: Value, model: &ModelInfo, send_images: 
 }
 
 async fn run(st: Arc<AppState>, caller: Caller, body: Bytes, img2img: bool) -> Result<Json<Value>, ApiError> {
-    let model = st.ready_model()?;
-    let (st2, model2) = (st.clone(), model.clone());
-    let (spec, params, request, send_images) = blocking(move || {
+    st.ready_model()?;
+    let (request, r) = blocking(move || {
         let obj = parse_json_object(&body)?;
         let request = Value::Object(obj.clone());
         let r: A1111Request = from_value(Value::Object(obj))?;
+        Ok((request, r))
+    })
+    .await?;
+    // As A1111: `override_settings.sd_model_checkpoint` runs this request on that checkpoint (loading it if
+    // needed) without changing the model later requests get.
+    let model = match r.override_settings.as_ref().and_then(|o| o.get("sd_model_checkpoint")).filter(|v| !v.is_null()) {
+        None => st.active_model().await?,
+        Some(v) => {
+            let field = "override_settings.sd_model_checkpoint";
+            let name = v.as_str().ok_or_else(|| ApiError::invalid(field, "expected a string"))?;
+            st.model_for(field, name).await?
+        }
+    };
+    let (st2, model2) = (st.clone(), model.clone());
+    let (spec, params, request, send_images) = blocking(move || {
         let mut input = common(&r)?;
         if let Some(o) = &r.override_settings {
-            let (noise, ensd) = check_override_settings(o, &model2, st2.config.vae.as_deref())?;
+            let (noise, ensd) = check_override_settings(o, st2.config.vae.as_deref())?;
             if let Some(noise) = noise {
                 input.noise = Some(noise);
             }
@@ -391,11 +397,19 @@ pub async fn loras(State(st): St) -> Json<Value> {
     Json(Value::Array(list.collect()))
 }
 
-/// `POST /sdapi/v1/refresh-loras`, `/refresh-checkpoints`, `/refresh-vae`: nothing to rescan — the LoRA
-/// folders are listed afresh on every request, and the checkpoint and VAE are the ones this worker loaded —
-/// so they answer as A1111 does (`null`) once the model is ready.
+/// `POST /sdapi/v1/refresh-loras`, `/refresh-vae`: nothing to rescan — the LoRA folders are listed afresh on
+/// every request, and the VAE is the one given at startup — so they answer as A1111 does (`null`) once the
+/// model is ready.
 pub async fn refresh(State(st): St) -> Result<Json<Value>, ApiError> {
     st.ready_model()?;
+    Ok(Json(Value::Null))
+}
+
+/// `POST /sdapi/v1/refresh-checkpoints`: rescans `--models-dir`.
+pub async fn refresh_checkpoints(State(st): St) -> Result<Json<Value>, ApiError> {
+    st.ready_model()?;
+    let n = st.catalog.refresh();
+    tracing::info!(checkpoints = n, "models folders rescanned");
     Ok(Json(Value::Null))
 }
 
@@ -565,14 +579,36 @@ pub async fn schedulers() -> Json<Value> {
     ]))
 }
 
-/// `GET /sdapi/v1/sd-models`: the one loaded model.
+/// `GET /sdapi/v1/sd-models`: the `-m` model and the checkpoints of `--models-dir` (hashes once computed:
+/// a checkpoint is hashed when it first loads, as A1111 does).
 pub async fn sd_models(State(st): St) -> Result<Json<Value>, ApiError> {
     let m = st.ready_model()?;
-    Ok(Json(json!([{
-        "title": title(&m),
-        "model_name": m.name, "hash": m.sha256.as_ref().map(|h| h[..10].to_string()), "sha256": m.sha256,
-        "filename": m.source, "config": Value::Null,
-    }])))
+    let mut out = Vec::new();
+    let checkpoints = st.checkpoints();
+    let primary = st.model_info(&st.primary_key);
+    if let Some(p) = primary.as_ref().filter(|_| checkpoints.iter().all(|c| c.name != st.primary_key)) {
+        out.push(json!({
+            "title": title(p),
+            "model_name": p.name, "hash": p.sha256.as_ref().map(|h| h[..10].to_string()), "sha256": p.sha256,
+            "filename": p.source, "config": Value::Null,
+        }));
+    }
+    for c in checkpoints {
+        let sha = c.cached_sha256();
+        out.push(json!({
+            "title": c.title(),
+            "model_name": c.name, "hash": sha.as_ref().map(|h| h[..10].to_string()), "sha256": sha,
+            "filename": if c.path.as_os_str().is_empty() { c.file_name.clone() } else { c.path.display().to_string() }, "config": Value::Null,
+        }));
+    }
+    if out.is_empty() {
+        out.push(json!({
+            "title": title(&m),
+            "model_name": m.name, "hash": m.sha256.as_ref().map(|h| h[..10].to_string()), "sha256": m.sha256,
+            "filename": m.source, "config": Value::Null,
+        }));
+    }
+    Ok(Json(Value::Array(out)))
 }
 
 /// A1111's title of the model: `file.safetensors [short hash]` for a single file, else its name.
@@ -583,33 +619,47 @@ fn title(m: &ModelInfo) -> String {
     }
 }
 
-/// The file name of the model's source (`sd15.safetensors`).
+/// The model's file name as A1111 lists it: relative to its models folder (`xl/juggernaut.safetensors`), or
+/// the source's file name.
 fn model_file_name(m: &ModelInfo) -> Option<String> {
-    std::path::Path::new(&m.source).file_name().map(|f| f.to_string_lossy().into_owned())
+    let source = std::path::Path::new(&m.source);
+    if m.key.is_empty() {
+        return source.file_name().map(|f| f.to_string_lossy().into_owned());
+    }
+    Some(match source.extension().filter(|_| source.is_file()) {
+        Some(ext) => format!("{}.{}", m.key, ext.to_string_lossy()),
+        None => m.key.clone(),
+    })
 }
 
-/// `POST /sdapi/v1/options`: how A1111 clients pick a checkpoint. Naming the loaded model (name, file name
-/// or `file [hash]` title) succeeds; another model is a 400 naming `sd_model_checkpoint` (this worker serves
-/// one model). Other settings are accepted and have no effect here.
+/// `dir/name.ext` → `dir/name`.
+fn file_stem_of(name: &str) -> &str {
+    match name.rsplit_once('.') {
+        Some((stem, ext)) if !stem.is_empty() && !ext.contains('/') => stem,
+        _ => name,
+    }
+}
+
+/// `POST /sdapi/v1/options`: how A1111 clients pick a checkpoint. `sd_model_checkpoint` names the `-m` model
+/// or a `--models-dir` checkpoint (name, file name or `file [hash]` title); as in A1111 the call returns once
+/// it is loaded, after the jobs queued before it (which keep the model they were submitted for), and later
+/// requests use it. An unknown name is a 400 naming the field; a checkpoint that fails to load a 422, and the
+/// model in use stays. Other settings are accepted and have no effect here.
 pub async fn set_options(State(st): St, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
     let body = body_bytes(&st, body)?;
-    let model = st.ready_model()?;
+    st.ready_model()?;
     let obj = parse_json_object(&body)?;
-    if let Some(v) = obj.get("sd_model_checkpoint") {
+    if let Some(v) = obj.get("sd_model_checkpoint").filter(|v| !v.is_null()) {
         let requested = v.as_str().ok_or_else(|| ApiError::invalid("sd_model_checkpoint", "expected a string"))?;
-        if !names_loaded_model(requested, &model) {
-            return Err(ApiError::invalid(
-                "sd_model_checkpoint",
-                format!("this worker serves {:?} only and cannot switch to {requested:?}", model.name),
-            ));
-        }
+        let key = st.resolve_model("sd_model_checkpoint", requested)?;
+        st.switch_model("sd_model_checkpoint", &key).await?;
     }
     Ok(Json(Value::Null))
 }
 
 /// `GET /sdapi/v1/options`: the settings front ends read at startup.
 pub async fn options(State(st): St) -> Result<Json<Value>, ApiError> {
-    let m = st.ready_model()?;
+    let m = st.active_model().await?;
     Ok(Json(json!({"sd_model_checkpoint": title(&m), "CLIP_stop_at_last_layers": 1, "samples_format": "png"})))
 }
 

@@ -14,12 +14,12 @@ use axum::Json;
 #[cfg(feature = "queue")]
 use futures_util::StreamExt as _;
 use sd_pipelines::schedulers::SamplerKind;
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 use crate::error::{body_rejection, ApiError, JobError};
 use crate::jobs::JobEvent;
-use crate::request::native_job;
+use crate::request::{native_job_object, parse_json_object};
 use crate::server::Caller;
 use crate::state::{AppState, ModelState};
 
@@ -40,10 +40,17 @@ pub fn job_id(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError
 /// `POST /v1/jobs`: validates and queues a job; 202 with its id and stream URL.
 pub async fn submit_job(State(st): St, caller: Caller, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = body_bytes(&st, body)?;
-    let model = st.ready_model()?;
+    st.ready_model()?;
+    // JSON and image decoding can take a while for large uploads; keep them off the async workers.
+    let mut obj = blocking(move || parse_json_object(&body)).await?;
+    // `model` names a `--models-dir` checkpoint to run this job on (default: the model in use).
+    let model = match obj.remove("model") {
+        None | Some(Value::Null) => st.active_model().await?,
+        Some(Value::String(name)) => st.model_for("model", &name).await?,
+        Some(other) => return Err(ApiError::invalid("model", format!("expected a checkpoint name (GET /sdapi/v1/sd-models lists them), got {other}"))),
+    };
     let st2 = st.clone();
-    // Image decoding can take a while for large uploads; keep it off the async workers.
-    let (spec, params) = blocking(move || native_job(&st2, &model, &body)).await?;
+    let (spec, params) = blocking(move || native_job_object(&st2, &model, obj)).await?;
     let job = st.submit_job(spec, params, caller.0).await?;
     let sse_url = format!("/v1/jobs/{}/stream", job.id);
     let body = json!({"job_id": job.id, "sse_url": sse_url, "status_url": format!("/v1/jobs/{}", job.id), "status": "queued"});
@@ -215,6 +222,7 @@ pub async fn models(State(st): St) -> Result<Json<serde_json::Value>, ApiError> 
             "device": m.device,
             "defaults": {"width": m.caps.default_width, "height": m.caps.default_height, "steps": m.caps.default_steps, "guidance_scale": m.caps.default_guidance},
         }],
+        "checkpoints": st.catalog.list(),
         "loras": st.loras.list(),
         "controlnets": st.controlnets.list(),
         "samplers": samplers,

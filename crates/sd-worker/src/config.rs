@@ -1,6 +1,6 @@
 //! Command line and environment configuration, and the validated [`WorkerConfig`] built from it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use candle_core::{DType, Device};
@@ -58,6 +58,16 @@ pub struct Cli {
     /// Most sampling steps per job.
     #[arg(long, env = "SD_WORKER_MAX_STEPS", default_value_t = 150)]
     pub max_steps: usize,
+    /// Folder of checkpoints clients may switch between by name (`/sdapi/v1/options`, `override_settings`,
+    /// the native `model` field): single `.safetensors`/`.gguf` files and diffusers folders, searched four
+    /// levels deep, as A1111's `--ckpt-dir` (repeatable; `,` in the env var). Without `-m`, the first
+    /// (by name) is loaded at startup, and nothing is ever downloaded.
+    #[arg(long = "models-dir", env = "SD_WORKER_MODELS_DIRS", value_delimiter = ',')]
+    pub models_dirs: Vec<PathBuf>,
+    /// Megabytes of model weights kept loaded for switching back without a reload (least recently used
+    /// go first; the model in use always stays). 0 keeps only the model in use.
+    #[arg(long, env = "SD_WORKER_MODEL_CACHE_MB", default_value_t = 0)]
+    pub model_cache_mb: u64,
     /// Folder of LoRA `.safetensors` files requests may use (repeat the flag, or separate with `,` in the env var).
     #[arg(long = "lora-dir", env = "SD_WORKER_LORA_DIRS", value_delimiter = ',')]
     pub lora_dirs: Vec<PathBuf>,
@@ -241,6 +251,10 @@ pub struct WorkerConfig {
     pub queue_capacity: usize,
     /// Request limits.
     pub limits: Limits,
+    /// Folders of checkpoints clients may switch to by name.
+    pub models_dirs: Vec<PathBuf>,
+    /// Bytes of weights the model cache keeps loaded besides the model in use.
+    pub model_cache_bytes: u64,
     /// Folders LoRA requests are confined to.
     pub lora_dirs: Vec<PathBuf>,
     /// Folders ControlNet requests are confined to.
@@ -277,6 +291,8 @@ impl WorkerConfig {
             dtype: None,
             queue_capacity: 16,
             limits: Limits { max_width: 2048, max_height: 2048, max_batch: 4, max_steps: 150, max_body_bytes: 50 * 1024 * 1024 },
+            models_dirs: Vec::new(),
+            model_cache_bytes: 0,
             lora_dirs: Vec::new(),
             controlnet_dirs: Vec::new(),
             embedding_dirs: Vec::new(),
@@ -310,10 +326,26 @@ impl Cli {
         };
         let dtype = self.dtype.as_deref().map(sd_models::device::parse_dtype).transpose().map_err(|e| e.to_string())?;
         let device = parse_device(&self.device)?;
-        let (model, variant) = match &self.model {
-            Some(m) => (parse_model(m), variant),
+        let catalog = (!self.models_dirs.is_empty()).then(|| crate::models::ModelCatalog::new(&self.models_dirs));
+        let (model, variant) = match (&self.model, &catalog) {
+            // `-m NAME` may name a checkpoint of --models-dir.
+            (Some(m), Some(cat)) if !Path::new(m).exists() && !m.starts_with("hub:") && cat.resolve(m).is_some() => {
+                (ModelSource::Path(cat.resolve(m).map(|c| c.path).unwrap_or_default()), variant)
+            }
+            (Some(m), _) => (parse_model(m), variant),
+            // The first checkpoint of --models-dir: a models-dir worker never downloads.
+            (None, Some(cat)) => match cat.list().into_iter().next() {
+                Some(c) => (ModelSource::Path(c.path), variant),
+                None => {
+                    let dirs: Vec<String> = self.models_dirs.iter().map(|d| d.display().to_string()).collect();
+                    return Err(format!(
+                        "--models-dir {} holds no checkpoint (.safetensors, .gguf or diffusers folder); add one or pass -m",
+                        dirs.join(", ")
+                    ));
+                }
+            },
             // The documented first-run model; a turbo variant cannot be told from its weights.
-            None => (
+            (None, None) => (
                 ModelSource::Hub(sd_models::DEFAULT_MODEL_REPO.to_string()),
                 variant.or(Some(sd_models::DEFAULT_MODEL_VARIANT)),
             ),
@@ -399,6 +431,8 @@ impl Cli {
                 max_steps: self.max_steps.min(sd_pipelines::pipeline::MAX_STEPS),
                 max_body_bytes: self.max_body_bytes,
             },
+            models_dirs: self.models_dirs,
+            model_cache_bytes: self.model_cache_mb.saturating_mul(1 << 20),
             lora_dirs: self.lora_dirs,
             controlnet_dirs: self.controlnet_dirs,
             embedding_dirs: self.embedding_dirs,
@@ -484,5 +518,28 @@ mod tests {
         if !candle_core::utils::metal_is_available() {
             assert!(parse_device("metal").unwrap_err().contains("no Metal backend"));
         }
+    }
+
+    #[test]
+    fn a_models_dir_gives_the_default_model_and_never_the_hub() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
+        let dir = std::env::temp_dir().join(format!("sd-worker-cfg-models-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("b")).expect("dir");
+        std::fs::copy(fixtures.join("sd2.safetensors"), dir.join("b/zeta.safetensors")).expect("copy");
+        std::fs::copy(fixtures.join("sd15.safetensors"), dir.join("alpha.safetensors")).expect("copy");
+        let cli = |args: &[&str]| Cli::try_parse_from([&["sd-worker"], args].concat()).expect("args").into_config();
+        let d = dir.to_string_lossy().into_owned();
+        let canonical = |p: &Path| p.canonicalize().expect("canonical");
+        let cfg = cli(&["--models-dir", &d]).expect("config");
+        assert_eq!(cfg.model, ModelSource::Path(canonical(&dir.join("alpha.safetensors"))), "the first by name");
+        let cfg = cli(&["--models-dir", &d, "-m", "b/zeta"]).expect("config");
+        assert_eq!(cfg.model, ModelSource::Path(canonical(&dir.join("b/zeta.safetensors"))), "-m may name a checkpoint");
+        let cfg = cli(&["--models-dir", &d, "--model-cache-mb", "3"]).expect("config");
+        assert_eq!(cfg.model_cache_bytes, 3 << 20);
+        std::fs::create_dir_all(dir.join("empty")).expect("dir");
+        let e = cli(&["--models-dir", &dir.join("empty").to_string_lossy()]).expect_err("empty");
+        assert!(e.contains("holds no checkpoint"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

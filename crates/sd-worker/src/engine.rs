@@ -16,7 +16,7 @@ use sd_families::{ControlNetUnit, Extras, LoadSpec, LoadedModel, LoraWeight};
 use crate::config::{describe_device, ModelSource, WorkerConfig};
 use crate::error::JobError;
 use crate::jobs::{Job, JobResult, JobSpec, JobStatus, Operation, Preview};
-use crate::state::{AppState, EmbeddingEntry, EmbeddingList, ModelInfo, ModelState};
+use crate::state::{AppState, EmbeddingEntry, EmbeddingList, EngineMsg, ModelInfo, ModelLocation, ModelState};
 
 /// Base64 with padding (what every API here sends and accepts).
 pub fn b64(bytes: &[u8]) -> String {
@@ -34,12 +34,14 @@ pub fn model_name(src: &ModelSource) -> String {
     }
 }
 
-fn load_spec(cfg: &WorkerConfig) -> LoadSpec {
+/// How a model loads: the `-m` model with `--variant` and `--model-config`; a `--models-dir` checkpoint
+/// detected from its own files.
+fn load_spec(cfg: &WorkerConfig, primary: bool) -> LoadSpec {
     LoadSpec {
-        variant: cfg.variant,
+        variant: if primary { cfg.variant } else { None },
         dtype: cfg.dtype,
         device: cfg.device.clone(),
-        components: cfg.model_config.clone(),
+        components: if primary { cfg.model_config.clone() } else { None },
         vae: cfg.vae.clone(),
         prefer_fp16_files: prefer_fp16(cfg),
         embeddings: cfg.embedding_dirs.clone(),
@@ -96,10 +98,11 @@ fn file_sha256(path: &std::path::Path) -> Option<String> {
     }
 }
 
-fn describe(model: &LoadedModel, cfg: &WorkerConfig, path: &std::path::Path) -> ModelInfo {
+fn describe(model: &LoadedModel, key: &str, source: String, path: &std::path::Path) -> ModelInfo {
     ModelInfo {
-        name: model_name(&cfg.model),
-        source: source_name(cfg),
+        key: key.to_string(),
+        name: key.to_string(),
+        source,
         dtype: format!("{:?}", model.dtype()).to_lowercase(),
         device: describe_device(model.device()),
         caps: model.capabilities().clone(),
@@ -115,42 +118,98 @@ fn describe(model: &LoadedModel, cfg: &WorkerConfig, path: &std::path::Path) -> 
     }
 }
 
-/// The loaded model and its description.
+/// A loaded model and its description.
 struct Engine {
     model: LoadedModel,
     info: Arc<ModelInfo>,
+    /// Weight bytes, from the files' headers (what the cache is bounded by).
+    bytes: u64,
+}
+
+/// The loaded models, least recently used first: the one in use plus as many others as
+/// `--model-cache-mb` holds.
+struct Engines {
+    loaded: Vec<Engine>,
+    budget: u64,
+}
+
+impl Engines {
+    /// The model `key`, loaded now if it is not (evicting the least recently used beyond the budget
+    /// first, so two large models are not resident at once when they do not fit).
+    fn get(&mut self, state: &AppState, key: &str) -> Result<&mut Engine, String> {
+        if let Some(i) = self.loaded.iter().position(|e| e.info.key == key) {
+            let e = self.loaded.remove(i);
+            self.loaded.push(e);
+        } else {
+            let (path, primary, source) = locate(state, key)?;
+            let dtype = state.config.dtype.unwrap_or(if state.config.device.is_cpu() { candle_core::DType::F32 } else { candle_core::DType::F16 });
+            let need = crate::models::estimate_bytes(&path, dtype);
+            while !self.loaded.is_empty() && self.loaded.iter().map(|e| e.bytes).sum::<u64>() + need > self.budget {
+                let gone = self.loaded.remove(0);
+                tracing::info!(model = %gone.info.key, mb = gone.bytes >> 20, "model unloaded (least recently used)");
+            }
+            self.publish(state);
+            let t0 = Instant::now();
+            let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| LoadedModel::load(&path, &load_spec(&state.config, primary)).map_err(|e| e.to_string())))
+                .unwrap_or_else(|_| Err("the loader panicked".into()))?;
+            let info = Arc::new(describe(&loaded, key, source, &path));
+            tracing::info!(model = %info.key, variant = %info.caps.variant, device = %info.device, dtype = %info.dtype,
+                mb = need >> 20, secs = t0.elapsed().as_secs_f64(), "model loaded");
+            state.remember_model(info.clone());
+            state.metrics.model_loads.fetch_add(1, Ordering::Relaxed);
+            self.loaded.push(Engine { model: loaded, info, bytes: need });
+        }
+        self.publish(state);
+        self.loaded.last_mut().ok_or_else(|| "no model is loaded".to_string())
+    }
+}
+
+impl Engines {
+    fn publish(&self, state: &AppState) {
+        state.metrics.models_loaded.store(self.loaded.len() as u64, Ordering::Relaxed);
+        state.metrics.model_bytes.store(self.loaded.iter().map(|e| e.bytes).sum(), Ordering::Relaxed);
+    }
+}
+
+/// The local path of the model `key`, whether it is the `-m` model, and its source's display form.
+fn locate(state: &AppState, key: &str) -> Result<(std::path::PathBuf, bool, String), String> {
+    match state.model_location(key) {
+        Some(ModelLocation::Primary) => Ok((local_model(&state.config)?, true, source_name(&state.config))),
+        Some(ModelLocation::Catalog(path)) => {
+            let source = path.display().to_string();
+            Ok((path, false, source))
+        }
+        None => Err(format!("no checkpoint {key:?} in the models folders (was it removed? POST /sdapi/v1/refresh-checkpoints rescans them)")),
+    }
 }
 
 /// Starts the engine thread: it loads the model, then runs jobs from `rx` until the queue closes.
-pub fn spawn(state: Arc<AppState>, rx: mpsc::Receiver<Arc<Job>>) -> std::io::Result<std::thread::JoinHandle<()>> {
+pub fn spawn(state: Arc<AppState>, rx: mpsc::Receiver<EngineMsg>) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("sd-engine".into()).spawn(move || engine_main(state, rx))
 }
 
-fn engine_main(state: Arc<AppState>, rx: mpsc::Receiver<Arc<Job>>) {
-    let t0 = Instant::now();
-    let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<Engine, String> {
-        let cfg = &state.config;
-        let path = local_model(cfg)?;
-        let model = LoadedModel::load(&path, &load_spec(cfg)).map_err(|e| e.to_string())?;
-        let info = Arc::new(describe(&model, cfg, &path));
-        Ok(Engine { model, info })
-    }))
-    .unwrap_or_else(|_| Err("the loader panicked".into()));
-    let mut engine = match loaded {
-        Ok(engine) => {
-            let info = &engine.info;
-            tracing::info!(model = %info.name, variant = %info.caps.variant, device = %info.device, dtype = %info.dtype,
-                secs = t0.elapsed().as_secs_f64(), "model loaded");
-            state.set_model_state(ModelState::Ready(info.clone()));
-            engine
-        }
+fn engine_main(state: Arc<AppState>, rx: mpsc::Receiver<EngineMsg>) {
+    let mut engines = Engines { loaded: Vec::new(), budget: state.config.model_cache_bytes };
+    match engines.get(&state, &state.primary_key) {
+        Ok(engine) => state.set_model_state(ModelState::Ready(engine.info.clone())),
         Err(msg) => {
             tracing::error!(error = %msg, "model failed to load");
             state.set_model_state(ModelState::Failed(msg));
             return;
         }
-    };
-    while let Ok(job) = rx.recv() {
+    }
+    while let Ok(msg) = rx.recv() {
+        let job = match msg {
+            EngineMsg::Job(job) => job,
+            EngineMsg::Load { key, reply } => {
+                let answer = engines.get(&state, &key).map(|e| e.info.clone());
+                if let Err(e) = &answer {
+                    tracing::warn!(model = %key, error = %e, "model failed to load");
+                }
+                let _ = reply.send(answer);
+                continue;
+            }
+        };
         if !job.claim() {
             continue; // cancelled while queued; already finished and counted
         }
@@ -168,7 +227,7 @@ fn engine_main(state: Arc<AppState>, rx: mpsc::Receiver<Arc<Job>>) {
         let t = Instant::now();
         // The last net: every input validation can refuse is refused before queueing; a panic
         // here is a bug, logged and reported as an internal error.
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run_job(&state, &mut engine, &job))).unwrap_or_else(|panic| {
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run_job(&state, &mut engines, &job))).unwrap_or_else(|panic| {
             let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
             tracing::error!(panic = %what, "the generation panicked");
             Err((JobStatus::Failed, JobError::new("internal_error", "the generation panicked; see the worker log")))
@@ -237,9 +296,12 @@ fn failure(e: sd_families::Error) -> Failure {
     }
 }
 
-fn run_job(state: &AppState, engine: &mut Engine, job: &Job) -> Result<JobResult, Failure> {
-    let JobSpec { operation, params: p, loras, controlnets, hires, partial_on_cancel } =
+fn run_job(state: &AppState, engines: &mut Engines, job: &Job) -> Result<JobResult, Failure> {
+    let JobSpec { operation, params: p, loras, controlnets, hires, partial_on_cancel, model } =
         job.take_spec().ok_or_else(|| (JobStatus::Failed, JobError::new("internal_error", "the job has no request")))?;
+    let engine = engines.get(state, &model).map_err(|e| {
+        (JobStatus::Failed, JobError { code: "model_load_failed", message: format!("the checkpoint {model:?} failed to load: {e}"), field: Some("model".into()) })
+    })?;
     let every = state.config.preview_every;
     let mut last = Instant::now();
     // The latest step's latents, for the images an interrupted A1111 request answers with.

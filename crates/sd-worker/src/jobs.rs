@@ -193,6 +193,8 @@ pub struct JobSpec {
     pub hires: Option<sd_pipelines::hires::HiresFix>,
     /// An interrupted run ends with the images of its last step (A1111 routes) instead of an error.
     pub partial_on_cancel: bool,
+    /// The model to run it on ([`crate::state::ModelInfo::key`]), loaded on demand if another is in use.
+    pub model: String,
 }
 
 /// Mutable state of a job.

@@ -19,6 +19,7 @@ pub mod folders;
 pub mod jobs;
 pub mod lora;
 pub mod metrics;
+pub mod models;
 pub mod openai;
 #[cfg(feature = "queue")]
 pub mod queue;

@@ -32,6 +32,12 @@ pub struct Metrics {
     pub refused_connections: AtomicU64,
     /// Finished jobs evicted from the job table by its count or byte cap.
     pub evicted: AtomicU64,
+    /// Models loaded on the engine now.
+    pub models_loaded: AtomicU64,
+    /// Their weight bytes (the model cache's measure).
+    pub model_bytes: AtomicU64,
+    /// Model loads since start (switching to a model not in the cache).
+    pub model_loads: AtomicU64,
     steps: Mutex<Histogram>,
     job_seconds: Mutex<(f64, u64)>,
 }
@@ -77,6 +83,15 @@ impl Metrics {
         let _ = writeln!(s, "# HELP sd_worker_model_ready Whether the model is loaded.");
         let _ = writeln!(s, "# TYPE sd_worker_model_ready gauge");
         let _ = writeln!(s, "sd_worker_model_ready {}", u8::from(ready));
+        let _ = writeln!(s, "# HELP sd_worker_models_loaded Models loaded on the engine (the one in use and the cached).");
+        let _ = writeln!(s, "# TYPE sd_worker_models_loaded gauge");
+        let _ = writeln!(s, "sd_worker_models_loaded {}", c(&self.models_loaded));
+        let _ = writeln!(s, "# HELP sd_worker_model_bytes Weight bytes of the loaded models.");
+        let _ = writeln!(s, "# TYPE sd_worker_model_bytes gauge");
+        let _ = writeln!(s, "sd_worker_model_bytes {}", c(&self.model_bytes));
+        let _ = writeln!(s, "# HELP sd_worker_model_loads_total Model loads, the first included.");
+        let _ = writeln!(s, "# TYPE sd_worker_model_loads_total counter");
+        let _ = writeln!(s, "sd_worker_model_loads_total {}", c(&self.model_loads));
         let _ = writeln!(s, "# HELP sd_worker_stored_jobs Jobs held in memory (queued, running and finished).");
         let _ = writeln!(s, "# TYPE sd_worker_stored_jobs gauge");
         let _ = writeln!(s, "sd_worker_stored_jobs {}", stored.0);

@@ -107,10 +107,17 @@ fn response(result: &JobResult, prompt: &str) -> Json<Value> {
 /// `POST /v1/images/generations`.
 pub async fn generations(State(st): St, caller: Caller, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
     let body = body_bytes(&st, body)?;
-    let model = st.ready_model()?;
+    st.ready_model()?;
+    let mut obj = blocking(move || parse_json_object(&body)).await?;
+    // OpenAI's `model` ("dall-e-3", "gpt-image-1") means nothing here unless it names one of our checkpoints,
+    // which this request then runs on.
+    let model = match obj.remove("model") {
+        Some(Value::String(name)) if st.resolve_model("model", &name).is_ok() => st.model_for("model", &name).await?,
+        _ => st.active_model().await?,
+    };
     let st2 = st.clone();
     let (spec, params, prompt) = blocking(move || {
-        let r: ImagesRequest = from_value(Value::Object(parse_json_object(&body)?))?;
+        let r: ImagesRequest = from_value(Value::Object(obj))?;
         let input = common(&r)?;
         let prompt = input.prompt.clone();
         let (spec, params) = build_job(&st2, &model, input, &NAMES, OpInput::Generation)?;
@@ -229,7 +236,7 @@ pub async fn edits(State(st): St, caller: Caller, req: Request) -> Result<Json<V
         let body = body_bytes(&st, Bytes::from_request(req, &()).await)?;
         json_parts(&body)?
     };
-    let model = st.ready_model()?;
+    let model = st.active_model().await?;
     let st2: Arc<AppState> = st.clone();
     let (spec, params, prompt) = blocking(move || edit_job(&st2, &model, parts)).await?;
     let result = run_sync(&st, caller, spec, params).await?;

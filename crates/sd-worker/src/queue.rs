@@ -8,9 +8,14 @@
 //!   error, worker, attempts, cancel flag); it expires `--job-expiry-secs` after the job ends.
 //! - `events:{id}`: a capped stream of the job's events (progress, preview, status, complete,
 //!   error) that every front follows to serve SSE and waiting requests.
-//! - `model`: the served model's description, refreshed by every live worker (fronts validate
-//!   requests against it); `workers`: a sorted set of live workers by last heartbeat; `stats`:
+//! - `model`: the workers' own (`-m`) model's description, refreshed by every live worker (fronts
+//!   validate requests against it); `workers`: a sorted set of live workers by last heartbeat; `stats`:
 //!   job count and seconds (for Retry-After).
+//! - `active`: the checkpoint `/sdapi/v1/options` chose for later requests, fleet-wide (no sticky
+//!   sessions: every front reads it when a request arrives); `models`: a hash of the descriptions of
+//!   every model a worker has loaded, by key; `checkpoints`: the workers' `--models-dir` list, so a
+//!   front without the folders lists and resolves names. Each job carries its model's key, and the
+//!   worker that takes it loads that model if it is not the one loaded.
 //!
 //! Delivery is at least once with an idempotent job id: a worker moves a job to `running` with a
 //! script that refuses finished jobs, keeps its claim fresh while it runs, and stores the result,
@@ -171,6 +176,8 @@ pub struct RedisQueue {
     /// Per followed job, a counter bumped by each notification (a `watch` never loses one).
     wakers: Mutex<HashMap<String, watch::Sender<u64>>>,
     refreshes: AtomicUsize,
+    /// The checkpoints the workers publish (what a front resolves names against).
+    checkpoints: Mutex<Vec<crate::models::Checkpoint>>,
 }
 
 impl std::fmt::Debug for RedisQueue {
@@ -235,6 +242,7 @@ impl RedisQueue {
             consumer_task: Mutex::new(None),
             wakers: Mutex::new(HashMap::new()),
             refreshes: AtomicUsize::new(0),
+            checkpoints: Mutex::new(Vec::new()),
         })
     }
 
@@ -282,6 +290,32 @@ impl RedisQueue {
     /// Workers heard from in the last minute, at the last refresh.
     pub fn live_workers(&self) -> usize {
         self.live_workers.load(Ordering::Relaxed)
+    }
+
+    /// The checkpoints the fleet's workers listed at the last refresh.
+    pub fn checkpoints(&self) -> Vec<crate::models::Checkpoint> {
+        lock(&self.checkpoints).clone()
+    }
+
+    /// The fleet's chosen model: its key (`None` until `/sdapi/v1/options` picked one) and its description
+    /// once a worker has loaded it.
+    pub async fn active_model(&self) -> Result<(Option<String>, Option<ModelInfo>), ApiError> {
+        let mut conn = self.conn();
+        let key: Option<String> = redis::cmd("GET").arg(self.key("active")).query_async(&mut conn).await.map_err(redis_error)?;
+        let Some(key) = key else { return Ok((None, None)) };
+        let info: Option<String> = redis::cmd("HGET").arg(self.key("models")).arg(&key).query_async(&mut conn).await.map_err(redis_error)?;
+        Ok((Some(key), info.and_then(|t| serde_json::from_str(&t).ok())))
+    }
+
+    /// Makes `key` the fleet's model for later requests, with its description when this process has it.
+    pub async fn set_active_model(&self, key: &str, info: Option<&ModelInfo>) -> Result<(), ApiError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET").arg(self.key("active")).arg(key).ignore();
+        if let Some(info) = info {
+            pipe.cmd("HSET").arg(self.key("models")).arg(key).arg(serde_json::to_string(info).unwrap_or_default()).ignore();
+            pipe.cmd("EXPIRE").arg(self.key("models")).arg(MODEL_TTL_SECS).ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn()).await.map_err(redis_error)
     }
 
     /// Stops this process from taking more jobs.
@@ -647,7 +681,23 @@ impl RedisQueue {
         let now = unix_now();
         let mut conn = self.conn();
         if has_engine {
-            if let ModelState::Ready(info) = state.model_state() {
+            // Every model this worker described, for fronts validating requests switched to them, and the
+            // checkpoints it can load.
+            let infos = state.known_models();
+            let list: Vec<crate::models::Checkpoint> =
+                state.catalog.list().into_iter().map(|c| crate::models::Checkpoint { sha256: c.cached_sha256(), ..c }).collect();
+            let mut pipe = redis::pipe();
+            for info in &infos {
+                pipe.cmd("HSET").arg(self.key("models")).arg(&info.key).arg(serde_json::to_string(&**info).unwrap_or_default()).ignore();
+            }
+            if !infos.is_empty() {
+                pipe.cmd("EXPIRE").arg(self.key("models")).arg(MODEL_TTL_SECS).ignore();
+            }
+            if !list.is_empty() {
+                pipe.cmd("SET").arg(self.key("checkpoints")).arg(serde_json::to_string(&list).unwrap_or_default()).arg("EX").arg(MODEL_TTL_SECS).ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await?;
+            if let Some(info) = state.model_info(&state.primary_key) {
                 let current: Option<String> = redis::cmd("GET").arg(self.key("model")).query_async(&mut conn).await?;
                 if let Some(other) = current.and_then(|c| serde_json::from_str::<ModelInfo>(&c).ok()) {
                     if (other.name.as_str(), other.caps.variant.as_str()) != (info.name.as_str(), info.caps.variant.as_str()) {
@@ -672,12 +722,12 @@ impl RedisQueue {
                     .await?;
             }
         }
-        type Fleet = (usize, usize, (Option<f64>, Option<f64>), Option<String>);
+        type Fleet = (usize, usize, (Option<f64>, Option<f64>), Option<String>, Option<String>, Option<String>);
         // About once a minute a worker forgets group members of workers long gone.
         if has_engine && self.refreshes.fetch_add(1, Ordering::Relaxed) % 30 == 0 {
             self.forget_dead_consumers().await?;
         }
-        let (depth, live, stats, model): Fleet = redis::pipe()
+        let (depth, live, stats, model, active, checkpoints): Fleet = redis::pipe()
             .cmd("ZREMRANGEBYSCORE")
             .arg(self.key("workers"))
             .arg("-inf")
@@ -693,8 +743,27 @@ impl RedisQueue {
             .arg("seconds")
             .cmd("GET")
             .arg(self.key("model"))
+            .cmd("GET")
+            .arg(self.key("active"))
+            .cmd("GET")
+            .arg(self.key("checkpoints"))
             .query_async(&mut conn)
             .await?;
+        if let Some(list) = checkpoints.and_then(|t| serde_json::from_str::<Vec<crate::models::Checkpoint>>(&t).ok()) {
+            *lock(&self.checkpoints) = list;
+        }
+        // The fleet's chosen model, once described, is what this process's requests get.
+        if let Some(key) = active {
+            let described: Option<String> = redis::cmd("HGET").arg(self.key("models")).arg(&key).query_async(&mut conn).await?;
+            let info = described.and_then(|t| serde_json::from_str::<ModelInfo>(&t).ok()).map(Arc::new).or_else(|| state.model_info(&key));
+            if let Some(info) = info {
+                if !matches!(state.model_state(), ModelState::Ready(old) if old.key == info.key) {
+                    tracing::info!(model = %info.key, "the fleet's requests now use this model");
+                    state.set_model_state(ModelState::Ready(info));
+                }
+                return Ok(());
+            }
+        }
         self.depth.store(depth, Ordering::Relaxed);
         self.live_workers.store(live, Ordering::Relaxed);
         if let (Some(n), Some(s)) = stats {

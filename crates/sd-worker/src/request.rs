@@ -415,7 +415,11 @@ const OPERATIONS: &str = "image_generation, image_transform, image_inpaint";
 
 /// Parses and validates a native job request.
 pub fn native_job(state: &AppState, model: &ModelInfo, body: &[u8]) -> Result<(JobSpec, Value), ApiError> {
-    let mut obj = parse_json_object(body)?;
+    native_job_object(state, model, parse_json_object(body)?)
+}
+
+/// Validates a native job request already parsed into a JSON object (its `model` taken out).
+pub fn native_job_object(state: &AppState, model: &ModelInfo, mut obj: serde_json::Map<String, Value>) -> Result<(JobSpec, Value), ApiError> {
     let op = match obj.remove("operation") {
         None => return Err(ApiError::invalid("operation", format!("missing; use one of {OPERATIONS}"))),
         Some(Value::String(s)) => s,
@@ -749,7 +753,7 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
             Some(hr)
         }
     };
-    Ok((JobSpec { operation, params, loras: resolved, controlnets, hires, partial_on_cancel: false }, parameters))
+    Ok((JobSpec { operation, params, loras: resolved, controlnets, hires, partial_on_cancel: false, model: model.key.clone() }, parameters))
 }
 
 #[cfg(test)]

@@ -180,7 +180,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/sdapi/v1/options", get(a1111::options).post(a1111::set_options))
         .route("/sdapi/v1/loras", get(a1111::loras))
         .route("/sdapi/v1/refresh-loras", post(a1111::refresh))
-        .route("/sdapi/v1/refresh-checkpoints", post(a1111::refresh))
+        .route("/sdapi/v1/refresh-checkpoints", post(a1111::refresh_checkpoints))
         .route("/sdapi/v1/refresh-vae", post(a1111::refresh))
         .route("/sdapi/v1/embeddings", get(a1111::embeddings))
         .route("/sdapi/v1/sd-vae", get(a1111::sd_vae))

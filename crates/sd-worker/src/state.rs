@@ -13,6 +13,7 @@ use crate::config::WorkerConfig;
 use crate::error::{ApiError, JobError};
 use crate::jobs::{lock, Job, JobSpec};
 use crate::controlnet::ControlNetFolders;
+use crate::models::ModelCatalog;
 use crate::lora::LoraFolders;
 use crate::metrics::Metrics;
 
@@ -20,6 +21,9 @@ use crate::metrics::Metrics;
 /// In queue mode workers publish it to Redis, and fronts without a model validate against it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ModelInfo {
+    /// The key jobs name it by: its `--models-dir` name, else the display name.
+    #[serde(default)]
+    pub key: String,
     /// Display name (folder or file stem, or the repo id).
     pub name: String,
     /// Where it was loaded from.
@@ -74,11 +78,34 @@ pub enum ModelState {
     Failed(String),
 }
 
+/// What the engine thread is asked to do, in order.
+#[derive(Debug)]
+pub enum EngineMsg {
+    /// Run a job (on the model its spec names).
+    Job(Arc<Job>),
+    /// Load a model (or mark it used, if loaded) and answer with its description.
+    Load {
+        /// The model's key.
+        key: String,
+        /// Where the answer goes.
+        reply: tokio::sync::oneshot::Sender<Result<Arc<ModelInfo>, String>>,
+    },
+}
+
+/// Where the engine finds a model's weights.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelLocation {
+    /// The `-m` model (a path or a hub id), with `--model-config` and `--variant`.
+    Primary,
+    /// A checkpoint of `--models-dir`.
+    Catalog(std::path::PathBuf),
+}
+
 #[derive(Debug)]
 struct Queue {
     waiting: usize,
     shutting_down: bool,
-    tx: Option<mpsc::Sender<Arc<Job>>>,
+    tx: Option<mpsc::Sender<EngineMsg>>,
 }
 
 /// State shared by every handler and the engine thread.
@@ -90,6 +117,13 @@ pub struct AppState {
     pub loras: LoraFolders,
     /// Allowed ControlNet folders.
     pub controlnets: ControlNetFolders,
+    /// The checkpoints of `--models-dir`.
+    pub catalog: ModelCatalog,
+    /// The key of the `-m` model.
+    pub primary_key: String,
+    /// Descriptions of every model loaded so far, by key (kept after the model itself is evicted, so
+    /// requests for it validate without a reload).
+    infos: RwLock<HashMap<String, Arc<ModelInfo>>>,
     model: RwLock<ModelState>,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     queue: Mutex<Queue>,
@@ -105,16 +139,25 @@ pub struct AppState {
 
 impl AppState {
     /// State with an empty queue feeding `tx`.
-    pub fn new(config: WorkerConfig, tx: mpsc::Sender<Arc<Job>>) -> Self {
+    pub fn new(config: WorkerConfig, tx: mpsc::Sender<EngineMsg>) -> Self {
         use std::hash::{BuildHasher, Hasher};
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u64(crate::jobs::unix_now());
         let loras = LoraFolders::new(&config.lora_dirs);
         let controlnets = ControlNetFolders::new(&config.controlnet_dirs);
+        let catalog = ModelCatalog::new(&config.models_dirs);
+        let primary_key = match &config.model {
+            crate::config::ModelSource::Path(p) => p.canonicalize().ok().and_then(|c| catalog.by_path(&c)).map(|c| c.name),
+            crate::config::ModelSource::Hub(_) => None,
+        }
+        .unwrap_or_else(|| crate::engine::model_name(&config.model));
         Self {
             config,
             loras,
             controlnets,
+            catalog,
+            primary_key,
+            infos: RwLock::new(HashMap::new()),
             model: RwLock::new(ModelState::Loading),
             jobs: Mutex::new(HashMap::new()),
             queue: Mutex::new(Queue { waiting: 0, shutting_down: false, tx: Some(tx) }),
@@ -189,7 +232,7 @@ impl AppState {
     pub fn run_local(&self, job: Arc<Job>) -> bool {
         let mut q = lock(&self.queue);
         let Some(tx) = q.tx.as_ref() else { return false };
-        if tx.send(job).is_err() {
+        if tx.send(EngineMsg::Job(job)).is_err() {
             return false;
         }
         q.waiting += 1;
@@ -209,6 +252,137 @@ impl AppState {
     /// Sets the loading state (engine only).
     pub fn set_model_state(&self, s: ModelState) {
         *self.model.write().unwrap_or_else(|e| e.into_inner()) = s;
+    }
+
+    /// Records a loaded model's description.
+    pub fn remember_model(&self, info: Arc<ModelInfo>) {
+        self.infos.write().unwrap_or_else(|e| e.into_inner()).insert(info.key.clone(), info);
+    }
+
+    /// Where the engine loads the model `key` from: the `-m` model, or a `--models-dir` checkpoint of that
+    /// exact name (never a path a client wrote).
+    pub fn model_location(&self, key: &str) -> Option<ModelLocation> {
+        if key.is_empty() || key == self.primary_key {
+            return Some(ModelLocation::Primary);
+        }
+        self.catalog.list().into_iter().find(|c| c.name == key).map(|c| ModelLocation::Catalog(c.path))
+    }
+
+    /// The key of the model a client names (`sd15`, `sd15.safetensors`, `sd15.safetensors [hash]`): the
+    /// model in use, the `-m` model or a `--models-dir` checkpoint; else a 400 naming `field` that says what
+    /// can be named.
+    pub fn resolve_model(&self, field: &str, requested: &str) -> Result<String, ApiError> {
+        if let ModelState::Ready(m) = self.model_state() {
+            if crate::a1111::names_model(requested, &m) {
+                return Ok(m.key.clone());
+            }
+        }
+        let primary = self.infos.read().unwrap_or_else(|e| e.into_inner()).get(&self.primary_key).cloned();
+        if let Some(p) = primary.filter(|p| crate::a1111::names_model(requested, p)) {
+            return Ok(p.key.clone());
+        }
+        if let Some(c) = crate::models::resolve_in(&self.checkpoints(), requested) {
+            return Ok(c.name);
+        }
+        let why = if self.checkpoints().is_empty() {
+            format!("this worker serves {:?} only; start it with --models-dir to switch between checkpoints", self.primary_key)
+        } else {
+            let names: Vec<String> = self.checkpoints().into_iter().take(20).map(|c| c.name).collect();
+            format!("no checkpoint {requested:?} in the models folders (GET /sdapi/v1/sd-models lists them: {})", names.join(", "))
+        };
+        Err(ApiError::invalid(field, why))
+    }
+
+    /// The description of the model a client names, loading it first if it never was (a request for it
+    /// is then validated against its own capabilities).
+    pub async fn model_for(&self, field: &str, requested: &str) -> Result<Arc<ModelInfo>, ApiError> {
+        let key = self.resolve_model(field, requested)?;
+        let known = self.infos.read().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
+        match known {
+            Some(info) => Ok(info),
+            None => self.load_model(field, &key).await,
+        }
+    }
+
+    /// Every model described so far.
+    pub fn known_models(&self) -> Vec<Arc<ModelInfo>> {
+        self.infos.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+    }
+
+    /// The checkpoints clients may name: `--models-dir`'s, or on a front without the folders, those its
+    /// workers publish.
+    pub fn checkpoints(&self) -> Vec<crate::models::Checkpoint> {
+        #[cfg(feature = "queue")]
+        if self.catalog.is_empty() {
+            if let Some(q) = self.fleet() {
+                return q.checkpoints();
+            }
+        }
+        self.catalog.list()
+    }
+
+    /// Whether this process has an engine (a front in queue mode has none).
+    fn has_engine(&self) -> bool {
+        !self.config.queue.as_ref().is_some_and(|q| q.front_only)
+    }
+
+    /// The model a request gets when it names none: in queue mode the fleet's choice (read from Redis on
+    /// every request, so picking a model on one front and generating through another works), else the
+    /// model chosen here. A 503 while the first model loads.
+    pub async fn active_model(&self) -> Result<Arc<ModelInfo>, ApiError> {
+        let ready = self.ready_model()?;
+        #[cfg(feature = "queue")]
+        if let Some(q) = self.fleet() {
+            if let (Some(key), info) = q.active_model().await? {
+                if let Some(info) = info.map(Arc::new).or_else(|| self.model_info(&key)) {
+                    return Ok(info);
+                }
+                // Chosen on a front and not loaded by any worker yet: checked against the fleet's own
+                // model's capabilities; the worker that takes the job loads the chosen one.
+                if key != ready.key {
+                    return Ok(Arc::new(ModelInfo { key: key.clone(), name: key, sha256: None, ..(*ready).clone() }));
+                }
+            }
+        }
+        Ok(ready)
+    }
+
+    /// The description of the model `key`, if it was ever loaded.
+    pub fn model_info(&self, key: &str) -> Option<Arc<ModelInfo>> {
+        self.infos.read().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
+    }
+
+    /// Makes `key` the model later requests get (A1111's `sd_model_checkpoint` option), loading it first.
+    /// In queue mode the choice is the fleet's (stored in Redis); a front, which loads nothing, records it
+    /// and the first worker to run a job on it loads it.
+    pub async fn switch_model(&self, field: &str, key: &str) -> Result<(), ApiError> {
+        let info = if self.has_engine() { Some(self.load_model(field, key).await?) } else { self.model_info(key) };
+        #[cfg(feature = "queue")]
+        if let Some(q) = self.fleet() {
+            q.set_active_model(key, info.as_deref()).await?;
+        }
+        tracing::info!(model = %key, "requests now use this model");
+        if let Some(info) = info {
+            self.set_model_state(ModelState::Ready(info));
+        }
+        Ok(())
+    }
+
+    /// Asks the engine to load the model `key` (after the jobs queued before) and waits for it.
+    pub async fn load_model(&self, field: &str, key: &str) -> Result<Arc<ModelInfo>, ApiError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        {
+            let q = lock(&self.queue);
+            let sent = !q.shutting_down && q.tx.as_ref().is_some_and(|tx| tx.send(EngineMsg::Load { key: key.to_string(), reply }).is_ok());
+            if !sent {
+                return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", None, "this process loads no models (a front, or shutting down)"));
+            }
+        }
+        match rx.await {
+            Ok(Ok(info)) => Ok(info),
+            Ok(Err(msg)) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "model_load_failed", Some(field.to_string()), format!("the checkpoint {key:?} failed to load: {msg}"))),
+            Err(_) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "engine_stopped", None, "the engine stopped before the model loaded")),
+        }
     }
 
     /// The model description, or a 503 while loading / after a failed load.
@@ -259,7 +433,7 @@ impl AppState {
             return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", None, "the engine has stopped"));
         };
         lock(&self.jobs).insert(job.id.clone(), job.clone());
-        if tx.send(job.clone()).is_err() {
+        if tx.send(EngineMsg::Job(job.clone())).is_err() {
             lock(&self.jobs).remove(&job.id);
             return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "engine_stopped", None, "the engine thread has stopped; restart the worker"));
         }

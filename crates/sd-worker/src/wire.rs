@@ -44,6 +44,9 @@ pub struct WireSpec {
     /// An interrupted run returns its last step's images (A1111 routes).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub partial_on_cancel: bool,
+    /// The model's key (a `--models-dir` name); empty: the worker's own model.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub model: String,
 }
 
 /// [`HiresFix`] as JSON.
@@ -194,6 +197,7 @@ impl WireSpec {
             strength,
             hires,
             partial_on_cancel: spec.partial_on_cancel,
+            model: spec.model.clone(),
             params: WireParams {
                 prompt: p.prompt.clone(),
                 negative_prompt: p.negative_prompt.clone(),
@@ -278,7 +282,7 @@ impl WireSpec {
                 strength: h.strength,
             }),
         };
-        Ok(JobSpec { operation, params, loras: resolved, controlnets: units, hires, partial_on_cancel: self.partial_on_cancel })
+        Ok(JobSpec { operation, params, loras: resolved, controlnets: units, hires, partial_on_cancel: self.partial_on_cancel, model: self.model.clone() })
     }
 }
 
@@ -328,6 +332,7 @@ mod tests {
             loras: vec![ResolvedLora { name: "sd15_kohya".into(), path: lora_path.clone(), strength: -0.5, text_encoder_strength: Some(0.25) }],
             hires: Some(HiresFix { width: 128, height: 96, upscaler: HiresUpscaler::LatentNearest, steps: Some(9), strength: 0.55 }),
             partial_on_cancel: true,
+            model: "xl/other".into(),
             controlnets: vec![ResolvedControlNet {
                 name: "sd15".into(),
                 path: cn_path.clone(),
@@ -356,6 +361,7 @@ mod tests {
         }
         assert_eq!(back.loras, spec.loras);
         assert_eq!(back.hires, spec.hires, "the hires fix travels");
+        assert_eq!(back.model, "xl/other", "the model travels");
         let (c, d) = (&spec.controlnets[0], &back.controlnets[0]);
         assert_eq!((&c.path, &c.preprocessor_name, c.scale, c.start, c.end), (&d.path, &d.preprocessor_name, d.scale, d.start, d.end));
         assert_eq!(c.image.to_rgb8(), d.image.to_rgb8());

@@ -1780,3 +1780,87 @@ fn a1111_hires_fix_with_a_controlnet_unit_steers_both_passes() {
     assert!(meta.contains("Hires resize: 48x48") && meta.contains("ControlNet 0"), "{meta}");
     s.shutdown();
 }
+
+#[test]
+fn models_dir_checkpoints_switch_without_dropping_queued_jobs() {
+    let dir = std::env::temp_dir().join(format!("sd-worker-models-dir-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let models = dir.join("models");
+    copy_dir(&fixture("sd15"), &models.join("sd15"));
+    copy_dir(&fixture("sd2"), &models.join("v2/sd2"));
+    std::fs::write(dir.join("outside.safetensors"), b"not a model").expect("write");
+    let mut cfg = config("sd15");
+    cfg.model = sd_worker::ModelSource::Path(models.join("sd15"));
+    cfg.models_dirs = vec![models.clone()];
+    let s = Server::start(cfg);
+    let listed = s.get("/sdapi/v1/sd-models").json();
+    let titles: Vec<&str> = listed.as_array().expect("list").iter().filter_map(|m| m["title"].as_str()).collect();
+    assert_eq!(titles, ["sd15", "v2/sd2"], "{listed}");
+    let metric = |s: &Server, name: &str| -> u64 {
+        let m = s.get("/metrics").text();
+        m.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.parse().ok()).unwrap_or(u64::MAX)
+    };
+    assert_eq!(metric(&s, "sd_worker_models_loaded"), 1);
+    let txt = |seed: u64, o: Value| json!({"prompt": "a fox", "width": 32, "height": 32, "steps": 2, "seed": seed, "override_settings": o});
+    let on_sd15 = s.post("/sdapi/v1/txt2img", &txt(5, json!({})));
+    assert_eq!(on_sd15.status, 200, "{}", on_sd15.text());
+
+    // A long job queued on sd15, then a switch: the switch waits for it, and it finishes on sd15.
+    let long = s.submit(&json!({"operation": "image_generation", "prompt": "long", "width": 32, "height": 32, "steps": 40, "seed": 1}));
+    let r = s.post("/sdapi/v1/options", &json!({"sd_model_checkpoint": "v2/sd2.safetensors"}));
+    assert_error(&r, 400, "sd_model_checkpoint");
+    let r = s.post("/sdapi/v1/options", &json!({"sd_model_checkpoint": "v2/sd2"}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let done = s.wait_status(&long, |v| v["status"] == "completed");
+    assert_eq!(done["result"]["parameters"]["model"], "sd15", "{done}");
+    assert_eq!(s.get("/sdapi/v1/options").json()["sd_model_checkpoint"], "v2/sd2");
+    assert_eq!(s.get("/v1/models").json()["data"][0]["variant"], "sd21");
+    // The cache holds only the model in use by default.
+    assert_eq!(metric(&s, "sd_worker_models_loaded"), 1);
+    let r = s.post("/sdapi/v1/txt2img", &txt(5, json!({})));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let info: Value = serde_json::from_str(r.json()["info"].as_str().expect("info")).expect("info json");
+    assert_eq!(info["sd_model_name"], "v2/sd2");
+    assert!(info["infotexts"][0].as_str().is_some_and(|t| t.contains("Model: v2/sd2")), "{info}");
+    // override_settings runs one request on another checkpoint and leaves the choice alone.
+    let back = s.post("/sdapi/v1/txt2img", &txt(5, json!({"sd_model_checkpoint": "sd15"})));
+    assert_eq!(back.status, 200, "{}", back.text());
+    assert_eq!(pixels_of(&back.json()), pixels_of(&on_sd15.json()), "the same seed on sd15 gives the same picture after switching back");
+    assert_eq!(s.get("/sdapi/v1/options").json()["sd_model_checkpoint"], "v2/sd2");
+    // The native API's `model` does the same.
+    let id = s.submit(&json!({"operation": "image_generation", "prompt": "x", "width": 32, "height": 32, "steps": 1, "seed": 2, "model": "sd15"}));
+    assert_eq!(s.stream(&id).last().map(|e| e.1["parameters"]["model"].clone()), Some(json!("sd15")));
+    // Names resolve only inside the models folders.
+    for bad in ["../sd15", "outside", "/etc/passwd", "hub:stabilityai/sd-turbo", "v2/../../sd15"] {
+        assert_error(&s.post("/sdapi/v1/options", &json!({"sd_model_checkpoint": bad})), 400, "sd_model_checkpoint");
+        assert_error(&s.post("/sdapi/v1/txt2img", &txt(1, json!({"sd_model_checkpoint": bad}))), 400, "override_settings.sd_model_checkpoint");
+    }
+    assert_error(&s.post("/v1/jobs", &json!({"operation": "image_generation", "prompt": "x", "model": 3})), 400, "model");
+    // A new checkpoint appears after a refresh; one that fails to load is a 422 and the choice stays.
+    std::fs::write(models.join("broken.safetensors"), b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ").expect("write");
+    assert_error(&s.post("/sdapi/v1/options", &json!({"sd_model_checkpoint": "broken"})), 400, "sd_model_checkpoint");
+    assert_eq!(s.post("/sdapi/v1/refresh-checkpoints", &json!({})).status, 200);
+    let r = s.post("/sdapi/v1/options", &json!({"sd_model_checkpoint": "broken"}));
+    assert_error(&r, 422, "sd_model_checkpoint");
+    assert_eq!(s.get("/sdapi/v1/options").json()["sd_model_checkpoint"], "v2/sd2");
+    // sd15, sd2, sd15 for the override (the native job found it loaded); the broken file counts no load.
+    assert_eq!(metric(&s, "sd_worker_model_loads_total"), 3);
+    let r = s.post("/sdapi/v1/txt2img", &txt(5, json!({})));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(metric(&s, "sd_worker_models_loaded"), 1);
+    s.shutdown();
+
+    // With room for both, switching back and forth loads each once.
+    let mut cfg = config("sd15");
+    cfg.model = sd_worker::ModelSource::Path(models.join("sd15"));
+    cfg.models_dirs = vec![models.clone()];
+    cfg.model_cache_bytes = 1 << 30;
+    let s = Server::start(cfg);
+    for name in ["v2/sd2", "sd15", "v2/sd2", "sd15"] {
+        assert_eq!(s.post("/sdapi/v1/options", &json!({"sd_model_checkpoint": name})).status, 200);
+    }
+    assert_eq!(metric(&s, "sd_worker_models_loaded"), 2);
+    assert_eq!(metric(&s, "sd_worker_model_loads_total"), 2);
+    s.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}

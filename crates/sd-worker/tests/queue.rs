@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{fixture, parse_sse, raw_request, Resp};
+use support::{copy_dir, fixture, parse_sse, raw_request, Resp};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
@@ -463,4 +463,55 @@ fn queue_flags_are_checked() {
     let out = Command::new(env!("CARGO_BIN_EXE_sd-worker")).args(["--queue", "redis://x", "--queue-name", "a b", "--front-only"]).output().expect("run");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--queue-name"));
+}
+
+#[test]
+fn a_checkpoint_chosen_through_one_front_is_what_every_node_serves() {
+    let Some(redis) = Redis::start("fleet-models") else { return };
+    let models = log_dir().join(format!("fleet-models-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&models);
+    copy_dir(&fixture("sd2"), &models.join("v2/sd2"));
+    let dir = models.display().to_string();
+    let worker = Node::start(&redis, "fleet-models-worker", false, &["--models-dir", &dir]);
+    let front = Node::start(&redis, "fleet-models-front", true, &[]);
+    let other = Node::start(&redis, "fleet-models-other", true, &[]);
+    front.wait_ready();
+    other.wait_ready();
+    // A front without the folders lists the checkpoints its workers publish.
+    let t0 = Instant::now();
+    loop {
+        let listed = front.get("/sdapi/v1/sd-models").json();
+        if listed.as_array().is_some_and(|l| l.iter().any(|m| m["model_name"] == "v2/sd2")) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "the front never listed the workers' checkpoints: {listed}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = front.post("/sdapi/v1/options", &json!({"sd_model_checkpoint": "nowhere"}));
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = front.post("/sdapi/v1/options", &json!({"sd_model_checkpoint": "v2/sd2"}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    // At once, behind another front (no sticky sessions), requests run on it.
+    let txt = json!({"prompt": "a fox", "width": 32, "height": 32, "steps": 1, "seed": 7});
+    let r = other.post("/sdapi/v1/txt2img", &txt);
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), worker.proc.log_tail());
+    let info: Value = serde_json::from_str(r.json()["info"].as_str().expect("info")).expect("info json");
+    assert_eq!(info["sd_model_name"], "v2/sd2", "{info}");
+    assert!(worker.proc.log_tail().contains("v2/sd2"), "the worker loaded the chosen checkpoint");
+    let r = worker.post("/sdapi/v1/txt2img", &txt);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let info: Value = serde_json::from_str(r.json()["info"].as_str().expect("info")).expect("info json");
+    assert_eq!(info["sd_model_name"], "v2/sd2");
+    // Once a worker described it, every node validates against the model itself.
+    let t0 = Instant::now();
+    while other.get("/v1/models").json()["data"][0]["variant"] != "sd21" {
+        assert!(t0.elapsed() < Duration::from_secs(20), "the front never took the chosen model's description");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(other.get("/sdapi/v1/options").json()["sd_model_checkpoint"], "v2/sd2");
+    // Switching back through the worker's own API is fleet-wide too.
+    assert_eq!(worker.post("/sdapi/v1/options", &json!({"sd_model_checkpoint": "sd15"})).status, 200);
+    let info: Value = serde_json::from_str(other.post("/sdapi/v1/txt2img", &txt).json()["info"].as_str().expect("info")).expect("info json");
+    assert_eq!(info["sd_model_name"], "sd15");
+    let _ = std::fs::remove_dir_all(&models);
 }

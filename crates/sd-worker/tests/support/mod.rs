@@ -244,3 +244,16 @@ pub fn assert_error(r: &Resp, status: u16, field: &str) -> Value {
     v
 }
 
+
+/// Copies a folder tree (fixtures into a temporary models folder).
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir").flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).expect("copy");
+        }
+    }
+}
