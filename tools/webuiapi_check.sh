@@ -7,10 +7,13 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 PORT=${PORT:-7871}
 cargo build -q -p sd-worker
-target/debug/sd-worker --model fixtures/sd15 --port "$PORT" --lora-dir fixtures/lora \
+# A models folder with two checkpoints to switch between.
+models=$(mktemp -d)
+cp -r fixtures/sd15 fixtures/sd2 "$models/"
+target/debug/sd-worker --models-dir "$models" --model sd15 --port "$PORT" --lora-dir fixtures/lora \
   --embeddings-dir fixtures/embeddings --controlnet-dir fixtures/controlnet --max-steps 1000 >/tmp/sd-worker-webuiapi.log 2>&1 &
 worker=$!
-trap 'kill $worker 2>/dev/null || true' EXIT
+trap 'kill $worker 2>/dev/null || true; rm -rf "$models"' EXIT
 for _ in $(seq 1 300); do
   curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null 2>&1 && break
   sleep 0.2
