@@ -1,9 +1,9 @@
 //! Text to image: `cargo run --release --example txt2img -- -m model.safetensors -p "a red fox in the snow"`.
-//! A1111's hires fix: add `--hires-scale 2` (and `--hires-upscaler Latent|"Latent (nearest)"|Lanczos|Nearest`,
-//! `--hires-steps`, `--hires-strength`).
+//! A1111's hires fix: add `--hires-scale 2` (and `--hires-upscaler Latent|"Latent (nearest)"|Lanczos|Nearest`
+//! or an ESRGAN-family model file such as `RealESRGAN_x4plus.pth`, `--hires-steps`, `--hires-strength`).
 
 use clap::Parser;
-use sd_pipelines::hires::{generate_hires, HiresFix, HiresUpscaler};
+use sd_pipelines::hires::{generate_hires, EsrganUpscaler, HiresFix, HiresUpscaler};
 use sd_pipelines::pipeline::{generate, RunContext, Task};
 use sd_toolkit::{load_model, model_name, params, progress_bar, save_outputs, AnyResult, GenArgs, ModelArgs};
 
@@ -18,7 +18,8 @@ struct Cli {
     /// Hires fix: render at the size given, upscale by this factor and re-generate (A1111's `hr_scale`).
     #[arg(long)]
     hires_scale: Option<f64>,
-    /// Hires fix upscaler: `Latent`, `Latent (nearest)`, `Lanczos` or `Nearest`.
+    /// Hires fix upscaler: `Latent`, `Latent (nearest)`, `Lanczos`, `Nearest`, or the path of an ESRGAN-family
+    /// model (`.pth` or `.safetensors`).
     #[arg(long, default_value = "Latent")]
     hires_upscaler: String,
     /// Hires fix second-pass steps (default: the first pass's).
@@ -43,13 +44,22 @@ fn body() -> AnyResult<()> {
     let mut extra = Vec::new();
     let out = match cli.hires_scale {
         Some(scale) => {
-            let upscaler: HiresUpscaler = cli.hires_upscaler.parse()?;
+            let file = std::path::Path::new(&cli.hires_upscaler);
+            let (upscaler, esrgan) = if file.is_file() {
+                let net = sd_models::esrgan::RrdbNet::load(file, &models.device)?;
+                let name = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                (HiresUpscaler::Esrgan, Some(EsrganUpscaler { name, path: file.to_path_buf(), net: Some(std::sync::Arc::new(net)) }))
+            } else {
+                (cli.hires_upscaler.parse::<HiresUpscaler>()?, None)
+            };
             let mut hr = HiresFix::scaled(&p, scale, upscaler, cli.hires_strength)?;
             hr.steps = cli.hires_steps;
+            let upscaler_name = esrgan.as_ref().map_or_else(|| upscaler.name().to_string(), |e| e.name.clone());
+            hr.esrgan = esrgan;
             extra.extend([
                 ("Denoising strength", hr.strength.to_string()),
                 ("Hires upscale", scale.to_string()),
-                ("Hires upscaler", upscaler.name().to_string()),
+                ("Hires upscaler", upscaler_name),
             ]);
             if let Some(s) = hr.steps {
                 extra.push(("Hires steps", s.to_string()));

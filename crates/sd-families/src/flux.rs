@@ -64,15 +64,13 @@ impl FluxModel {
         };
         let axes = sd_flux::transformer::folder_axes(&repo.join("transformer"))?;
         let caps = sd_flux::pipeline::capabilities(&models);
-        let skipped_embeddings = crate::embedding_files(&spec.embeddings)
-            .into_iter()
-            .map(|path| SkippedEmbedding {
-                name: crate::file_stem(&path),
-                path,
-                reason: "FLUX models take no textual-inversion embeddings".into(),
-            })
-            .collect();
+        let skipped_embeddings = skipped(&spec.embeddings);
         Ok(Self { models, caps, transformer: path.to_path_buf(), axes, applied: Vec::new(), skipped_embeddings })
+    }
+
+    /// Lists the embedding files of `dirs` afresh, all skipped.
+    pub(crate) fn load_embeddings(&mut self, dirs: &[std::path::PathBuf]) {
+        self.skipped_embeddings = skipped(dirs);
     }
 
     /// FLUX LoRAs touch only the transformer, so only it is reloaded (T5-XXL is the largest part).
@@ -126,4 +124,12 @@ impl FluxModel {
         fields.extend(extra.iter().map(|(k, v)| (*k, v.clone())));
         infotext(prompt, "", &fields)
     }
+}
+
+/// Every embedding file of `dirs`, as skipped: FLUX takes none.
+fn skipped(dirs: &[std::path::PathBuf]) -> Vec<SkippedEmbedding> {
+    crate::embedding_files(dirs)
+        .into_iter()
+        .map(|path| SkippedEmbedding { name: crate::file_stem(&path), path, reason: "FLUX models take no textual-inversion embeddings".into() })
+        .collect()
 }

@@ -289,6 +289,15 @@ impl LoadedModel {
         }
     }
 
+    /// Reads the textual-inversion embeddings of `dirs` afresh (A1111's `refresh-embeddings`): files added,
+    /// changed or removed since the model loaded are picked up without reloading it.
+    pub fn reload_embeddings(&mut self, dirs: &[PathBuf]) {
+        match self {
+            Self::StableDiffusion(m) => m.load_embeddings(dirs),
+            Self::Flux(m) => m.load_embeddings(dirs),
+        }
+    }
+
     /// The embeddings `prompt` names (in order of first use, each once), for the infotext's `TI hashes`.
     pub fn embeddings_used(&self, prompt: &str) -> Vec<EmbeddingInfo> {
         match self {

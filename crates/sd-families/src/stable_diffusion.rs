@@ -61,19 +61,28 @@ impl StableDiffusionModel {
             tokenizer_dir: spec.components.clone(),
             backend_hook: Some(patcher.recording_hook()),
         };
-        let mut models = load(path, &opts)?;
+        let models = load(path, &opts)?;
         let caps = sd_pipelines::pipeline::capabilities(&models)?;
-        let mut skipped_embeddings = Vec::new();
-        for file in crate::embedding_files(&spec.embeddings) {
-            if let Err(e) = models.add_embedding(&file) {
+        let mut model =
+            Self { models, caps, path: path.to_path_buf(), patcher, applied: Vec::new(), controlnets: Vec::new(), skipped_embeddings: Vec::new() };
+        model.load_embeddings(&spec.embeddings);
+        Ok(model)
+    }
+
+    /// Reads every embedding file of `dirs` afresh: new files are added, removed ones dropped, changed
+    /// ones reloaded; those that do not fit this model are listed as skipped.
+    pub(crate) fn load_embeddings(&mut self, dirs: &[std::path::PathBuf]) {
+        self.models.embeddings.clear();
+        self.skipped_embeddings.clear();
+        for file in crate::embedding_files(dirs) {
+            if let Err(e) = self.models.add_embedding(&file) {
                 tracing::warn!(file = %file.display(), error = %e, "textual-inversion embedding skipped");
-                skipped_embeddings.push(SkippedEmbedding { name: crate::file_stem(&file), path: file, reason: e.to_string() });
+                self.skipped_embeddings.push(SkippedEmbedding { name: crate::file_stem(&file), path: file, reason: e.to_string() });
             }
         }
-        if !models.embeddings.is_empty() {
-            tracing::info!(loaded = models.embeddings.len(), skipped = skipped_embeddings.len(), "textual-inversion embeddings");
+        if !self.models.embeddings.is_empty() {
+            tracing::info!(loaded = self.models.embeddings.len(), skipped = self.skipped_embeddings.len(), "textual-inversion embeddings");
         }
-        Ok(Self { models, caps, path: path.to_path_buf(), patcher, applied: Vec::new(), controlnets: Vec::new(), skipped_embeddings })
     }
 
     /// Patches `wanted` into the loaded weights in place (the previous set taken out first); a set that
@@ -186,7 +195,7 @@ pub(crate) fn infotext(p: &Request, prompt: &str, model_name: &str, extras: &Ext
     if let Some(hr) = extras.hires {
         fields.push(("Denoising strength", format!("{}", hr.strength)));
         fields.push(("Hires resize", format!("{}x{}", hr.width, hr.height)));
-        fields.push(("Hires upscaler", hr.upscaler.name().to_string()));
+        fields.push(("Hires upscaler", hr.upscaler_name().to_string()));
         if let Some(steps) = hr.steps {
             fields.push(("Hires steps", steps.to_string()));
         }

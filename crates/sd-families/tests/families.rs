@@ -74,7 +74,7 @@ fn a_flux_run_through_the_seam_equals_the_family_entry_and_refuses_sd_extras_by_
         .generate(&p, &Task::TextToImage, &mut RunContext::default(), &Extras { controlnets: &units, ..Extras::default() })
         .expect_err("no ControlNet on FLUX");
     assert_eq!(err.field().as_deref(), Some("controlnets"), "{err}");
-    let hr = HiresFix { width: 128, height: 128, upscaler: HiresUpscaler::Latent, steps: None, strength: 0.5 };
+    let hr = HiresFix { width: 128, height: 128, upscaler: HiresUpscaler::Latent, steps: None, strength: 0.5, esrgan: None };
     let err = model.generate(&p, &Task::TextToImage, &mut RunContext::default(), &Extras { hires: Some(&hr), ..Extras::default() }).expect_err("no hires");
     assert_eq!(err.field().as_deref(), Some("hires"), "{err}");
     let spec = LoadSpec { vae: Some(fixture("sd15/vae")), ..LoadSpec::default() };
@@ -129,7 +129,7 @@ fn controlnets_and_the_hires_fix_run_on_stable_diffusion_and_bad_ones_name_their
     let err = model.generate(&p, &Task::TextToImage, &mut RunContext::default(), &Extras { controlnets: &bad, ..Extras::default() }).expect_err("SDXL ControlNet");
     assert_eq!(err.field().as_deref(), Some("controlnets[1].model"), "{err}");
 
-    let hr = HiresFix { width: 96, height: 96, upscaler: HiresUpscaler::Latent, steps: Some(2), strength: 0.5 };
+    let hr = HiresFix { width: 96, height: 96, upscaler: HiresUpscaler::Latent, steps: Some(2), strength: 0.5, esrgan: None };
     let extras = Extras { hires: Some(&hr), ..Extras::default() };
     let two_pass = model.generate(&p, &Task::TextToImage, &mut RunContext::default(), &extras).expect("hires");
     assert_eq!(two_pass.images.dims(), &[1, 3, 96, 96]);
@@ -230,7 +230,7 @@ fn the_hires_fix_second_pass_is_steered_by_its_own_controlnet_hook() {
     let m = sd_models::loader::load(&fixture("sd15"), &sd_models::loader::LoadOptions::default()).expect("load");
     let mut p = sd_pipelines::pipeline::default_params(&m, "a house");
     (p.width, p.height, p.steps, p.seed) = (64, 64, 2, 7);
-    let hr = HiresFix { width: 96, height: 96, upscaler: HiresUpscaler::Latent, steps: Some(2), strength: 0.6 };
+    let hr = HiresFix { width: 96, height: 96, upscaler: HiresUpscaler::Latent, steps: Some(2), strength: 0.6, esrgan: None };
     let model = ControlNetModel::load(&fixture("controlnet/sd15"), m.unet.config(), m.dtype, &m.device).expect("controlnet");
     let picture = image::DynamicImage::new_rgb8(64, 64);
     let hook = |w: usize, h: usize| {

@@ -120,6 +120,19 @@ pub enum Error {
     #[error("{0}")]
     Extension(Box<dyn std::error::Error + Send + Sync>),
 
+    /// The file is not an ESRGAN-family (RRDBNet) upscaler, or an RRDBNet variant that cannot be run.
+    #[error("{path} is not an ESRGAN/RRDBNet upscaler: {reason}")]
+    NotAnUpscaler {
+        /// The file (or a description of the state dict).
+        path: PathBuf,
+        /// What was found instead, and what is supported.
+        reason: String,
+    },
+
+    /// A progress callback asked to stop (e.g. an upscale cancelled between tiles).
+    #[error("cancelled")]
+    Cancelled,
+
     /// Resolving or downloading from the Hugging Face hub failed.
     #[error("hub error for {repo}: {reason}; check the repo id and your network, or download the files and pass a local path")]
     Hub {

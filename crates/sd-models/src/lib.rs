@@ -9,6 +9,7 @@ pub mod detect;
 pub mod device;
 pub mod diffusers;
 pub mod embeddings;
+pub mod esrgan;
 pub mod error;
 pub mod hash;
 #[cfg(feature = "hub")]

@@ -1,14 +1,18 @@
 //! A1111's hires fix: a two-pass txt2img. The first pass runs at the request's size; its result is
-//! upscaled — in latent space (A1111's "Latent" upscalers) or in pixels (Lanczos, nearest) — and the
+//! upscaled — in latent space (A1111's "Latent" upscalers) or in pixels (Lanczos, nearest, or an
+//! ESRGAN-family model as A1111 runs it: see [`upscale_image`]) — and the
 //! second pass re-generates it at the target size as img2img at `strength` (A1111's
 //! `denoising_strength`), with `steps` steps (A1111's `hr_second_pass_steps`; the first pass's count when
 //! absent). Checked against diffusers' `StableDiffusionPipeline` chained into
 //! `StableDiffusionImg2ImgPipeline` (tools/hires_goldens.py).
 
+use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 use image::{imageops::FilterType, DynamicImage};
+use sd_models::esrgan::{RrdbNet, TileOptions};
 use sd_models::loader::StableDiffusionModels;
 
 use crate::control::ResidualHook;
@@ -30,6 +34,9 @@ pub enum HiresUpscaler {
     Lanczos,
     /// The decoded image resized nearest-neighbour (A1111's "Nearest").
     Nearest,
+    /// The decoded image enlarged by an ESRGAN-family model ([`HiresFix::esrgan`]), then Lanczos-resized to
+    /// the exact size, as A1111's upscalers do (see [`upscale_image`]).
+    Esrgan,
 }
 
 impl HiresUpscaler {
@@ -43,6 +50,7 @@ impl HiresUpscaler {
             HiresUpscaler::LatentNearest => "Latent (nearest)",
             HiresUpscaler::Lanczos => "Lanczos",
             HiresUpscaler::Nearest => "Nearest",
+            HiresUpscaler::Esrgan => "ESRGAN",
         }
     }
 
@@ -64,11 +72,35 @@ impl FromStr for HiresUpscaler {
             other => Err(Error::invalid(
                 "hr_upscaler",
                 format!(
-                    "unknown upscaler {other:?}; use one of: {} (ESRGAN-family upscalers are not available here)",
+                    "unknown upscaler {other:?}; use one of: {}, or an ESRGAN-family model's name (the worker lists them at /sdapi/v1/upscalers)",
                     HiresUpscaler::ALL.map(|u| u.name()).join(", ")
                 ),
             )),
         }
+    }
+}
+
+/// An ESRGAN-family upscaler model named by the request: its name (for the infotext), its file, and the
+/// network once loaded (whoever runs the fix loads it; requests are validated before).
+#[derive(Clone)]
+pub struct EsrganUpscaler {
+    /// The name the request used (A1111 writes it as `Hires upscaler`).
+    pub name: String,
+    /// The model file.
+    pub path: PathBuf,
+    /// The loaded network, `None` until loaded.
+    pub net: Option<Arc<RrdbNet>>,
+}
+
+impl std::fmt::Debug for EsrganUpscaler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EsrganUpscaler").field("name", &self.name).field("path", &self.path).field("loaded", &self.net.is_some()).finish()
+    }
+}
+
+impl PartialEq for EsrganUpscaler {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name && self.path == other.path
     }
 }
 
@@ -85,6 +117,8 @@ pub struct HiresFix {
     pub steps: Option<usize>,
     /// Fraction of the second pass's schedule re-noised (A1111's `denoising_strength`, default 0.7).
     pub strength: f64,
+    /// With [`HiresUpscaler::Esrgan`], the model.
+    pub esrgan: Option<EsrganUpscaler>,
 }
 
 impl HiresFix {
@@ -92,7 +126,7 @@ impl HiresFix {
     /// multiple of 8.
     pub fn scaled(p: &GenerationParams, scale: f64, upscaler: HiresUpscaler, strength: f64) -> Result<Self> {
         let (width, height) = Self::scaled_size(p.width, p.height, scale, 8)?;
-        Ok(Self { width, height, upscaler, steps: None, strength })
+        Ok(Self { width, height, upscaler, steps: None, strength, esrgan: None })
     }
 
     /// `width × height` times `scale` (1 to 8), each side rounded down to a multiple of `multiple`.
@@ -102,6 +136,14 @@ impl HiresFix {
         }
         let side = |v: usize| ((v as f64 * scale) as usize / multiple) * multiple;
         Ok((side(width), side(height)))
+    }
+
+    /// The upscaler's name as A1111 writes it (`Hires upscaler`): the model's for an ESRGAN upscaler.
+    pub fn upscaler_name(&self) -> &str {
+        match (&self.esrgan, self.upscaler) {
+            (Some(e), HiresUpscaler::Esrgan) => &e.name,
+            _ => self.upscaler.name(),
+        }
     }
 
     /// The second pass's request: the first's at the target size, with the second pass's steps.
@@ -152,18 +194,75 @@ pub fn generate_hires_controlled(
         let out = pass(models, &second, &task, noise.get(), run, second_clock, second_control)?;
         return Ok(GenerationOutput { seed: p.seed, ..out });
     }
-    let filter = if hr.upscaler == HiresUpscaler::Nearest { FilterType::Nearest } else { FilterType::Lanczos3 };
+    let method = match (hr.upscaler, &hr.esrgan) {
+        (HiresUpscaler::Esrgan, Some(EsrganUpscaler { net: Some(net), .. })) => PixelUpscale::Model(net),
+        (HiresUpscaler::Esrgan, e) => {
+            let name = e.as_ref().map_or("", |e| e.name.as_str());
+            return Err(Error::invalid("hr_upscaler", format!("the ESRGAN upscaler {name:?} is not loaded")));
+        }
+        (HiresUpscaler::Nearest, _) => PixelUpscale::Nearest,
+        _ => PixelUpscale::Lanczos,
+    };
     let resized = tensor_to_images(&first.images)?
         .into_iter()
         .map(|img| {
-            let img = DynamicImage::ImageRgb8(img).resize_exact(hr.width as u32, hr.height as u32, filter);
-            image_to_tensor(&img, hr.width, hr.height)
+            let img = upscale_image(&DynamicImage::ImageRgb8(img), hr.width, hr.height, method)?;
+            Ok(image_to_tensor(&img, hr.width, hr.height)?)
         })
-        .collect::<sd_core::Result<Vec<Tensor>>>()?;
+        .collect::<Result<Vec<Tensor>>>()?;
     let image = Tensor::cat(&resized, 0)?;
     let task = Task::ImageToImage(ImageToImage { image: &image, strength: hr.strength });
     let out = pass(models, &second, &task, noise.get(), run, second_clock, second_control)?;
     Ok(GenerationOutput { seed: p.seed, ..out })
+}
+
+/// How [`upscale_image`] enlarges a picture.
+#[derive(Debug, Clone, Copy)]
+pub enum PixelUpscale<'a> {
+    /// A Lanczos resize (A1111's "Lanczos", and "None").
+    Lanczos,
+    /// A nearest-neighbour resize (A1111's "Nearest").
+    Nearest,
+    /// An ESRGAN-family model, tiled (192-pixel tiles, as A1111's default `ESRGAN_tile`).
+    Model(&'a RrdbNet),
+}
+
+/// Enlarges `img` to exactly `width × height` as A1111's upscalers do: a model is applied (at most three
+/// times) until the picture is at least the target size, each result rounded to 8-bit pixels, then the
+/// picture is Lanczos-resized to the exact size; Lanczos and Nearest resize directly.
+pub fn upscale_image(img: &DynamicImage, width: usize, height: usize, method: PixelUpscale<'_>) -> Result<DynamicImage> {
+    let (w, h) = (width as u32, height as u32);
+    let net = match method {
+        PixelUpscale::Lanczos => return Ok(img.resize_exact(w, h, FilterType::Lanczos3)),
+        PixelUpscale::Nearest => return Ok(img.resize_exact(w, h, FilterType::Nearest)),
+        PixelUpscale::Model(net) => net,
+    };
+    let mut img = DynamicImage::ImageRgb8(img.to_rgb8());
+    for _ in 0..3 {
+        if img.width() >= w && img.height() >= h {
+            break;
+        }
+        let before = (img.width(), img.height());
+        let rgb = img.to_rgb8();
+        let (iw, ih) = (rgb.width() as usize, rgb.height() as usize);
+        let mut planes = vec![0f32; 3 * iw * ih];
+        for (i, px) in rgb.pixels().enumerate() {
+            for c in 0..3 {
+                planes[c * iw * ih + i] = f32::from(px.0[c]) / 255.0;
+            }
+        }
+        let x = Tensor::from_vec(planes, (1, 3, ih, iw), net.device())?;
+        let out = net.upscale(&x, TileOptions { tile: 192, overlap: 8 })?;
+        let mut images = tensor_to_images(&out)?;
+        img = DynamicImage::ImageRgb8(images.remove(0));
+        if (img.width(), img.height()) == before {
+            break;
+        }
+    }
+    if img.width() != w || img.height() != h {
+        img = img.resize_exact(w, h, FilterType::Lanczos3);
+    }
+    Ok(img)
 }
 
 /// One pass, drawing from `noise` and reporting through `run`'s callbacks.
@@ -206,5 +305,33 @@ mod tests {
         assert_eq!("latent (nearest-exact)".parse::<HiresUpscaler>().ok(), Some(HiresUpscaler::LatentNearest));
         let e = "R-ESRGAN 4x+".parse::<HiresUpscaler>().err().map(|e| e.to_string()).unwrap_or_default();
         assert!(e.contains("hr_upscaler") && e.contains("ESRGAN"), "{e}");
+    }
+
+    fn once(net: &RrdbNet, img: &DynamicImage) -> DynamicImage {
+        let rgb = img.to_rgb8();
+        let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+        let planes: Vec<f32> = (0..3).flat_map(|c| rgb.pixels().map(move |p| f32::from(p.0[c]) / 255.0).collect::<Vec<_>>()).collect();
+        let x = Tensor::from_vec(planes, (1, 3, h, w), &candle_core::Device::Cpu).expect("tensor");
+        let out = net.upscale(&x, TileOptions { tile: 192, overlap: 8 }).expect("upscale");
+        DynamicImage::ImageRgb8(tensor_to_images(&out).expect("images").remove(0))
+    }
+
+    #[test]
+    fn model_upscaling_repeats_the_model_until_the_target_then_resizes_as_a1111() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/esrgan");
+        let img = DynamicImage::ImageRgb8(image::RgbImage::from_fn(10, 6, |x, y| image::Rgb([(x * 25) as u8, (y * 40) as u8, ((x * y) * 5) as u8])));
+        // A ×2 model to 3×: two passes (20×12, 40×24), then Lanczos down to 30×18.
+        let x2 = RrdbNet::load(&dir.join("realesrgan_x2_params.pth"), &candle_core::Device::Cpu).expect("x2");
+        let want = once(&x2, &once(&x2, &img)).resize_exact(30, 18, FilterType::Lanczos3);
+        let got = upscale_image(&img, 30, 18, PixelUpscale::Model(&x2)).expect("x2 upscale");
+        assert_eq!(got.to_rgb8().as_raw(), want.to_rgb8().as_raw());
+        // A ×1 model: one pass leaves the size, so it stops there and resizes.
+        let x1 = RrdbNet::load(&dir.join("realesrgan_x1.safetensors"), &candle_core::Device::Cpu).expect("x1");
+        let want = once(&x1, &img).resize_exact(20, 12, FilterType::Lanczos3);
+        let got = upscale_image(&img, 20, 12, PixelUpscale::Model(&x1)).expect("x1 upscale");
+        assert_eq!(got.to_rgb8().as_raw(), want.to_rgb8().as_raw());
+        // Already large enough: no model pass.
+        let got = upscale_image(&img, 10, 6, PixelUpscale::Model(&x2)).expect("same size");
+        assert_eq!(got.to_rgb8().as_raw(), img.to_rgb8().as_raw());
     }
 }

@@ -270,7 +270,7 @@ fn hires_fix_matches_diffusers_chained_pipelines() {
     let m = model("sd15");
     let g = golden("sd15_hires_latent");
     let p = g.params();
-    let hr = HiresFix { width: 64, height: 64, upscaler: HiresUpscaler::Latent, steps: Some(5), strength: 0.6 };
+    let hr = HiresFix { width: 64, height: 64, upscaler: HiresUpscaler::Latent, steps: Some(5), strength: 0.6, esrgan: None };
     let mut noise = g.draws();
     let mut steps = Vec::new();
     let mut cb = |s: &StepProgress<'_>| {
@@ -300,7 +300,7 @@ fn hires_fix_matches_diffusers_chained_pipelines() {
     let (mean, max) = (diff.mean_all().expect("mean").to_scalar::<f32>().expect("f32"), diff.max_all().expect("max").to_scalar::<f32>().expect("f32"));
     eprintln!("Lanczos, image crate vs PIL: mean |diff| {mean:.4}, max {max:.4}");
     assert!(mean < 0.02 && max < 0.2, "Lanczos: mean {mean}, max {max}");
-    let second = HiresFix { width: 64, height: 64, upscaler: HiresUpscaler::Lanczos, steps: Some(5), strength: 0.6 }.second_pass(&p);
+    let second = HiresFix { width: 64, height: 64, upscaler: HiresUpscaler::Lanczos, steps: Some(5), strength: 0.6, esrgan: None }.second_pass(&p);
     let image = ((upscaled * 2.0).expect("x2") - 1.0).expect("-1");
     let mut second_noise = sd_pipelines::schedulers::NoiseQueue::new([g.tensors["draw_1"].clone(), g.tensors["draw_2"].clone()]);
     let task = Task::ImageToImage(ImageToImage { image: &image, strength: 0.6 });
@@ -308,7 +308,7 @@ fn hires_fix_matches_diffusers_chained_pipelines() {
     g.check("sd15_hires_lanczos", &out.latents, &out.images);
     // The whole Lanczos hires fix runs through the same draws and lands at the target size.
     let mut all = draws;
-    let hr = HiresFix { width: 64, height: 64, upscaler: HiresUpscaler::Lanczos, steps: Some(5), strength: 0.6 };
+    let hr = HiresFix { width: 64, height: 64, upscaler: HiresUpscaler::Lanczos, steps: Some(5), strength: 0.6, esrgan: None };
     let whole = generate_hires(&m, &p, &hr, &mut RunContext::default().noise(&mut all)).expect("hires lanczos");
     assert_eq!((whole.images.dims().to_vec(), all.remaining()), (vec![1, 3, 64, 64], 0));
     // Refusals name the hires fields.

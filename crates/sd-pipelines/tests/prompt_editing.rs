@@ -93,7 +93,7 @@ fn second_order_samplers_schedule_over_twice_the_steps() {
 #[test]
 fn a_hires_fix_counts_fractions_over_both_passes() {
     let m = models("sd15");
-    let hr = HiresFix { width: 48, height: 48, upscaler: HiresUpscaler::Latent, steps: Some(3), strength: 1.0 };
+    let hr = HiresFix { width: 48, height: 48, upscaler: HiresUpscaler::Latent, steps: Some(3), strength: 1.0, esrgan: None };
     let run = |prompt: &str| {
         let p = request(&m, prompt, 2);
         generate_hires(&m, &p, &hr, &mut RunContext::default()).expect("hires").latents

@@ -405,6 +405,14 @@ pub async fn refresh(State(st): St) -> Result<Json<Value>, ApiError> {
     Ok(Json(Value::Null))
 }
 
+/// `POST /sdapi/v1/refresh-embeddings`: reads `--embeddings-dir` afresh into the loaded models (files added,
+/// changed or removed since are picked up without reloading the model).
+pub async fn refresh_embeddings(State(st): St) -> Result<Json<Value>, ApiError> {
+    st.ready_model()?;
+    st.reload_embeddings().await?;
+    Ok(Json(Value::Null))
+}
+
 /// `POST /sdapi/v1/refresh-checkpoints`: rescans `--models-dir`.
 pub async fn refresh_checkpoints(State(st): St) -> Result<Json<Value>, ApiError> {
     st.ready_model()?;
@@ -439,9 +447,197 @@ pub async fn sd_vae(State(st): St) -> Json<Value> {
     Json(Value::Array(list))
 }
 
-/// `GET /sdapi/v1/upscalers`: only A1111's "None" — this worker has no upscaler models (yet).
-pub async fn upscalers() -> Json<Value> {
-    Json(json!([{"name": "None", "model_name": Value::Null, "model_path": Value::Null, "model_url": Value::Null, "scale": 1}]))
+/// `GET /sdapi/v1/upscalers`: A1111's built-in "None", "Lanczos" and "Nearest", then the ESRGAN-family
+/// models of `--upscaler-dir` by file stem, with the scale read from their weights.
+pub async fn upscalers(State(st): St) -> Result<Json<Value>, ApiError> {
+    let list = blocking(move || Ok(st.upscalers.list())).await?;
+    let mut out = vec![
+        json!({"name": "None", "model_name": Value::Null, "model_path": Value::Null, "model_url": Value::Null, "scale": 4}),
+        json!({"name": "Lanczos", "model_name": Value::Null, "model_path": Value::Null, "model_url": Value::Null, "scale": 4}),
+        json!({"name": "Nearest", "model_name": Value::Null, "model_path": Value::Null, "model_url": Value::Null, "scale": 4}),
+    ];
+    out.extend(list.into_iter().filter(|u| u.scale.is_some()).map(|u| {
+        json!({"name": u.name, "model_name": "ESRGAN", "model_path": u.path, "model_url": Value::Null, "scale": u.scale})
+    }));
+    Ok(Json(Value::Array(out)))
+}
+
+/// `GET /sdapi/v1/latent-upscale-modes`: the latent upscalers `hr_upscaler` takes.
+pub async fn latent_upscale_modes() -> Json<Value> {
+    Json(json!([{"name": "Latent"}, {"name": "Latent (nearest)"}]))
+}
+
+/// A1111's extras request fields (single image and batch).
+#[derive(Debug, Deserialize)]
+struct ExtrasRequest {
+    resize_mode: Option<u8>,
+    gfpgan_visibility: Option<f64>,
+    codeformer_visibility: Option<f64>,
+    upscaling_resize: Option<f64>,
+    upscaling_resize_w: Option<u32>,
+    upscaling_resize_h: Option<u32>,
+    upscaling_crop: Option<bool>,
+    upscaler_1: Option<String>,
+    upscaler_2: Option<String>,
+    extras_upscaler_2_visibility: Option<f64>,
+    image: Option<String>,
+    #[serde(rename = "imageList")]
+    image_list: Option<Vec<ExtrasBatchImage>>,
+}
+
+/// One picture of `/sdapi/v1/extra-batch-images`.
+#[derive(Debug, Deserialize)]
+struct ExtrasBatchImage {
+    data: String,
+}
+
+fn upscaler_choice(st: &AppState, field: &str, name: Option<&str>) -> Result<Option<crate::state::UpscalerChoice>, ApiError> {
+    use crate::state::UpscalerChoice;
+    let name = name.unwrap_or("None").trim();
+    Ok(match name.to_ascii_lowercase().as_str() {
+        "none" | "" => None,
+        "lanczos" => Some(UpscalerChoice::Lanczos),
+        "nearest" => Some(UpscalerChoice::Nearest),
+        _ => Some(UpscalerChoice::Model(st.upscalers.resolve(name).ok_or_else(|| {
+            let known: Vec<String> = st.upscalers.list().into_iter().map(|u| u.name).collect();
+            ApiError::invalid(field, format!("no upscaler {name:?}; use None, Lanczos, Nearest or one of the models of --upscaler-dir: [{}]", known.join(", ")))
+        })?)),
+    })
+}
+
+/// Validates an extras request into the engine's work and the `html_info` line A1111 answers with.
+fn extras_request(st: &AppState, r: ExtrasRequest, images: Vec<(String, String)>) -> Result<(crate::state::UpscaleRequest, String), ApiError> {
+    for (field, v) in [("gfpgan_visibility", r.gfpgan_visibility), ("codeformer_visibility", r.codeformer_visibility)] {
+        if v.is_some_and(|v| v > 0.0) {
+            return Err(ApiError::invalid(field, "face restoration (GFPGAN, CodeFormer) is not available here; send 0"));
+        }
+    }
+    let first = upscaler_choice(st, "upscaler_1", r.upscaler_1.as_deref())?;
+    let visibility = r.extras_upscaler_2_visibility.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&visibility) {
+        return Err(ApiError::invalid("extras_upscaler_2_visibility", format!("{visibility} is outside [0, 1]")));
+    }
+    let second = match upscaler_choice(st, "upscaler_2", r.upscaler_2.as_deref())? {
+        Some(c) if visibility > 0.0 => Some((c, visibility as f32)),
+        _ => None,
+    };
+    // A1111 upscales only when an upscaler is chosen; "None" twice returns the picture unchanged.
+    let upscaling = first.is_some() || second.is_some();
+    let first = first.unwrap_or(crate::state::UpscalerChoice::Lanczos);
+    let mode = r.resize_mode.unwrap_or(0);
+    let limit = (st.config.limits.max_width.max(st.config.limits.max_height) * 2) as f64;
+    let mut out = Vec::with_capacity(images.len());
+    let mut crop = None;
+    let info;
+    match mode {
+        0 => {
+            let by = r.upscaling_resize.unwrap_or(2.0);
+            if !by.is_finite() || !(1.0..=8.0).contains(&by) {
+                return Err(ApiError::invalid("upscaling_resize", format!("{by} is outside 1..=8")));
+            }
+            info = format!("Postprocess upscale by: {by}");
+            for (field, b64) in images {
+                let img = decode_image(&field, &b64)?;
+                // A1111's Upscaler.upscale: the target is the scaled size rounded down to a multiple of 8.
+                let side = |v: u32| ((f64::from(v) * by) as u32 / 8 * 8).max(8);
+                let (w, h) = if upscaling { (side(img.width()), side(img.height())) } else { (img.width(), img.height()) };
+                if f64::from(w) > limit || f64::from(h) > limit {
+                    return Err(ApiError::invalid("upscaling_resize", format!("the result would be {w}×{h}; this worker makes at most {limit}×{limit}")));
+                }
+                out.push((img, (w, h)));
+            }
+        }
+        1 => {
+            let (tw, th) = (r.upscaling_resize_w.unwrap_or(512), r.upscaling_resize_h.unwrap_or(512));
+            for (field, v) in [("upscaling_resize_w", tw), ("upscaling_resize_h", th)] {
+                if v == 0 || f64::from(v) > limit {
+                    return Err(ApiError::invalid(field, format!("{v} is outside 1..={limit}")));
+                }
+            }
+            info = format!("Postprocess upscale to: {tw}x{th}");
+            let crop_to = r.upscaling_crop.unwrap_or(true);
+            for (field, b64) in images {
+                let img = decode_image(&field, &b64)?;
+                let by = (f64::from(tw) / f64::from(img.width())).max(f64::from(th) / f64::from(img.height()));
+                let side = |v: u32| ((f64::from(v) * by) as u32 / 8 * 8).max(8);
+                let (w, h) = match (upscaling, crop_to) {
+                    (false, _) => (img.width(), img.height()),
+                    (true, true) => (side(img.width()), side(img.height())),
+                    (true, false) => (tw, th),
+                };
+                if f64::from(w) > 2.0 * limit || f64::from(h) > 2.0 * limit {
+                    return Err(ApiError::invalid("upscaling_resize_w", format!("the result would be {w}×{h} before cropping")));
+                }
+                out.push((img, (w, h)));
+            }
+            if crop_to && upscaling {
+                crop = Some((tw, th));
+            }
+        }
+        m => return Err(ApiError::invalid("resize_mode", format!("{m} is not 0 (scale by upscaling_resize) or 1 (to upscaling_resize_w × upscaling_resize_h)"))),
+    }
+    let name = |c: &crate::state::UpscalerChoice| match c {
+        crate::state::UpscalerChoice::Lanczos => "Lanczos".to_string(),
+        crate::state::UpscalerChoice::Nearest => "Nearest".to_string(),
+        crate::state::UpscalerChoice::Model(m) => m.name.clone(),
+    };
+    let mut info = if upscaling { format!("{info}, Postprocess upscaler: {}", name(&first)) } else { String::new() };
+    if let Some((c, v)) = &second {
+        info.push_str(&format!(", Postprocess upscaler 2: {}, Postprocess upscaler 2 visibility: {v}", name(c)));
+    }
+    Ok((crate::state::UpscaleRequest { images: out, crop, first, second }, info))
+}
+
+async fn extras(st: Arc<AppState>, body: Bytes, batch: bool) -> Result<(Vec<String>, String), ApiError> {
+    st.ready_model()?;
+    let st2 = st.clone();
+    let (request, info) = blocking(move || {
+        let r: ExtrasRequest = from_value(Value::Object(parse_json_object(&body)?))?;
+        let images: Vec<(String, String)> = if batch {
+            let list = r.image_list.as_deref().unwrap_or_default();
+            if list.is_empty() {
+                return Err(ApiError::invalid("imageList", "missing; send [{\"data\": base64 image, \"name\": ...}]"));
+            }
+            if list.len() > st2.config.limits.max_batch {
+                return Err(ApiError::invalid("imageList", format!("{} images; at most {} per request", list.len(), st2.config.limits.max_batch)));
+            }
+            list.iter().enumerate().map(|(i, b)| (format!("imageList[{i}].data"), b.data.clone())).collect()
+        } else {
+            let image = r.image.clone().filter(|s| !s.is_empty()).ok_or_else(|| ApiError::invalid("image", "missing; send a base64 PNG or JPEG"))?;
+            vec![("image".to_string(), image)]
+        };
+        extras_request(&st2, r, images)
+    })
+    .await?;
+    let pictures = st.upscale(request).await?;
+    let encoded = blocking(move || {
+        pictures
+            .iter()
+            .map(|p| sd_core::image_io::encode_png(&p.to_rgb8(), None).map(|png| crate::engine::b64(&png)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "internal_error", None, e.to_string()))
+    })
+    .await?;
+    Ok((encoded, format!("<p>{info}</p>")))
+}
+
+/// `POST /sdapi/v1/extra-single-image`: A1111's extras upscale of one picture — `upscaler_1` (None, Lanczos,
+/// Nearest or an `--upscaler-dir` model, applied as A1111 does: repeatedly until the target is reached, then
+/// Lanczos to the exact size), `upscaler_2` blended in at `extras_upscaler_2_visibility`, `resize_mode` 0
+/// (`upscaling_resize`, 2) or 1 (`upscaling_resize_w`×`_h`, centre-cropped with `upscaling_crop`). Face
+/// restoration is refused by field. Runs on the engine between jobs; answers `{"html_info", "image"}`.
+pub async fn extra_single_image(State(st): St, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    let body = body_bytes(&st, body)?;
+    let (mut images, info) = extras(st, body, false).await?;
+    Ok(Json(json!({"html_info": info, "image": images.pop().unwrap_or_default()})))
+}
+
+/// `POST /sdapi/v1/extra-batch-images`: [`extra_single_image`] over `imageList` (`[{"data", "name"}]`);
+/// answers `{"html_info", "images"}`.
+pub async fn extra_batch_images(State(st): St, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    let body = body_bytes(&st, body)?;
+    let (images, info) = extras(st, body, true).await?;
+    Ok(Json(json!({"html_info": info, "images": images})))
 }
 
 /// `POST /sdapi/v1/png-info` `{"image": base64 PNG}`: the PNG's `parameters` text (`info`) and, as A1111,

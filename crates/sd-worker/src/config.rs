@@ -68,6 +68,11 @@ pub struct Cli {
     /// go first; the model in use always stays). 0 keeps only the model in use.
     #[arg(long, env = "SD_WORKER_MODEL_CACHE_MB", default_value_t = 0)]
     pub model_cache_mb: u64,
+    /// Folder of ESRGAN-family upscaler models (`.pth`/`.safetensors`: ESRGAN, Real-ESRGAN, 4x-UltraSharp-style
+    /// RRDBNets) that `hr_upscaler` and `/sdapi/v1/extra-single-image` may name by file stem, as A1111's
+    /// `models/ESRGAN` (repeatable; `,` in the env var).
+    #[arg(long = "upscaler-dir", env = "SD_WORKER_UPSCALER_DIRS", value_delimiter = ',')]
+    pub upscaler_dirs: Vec<PathBuf>,
     /// Folder of LoRA `.safetensors` files requests may use (repeat the flag, or separate with `,` in the env var).
     #[arg(long = "lora-dir", env = "SD_WORKER_LORA_DIRS", value_delimiter = ',')]
     pub lora_dirs: Vec<PathBuf>,
@@ -255,6 +260,8 @@ pub struct WorkerConfig {
     pub models_dirs: Vec<PathBuf>,
     /// Bytes of weights the model cache keeps loaded besides the model in use.
     pub model_cache_bytes: u64,
+    /// Folders of upscaler models requests may name.
+    pub upscaler_dirs: Vec<PathBuf>,
     /// Folders LoRA requests are confined to.
     pub lora_dirs: Vec<PathBuf>,
     /// Folders ControlNet requests are confined to.
@@ -293,6 +300,7 @@ impl WorkerConfig {
             limits: Limits { max_width: 2048, max_height: 2048, max_batch: 4, max_steps: 150, max_body_bytes: 50 * 1024 * 1024 },
             models_dirs: Vec::new(),
             model_cache_bytes: 0,
+            upscaler_dirs: Vec::new(),
             lora_dirs: Vec::new(),
             controlnet_dirs: Vec::new(),
             embedding_dirs: Vec::new(),
@@ -433,6 +441,7 @@ impl Cli {
             },
             models_dirs: self.models_dirs,
             model_cache_bytes: self.model_cache_mb.saturating_mul(1 << 20),
+            upscaler_dirs: self.upscaler_dirs,
             lora_dirs: self.lora_dirs,
             controlnet_dirs: self.controlnet_dirs,
             embedding_dirs: self.embedding_dirs,

@@ -16,7 +16,7 @@ use sd_families::{ControlNetUnit, Extras, LoadSpec, LoadedModel, LoraWeight};
 use crate::config::{describe_device, ModelSource, WorkerConfig};
 use crate::error::JobError;
 use crate::jobs::{Job, JobResult, JobSpec, JobStatus, Operation, Preview};
-use crate::state::{AppState, EmbeddingEntry, EmbeddingList, EngineMsg, ModelInfo, ModelLocation, ModelState};
+use crate::state::{AppState, EmbeddingEntry, EmbeddingList, EngineMsg, ModelInfo, ModelLocation, ModelState, UpscaleRequest, UpscalerChoice};
 
 /// Base64 with padding (what every API here sends and accepts).
 pub fn b64(bytes: &[u8]) -> String {
@@ -108,13 +108,15 @@ fn describe(model: &LoadedModel, key: &str, source: String, path: &std::path::Pa
         caps: model.capabilities().clone(),
         unet: model.unet_config().cloned(),
         sha256: file_sha256(path),
-        embeddings: {
-            let (loaded, skipped) = model.embeddings();
-            EmbeddingList {
-                loaded: loaded.into_iter().map(|e| EmbeddingEntry { name: e.name, vectors: e.vectors, width: e.width, reason: None }).collect(),
-                skipped: skipped.iter().map(|e| EmbeddingEntry { name: e.name.clone(), vectors: 0, width: 0, reason: Some(e.reason.clone()) }).collect(),
-            }
-        },
+        embeddings: embedding_list(model),
+    }
+}
+
+fn embedding_list(model: &LoadedModel) -> EmbeddingList {
+    let (loaded, skipped) = model.embeddings();
+    EmbeddingList {
+        loaded: loaded.into_iter().map(|e| EmbeddingEntry { name: e.name, vectors: e.vectors, width: e.width, reason: None }).collect(),
+        skipped: skipped.iter().map(|e| EmbeddingEntry { name: e.name.clone(), vectors: 0, width: 0, reason: Some(e.reason.clone()) }).collect(),
     }
 }
 
@@ -131,6 +133,8 @@ struct Engine {
 struct Engines {
     loaded: Vec<Engine>,
     budget: u64,
+    /// Upscaler networks, most recently used last (a few MB to 70 MB each; the last two are kept).
+    upscalers: Vec<(std::path::PathBuf, Arc<sd_models::esrgan::RrdbNet>)>,
 }
 
 impl Engines {
@@ -165,6 +169,23 @@ impl Engines {
 }
 
 impl Engines {
+    /// The upscaler network in `path`, loaded on the worker's device once and kept for the next request.
+    fn upscaler(&mut self, state: &AppState, path: &std::path::Path) -> Result<Arc<sd_models::esrgan::RrdbNet>, String> {
+        if let Some(i) = self.upscalers.iter().position(|(p, _)| p == path) {
+            let hit = self.upscalers.remove(i);
+            let net = hit.1.clone();
+            self.upscalers.push(hit);
+            return Ok(net);
+        }
+        let net = Arc::new(sd_models::esrgan::RrdbNet::load(path, &state.config.device).map_err(|e| e.to_string())?);
+        tracing::info!(upscaler = %path.display(), config = %net.config(), "upscaler loaded");
+        if self.upscalers.len() >= 2 {
+            self.upscalers.remove(0);
+        }
+        self.upscalers.push((path.to_path_buf(), net.clone()));
+        Ok(net)
+    }
+
     fn publish(&self, state: &AppState) {
         state.metrics.models_loaded.store(self.loaded.len() as u64, Ordering::Relaxed);
         state.metrics.model_bytes.store(self.loaded.iter().map(|e| e.bytes).sum(), Ordering::Relaxed);
@@ -189,7 +210,7 @@ pub fn spawn(state: Arc<AppState>, rx: mpsc::Receiver<EngineMsg>) -> std::io::Re
 }
 
 fn engine_main(state: Arc<AppState>, rx: mpsc::Receiver<EngineMsg>) {
-    let mut engines = Engines { loaded: Vec::new(), budget: state.config.model_cache_bytes };
+    let mut engines = Engines { loaded: Vec::new(), budget: state.config.model_cache_bytes, upscalers: Vec::new() };
     match engines.get(&state, &state.primary_key) {
         Ok(engine) => state.set_model_state(ModelState::Ready(engine.info.clone())),
         Err(msg) => {
@@ -207,6 +228,30 @@ fn engine_main(state: Arc<AppState>, rx: mpsc::Receiver<EngineMsg>) {
                     tracing::warn!(model = %key, error = %e, "model failed to load");
                 }
                 let _ = reply.send(answer);
+                continue;
+            }
+            EngineMsg::Upscale { request, reply } => {
+                let t = Instant::now();
+                let out = std::panic::catch_unwind(AssertUnwindSafe(|| upscale(&state, &mut engines, &request)))
+                    .unwrap_or_else(|_| Err("the upscaler panicked; see the worker log".into()));
+                tracing::info!(images = request.images.len(), secs = t.elapsed().as_secs_f64(), ok = out.is_ok(), "extras upscale");
+                let _ = reply.send(out);
+                continue;
+            }
+            EngineMsg::ReloadEmbeddings { reply } => {
+                let active = match state.model_state() {
+                    ModelState::Ready(m) => Some(m.key.clone()),
+                    _ => None,
+                };
+                for e in &mut engines.loaded {
+                    e.model.reload_embeddings(&state.config.embedding_dirs);
+                    e.info = Arc::new(ModelInfo { embeddings: embedding_list(&e.model), ..(*e.info).clone() });
+                    state.remember_model(e.info.clone());
+                    if active.as_deref() == Some(e.info.key.as_str()) {
+                        state.set_model_state(ModelState::Ready(e.info.clone()));
+                    }
+                }
+                let _ = reply.send(());
                 continue;
             }
         };
@@ -254,6 +299,51 @@ fn engine_main(state: Arc<AppState>, rx: mpsc::Receiver<EngineMsg>) {
     tracing::info!("engine stopped");
 }
 
+/// A1111's extras upscale of every picture of `r`.
+fn upscale(state: &AppState, engines: &mut Engines, r: &UpscaleRequest) -> Result<Vec<image::DynamicImage>, String> {
+    use sd_pipelines::hires::{upscale_image, PixelUpscale};
+    let mut nets = Vec::new();
+    for choice in std::iter::once(&r.first).chain(r.second.as_ref().map(|(c, _)| c)) {
+        nets.push(match choice {
+            UpscalerChoice::Model(m) => Some(engines.upscaler(state, &m.path).map_err(|e| format!("the upscaler {:?} failed to load: {e}", m.name))?),
+            _ => None,
+        });
+    }
+    fn method<'a>(choice: &UpscalerChoice, net: &'a Option<Arc<sd_models::esrgan::RrdbNet>>) -> PixelUpscale<'a> {
+        match (choice, net) {
+            (_, Some(net)) => PixelUpscale::Model(net),
+            (UpscalerChoice::Nearest, None) => PixelUpscale::Nearest,
+            _ => PixelUpscale::Lanczos,
+        }
+    }
+    let mut out = Vec::with_capacity(r.images.len());
+    for (img, (w, h)) in &r.images {
+        let (w, h) = (*w as usize, *h as usize);
+        let mut up = upscale_image(img, w, h, method(&r.first, &nets[0])).map_err(|e| e.to_string())?.to_rgb8();
+        if let (Some((choice, visibility)), Some(net)) = (&r.second, nets.get(1)) {
+            let other = upscale_image(img, w, h, method(choice, net)).map_err(|e| e.to_string())?.to_rgb8();
+            // PIL's Image.blend: im1·(1 − α) + im2·α per channel, truncated to 8 bits.
+            for (a, b) in up.pixels_mut().zip(other.pixels()) {
+                for c in 0..3 {
+                    let v = f32::from(a.0[c]) * (1.0 - visibility) + f32::from(b.0[c]) * visibility;
+                    a.0[c] = v.clamp(0.0, 255.0) as u8;
+                }
+            }
+        }
+        let mut up = image::DynamicImage::ImageRgb8(up);
+        if let Some((cw, ch)) = r.crop {
+            // A1111 pastes the result centred on a black canvas of the requested size.
+            let mut canvas = image::RgbImage::new(cw, ch);
+            let x = i64::from(cw / 2) - i64::from(up.width() / 2);
+            let y = i64::from(ch / 2) - i64::from(up.height() / 2);
+            image::imageops::replace(&mut canvas, &up.to_rgb8(), x, y);
+            up = image::DynamicImage::ImageRgb8(canvas);
+        }
+        out.push(up);
+    }
+    Ok(out)
+}
+
 type Failure = (JobStatus, JobError);
 
 /// The prompt as the client wrote it (with its `<lora:…>` tags, which the run itself does not read), for
@@ -297,8 +387,14 @@ fn failure(e: sd_families::Error) -> Failure {
 }
 
 fn run_job(state: &AppState, engines: &mut Engines, job: &Job) -> Result<JobResult, Failure> {
-    let JobSpec { operation, params: p, loras, controlnets, hires, partial_on_cancel, model } =
+    let JobSpec { operation, params: p, loras, controlnets, mut hires, partial_on_cancel, model } =
         job.take_spec().ok_or_else(|| (JobStatus::Failed, JobError::new("internal_error", "the job has no request")))?;
+    if let Some(e) = hires.as_mut().and_then(|h| h.esrgan.as_mut()).filter(|e| e.net.is_none()) {
+        let net = engines.upscaler(state, &e.path).map_err(|msg| {
+            (JobStatus::Failed, JobError { code: "invalid_request", message: format!("the upscaler {:?} failed to load: {msg}", e.name), field: Some("hr_upscaler".into()) })
+        })?;
+        e.net = Some(net);
+    }
     let engine = engines.get(state, &model).map_err(|e| {
         (JobStatus::Failed, JobError { code: "model_load_failed", message: format!("the checkpoint {model:?} failed to load: {e}"), field: Some("model".into()) })
     })?;

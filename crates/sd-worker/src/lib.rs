@@ -26,6 +26,7 @@ pub mod queue;
 pub mod request;
 pub mod server;
 pub mod state;
+pub mod upscalers;
 #[cfg(feature = "queue")]
 pub mod wire;
 

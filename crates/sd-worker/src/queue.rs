@@ -1010,7 +1010,7 @@ impl RedisQueue {
         let text = spec_text.clone();
         let decoded = tokio::task::spawn_blocking(move || {
             let wire: WireSpec = serde_json::from_str(&text).map_err(|e| JobError::new("internal_error", format!("the queued job is unreadable: {e}")))?;
-            wire.decode(&st.loras, &st.controlnets)
+            wire.decode(&st.loras, &st.controlnets, &st.upscalers)
         })
         .await
         .unwrap_or_else(|e| Err(JobError::new("internal_error", e.to_string())));

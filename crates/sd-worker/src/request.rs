@@ -725,14 +725,23 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
                     format!("the hires target {w}×{hh} must lie between the first pass {width}×{height} and this worker's limit {}×{}", limits.max_width, limits.max_height),
                 ));
             }
-            let upscaler: HiresUpscaler = h.upscaler.as_deref().unwrap_or("Latent").parse().map_err(|e: sd_pipelines::Error| ApiError::invalid(hn.upscaler, e.to_string()))?;
+            let name = h.upscaler.as_deref().unwrap_or("Latent");
+            // A1111's built-in names first, then the ESRGAN-family models of --upscaler-dir by file stem.
+            let (upscaler, esrgan) = match name.parse::<HiresUpscaler>() {
+                Ok(u) => (u, None),
+                Err(e) => match state.upscalers.resolve(name) {
+                    Some(model) => (HiresUpscaler::Esrgan, Some(model)),
+                    None if state.upscalers.is_empty() => return Err(ApiError::invalid(hn.upscaler, format!("{e}; this worker has no upscaler models (start it with --upscaler-dir)"))),
+                    None => return Err(ApiError::invalid(hn.upscaler, e.to_string())),
+                },
+            };
             let hr_steps = match h.steps.filter(|s| *s > 0) {
                 Some(s) if s > limits.max_steps as u64 => {
                     return Err(ApiError::invalid(hn.steps, format!("{s} is outside 1..={} (this worker's limit)", limits.max_steps)))
                 }
                 other => other.map(|s| s as usize),
             };
-            let hr = HiresFix { width: w, height: hh, upscaler, steps: hr_steps, strength: h.strength.unwrap_or(0.7) };
+            let hr = HiresFix { width: w, height: hh, upscaler, steps: hr_steps, strength: h.strength.unwrap_or(0.7), esrgan };
             let second = hr.second_pass(&params);
             let hr_names = |e: sd_core::Error| {
                 let field = match e.field() {
@@ -748,7 +757,7 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
             caps.validate(&second).map_err(hr_names)?;
             caps.check_task_kind(TaskKind::ImageToImage, Some(hr.strength), second.steps).map_err(hr_names)?;
             parameters["hires"] = json!({
-                "width": w, "height": hh, "upscaler": upscaler.name(), "steps": second.steps, "denoising_strength": hr.strength,
+                "width": w, "height": hh, "upscaler": hr.upscaler_name(), "steps": second.steps, "denoising_strength": hr.strength,
             });
             Some(hr)
         }

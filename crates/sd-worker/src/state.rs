@@ -90,6 +90,43 @@ pub enum EngineMsg {
         /// Where the answer goes.
         reply: tokio::sync::oneshot::Sender<Result<Arc<ModelInfo>, String>>,
     },
+    /// Upscale pictures (A1111's extras routes).
+    Upscale {
+        /// What to do.
+        request: Box<UpscaleRequest>,
+        /// The upscaled pictures, in order, or why not.
+        reply: tokio::sync::oneshot::Sender<Result<Vec<image::DynamicImage>, String>>,
+    },
+    /// Read the `--embeddings-dir` folders afresh into every loaded model.
+    ReloadEmbeddings {
+        /// Answered when done.
+        reply: tokio::sync::oneshot::Sender<()>,
+    },
+}
+
+/// How an extras request enlarges its pictures.
+#[derive(Debug, Clone)]
+pub enum UpscalerChoice {
+    /// A Lanczos resize (A1111's "None" and "Lanczos").
+    Lanczos,
+    /// A nearest-neighbour resize.
+    Nearest,
+    /// An ESRGAN-family model of `--upscaler-dir`.
+    Model(sd_pipelines::hires::EsrganUpscaler),
+}
+
+/// An extras upscale: pictures, each one's target size, and the upscalers (the second blended in at a
+/// visibility, as A1111's `upscaler_2`).
+#[derive(Debug)]
+pub struct UpscaleRequest {
+    /// The pictures with their target sizes (before any crop).
+    pub images: Vec<(image::DynamicImage, (u32, u32))>,
+    /// Centre-crop each result to this size (A1111's `upscaling_crop` with a target size).
+    pub crop: Option<(u32, u32)>,
+    /// The first upscaler.
+    pub first: UpscalerChoice,
+    /// The second upscaler and its visibility in (0, 1].
+    pub second: Option<(UpscalerChoice, f32)>,
 }
 
 /// Where the engine finds a model's weights.
@@ -119,6 +156,8 @@ pub struct AppState {
     pub controlnets: ControlNetFolders,
     /// The checkpoints of `--models-dir`.
     pub catalog: ModelCatalog,
+    /// Upscaler models of `--upscaler-dir`.
+    pub upscalers: crate::upscalers::UpscalerFolders,
     /// The key of the `-m` model.
     pub primary_key: String,
     /// Descriptions of every model loaded so far, by key (kept after the model itself is evicted, so
@@ -146,6 +185,7 @@ impl AppState {
         let loras = LoraFolders::new(&config.lora_dirs);
         let controlnets = ControlNetFolders::new(&config.controlnet_dirs);
         let catalog = ModelCatalog::new(&config.models_dirs);
+        let upscalers = crate::upscalers::UpscalerFolders::new(&config.upscaler_dirs);
         let primary_key = match &config.model {
             crate::config::ModelSource::Path(p) => p.canonicalize().ok().and_then(|c| catalog.by_path(&c)).map(|c| c.name),
             crate::config::ModelSource::Hub(_) => None,
@@ -156,6 +196,7 @@ impl AppState {
             loras,
             controlnets,
             catalog,
+            upscalers,
             primary_key,
             infos: RwLock::new(HashMap::new()),
             model: RwLock::new(ModelState::Loading),
@@ -366,6 +407,41 @@ impl AppState {
             self.set_model_state(ModelState::Ready(info));
         }
         Ok(())
+    }
+
+    /// Runs an extras upscale on the engine (after the jobs queued before) and waits for the pictures.
+    pub async fn upscale(&self, request: UpscaleRequest) -> Result<Vec<image::DynamicImage>, ApiError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        {
+            let q = lock(&self.queue);
+            let sent = self.has_engine() && !q.shutting_down && q.tx.as_ref().is_some_and(|tx| tx.send(EngineMsg::Upscale { request: Box::new(request), reply }).is_ok());
+            if !sent {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no_engine",
+                    None,
+                    "this process runs no models (a queue front, or shutting down): send extras requests to a worker",
+                ));
+            }
+        }
+        match rx.await {
+            Ok(Ok(images)) => Ok(images),
+            Ok(Err(msg)) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "upscale_failed", Some("upscaler_1".into()), msg)),
+            Err(_) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "engine_stopped", None, "the engine stopped")),
+        }
+    }
+
+    /// Asks the engine to read the embedding folders afresh (after the jobs queued before) and waits.
+    pub async fn reload_embeddings(&self) -> Result<(), ApiError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        {
+            let q = lock(&self.queue);
+            let sent = !q.shutting_down && q.tx.as_ref().is_some_and(|tx| tx.send(EngineMsg::ReloadEmbeddings { reply }).is_ok());
+            if !sent || !self.has_engine() {
+                return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", None, "this process loads no models (a front, or shutting down)"));
+            }
+        }
+        rx.await.map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "engine_stopped", None, "the engine stopped"))
     }
 
     /// Asks the engine to load the model `key` (after the jobs queued before) and waits for it.

@@ -18,6 +18,8 @@ use crate::jobs::{JobSpec, Operation};
 use crate::lora::{LoraFolders, LoraRequest};
 use sd_pipelines::hires::{HiresFix, HiresUpscaler};
 
+use crate::upscalers::UpscalerFolders;
+
 /// The JSON form of a [`JobSpec`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WireSpec {
@@ -186,7 +188,7 @@ impl WireSpec {
         let hires = spec.hires.as_ref().map(|h| WireHires {
             width: h.width,
             height: h.height,
-            upscaler: h.upscaler.name().to_string(),
+            upscaler: h.upscaler_name().to_string(),
             steps: h.steps,
             strength: h.strength,
         });
@@ -221,7 +223,7 @@ impl WireSpec {
 
     /// Rebuilds the spec, resolving every file inside this worker's own folders (a file missing
     /// here fails the job naming the field).
-    pub fn decode(self, loras: &LoraFolders, controlnets: &ControlNetFolders) -> Result<JobSpec, JobError> {
+    pub fn decode(self, loras: &LoraFolders, controlnets: &ControlNetFolders, upscalers: &UpscalerFolders) -> Result<JobSpec, JobError> {
         let p = self.params;
         let mut sampler: Sampler = p.sampler.parse().map_err(|e: sd_core::Error| bad("sampler", e.to_string()))?;
         if let Some(s) = &p.schedule {
@@ -274,13 +276,15 @@ impl WireSpec {
         }
         let hires = match self.hires {
             None => None,
-            Some(h) => Some(HiresFix {
-                width: h.width,
-                height: h.height,
-                upscaler: h.upscaler.parse::<HiresUpscaler>().map_err(|e| bad("hr_upscaler", e.to_string()))?,
-                steps: h.steps,
-                strength: h.strength,
-            }),
+            Some(h) => {
+                // A model upscaler travels by name and is found in this worker's own upscaler folders.
+                let esrgan = match h.upscaler.parse::<HiresUpscaler>() {
+                    Ok(_) => None,
+                    Err(_) => Some(upscalers.resolve(&h.upscaler).ok_or_else(|| bad("hr_upscaler", format!("no upscaler {:?} in this worker's --upscaler-dir folders", h.upscaler)))?),
+                };
+                let upscaler = if esrgan.is_some() { HiresUpscaler::Esrgan } else { h.upscaler.parse::<HiresUpscaler>().map_err(|e| bad("hr_upscaler", e.to_string()))? };
+                Some(HiresFix { width: h.width, height: h.height, upscaler, steps: h.steps, strength: h.strength, esrgan })
+            }
         };
         Ok(JobSpec { operation, params, loras: resolved, controlnets: units, hires, partial_on_cancel: self.partial_on_cancel, model: self.model.clone() })
     }
@@ -330,7 +334,7 @@ mod tests {
                 eta_noise_seed_delta: 31337,
             },
             loras: vec![ResolvedLora { name: "sd15_kohya".into(), path: lora_path.clone(), strength: -0.5, text_encoder_strength: Some(0.25) }],
-            hires: Some(HiresFix { width: 128, height: 96, upscaler: HiresUpscaler::LatentNearest, steps: Some(9), strength: 0.55 }),
+            hires: Some(HiresFix { width: 128, height: 96, upscaler: HiresUpscaler::LatentNearest, steps: Some(9), strength: 0.55, esrgan: None }),
             partial_on_cancel: true,
             model: "xl/other".into(),
             controlnets: vec![ResolvedControlNet {
@@ -346,7 +350,7 @@ mod tests {
         let wire = WireSpec::encode(&spec, &loras, &controlnets).expect("encode");
         assert_eq!(wire.loras[0].path, "sd15_kohya.safetensors", "paths travel relative to their folder");
         let text = serde_json::to_string(&wire).expect("json");
-        let back = serde_json::from_str::<WireSpec>(&text).expect("parse").decode(&loras, &controlnets).expect("decode");
+        let back = serde_json::from_str::<WireSpec>(&text).expect("parse").decode(&loras, &controlnets, &UpscalerFolders::default()).expect("decode");
         let (p, q) = (&spec.params, &back.params);
         assert_eq!((&p.prompt, &p.negative_prompt, p.width, p.height, p.steps), (&q.prompt, &q.negative_prompt, q.width, q.height, q.steps));
         assert_eq!((p.guidance_scale, p.seed, p.batch_size, p.sampler, p.clip_skip, p.noise), (q.guidance_scale, q.seed, q.batch_size, q.sampler, q.clip_skip, q.noise));
@@ -368,14 +372,14 @@ mod tests {
 
         // A worker without the file (or whose folders do not hold it) fails the job naming the field.
         let elsewhere = LoraFolders::new(&[fixtures().join("controlnet")]);
-        let e = serde_json::from_str::<WireSpec>(&text).expect("parse").decode(&elsewhere, &controlnets).expect_err("missing LoRA");
+        let e = serde_json::from_str::<WireSpec>(&text).expect("parse").decode(&elsewhere, &controlnets, &UpscalerFolders::default()).expect_err("missing LoRA");
         assert_eq!((e.code, e.field.as_deref()), ("invalid_lora", Some("loras[0].path")));
         let mut escape: WireSpec = serde_json::from_str(&text).expect("parse");
         escape.loras[0].path = "../lora/sd15_kohya.safetensors".into();
-        assert!(escape.decode(&elsewhere, &controlnets).is_err(), "`..` never leaves the folders");
+        assert!(escape.decode(&elsewhere, &controlnets, &UpscalerFolders::default()).is_err(), "`..` never leaves the folders");
         let mut escape: WireSpec = serde_json::from_str(&text).expect("parse");
         escape.controlnets[0].path = "/etc".into();
-        let e = escape.decode(&loras, &controlnets).expect_err("absolute ControlNet path");
+        let e = escape.decode(&loras, &controlnets, &UpscalerFolders::default()).expect_err("absolute ControlNet path");
         assert_eq!(e.field.as_deref(), Some("controlnets[0].model"));
     }
 }

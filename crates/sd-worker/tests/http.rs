@@ -1864,3 +1864,102 @@ fn models_dir_checkpoints_switch_without_dropping_queued_jobs() {
     s.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn refresh_embeddings_picks_up_added_and_removed_files_without_a_reload() {
+    let dir = std::env::temp_dir().join(format!("sd-worker-refresh-emb-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::copy(fixture("embeddings/mystyle.pt"), dir.join("mystyle.pt")).expect("copy");
+    let mut cfg = config("sd15");
+    cfg.embedding_dirs = vec![dir.clone()];
+    let s = Server::start(cfg);
+    let names = |s: &Server| -> (Vec<String>, Vec<String>) {
+        let v = s.get("/sdapi/v1/embeddings").json();
+        let keys = |k: &str| v[k].as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
+        (keys("loaded"), keys("skipped"))
+    };
+    assert_eq!(names(&s), (vec!["mystyle".to_string()], vec![]));
+    let txt = json!({"prompt": "a badhand cat", "width": 32, "height": 32, "steps": 1, "seed": 1});
+    let before = s.post("/sdapi/v1/txt2img", &txt);
+    std::fs::copy(fixture("embeddings/badhand.safetensors"), dir.join("badhand.safetensors")).expect("copy");
+    std::fs::copy(fixture("embeddings/xlstyle.safetensors"), dir.join("xlstyle.safetensors")).expect("copy");
+    std::fs::remove_file(dir.join("mystyle.pt")).expect("remove");
+    assert_eq!(s.post("/sdapi/v1/refresh-embeddings", &json!({})).status, 200);
+    assert_eq!(names(&s), (vec!["badhand".to_string()], vec!["xlstyle".to_string()]));
+    // The prompt now reads the new embedding (a different picture, and its hash in the infotext).
+    let after = s.post("/sdapi/v1/txt2img", &txt);
+    assert_ne!(pixels_of(&before.json()), pixels_of(&after.json()));
+    let info: Value = serde_json::from_str(after.json()["info"].as_str().expect("info")).expect("info json");
+    assert!(info["infotexts"][0].as_str().is_some_and(|t| t.contains("TI hashes: \"badhand: ")), "{info}");
+    let m = s.get("/metrics").text();
+    assert!(m.contains("sd_worker_model_loads_total 1"), "no reload: {m}");
+    s.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn esrgan_upscalers_serve_the_extras_routes_and_the_hires_fix() {
+    use sd_pipelines::hires::{upscale_image, PixelUpscale};
+    let mut cfg = config("sd15");
+    cfg.upscaler_dirs = vec![fixture("esrgan")];
+    let s = Server::start(cfg);
+    let listed = s.get("/sdapi/v1/upscalers").json();
+    let names: Vec<&str> = listed.as_array().expect("list").iter().filter_map(|u| u["name"].as_str()).collect();
+    assert!(names.starts_with(&["None", "Lanczos", "Nearest"]) && names.contains(&"realesrgan_x4_params_ema"), "{listed}");
+    let x4 = listed.as_array().and_then(|l| l.iter().find(|u| u["name"] == "realesrgan_x4_params_ema").cloned()).expect("x4");
+    assert_eq!(x4["scale"], 4);
+
+    let input = png(16, 12, |x, y| [(x * 15) as u8, (y * 20) as u8, ((x + y) * 7) as u8]);
+    let net = sd_models::esrgan::RrdbNet::load(&fixture("esrgan/realesrgan_x4_params_ema.pth"), &candle_core::Device::Cpu).expect("net");
+    let src = image::load_from_memory(&input).expect("png");
+    let expected = upscale_image(&src, 32, 24, PixelUpscale::Model(&net)).expect("upscale").to_rgb8();
+    let r = s.post("/sdapi/v1/extra-single-image", &json!({"image": b64(&input), "upscaler_1": "realesrgan_x4_params_ema", "upscaling_resize": 2}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let got = decode_png(v["image"].as_str().expect("image")).to_rgb8();
+    assert_eq!(got.dimensions(), (32, 24));
+    assert_eq!(got.as_raw(), expected.as_raw(), "the route runs the model as the library does");
+    assert!(v["html_info"].as_str().is_some_and(|i| i.contains("Postprocess upscale by: 2") && i.contains("realesrgan_x4_params_ema")), "{v}");
+    // upscaler_2 blended at half visibility, as PIL's Image.blend.
+    let nearest = upscale_image(&src, 32, 24, PixelUpscale::Nearest).expect("nearest").to_rgb8();
+    let r = s.post("/sdapi/v1/extra-single-image", &json!({"image": b64(&input), "upscaler_1": "realesrgan_x4_params_ema", "upscaler_2": "Nearest",
+        "extras_upscaler_2_visibility": 0.5, "upscaling_resize": 2}));
+    let blended = decode_png(r.json()["image"].as_str().expect("image")).to_rgb8();
+    for ((b, a), n) in blended.pixels().zip(expected.pixels()).zip(nearest.pixels()) {
+        for c in 0..3 {
+            assert_eq!(b.0[c], (f32::from(a.0[c]) * 0.5 + f32::from(n.0[c]) * 0.5) as u8);
+        }
+    }
+    // To a size, centre-cropped; a batch; "None" leaves the picture as it is.
+    let r = s.post("/sdapi/v1/extra-single-image", &json!({"image": b64(&input), "upscaler_1": "Lanczos", "resize_mode": 1, "upscaling_resize_w": 40, "upscaling_resize_h": 20}));
+    assert_eq!(decode_png(r.json()["image"].as_str().expect("image")).to_rgb8().dimensions(), (40, 20));
+    let r = s.post("/sdapi/v1/extra-batch-images", &json!({"imageList": [{"data": b64(&input), "name": "a"}, {"data": b64(&input), "name": "b"}], "upscaler_1": "Nearest"}));
+    assert_eq!(r.json()["images"].as_array().map(Vec::len), Some(2), "{}", r.text());
+    let r = s.post("/sdapi/v1/extra-single-image", &json!({"image": b64(&input)}));
+    assert_eq!(decode_png(r.json()["image"].as_str().expect("image")).to_rgb8().as_raw(), src.to_rgb8().as_raw());
+    // Refusals name the field.
+    for (body, field) in [
+        (json!({"image": b64(&input), "gfpgan_visibility": 1}), "gfpgan_visibility"),
+        (json!({"image": b64(&input), "upscaler_1": "../esrgan/realesrgan_x4_params_ema"}), "upscaler_1"),
+        (json!({"image": b64(&input), "resize_mode": 3}), "resize_mode"),
+        (json!({"image": b64(&input), "upscaling_resize": 100}), "upscaling_resize"),
+        (json!({"upscaler_1": "Lanczos"}), "image"),
+        (json!({"image": "not base64!"}), "image"),
+    ] {
+        assert_error(&s.post("/sdapi/v1/extra-single-image", &body), 400, field);
+    }
+    assert_error(&s.post("/sdapi/v1/extra-batch-images", &json!({"imageList": []})), 400, "imageList");
+
+    // Hires fix through an ESRGAN model: the target size, and A1111's infotext.
+    let r = s.post("/sdapi/v1/txt2img", &json!({"prompt": "a fox", "width": 32, "height": 32, "steps": 2, "seed": 3,
+        "enable_hr": true, "hr_scale": 2, "hr_upscaler": "realesrgan_x4_params_ema", "denoising_strength": 0.5}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(decode_png(v["images"][0].as_str().expect("image")).to_rgb8().dimensions(), (64, 64));
+    let info: Value = serde_json::from_str(v["info"].as_str().expect("info")).expect("info json");
+    assert!(info["infotexts"][0].as_str().is_some_and(|t| t.contains("Hires upscaler: realesrgan_x4_params_ema")), "{info}");
+    let r = s.post("/sdapi/v1/txt2img", &json!({"prompt": "a fox", "width": 32, "height": 32, "steps": 2, "enable_hr": true, "hr_upscaler": "4x-Missing"}));
+    assert_error(&r, 400, "hr_upscaler");
+    s.shutdown();
+}
