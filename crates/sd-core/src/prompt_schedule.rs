@@ -427,6 +427,55 @@ pub fn schedule_index(ends: impl IntoIterator<Item = usize>, call: usize) -> usi
     ends.into_iter().position(|end| call <= end).unwrap_or(0)
 }
 
+/// A1111's composable diffusion: the prompt split at every whole word `AND` (as its `\bAND\b`), each
+/// part with the weight an optional trailing `:number` gives (1 when absent, the `:number` removed), as
+/// A1111's `get_multicond_prompt_list` does. A prompt without `AND` is one part, its text unchanged unless
+/// it ends in `:number`.
+pub fn split_and(prompt: &str) -> Vec<(String, f64)> {
+    let word = |c: char| c.is_alphanumeric() || c == '_';
+    let chars: Vec<(usize, char)> = prompt.char_indices().collect();
+    let mut parts = Vec::new();
+    let mut start = 0;
+    let mut i = 0;
+    while i + 2 < chars.len() {
+        let (at, c) = chars[i];
+        let is_and = c == 'A' && chars[i + 1].1 == 'N' && chars[i + 2].1 == 'D';
+        let before_ok = i == 0 || !word(chars[i - 1].1);
+        let after_ok = chars.get(i + 3).is_none_or(|&(_, c)| !word(c));
+        if is_and && before_ok && after_ok {
+            parts.push(&prompt[start..at]);
+            start = chars.get(i + 3).map_or(prompt.len(), |&(j, _)| j);
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    parts.push(&prompt[start..]);
+    parts.into_iter().map(weighted).collect()
+}
+
+/// A1111's `re_weight`: `text` then an optional `:` number at the very end (spaces around allowed); the
+/// text loses its trailing whitespace either way.
+fn weighted(part: &str) -> (String, f64) {
+    let trimmed = part.trim_end();
+    if let Some(colon) = trimmed.rfind(':') {
+        let number = trimmed[colon + 1..].trim_start();
+        let digits = number.strip_prefix(['+', '-']).unwrap_or(number);
+        // `\d+\.?` or `\d*\.\d+`: digits with at most one dot, at least one digit.
+        let valid = !digits.is_empty()
+            && digits.chars().all(|c| c.is_ascii_digit() || c == '.')
+            && digits.matches('.').count() <= 1
+            && digits.chars().any(|c| c.is_ascii_digit());
+        if valid {
+            if let Ok(w) = number.parse::<f64>() {
+                return (trimmed[..colon].trim_end().to_string(), w);
+            }
+        }
+    }
+    // The lazy text group leaves trailing whitespace to the pattern's final `\s*`.
+    (trimmed.to_string(), 1.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -479,5 +528,22 @@ mod tests {
         assert_eq!(prompt_schedule(&many, 10, None)[0].text, many, "a | outside alternation: literal");
         let big = "[a:b:1e400]";
         assert_eq!(prompt_schedule(big, 10, None), vec![ScheduledPrompt { end_at_step: 10, text: "a".into() }]);
+    }
+
+    #[test]
+    fn and_splits_as_a1111_composable_diffusion() {
+        let parts = |p: &str| split_and(p);
+        assert_eq!(parts("a cat"), vec![("a cat".to_string(), 1.0)]);
+        assert_eq!(parts("a cat AND a dog "), vec![("a cat".to_string(), 1.0), (" a dog".to_string(), 1.0)]);
+        assert_eq!(parts("a cat :1.5 AND a dog:0.5"), vec![("a cat".to_string(), 1.5), (" a dog".to_string(), 0.5)]);
+        assert_eq!(parts("ANDROID AND BAND and sand"), vec![("ANDROID".to_string(), 1.0), (" BAND and sand".to_string(), 1.0)]);
+        assert_eq!(parts("x:-2"), vec![("x".to_string(), -2.0)]);
+        assert_eq!(parts("x: .5"), vec![("x".to_string(), 0.5)]);
+        assert_eq!(parts("x:3."), vec![("x".to_string(), 3.0)]);
+        // Not a trailing weight: kept as text (A1111 would send it to CLIP as written).
+        assert_eq!(parts("(a:1.2) b"), vec![("(a:1.2) b".to_string(), 1.0)]);
+        assert_eq!(parts("a:1.2.3"), vec![("a:1.2.3".to_string(), 1.0)]);
+        assert_eq!(parts("AND"), vec![("".to_string(), 1.0), ("".to_string(), 1.0)]);
+        assert_eq!(parts("é AND_x ANDé (AND)"), vec![("é AND_x ANDé (".to_string(), 1.0), (")".to_string(), 1.0)]);
     }
 }

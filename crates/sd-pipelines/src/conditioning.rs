@@ -215,15 +215,17 @@ pub fn build_conditioning(
     batch: usize,
     size: (usize, usize),
 ) -> Result<Conditioning> {
-    conditioning_for(models, prompt, negative, negative.is_empty(), clip_skip, guided, batch, size)
+    conditioning_for(models, &[prompt], negative, negative.is_empty(), clip_skip, guided, batch, size)
 }
 
-/// [`build_conditioning`], where `zero_negative` says whether SDXL's negative half is zeros (an empty
-/// negative prompt; with prompt editing, one that is empty at every step, as A1111 decides it).
+/// [`build_conditioning`] for one or more positive prompts (A1111's composable diffusion: the batch is the
+/// negative then each prompt in turn, all padded to one length), where `zero_negative` says whether SDXL's
+/// negative half is zeros (an empty negative prompt; with prompt editing, one that is empty at every step,
+/// as A1111 decides it).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conditioning_for(
     models: &StableDiffusionModels,
-    prompt: &str,
+    prompts: &[&str],
     negative: &str,
     zero_negative: bool,
     clip_skip: usize,
@@ -232,9 +234,13 @@ pub(crate) fn conditioning_for(
     (height, width): (usize, usize),
 ) -> Result<Conditioning> {
     let sdxl = models.config.variant.family() == ModelFamily::Sdxl;
-    let pos = encode_prompt(models, prompt, clip_skip)?;
+    let positives = prompts.iter().map(|p| encode_prompt(models, p, clip_skip)).collect::<Result<Vec<_>>>()?;
+    let pos = positives.first().ok_or(Error::invalid("prompt", "no prompt to encode"))?;
     let mut halves = Vec::new();
-    let mut len = pos.context.dim(1)?;
+    let mut len = 0;
+    for p in &positives {
+        len = len.max(p.context.dim(1)?);
+    }
     if guided {
         // SDXL with an empty negative prompt gets zero embeddings (built below at the final length).
         let neg = if sdxl && zero_negative {
@@ -253,7 +259,9 @@ pub(crate) fn conditioning_for(
         };
         halves.push(neg);
     }
-    halves.push(pad_to(models, pos, len, clip_skip)?);
+    for pos in positives {
+        halves.push(pad_to(models, pos, len, clip_skip)?);
+    }
 
     let repeat = |t: &Tensor| -> Result<Tensor> {
         let mut dims = vec![1usize; t.rank()];

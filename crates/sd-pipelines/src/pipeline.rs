@@ -6,7 +6,7 @@ use sd_models::unet::{AddedCond, UNetConditioning};
 use sd_models::PredictionType as ModelPrediction;
 
 use crate::conditioning::{conditioning_for, Conditioning};
-use sd_core::prompt_schedule::{prompt_schedule, schedule_index};
+use sd_core::prompt_schedule::{prompt_schedule, schedule_index, split_and, ScheduledPrompt};
 use crate::control::ResidualHook;
 use crate::error::{Error, Result};
 use crate::schedulers::{
@@ -119,8 +119,24 @@ pub fn scheduler_config(models: &StableDiffusionModels) -> Result<SchedulerConfi
     Ok(c)
 }
 
+/// Whether the unconditional prediction is computed: with guidance, and always for A1111's composable
+/// diffusion (`AND`, or a part weight other than 1), whose blend is relative to it.
 fn guided(p: &GenerationParams) -> bool {
-    p.guidance_scale > 1.0
+    p.guidance_scale > 1.0 || !plain_prompt(p)
+}
+
+/// A prompt that is one part of weight 1 (no composable diffusion).
+fn plain_prompt(p: &GenerationParams) -> bool {
+    matches!(split_and(&p.prompt).as_slice(), [(_, w)] if *w == 1.0)
+}
+
+/// UNet batch copies of the latents: the unconditional one (when guided) and one per prompt part.
+fn batch_copies(p: &GenerationParams) -> usize {
+    if guided(p) {
+        1 + split_and(&p.prompt).len()
+    } else {
+        1
+    }
 }
 
 fn use_tiling(p: &GenerationParams, latent_pixels: usize) -> bool {
@@ -214,25 +230,28 @@ impl PromptClock {
 }
 
 /// The conditioning of each stretch of model calls: A1111 prompt editing (`[from:to:when]`) and
-/// alternation (`[a|b]`) in the prompt and the negative prompt resolved per call, each distinct pair of
-/// texts encoded once. `(last call, conditioning)` in call order; a plain prompt gives one entry.
+/// alternation (`[a|b]`) in each part of the prompt (A1111's composable diffusion splits it at `AND`) and
+/// in the negative prompt resolved per call, each distinct set of texts encoded once. `(last call,
+/// conditioning)` in call order; a plain prompt gives one entry.
 fn conditioning_schedule(models: &StableDiffusionModels, p: &GenerationParams, clock: PromptClock) -> Result<Vec<(usize, Conditioning)>> {
-    let pos = prompt_schedule(&p.prompt, clock.base, clock.hires);
+    let parts: Vec<Vec<ScheduledPrompt>> = split_and(&p.prompt).iter().map(|(text, _)| prompt_schedule(text, clock.base, clock.hires)).collect();
     // Without guidance the negative prompt is never encoded: its schedule must not split the stretches.
     let neg = if guided(p) { prompt_schedule(&p.negative_prompt, clock.base, clock.hires) } else { prompt_schedule("", clock.base, clock.hires) };
     // A1111 zeroes SDXL's negative conditioning only when every scheduled negative text is empty.
     let zero_negative = neg.iter().all(|e| e.text.is_empty());
-    let ends: std::collections::BTreeSet<usize> = pos.iter().chain(&neg).map(|e| e.end_at_step).collect();
-    let mut built: Vec<((usize, usize), Conditioning)> = Vec::new();
+    let ends: std::collections::BTreeSet<usize> = parts.iter().flatten().chain(&neg).map(|e| e.end_at_step).collect();
+    let mut built: Vec<((Vec<usize>, usize), Conditioning)> = Vec::new();
     let mut out = Vec::with_capacity(ends.len());
     for end in ends {
-        let key = (schedule_index(pos.iter().map(|e| e.end_at_step), end), schedule_index(neg.iter().map(|e| e.end_at_step), end));
+        let at = |s: &[ScheduledPrompt]| schedule_index(s.iter().map(|e| e.end_at_step), end);
+        let key = (parts.iter().map(|s| at(s)).collect::<Vec<_>>(), at(&neg));
         let cond = match built.iter().find(|(k, _)| *k == key) {
             Some((_, c)) => c.clone(),
             None => {
+                let texts: Vec<&str> = parts.iter().zip(&key.0).map(|(s, &i)| s[i].text.as_str()).collect();
                 let c = conditioning_for(
                     models,
-                    &pos[key.0].text,
+                    &texts,
                     &neg[key.1].text,
                     zero_negative,
                     p.clip_skip,
@@ -343,7 +362,7 @@ fn prepare_inpaint(
         let masked_image = image.broadcast_mul(&mask.lt(0.5)?.to_dtype(DType::F32)?)?;
         let masked_latents = encode(models, &masked_image, p, noise)?.repeat((p.batch_size, 1, 1, 1))?;
         let extra = Tensor::cat(&[&latent_mask, &masked_latents], 1)?;
-        let extra = if guided(p) { Tensor::cat(&[&extra, &extra], 0)? } else { extra };
+        let extra = Tensor::cat(&vec![&extra; batch_copies(p)], 0)?;
         InpaintState { extra_channels: Some(extra), blend: None }
     } else {
         // diffusers encodes the masked image for 4-channel models too (and ignores it); drawing
@@ -379,6 +398,10 @@ fn denoise(
     run: &mut RunContext<'_>,
 ) -> Result<Tensor> {
     let g = guided(p);
+    let copies = batch_copies(p);
+    // Composable diffusion: the guided prediction is uncond + Σ wᵢ·(condᵢ − uncond), A1111's
+    // `combine_denoised` (which blends the denoised latents: the same sum, as x₀ is affine in ε).
+    let weights: Vec<f64> = split_and(&p.prompt).into_iter().map(|(_, w)| w).collect();
     let timesteps = sched.timesteps().to_vec();
     let total = timesteps.len().saturating_sub(start);
     let added = |c: &Conditioning| match (&c.text_embeds, &c.time_ids) {
@@ -390,7 +413,7 @@ fn denoise(
         // A1111 counts prompt-editing steps in model calls from the start of the pass.
         let cond = &cond[schedule_index(cond.iter().map(|(end, _)| *end), i - start)].1;
         unet_cond.added = added(cond);
-        let input = if g { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+        let input = if copies > 1 { Tensor::cat(&vec![&latents; copies], 0)? } else { latents.clone() };
         let input = sched.scale_model_input(&input, i)?;
         if let Some(hook) = hook.as_deref_mut() {
             // The hook sees the latents before the inpainting channels, as diffusers' `control_model_input`.
@@ -407,7 +430,17 @@ fn denoise(
         latents = if g {
             // Both predictions go to the scheduler: CFG++-style samplers need the unconditional one alone.
             let n = latents.dim(0)?;
-            sched.step_guided(&out.narrow(0, 0, n)?, &out.narrow(0, n, n)?, p.guidance_scale, i, &latents, noise)?
+            let uncond = out.narrow(0, 0, n)?;
+            let cond = if plain_prompt(p) {
+                out.narrow(0, n, n)?
+            } else {
+                let mut sum = uncond.clone();
+                for (k, w) in weights.iter().enumerate() {
+                    sum = (sum + ((out.narrow(0, n * (k + 1), n)? - &uncond)? * *w)?)?;
+                }
+                sum
+            };
+            sched.step_guided(&uncond, &cond, p.guidance_scale, i, &latents, noise)?
         } else {
             sched.step(&out, i, &latents, noise)?
         };

@@ -102,3 +102,33 @@ fn a_hires_fix_counts_fractions_over_both_passes() {
     assert!(!same(&run("a [cat:dog:0.9]"), &run("a cat")));
     assert!(same(&run("a [cat:dog:1.9]"), &run("a cat")), "the first pass is all 'cat', the second switches after its last call");
 }
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).and_then(|d| d.abs()).and_then(|d| d.flatten_all()).and_then(|d| d.max(0)).and_then(|d| d.to_scalar::<f32>()).expect("diff")
+}
+
+#[test]
+fn composable_diffusion_blends_each_part_against_the_unconditional_prediction() {
+    // A1111: guided = uncond + Σ wᵢ·scale·(condᵢ − uncond). Two equal parts of weight ½ are the plain prompt;
+    // two of weight 1 are the plain prompt at twice the scale; so is one part of weight 2, even at scale 1
+    // (composable prompts always compute the unconditional prediction).
+    for name in ["sd15", "sdxl"] {
+        let m = models(name);
+        let run = |prompt: &str, scale: f64| {
+            let mut p = request(&m, prompt, 3);
+            p.guidance_scale = scale;
+            latents(&m, &p)
+        };
+        let plain = run("a cat", 4.0);
+        let doubled = run("a cat", 8.0);
+        assert!(max_diff(&run("a cat:0.5 AND a cat :0.5", 4.0), &plain) < 1e-4, "{name}: halves");
+        assert!(max_diff(&run("a cat AND a cat", 4.0), &doubled) < 1e-4, "{name}: two parts");
+        assert!(max_diff(&run("a cat :2", 4.0), &doubled) < 1e-4, "{name}: one part of weight 2");
+        assert!(max_diff(&run("a cat:2", 1.0), &run("a cat", 2.0)) < 1e-4, "{name}: weight 2 at scale 1");
+        // Different parts really steer: neither part's picture alone.
+        let both = run("a cat AND a dog", 4.0);
+        assert!(max_diff(&both, &plain) > 1e-3 && max_diff(&both, &run("a dog", 4.0)) > 1e-3, "{name}: two prompts");
+        // Prompt editing works inside a part: [cat:dog:0] is "dog" from the first call.
+        assert!(max_diff(&run("a [cat:dog:0] AND a cat", 4.0), &run("a dog AND a cat", 4.0)) == 0.0, "{name}: editing in a part");
+    }
+}
