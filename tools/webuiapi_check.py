@@ -43,7 +43,8 @@ def main() -> int:
     check("loras list the LoRA folder", any(l["name"] == "sd15_kohya" for l in api.get_loras()))
     emb = api.get_embeddings()
     check("embeddings are loaded", "mystyle" in emb["loaded"] and "xlstyle" in emb["skipped"], str(emb))
-    check("upscalers answer", isinstance(api.get_upscalers(), list))
+    ups = [u["name"] for u in api.get_upscalers()]
+    check("upscalers list the upscaler folder", "realesrgan_x4_params_ema" in ups, str(ups))
     check("options answer", "sd_model_checkpoint" in api.get_options())
     api.util_set_model("sd15")
     check("util_set_model to the loaded model", api.util_get_current_model().startswith("sd15"), api.util_get_current_model())
@@ -76,6 +77,13 @@ def main() -> int:
 
     hr = api.txt2img(prompt="a house", width=32, height=32, steps=2, seed=3, enable_hr=True, hr_scale=1.5, denoising_strength=0.6)
     check("hires fix renders at the scaled size", hr.image.size == (48, 48), str(hr.image.size))
+    hr = api.txt2img(prompt="a cat", width=32, height=32, steps=2, seed=5, enable_hr=True, hr_scale=2,
+                     hr_upscaler="realesrgan_x4_params_ema", denoising_strength=0.5)
+    check("hires fix through an ESRGAN model", hr.image.size == (64, 64) and "Hires upscaler: realesrgan_x4_params_ema" in hr.info["infotexts"][0], str(hr.info["infotexts"][0]))
+    up = api.extra_single_image(image=hr.image, upscaler_1="realesrgan_x4_params_ema", upscaling_resize=2)
+    check("extra-single-image upscales with an ESRGAN model", up.image.size == (128, 128), str(up.image.size))
+    up = api.extra_batch_images(images=[hr.image, hr.image], upscaler_1="Lanczos", upscaling_resize=1.5)
+    check("extra-batch-images upscales each picture", [i.size for i in up.images] == [(96, 96), (96, 96)], str([i.size for i in up.images]))
     var = api.txt2img(prompt="a house", width=32, height=32, steps=2, seed=3, subseed=9, subseed_strength=0.4)
     check("variation seeds answer", "Variation seed: 9" in var.info["infotexts"][0], var.info["infotexts"][0])
     editing = api.txt2img(prompt="a [red:blue:1] [house|tree]", width=32, height=32, steps=3, seed=3)
