@@ -163,7 +163,7 @@ impl Capabilities {
     /// The denoising steps a `task_kind` run at `strength` takes with `steps` steps.
     pub fn steps_run(&self, task_kind: TaskKind, steps: usize, strength: f64) -> usize {
         match (task_kind, self.strength_rounding) {
-            (TaskKind::TextToImage, _) => steps,
+            (TaskKind::TextToImage | TaskKind::Edit, _) => steps,
             (TaskKind::Inpaint, StrengthRounding::Floor) if strength >= 1.0 => steps,
             (_, StrengthRounding::Floor) => crate::schedulers::img2img_steps(steps, strength),
             (_, StrengthRounding::FlowMatch) => steps - flow_match::img2img_start(steps, strength).min(steps),
@@ -199,6 +199,19 @@ impl Capabilities {
             Task::Inpaint(t) => {
                 crate::run::check_image("image", t.image, 3, r.height, r.width)?;
                 crate::run::check_image("mask", t.mask, 1, r.height, r.width)?;
+            }
+            Task::Edit(t) => {
+                if t.images.is_empty() {
+                    return Err(Error::invalid("images", "an edit needs at least one reference image"));
+                }
+                for img in t.images {
+                    let dims = img.dims();
+                    if dims.len() != 4 || dims[0] != 1 || dims[1] != 3 {
+                        return Err(Error::invalid("images", format!("a reference image is [1, 3, h, w]; got {dims:?}")));
+                    }
+                    crate::run::check_size(dims[3], dims[2], self.size_multiple, " (the model's size multiple)")
+                        .map_err(|e| Error::invalid("images", format!("a reference image's size: {e}")))?;
+                }
             }
             _ => {}
         }

@@ -289,6 +289,17 @@ pub enum Task<'a> {
     /// Re-generate from latents instead of pixels (see [`LatentsToImage`]): the second pass of a hires fix
     /// with a latent upscaler; diffusers' img2img given 4-channel "images".
     LatentsToImage(LatentsToImage<'a>),
+    /// Edit after reference images (see [`Edit`]): the images join the model's input as extra tokens and
+    /// the prompt says what to change (FLUX.1 Kontext).
+    Edit(Edit<'a>),
+}
+
+/// Extra inputs of a reference-image edit.
+#[derive(Debug, Clone)]
+pub struct Edit<'a> {
+    /// Reference images, each `[1, 3, h, w]` in [-1, 1] at its own size (sides multiples of the model's
+    /// size multiple; the output size is the request's).
+    pub images: &'a [Tensor],
 }
 
 /// Extra inputs of an img2img run that starts from latents.
@@ -309,6 +320,7 @@ impl Task<'_> {
             Task::ImageToImage(_) => TaskKind::ImageToImage,
             Task::Inpaint(_) => TaskKind::Inpaint,
             Task::LatentsToImage(_) => TaskKind::ImageToImage,
+            Task::Edit(_) => TaskKind::Edit,
         }
     }
 
@@ -320,7 +332,7 @@ impl Task<'_> {
     /// The strength of an img2img or inpaint task.
     pub fn strength(&self) -> Option<f64> {
         match self {
-            Task::TextToImage => None,
+            Task::TextToImage | Task::Edit(_) => None,
             Task::ImageToImage(t) => Some(t.strength),
             Task::Inpaint(t) => Some(t.strength),
             Task::LatentsToImage(t) => Some(t.strength),
@@ -341,6 +353,8 @@ pub enum TaskKind {
     ImageToImage,
     /// Repaint the masked part of an image.
     Inpaint,
+    /// Edit after reference images.
+    Edit,
 }
 
 impl TaskKind {
@@ -350,6 +364,7 @@ impl TaskKind {
             TaskKind::TextToImage => "txt2img",
             TaskKind::ImageToImage => "img2img",
             TaskKind::Inpaint => "inpaint",
+            TaskKind::Edit => "edit",
         }
     }
 }

@@ -25,11 +25,17 @@ pub fn image_seq_len(width: usize, height: usize, vae_scale_factor: usize) -> us
 /// Position ids `[(h/2)·(w/2), 3]` of the packed tokens of an `h × w` latent: 0, row, column
 /// (diffusers' `_prepare_latent_image_ids`).
 pub fn latent_image_ids(h: usize, w: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    image_ids(0, h, w, dtype, device)
+}
+
+/// Position ids of packed tokens `[(h/2)·(w/2), 3]`: `(index, row, column)`. The generated image is index
+/// 0; FLUX.1 Kontext's reference image is index 1 (diffusers' `image_ids[..., 0] = 1`).
+pub fn image_ids(index: usize, h: usize, w: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let (ph, pw) = (h / 2, w / 2);
     let mut v = Vec::with_capacity(ph * pw * 3);
     for r in 0..ph {
         for c in 0..pw {
-            v.extend_from_slice(&[0f32, r as f32, c as f32]);
+            v.extend_from_slice(&[index as f32, r as f32, c as f32]);
         }
     }
     Ok(Tensor::from_vec(v, (ph * pw, 3), device)?.to_dtype(dtype)?)

@@ -137,6 +137,10 @@ pub struct FluxModels {
     pub device: Device,
     /// What each LoRA of [`FluxLoadOptions::loras`] merged (and left unmatched).
     pub lora_report: Vec<AdapterReport>,
+    /// A FLUX.1 Kontext model (the [dev] architecture trained to edit after a reference image): its
+    /// folder's `model_index.json` names `FluxKontextPipeline`, or its transformer's file or folder name
+    /// says "kontext" (BFL and ComfyUI files are named so; the weights alone cannot tell).
+    pub kontext: bool,
 }
 
 impl std::fmt::Debug for FluxModels {
@@ -206,6 +210,7 @@ pub fn load_source(source: &FluxSource, opts: &FluxLoadOptions) -> Result<FluxMo
         (None, None) => variant.scheduler_config(),
     };
     let dtype = transformer.dtype();
+    let kontext = variant == FluxVariant::Dev && is_kontext(source, &files.transformer);
     Ok(FluxModels {
         variant,
         transformer,
@@ -218,7 +223,23 @@ pub fn load_source(source: &FluxSource, opts: &FluxLoadOptions) -> Result<FluxMo
         dtype,
         device: device.clone(),
         lora_report,
+        kontext,
     })
+}
+
+/// Whether the model is FLUX.1 Kontext (see [`FluxModels::kontext`]).
+fn is_kontext(source: &FluxSource, transformer: &Path) -> bool {
+    if let FluxSource::Folder(dir) = source {
+        let class = std::fs::read_to_string(dir.join("model_index.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("_class_name").and_then(|c| c.as_str()).map(str::to_string));
+        if let Some(class) = class {
+            return class == "FluxKontextPipeline";
+        }
+    }
+    let named = |p: &Path| p.file_name().is_some_and(|n| n.to_string_lossy().to_ascii_lowercase().contains("kontext"));
+    named(transformer) || (transformer.file_name().is_some_and(|n| n == "transformer") && transformer.parent().is_some_and(named))
 }
 
 /// The component paths of a diffusers FLUX folder, checking that it is one.

@@ -7,6 +7,11 @@
 //! embedding: a non-zero `guidance_scale` is ignored with a `tracing` warning, and the output is
 //! exactly that of a run with guidance 0.
 //!
+//! Editing ([`Task::Edit`], FLUX.1 Kontext) follows diffusers' `FluxKontextPipeline`: the reference image is
+//! encoded with the VAE's posterior mode (no random draw), packed, and appended to the noise tokens with
+//! position ids whose first coordinate is 1; the prediction for those tokens is dropped every step. The
+//! output size is the request's; the schedule's shift follows the generated tokens only.
+//!
 //! Inpainting follows diffusers' `FluxInpaintPipeline` for the 64-channel FLUX.1 transformers: the
 //! image is encoded and noised to `strength` as for img2img; after every step the unmasked area is reset
 //! to the original latents noised to the next sigma (the clean latents after the last step), so only the
@@ -22,7 +27,7 @@ use sd_core::ModelFamily;
 
 use crate::config::FluxVariant;
 use crate::error::{Error, Result};
-use crate::latents::{image_seq_len, latent_image_ids, pack_latents, unpack_latents};
+use crate::latents::{image_ids, image_seq_len, latent_image_ids, pack_latents, unpack_latents};
 use crate::loader::FluxModels;
 use crate::text::{encode_prompt, PromptEmbeds, T5_MAX_LEN};
 
@@ -36,10 +41,14 @@ pub type FluxParams = Request;
 /// literally; sizes in multiples of 2 × the VAE factor (16).
 pub fn capabilities(models: &FluxModels) -> Capabilities {
     let v = models.variant;
+    let mut tasks = vec![TaskKind::TextToImage, TaskKind::ImageToImage, TaskKind::Inpaint];
+    if models.kontext {
+        tasks.push(TaskKind::Edit);
+    }
     Capabilities {
         family: ModelFamily::Flux,
-        variant: format!("flux-{}", v.name()),
-        tasks: vec![TaskKind::TextToImage, TaskKind::ImageToImage, TaskKind::Inpaint],
+        variant: if models.kontext { "flux-kontext-dev".to_string() } else { format!("flux-{}", v.name()) },
+        tasks,
         negative_prompt: false,
         sampler_choice: false,
         controlnet: false,
@@ -52,7 +61,8 @@ pub fn capabilities(models: &FluxModels) -> Capabilities {
         default_width: 1024,
         default_height: 1024,
         default_steps: v.default_steps(),
-        default_guidance: v.default_guidance(),
+        // diffusers' FluxKontextPipeline examples use 2.5.
+        default_guidance: if models.kontext { 2.5 } else { v.default_guidance() },
         sequence_length: Some((v.default_max_sequence_length(), T5_MAX_LEN)),
         strength_rounding: StrengthRounding::FlowMatch,
         scheduler: None,
@@ -85,7 +95,7 @@ fn unsupported(task: &Task<'_>) -> Error {
         Task::LatentsToImage(_) => "img2img from latents (pass pixels with Task::ImageToImage)",
         other => other.name(),
     };
-    Error::invalid("task", format!("FLUX.1 dev/schnell do not run {what}; they run txt2img, img2img and inpaint"))
+    Error::invalid("task", format!("FLUX.1 dev/schnell do not run {what}; they run txt2img, img2img and inpaint (and edits with a Kontext model)"))
 }
 
 /// Runs `task` for the request `p`: validates, encodes the prompt, draws every random tensor from
@@ -109,8 +119,21 @@ pub fn generate(models: &FluxModels, p: &FluxParams, task: &Task<'_>, run: &mut 
     let cond = conditioning(models, p)?;
     let mut noise = run.take_noise_for(p);
     let noise = noise.get();
+    let mut reference = None;
     let (x, start, blend) = match task {
         Task::TextToImage => (draw(noise, shape, &models.device)?, 0, None),
+        Task::Edit(t) => {
+            let [image] = t.images else {
+                return Err(Error::invalid("images", format!("FLUX.1 Kontext edits after one reference image; {} were given", t.images.len())));
+            };
+            // The posterior mode, as diffusers' Kontext `retrieve_latents(sample_mode="argmax")`: no draw.
+            let latents = encode_image_mode(models, image)?;
+            let (_, _, rh, rw) = latents.dims4()?;
+            let latents = latents.repeat((p.batch_size, 1, 1, 1))?;
+            let ids = image_ids(1, rh, rw, models.dtype, &models.device)?.unsqueeze(0)?.repeat((p.batch_size, 1, 1))?;
+            reference = Some((pack_latents(&latents)?, ids));
+            (draw(noise, shape, &models.device)?, 0, None)
+        }
         Task::ImageToImage(t) => {
             let start = sched.begin_at_strength(t.strength)?;
             // One image for the whole batch, or one per batch image.
@@ -133,7 +156,7 @@ pub fn generate(models: &FluxModels, p: &FluxParams, task: &Task<'_>, run: &mut 
         }
         other => return Err(unsupported(other)),
     };
-    let latents = denoise(models, p, &cond, &sched, pack_latents(&x)?, start, (lh, lw), blend.as_ref(), run)?;
+    let latents = denoise(models, p, &cond, &sched, pack_latents(&x)?, start, (lh, lw), blend.as_ref(), reference.as_ref(), run)?;
     let latents = unpack_latents(&latents, lh, lw)?;
     let images = decode_latents(models, &latents)?;
     Ok(FluxOutput { images, latents, seed: p.seed })
@@ -155,6 +178,16 @@ pub fn encode_image(models: &FluxModels, image: &Tensor, noise: &mut dyn NoiseSo
     let dist = vae.encode(&x)?;
     let eps = noise.randn(dist.mean.shape(), DType::F32, &Device::Cpu)?.to_device(vae.device())?;
     let z = dist.sample(&eps)?.to_dtype(DType::F32)?;
+    let cfg = vae.config();
+    Ok(((z - cfg.shift_factor.unwrap_or(0.0))? * cfg.scaling_factor)?)
+}
+
+/// Encodes a reference image `[1, 3, h, w]` in [-1, 1] to transformer-space latents with the posterior's
+/// mode (its mean), as diffusers' Kontext pipeline does.
+fn encode_image_mode(models: &FluxModels, image: &Tensor) -> Result<Tensor> {
+    let vae = &models.vae;
+    let x = image.to_device(vae.device())?.to_dtype(vae.dtype())?;
+    let z = vae.encode(&x)?.mean.to_dtype(DType::F32)?;
     let cfg = vae.config();
     Ok(((z - cfg.shift_factor.unwrap_or(0.0))? * cfg.scaling_factor)?)
 }
@@ -216,12 +249,19 @@ fn denoise(
     start: usize,
     (lh, lw): (usize, usize),
     blend: Option<&Blend>,
+    reference: Option<&(Tensor, Tensor)>,
     run: &mut RunContext<'_>,
 ) -> Result<Tensor> {
     let dtype = models.dtype;
     let dev = &models.device;
     let b = p.batch_size;
     let img_ids = latent_image_ids(lh, lw, dtype, dev)?.unsqueeze(0)?.repeat((b, 1, 1))?;
+    let tokens = latents.dim(1)?;
+    // Kontext: the reference tokens follow the generated ones, in the input and in the position ids.
+    let (reference_tokens, img_ids) = match reference {
+        Some((r, ids)) => (Some(r.to_dtype(dtype)?), Tensor::cat(&[&img_ids, ids], 1)?),
+        None => (None, img_ids),
+    };
     let txt_ids = cond.text_ids.unsqueeze(0)?.repeat((b, 1, 1))?;
     let guidance = match models.variant {
         FluxVariant::Dev => Some(Tensor::full(p.guidance_scale as f32, b, dev)?),
@@ -233,8 +273,12 @@ fn denoise(
         let sigma = sched.sigmas()[i];
         // diffusers passes t / 1000 with t = sigma · 1000, i.e. sigma, to the transformer.
         let t = Tensor::full(sigma as f32, b, dev)?;
+        let input = match &reference_tokens {
+            Some(r) => Tensor::cat(&[&latents.to_dtype(dtype)?, r], 1)?,
+            None => latents.to_dtype(dtype)?,
+        };
         let v = models.transformer.forward(
-            &latents.to_dtype(dtype)?,
+            &input,
             &img_ids,
             &cond.prompt_embeds,
             &txt_ids,
@@ -242,6 +286,7 @@ fn denoise(
             &cond.pooled,
             guidance.as_ref(),
         )?;
+        let v = if reference_tokens.is_some() { v.narrow(1, 0, tokens)? } else { v };
         latents = sched.step(&v, i, &latents)?;
         if let Some(bl) = blend {
             // The unmasked area goes back to the original, noised to the next sigma (clean at the end).

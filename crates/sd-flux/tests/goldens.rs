@@ -291,3 +291,46 @@ fn bfl_files_load_through_flux_files() {
     let out = generate(&m, &tiny_params("dev"), &Task::TextToImage, &mut RunContext::default().noise(&mut queue)).expect("txt2img");
     assert_close("txt2img from BFL files", &out.images, &get(&g, "image"), E2E_TOL);
 }
+
+/// `FluxKontextPipeline` (no auto-resize; a 12×20 reference, a 16×16 output): the reference encoded with the
+/// posterior mode, its tokens appended with position index 1, their prediction dropped.
+#[test]
+fn kontext_edit_matches_diffusers() {
+    use sd_core::run::{Edit, TaskKind};
+    let dir = common::kontext_folder("kontext-golden");
+    let m = sd_flux::load(&dir, &sd_flux::FluxLoadOptions::default()).expect("kontext loads");
+    let caps = sd_flux::pipeline::capabilities(&m);
+    assert!(m.kontext && caps.tasks.contains(&TaskKind::Edit) && caps.variant == "flux-kontext-dev", "{caps:?}");
+    assert_eq!(caps.default_guidance, 2.5);
+    assert!(!sd_flux::pipeline::capabilities(&models("dev")).tasks.contains(&TaskKind::Edit), "plain dev runs no edits");
+    let g = golden("kontext_dev.safetensors");
+    let reference = ((get(&g, "reference_image") * 2.0).expect("x2") - 1.0).expect("-1");
+    assert_close("vae input", &reference, &get(&g, "vae_input"), 1e-6);
+    let mut queue = NoiseQueue::new([get(&g, "noise")]);
+    let mut steps = Vec::new();
+    let mut cb = |s: &StepProgress<'_>| {
+        steps.push(pack_latents(s.latents).expect("pack"));
+        ControlFlow::Continue(())
+    };
+    let mut p = tiny_params("dev");
+    p.guidance_scale = 2.5;
+    let images = [reference];
+    let task = Task::Edit(Edit { images: &images });
+    let out = generate(&m, &p, &task, &mut RunContext::with_progress(&mut cb).noise(&mut queue)).expect("edit");
+    assert_eq!(queue.remaining(), 0, "the edit draws only the initial noise");
+    let golden_steps = get(&g, "step_latents");
+    for (i, s) in steps.iter().enumerate() {
+        assert_close(&format!("step {i}"), s, &golden_steps.get(i).expect("step"), E2E_TOL);
+    }
+    assert_close("kontext final latents", &out.latents, &get(&g, "latents_final_unpacked"), E2E_TOL);
+    assert_close("kontext image", &out.images, &get(&g, "image"), E2E_TOL);
+    // Refusals: no image, two images, a size off the model's multiple, and an edit on a plain dev model.
+    let e = |task: &Task<'_>, m: &sd_flux::FluxModels| generate(m, &p, task, &mut RunContext::default()).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e(&Task::Edit(Edit { images: &[] }), &m).contains("images"));
+    let two = [images[0].clone(), images[0].clone()];
+    assert!(e(&Task::Edit(Edit { images: &two }), &m).contains("one reference image"));
+    let odd = [Tensor::zeros((1, 3, 10, 20), DType::F32, &Device::Cpu).expect("zeros")];
+    assert!(e(&Task::Edit(Edit { images: &odd }), &m).contains("images"));
+    assert!(e(&task, &models("dev")).contains("task"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -52,3 +52,25 @@ pub fn assert_close(what: &str, ours: &Tensor, golden: &Tensor, tol: f32) -> f32
     assert!(d <= bound, "{what}: max diff {d} exceeds {bound}");
     d
 }
+
+/// A FLUX.1 Kontext folder: the tiny dev model (Kontext has its architecture) with the `model_index.json`
+/// of diffusers' `FluxKontextPipeline`, copied under the system temp folder as `name`.
+pub fn kontext_folder(name: &str) -> PathBuf {
+    fn copy(from: &std::path::Path, to: &std::path::Path) {
+        std::fs::create_dir_all(to).expect("mkdir");
+        for e in std::fs::read_dir(from).expect("read_dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                copy(&p, &to.join(e.file_name()));
+            } else {
+                std::fs::copy(&p, to.join(e.file_name())).expect("copy");
+            }
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("sd-flux-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    copy(&folder("dev"), &dir);
+    let index = std::fs::read_to_string(dir.join("model_index.json")).expect("model_index");
+    std::fs::write(dir.join("model_index.json"), index.replace("\"FluxPipeline\"", "\"FluxKontextPipeline\"")).expect("write");
+    dir
+}
