@@ -56,7 +56,7 @@ pub enum Error {
     },
 
     /// The scheduler cannot use the requested sigma schedule.
-    #[error("{scheduler} has no {schedule} sigma schedule; use it with Euler, Heun, DPM++ 2M (SDE) or UniPC, or pick the default schedule")]
+    #[error("{scheduler} has no {schedule} sigma schedule; use it with Euler, Euler a, Heun, LMS, DPM2, DPM2 a, DPM++ 2S a, DPM++ SDE, DPM++ 2M (SDE), DPM++ 3M SDE, DEIS or UniPC, or pick the default schedule")]
     UnsupportedSchedule {
         /// The scheduler.
         scheduler: &'static str,

@@ -127,11 +127,12 @@ fn values_no_scheduler_implements_are_refused_by_field_name() {
     assert!(e.to_string().contains("thresholding"), "{e}");
     assert!(build_scheduler(Sampler::from(SamplerKind::Euler), &cfg, 10).is_ok(), "Euler has no thresholding option to honour");
     // A schedule-defining field no sampler implements is refused by every sampler.
-    let beta = base.replace(r#""steps_offset": 1"#, r#""steps_offset": 1, "use_beta_sigmas": true"#);
-    let models = load(&model_with_scheduler("beta_sigmas", &beta), &LoadOptions::default()).expect("loads");
+    // (use_beta_sigmas is implemented now: sd-core's beta sigma schedule.)
+    let lu = base.replace(r#""steps_offset": 1"#, r#""steps_offset": 1, "use_lu_lambdas": true"#);
+    let models = load(&model_with_scheduler("lu_lambdas", &lu), &LoadOptions::default()).expect("loads");
     let cfg = scheduler_config(&models).expect("config");
-    let Err(e) = build_scheduler(Sampler::from(SamplerKind::Euler), &cfg, 10) else { panic!("use_beta_sigmas was accepted") };
-    assert!(e.to_string().contains("use_beta_sigmas"), "{e}");
+    let Err(e) = build_scheduler(Sampler::from(SamplerKind::Euler), &cfg, 10) else { panic!("use_lu_lambdas was accepted") };
+    assert!(e.to_string().contains("use_lu_lambdas"), "{e}");
     // Python's -Infinity (DPM-Solver configs) reads as the default instead of failing the load.
     let python = base.replace(r#""steps_offset": 1"#, r#""steps_offset": 1, "lambda_min_clipped": -Infinity"#);
     let models = load(&model_with_scheduler("python", &python), &LoadOptions::default()).expect("loads");

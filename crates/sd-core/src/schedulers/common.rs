@@ -300,6 +300,33 @@ pub(crate) fn sigma_to_t(sigma: f64, log_sigmas: &[f64]) -> f64 {
     (1.0 - w) * low_idx as f64 + w * high_idx as f64
 }
 
+/// The config as a diffusers class without `sigma_min`/`sigma_max` and zero-terminal-SNR options
+/// reads it (LMS, KDPM2, DEIS): those fields belong to other classes and are ignored.
+pub(crate) fn k_class_config(cfg: &SchedulerConfig) -> SchedulerConfig {
+    SchedulerConfig {
+        sigma_min: None,
+        sigma_max: None,
+        rescale_betas_zero_snr: false,
+        ..cfg.clone()
+    }
+}
+
+/// [`sigma_to_t`] in diffusers' float32 arithmetic, for sigmas that diffusers keeps as float32
+/// tensors (KDPM2's midpoints): the log and the interpolation weight are rounded to f32.
+pub(crate) fn sigma_to_t_f32(sigma: f64, log_sigmas: &[f64]) -> f64 {
+    let log_sigma = (sigma.max(1e-10) as f32).ln();
+    let n = log_sigmas.len();
+    let count_last = log_sigmas
+        .iter()
+        .rposition(|&ls| log_sigma - ls as f32 >= 0.0)
+        .unwrap_or(0);
+    let low_idx = count_last.min(n - 2);
+    let high_idx = low_idx + 1;
+    let (low, high) = (log_sigmas[low_idx] as f32, log_sigmas[high_idx] as f32);
+    let w = ((low - log_sigma) / (low - high)).clamp(0.0, 1.0);
+    (1.0 - w) as f64 * low_idx as f64 + w as f64 * high_idx as f64
+}
+
 /// Karras et al. (2022) sigmas with rho = 7 from `sigma_max` down to `sigma_min`.
 pub(crate) fn karras_sigmas(sigma_min: f64, sigma_max: f64, steps: usize) -> Vec<f64> {
     let rho = 7.0;
@@ -319,6 +346,194 @@ pub(crate) fn exponential_sigmas(sigma_min: f64, sigma_max: f64, steps: usize) -
         .collect()
 }
 
+/// Sigmas at the quantiles of a Beta(0.6, 0.6) distribution between `sigma_max` and `sigma_min`
+/// (Lee et al. 2024, "Beta Sampling is All You Need"; diffusers' `use_beta_sigmas`).
+pub(crate) fn beta_sigmas(sigma_min: f64, sigma_max: f64, steps: usize) -> Vec<f64> {
+    linspace(0.0, 1.0, steps)
+        .into_iter()
+        .map(|r| sigma_min + beta_ppf(1.0 - r, 0.6, 0.6) * (sigma_max - sigma_min))
+        .collect()
+}
+
+/// `ln Γ(x)` for x > 0 (Lanczos, g = 7; ~1e-15 relative).
+fn ln_gamma(x: f64) -> f64 {
+    const G: [f64; 9] = [
+        0.999_999_999_999_809_9,
+        676.520_368_121_885_1,
+        -1_259.139_216_722_402_8,
+        771.323_428_777_653_1,
+        -176.615_029_162_140_6,
+        12.507_343_278_686_905,
+        -0.138_571_095_265_720_12,
+        9.984_369_578_019_572e-6,
+        1.505_632_735_149_311_6e-7,
+    ];
+    if x < 0.5 {
+        let pi = std::f64::consts::PI;
+        return (pi / (pi * x).sin()).ln() - ln_gamma(1.0 - x);
+    }
+    let x = x - 1.0;
+    let t = x + 7.5;
+    let sum = G[1..]
+        .iter()
+        .enumerate()
+        .fold(G[0], |acc, (i, g)| acc + g / (x + i as f64 + 1.0));
+    0.5 * (2.0 * std::f64::consts::PI).ln() + (x + 0.5) * t.ln() - t + sum.ln()
+}
+
+/// The regularized incomplete beta function `I_x(a, b)` (continued fraction, Lentz's method).
+fn beta_cdf(x: f64, a: f64, b: f64) -> f64 {
+    if x <= 0.0 {
+        return 0.0;
+    }
+    if x >= 1.0 {
+        return 1.0;
+    }
+    if x > (a + 1.0) / (a + b + 2.0) {
+        return 1.0 - beta_cdf(1.0 - x, b, a);
+    }
+    let ln_front = a * x.ln() + b * (1.0 - x).ln() - (ln_gamma(a) + ln_gamma(b) - ln_gamma(a + b));
+    let tiny = 1e-300;
+    let (mut c, mut d) = (1.0, 1.0 - (a + b) * x / (a + 1.0));
+    d = if d.abs() < tiny { 1.0 / tiny } else { 1.0 / d };
+    let mut f = d;
+    for m in 1..500 {
+        let m = m as f64;
+        for num in [
+            m * (b - m) * x / ((a + 2.0 * m - 1.0) * (a + 2.0 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2.0 * m) * (a + 2.0 * m + 1.0)),
+        ] {
+            d = 1.0 + num * d;
+            d = if d.abs() < tiny { 1.0 / tiny } else { 1.0 / d };
+            c = 1.0 + num / c;
+            if c.abs() < tiny {
+                c = tiny;
+            }
+            f *= c * d;
+        }
+        if (c * d - 1.0).abs() < 1e-16 {
+            break;
+        }
+    }
+    ln_front.exp() * f / a
+}
+
+/// The Beta(a, b) quantile function (`scipy.stats.beta.ppf`), by bisection on [`beta_cdf`].
+fn beta_ppf(q: f64, a: f64, b: f64) -> f64 {
+    if q <= 0.0 {
+        return 0.0;
+    }
+    if q >= 1.0 {
+        return 1.0;
+    }
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if mid <= lo || mid >= hi {
+            break;
+        }
+        if beta_cdf(mid, a, b) < q {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
+}
+
+/// Align Your Steps sigma tables for 10 steps (NVIDIA, "Align Your Steps", 2024), as ComfyUI's
+/// `comfy_extras/nodes_align_your_steps.py` publishes them: SD 1.x and SDXL.
+const AYS_SD1: [f64; 11] = [
+    14.614_641_229_3,
+    6.474_576_095_6,
+    3.863_674_598_5,
+    2.694_615_152_0,
+    1.884_192_117_7,
+    1.394_380_509_2,
+    0.964_258_390_4,
+    0.652_368_601_6,
+    0.397_745_627_2,
+    0.151_523_266_2,
+    0.029_167_158_2,
+];
+const AYS_SDXL: [f64; 11] = [
+    14.614_641_229_3,
+    6.318_448_528_7,
+    3.768_179_031_5,
+    2.181_148_076_9,
+    1.340_524_494_5,
+    0.862_072_114_1,
+    0.555_069_328_9,
+    0.379_854_070_8,
+    0.233_236_413_4,
+    0.111_418_817_7,
+    0.029_167_158_2,
+];
+
+/// k-diffusion's `DiscreteSchedule.t_to_sigma`: log-linear between the training sigmas.
+fn t_to_sigma(t: f64, log_sigmas: &[f64]) -> f64 {
+    let t = t.clamp(0.0, (log_sigmas.len() - 1) as f64);
+    let (lo, hi) = (t.floor() as usize, t.ceil() as usize);
+    let w = t - t.floor();
+    ((1.0 - w) * log_sigmas[lo] + w * log_sigmas[hi]).exp()
+}
+
+/// The sigmas (descending, without the final 0) of the schedules defined on the model's
+/// training sigmas `train` (ascending) by ComfyUI's `comfy/samplers.py` and A1111's
+/// `sd_schedulers.py`: `sgm_uniform`, `simple`, `ddim_uniform` and Align Your Steps.
+///
+/// `ddim_uniform` takes every ⌊T/steps⌋-th training sigma from index 1, so it yields
+/// ⌈(T−1)/⌊T/steps⌋⌉ sigmas: more than `steps` when T is not a multiple of `steps`, as in
+/// ComfyUI and A1111.
+pub(crate) fn table_sigmas(schedule: SigmaSchedule, train: &[f64], steps: usize) -> Vec<f64> {
+    let n = train.len();
+    let log_sigmas: Vec<f64> = train.iter().map(|s| f32r(s.ln())).collect();
+    match schedule {
+        SigmaSchedule::SgmUniform => {
+            // linspace(t(σ_max), t(σ_min), steps + 1)[:-1] with t(σ_max) = T−1, t(σ_min) = 0.
+            linspace((n - 1) as f64, 0.0, steps + 1)[..steps]
+                .iter()
+                .map(|&t| t_to_sigma(t, &log_sigmas))
+                .collect()
+        }
+        SigmaSchedule::Simple => {
+            let ss = n as f64 / steps as f64;
+            (0..steps)
+                .map(|x| train[n - 1 - ((x as f64 * ss) as usize).min(n - 1)])
+                .collect()
+        }
+        SigmaSchedule::DdimUniform => {
+            let ss = (n / steps).max(1);
+            let mut v: Vec<f64> = (1..n).step_by(ss).map(|x| train[x]).collect();
+            v.reverse();
+            v
+        }
+        SigmaSchedule::AlignYourSteps | SigmaSchedule::AlignYourStepsXl => {
+            let table = if schedule == SigmaSchedule::AlignYourSteps {
+                &AYS_SD1
+            } else {
+                &AYS_SDXL
+            };
+            let sigmas: Vec<f64> = if steps + 1 == table.len() {
+                table.to_vec()
+            } else {
+                // loglinear_interp: interpolate log σ (ascending) over [0, 1].
+                let ys: Vec<f64> = table.iter().rev().map(|s| s.ln()).collect();
+                let scale = (ys.len() - 1) as f64;
+                let mut v: Vec<f64> = linspace(0.0, 1.0, steps + 1)
+                    .into_iter()
+                    .map(|x| interp(x * scale, &ys).exp())
+                    .collect();
+                v.reverse();
+                v
+            };
+            // The last of the steps + 1 values becomes the final 0.
+            sigmas[..steps].to_vec()
+        }
+        _ => Vec::new(),
+    }
+}
+
 /// Rejects config options that no scheduler here implements. `thresholding` belongs to the
 /// classes that have it in diffusers (DDIM, DDPM, DPM-Solver, UniPC, LCM); the others ignore it, as
 /// their `from_config` does.
@@ -328,11 +543,6 @@ pub(crate) fn reject_unsupported(cfg: &SchedulerConfig, name: &'static str, has_
             has_thresholding && cfg.thresholding,
             "thresholding = true",
             "dynamic thresholding is for pixel-space models; set it to false",
-        ),
-        (
-            cfg.use_beta_sigmas == Some(true),
-            "use_beta_sigmas = true",
-            "use Karras or exponential sigmas instead",
         ),
         (
             cfg.use_lu_lambdas == Some(true),
@@ -354,10 +564,15 @@ pub(crate) fn reject_unsupported(cfg: &SchedulerConfig, name: &'static str, has_
             });
         }
     }
-    if cfg.use_karras_sigmas == Some(true) && cfg.use_exponential_sigmas == Some(true) {
+    let flags = [
+        cfg.use_karras_sigmas,
+        cfg.use_exponential_sigmas,
+        cfg.use_beta_sigmas,
+    ];
+    if flags.iter().filter(|&&f| f == Some(true)).count() > 1 {
         return Err(Error::UnsupportedConfig {
             scheduler: name,
-            option: "use_karras_sigmas and use_exponential_sigmas both true".into(),
+            option: "more than one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas true".into(),
             hint: "enable at most one sigma schedule",
         });
     }
@@ -501,9 +716,11 @@ pub(crate) fn k_init_noise_sigma(sigmas: &[f64], spacing: TimestepSpacing) -> f6
     }
 }
 
-/// Euler/Heun timesteps and sigmas (`steps` of each, sigmas without the final one).
+/// Euler/Heun timesteps and sigmas (`steps` of each, sigmas without the final one; more for
+/// `ddim_uniform`, see [`table_sigmas`]).
 ///
-/// Karras/exponential ranges come from the spaced sigmas, as in diffusers' Euler and Heun.
+/// Karras/exponential/beta ranges come from the spaced sigmas, as in diffusers' Euler and Heun;
+/// the ComfyUI/A1111 schedules from the training sigmas.
 pub(crate) fn k_schedule(
     cfg: &SchedulerConfig,
     ns: &NoiseSchedule,
@@ -523,19 +740,16 @@ pub(crate) fn k_schedule(
         cfg.sigma_min.unwrap_or(sigmas[steps - 1]),
         cfg.sigma_max.unwrap_or(sigmas[0]),
     );
-    match schedule {
-        SigmaSchedule::Default => (timesteps, sigmas),
-        SigmaSchedule::Karras | SigmaSchedule::Exponential => {
-            let sigmas = if schedule == SigmaSchedule::Karras {
-                karras_sigmas(lo, hi, steps)
-            } else {
-                exponential_sigmas(lo, hi, steps)
-            };
-            let ts = sigmas
-                .iter()
-                .map(|&s| f32r(sigma_to_t(s, &log_sigmas)))
-                .collect();
-            (ts, sigmas)
-        }
-    }
+    let sigmas = match schedule {
+        SigmaSchedule::Default => return (timesteps, sigmas),
+        SigmaSchedule::Karras => karras_sigmas(lo, hi, steps),
+        SigmaSchedule::Exponential => exponential_sigmas(lo, hi, steps),
+        SigmaSchedule::Beta => beta_sigmas(lo, hi, steps),
+        _ => table_sigmas(schedule, &train, steps),
+    };
+    let ts = sigmas
+        .iter()
+        .map(|&s| f32r(sigma_to_t(s, &log_sigmas)))
+        .collect();
+    (ts, sigmas)
 }

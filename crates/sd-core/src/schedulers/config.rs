@@ -107,7 +107,7 @@ pub struct SchedulerConfig {
     pub use_karras_sigmas: Option<bool>,
     /// Use exponential sigmas.
     pub use_exponential_sigmas: Option<bool>,
-    /// Use beta-distribution sigmas (unsupported).
+    /// Use beta-distribution sigmas (Beta(0.6, 0.6) quantiles).
     pub use_beta_sigmas: Option<bool>,
     /// Use Lu lambdas (unsupported).
     pub use_lu_lambdas: Option<bool>,
@@ -143,6 +143,8 @@ pub struct SchedulerConfig {
     pub original_inference_steps: Option<usize>,
     /// LCM's boundary-condition timestep scale.
     pub timestep_scaling: Option<f64>,
+    /// PNDM: skip the Runge–Kutta warm-up steps (`None`: PNDM's default, false; SD configs set true).
+    pub skip_prk_steps: Option<bool>,
 }
 
 impl Default for SchedulerConfig {
@@ -182,6 +184,7 @@ impl Default for SchedulerConfig {
             disable_corrector: Vec::new(),
             original_inference_steps: None,
             timestep_scaling: None,
+            skip_prk_steps: None,
         }
     }
 }
@@ -197,6 +200,7 @@ impl SchedulerConfig {
             steps_offset: 1,
             clip_sample: Some(false),
             set_alpha_to_one: Some(false),
+            skip_prk_steps: Some(true),
             ..Self::default()
         }
     }
@@ -247,13 +251,15 @@ impl SchedulerConfig {
         Self::from_json_str(&text)
     }
 
-    /// The first of the Karras / exponential flags that is set, as a schedule.
+    /// The first of the Karras / exponential / beta flags that is set, as a schedule.
     pub fn sigma_schedule(&self) -> crate::schedulers::SigmaSchedule {
         use crate::schedulers::SigmaSchedule;
         if self.use_karras_sigmas == Some(true) {
             SigmaSchedule::Karras
         } else if self.use_exponential_sigmas == Some(true) {
             SigmaSchedule::Exponential
+        } else if self.use_beta_sigmas == Some(true) {
+            SigmaSchedule::Beta
         } else {
             SigmaSchedule::Default
         }

@@ -1,6 +1,10 @@
 //! DPM-Solver++ (2M) and its SDE variant (Lu et al. 2022), as diffusers'
 //! `DPMSolverMultistepScheduler` with `solver_order = 2` and `algorithm_type` `dpmsolver++` /
-//! `sde-dpmsolver++`.
+//! `sde-dpmsolver++`, and DPM++ 3M SDE (`solver_order = 3`, `sde-dpmsolver++`).
+//!
+//! DPM++ 3M SDE follows diffusers, which draws fresh Gaussian noise every step; A1111's
+//! "DPM++ 3M SDE" runs k-diffusion's `sample_dpmpp_3m_sde` on a torchsde Brownian tree, so
+//! images made there do not reproduce bit for bit.
 
 use candle_core::{DType, Tensor};
 
@@ -46,8 +50,9 @@ pub(crate) fn vp_x0(
     }
 }
 
-/// Sigma-schedule construction shared with UniPC: Karras/exponential ranges span the whole
-/// training schedule (unlike Euler/Heun), and timesteps are integers.
+/// Sigma-schedule construction shared with UniPC and DEIS: Karras/exponential/beta ranges span
+/// the whole training schedule (unlike Euler/Heun), and timesteps are integers (the step count
+/// follows the schedule: `ddim_uniform` may give more than `steps`).
 pub(crate) fn vp_schedule(
     cfg: &SchedulerConfig,
     ns: &NoiseSchedule,
@@ -81,8 +86,12 @@ pub(crate) fn vp_schedule(
                 .collect();
             s
         }
-        SigmaSchedule::Exponential => {
-            let s = common::exponential_sigmas(lo, hi, steps);
+        other => {
+            let s = match other {
+                SigmaSchedule::Exponential => common::exponential_sigmas(lo, hi, steps),
+                SigmaSchedule::Beta => common::beta_sigmas(lo, hi, steps),
+                _ => common::table_sigmas(other, &train, steps),
+            };
             timesteps = s
                 .iter()
                 .map(|&x| common::sigma_to_t(x, &log_sigmas).trunc())
@@ -93,9 +102,11 @@ pub(crate) fn vp_schedule(
     (timesteps, sigmas)
 }
 
-/// Multistep DPM-Solver++ of order 2, deterministic or SDE.
+/// Multistep DPM-Solver++ of order 2 (deterministic or SDE) or 3 (SDE).
 #[derive(Debug, Clone)]
 pub struct DpmPp2mScheduler {
+    /// The solver order: 2 (DPM++ 2M / 2M SDE) or 3 (DPM++ 3M SDE).
+    order: usize,
     timesteps: Vec<f64>,
     sigmas: Vec<f64>,
     steps: usize,
@@ -105,8 +116,8 @@ pub struct DpmPp2mScheduler {
     lower_order_final: bool,
     euler_at_final: bool,
     final_zero: bool,
-    /// x0 predictions of the previous and the current step.
-    outputs: [Option<Tensor>; 2],
+    /// x0 predictions of the last `order` steps, newest last.
+    outputs: Vec<Tensor>,
     lower_order_nums: usize,
     next_index: Option<usize>,
 }
@@ -119,7 +130,26 @@ impl DpmPp2mScheduler {
         schedule: SigmaSchedule,
         sde: bool,
     ) -> Result<Self> {
-        let name = if sde { "DPM++ 2M SDE" } else { DEFAULTS.name };
+        Self::with_order(cfg, steps, schedule, sde, 2)
+    }
+
+    /// DPM++ 3M SDE: the third-order SDE solver (diffusers' `solver_order = 3`).
+    pub fn new_3m_sde(cfg: &SchedulerConfig, steps: usize, schedule: SigmaSchedule) -> Result<Self> {
+        Self::with_order(cfg, steps, schedule, true, 3)
+    }
+
+    fn with_order(
+        cfg: &SchedulerConfig,
+        steps: usize,
+        schedule: SigmaSchedule,
+        sde: bool,
+        order: usize,
+    ) -> Result<Self> {
+        let name = match (sde, order) {
+            (true, 3) => "DPM++ 3M SDE",
+            (true, _) => "DPM++ 2M SDE",
+            _ => DEFAULTS.name,
+        };
         common::reject_unsupported(cfg, name, true)?;
         if let Some(v) = cfg.variance_type.as_deref() {
             if v.starts_with("learned") {
@@ -180,6 +210,7 @@ impl DpmPp2mScheduler {
         });
         let sigmas = sigmas.into_iter().map(f32r).collect();
         Ok(Self {
+            order,
             steps: timesteps.len(),
             timesteps,
             sigmas,
@@ -189,10 +220,57 @@ impl DpmPp2mScheduler {
             lower_order_final: cfg.lower_order_final.unwrap_or(true),
             euler_at_final: cfg.euler_at_final,
             final_zero: final_type == FinalSigmas::Zero,
-            outputs: [None, None],
+            outputs: Vec::new(),
             lower_order_nums: 0,
             next_index: None,
         })
+    }
+
+    fn third_order(&self, x: &Tensor, i: usize, noise: Option<&Tensor>) -> Result<Tensor> {
+        let (s_t, s0, s1, s2) = (
+            self.sigmas[i + 1],
+            self.sigmas[i],
+            self.sigmas[i - 1],
+            self.sigmas[i - 2],
+        );
+        let (alpha_t, sigma_t) = vp_alpha_sigma(s_t);
+        let (_, sigma_s0) = vp_alpha_sigma(s0);
+        let (l_t, l0, l1, l2) = (vp_lambda(s_t), vp_lambda(s0), vp_lambda(s1), vp_lambda(s2));
+        let (h, h0, h1) = (l_t - l0, l0 - l1, l1 - l2);
+        let (r0, r1) = (h0 / h, h1 / h);
+        let k = self.outputs.len();
+        let (m0, m1, m2) = (&self.outputs[k - 1], &self.outputs[k - 2], &self.outputs[k - 3]);
+        let d1_0 = ((m0 - m1)? * (1.0 / r0))?;
+        let d1_1 = ((m1 - m2)? * (1.0 / r1))?;
+        let diff = (&d1_0 - &d1_1)?;
+        let d1 = (&d1_0 + diff.affine(r0 / (r0 + r1), 0.0)?)?;
+        let d2 = diff.affine(1.0 / (r0 + r1), 0.0)?;
+        let (cx, c0, c1, c2) = match noise {
+            None => {
+                let em = (-h).exp() - 1.0;
+                (
+                    sigma_t / sigma_s0,
+                    -alpha_t * em,
+                    alpha_t * (em / h + 1.0),
+                    -alpha_t * ((em + h) / (h * h) - 0.5),
+                )
+            }
+            Some(_) => {
+                let e2 = 1.0 - (-2.0 * h).exp();
+                (
+                    sigma_t / sigma_s0 * (-h).exp(),
+                    alpha_t * e2,
+                    alpha_t * (e2 / (-2.0 * h) + 1.0),
+                    alpha_t * ((e2 - 2.0 * h) / (4.0 * h * h) - 0.5),
+                )
+            }
+        };
+        let mut out = (common::lin2(cx, x, c0, m0)? + common::lin2(c1, &d1, c2, &d2)?)?;
+        if let Some(z) = noise {
+            let e2 = 1.0 - (-2.0 * h).exp();
+            out = (out + z.affine(sigma_t * e2.sqrt(), 0.0)?)?;
+        }
+        Ok(out)
     }
 
     fn first_order(
@@ -262,10 +340,10 @@ impl DpmPp2mScheduler {
 
 impl Scheduler for DpmPp2mScheduler {
     fn kind(&self) -> SamplerKind {
-        if self.sde {
-            SamplerKind::DpmPp2mSde
-        } else {
-            SamplerKind::DpmPp2m
+        match (self.sde, self.order) {
+            (true, 3) => SamplerKind::DpmPp3mSde,
+            (true, _) => SamplerKind::DpmPp2mSde,
+            _ => SamplerKind::DpmPp2m,
         }
     }
 
@@ -308,23 +386,27 @@ impl Scheduler for DpmPp2mScheduler {
         let (m, x) = (common::f32t(model_output)?, common::f32t(sample)?);
         let lower_order_final = i == len - 1
             && (self.euler_at_final || (self.lower_order_final && len < 15) || self.final_zero);
+        let lower_order_second = i + 2 == len && self.lower_order_final && len < 15;
         let x0 = vp_x0(self.prediction, &m, &x, self.sigmas[i])?;
-        self.outputs[0] = self.outputs[1].take();
-        self.outputs[1] = Some(x0.clone());
+        self.outputs.push(x0.clone());
+        if self.outputs.len() > self.order {
+            self.outputs.remove(0);
+        }
         let z = if self.sde {
             Some(noise.randn(m.shape(), DType::F32, m.device())?)
         } else {
             None
         };
-        let prev = match (
-            &self.outputs[0],
-            self.lower_order_nums < 1 || lower_order_final,
-        ) {
+        let k = self.outputs.len();
+        let prev = if self.lower_order_nums < 1 || lower_order_final || k < 2 {
+            self.first_order(&x, &x0, i, z.as_ref())?
+        } else if self.order == 2 || self.lower_order_nums < 2 || lower_order_second || k < 3 {
             // With solver_order 2, diffusers' `lower_order_second` also lands on second order.
-            (Some(m1), false) => self.second_order(&x, &x0, m1, i, z.as_ref())?,
-            _ => self.first_order(&x, &x0, i, z.as_ref())?,
+            self.second_order(&x, &x0, &self.outputs[k - 2], i, z.as_ref())?
+        } else {
+            self.third_order(&x, i, z.as_ref())?
         };
-        self.lower_order_nums = (self.lower_order_nums + 1).min(2);
+        self.lower_order_nums = (self.lower_order_nums + 1).min(self.order);
         self.next_index = Some(i + 1);
         Ok(prev.to_dtype(out_dtype)?)
     }
@@ -341,7 +423,7 @@ impl Scheduler for DpmPp2mScheduler {
     }
 
     fn reset(&mut self) {
-        self.outputs = [None, None];
+        self.outputs.clear();
         self.lower_order_nums = 0;
         self.next_index = None;
     }

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 
 const DEFAULTS: ClassDefaults = ClassDefaults::standard("Euler", TimestepSpacing::Linspace, false);
 
-/// Deterministic Euler sampling with default, Karras or exponential sigmas.
+/// Deterministic Euler sampling with any sigma schedule.
 #[derive(Debug, Clone)]
 pub struct EulerScheduler {
     timesteps: Vec<f64>,
@@ -52,9 +52,10 @@ impl EulerScheduler {
         let sigmas: Vec<f64> = sigmas.into_iter().map(f32r).collect();
         let init_sigma = common::k_init_noise_sigma(&sigmas, spacing);
         Ok(Self {
+            // ddim_uniform may give more steps than asked (see `SigmaSchedule::DdimUniform`).
+            steps: timesteps.len(),
             timesteps,
             sigmas,
-            steps,
             init_sigma,
             prediction: cfg.prediction_type,
         })

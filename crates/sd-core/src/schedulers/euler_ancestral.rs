@@ -23,7 +23,10 @@ pub struct EulerAncestralScheduler {
 
 impl EulerAncestralScheduler {
     /// Builds the schedule for `steps` inference steps.
-    pub fn new(cfg: &SchedulerConfig, steps: usize) -> Result<Self> {
+    ///
+    /// diffusers' Euler a has no sigma schedules; the others (Karras, SGM uniform …) are
+    /// computed as for Euler, as k-diffusion's `sample_euler_ancestral` takes any sigmas.
+    pub fn new(cfg: &SchedulerConfig, steps: usize, schedule: SigmaSchedule) -> Result<Self> {
         common::reject_unsupported(cfg, DEFAULTS.name, false)?;
         common::require_prediction(
             cfg.prediction_type,
@@ -33,15 +36,21 @@ impl EulerAncestralScheduler {
         let ns = NoiseSchedule::new(cfg, &DEFAULTS, true)?;
         common::check_steps(DEFAULTS.name, steps, cfg.num_train_timesteps)?;
         let spacing = cfg.timestep_spacing.unwrap_or(DEFAULTS.spacing);
-        let (timesteps, mut sigmas) =
-            common::k_schedule(cfg, &ns, spacing, SigmaSchedule::Default, steps);
+        // The class has no sigma_min/sigma_max: Karras/exponential/beta span the spaced sigmas.
+        let range_cfg = SchedulerConfig {
+            sigma_min: None,
+            sigma_max: None,
+            ..cfg.clone()
+        };
+        let (timesteps, mut sigmas) = common::k_schedule(&range_cfg, &ns, spacing, schedule, steps);
         sigmas.push(0.0);
         let sigmas: Vec<f64> = sigmas.into_iter().map(f32r).collect();
         let init_sigma = common::k_init_noise_sigma(&sigmas, spacing);
         Ok(Self {
+            // ddim_uniform may give more steps than asked (see `SigmaSchedule::DdimUniform`).
+            steps: timesteps.len(),
             timesteps,
             sigmas,
-            steps,
             init_sigma,
             prediction: cfg.prediction_type,
         })

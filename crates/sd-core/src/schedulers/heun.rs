@@ -28,7 +28,7 @@ struct Predictor {
     sample: Tensor,
 }
 
-/// Deterministic Heun sampling with default, Karras or exponential sigmas.
+/// Deterministic Heun sampling with any sigma schedule.
 #[derive(Debug, Clone)]
 pub struct HeunScheduler {
     timesteps: Vec<f64>,
@@ -69,9 +69,10 @@ impl HeunScheduler {
             .unwrap_or(DEFAULTS.clip_sample)
             .then_some(cfg.clip_sample_range);
         Ok(Self {
+            // ddim_uniform may give more steps than asked (see `SigmaSchedule::DdimUniform`).
+            steps: ts.len(),
             timesteps,
             sigmas,
-            steps,
             init_sigma,
             prediction: cfg.prediction_type,
             clip,

@@ -69,25 +69,42 @@ impl LcmScheduler {
 
     /// Picks `steps` timesteps from the distillation schedule, truncated by img2img `strength`.
     fn lcm_timesteps(&self, strength: f64) -> Result<Vec<f64>> {
-        let n = self.schedule.len();
-        let k = n / self.original_steps;
-        let count = (self.original_steps as f64 * strength) as usize;
-        if count / self.steps < 1 {
-            return Err(Error::InvalidStrength {
-                strength,
-                steps: self.steps,
-                reason: format!(
-                    "LCM spreads its steps over original_inference_steps × strength = {count} \
-                     timesteps; raise strength or use at most {count} steps"
-                ),
-            });
-        }
-        let origin: Vec<usize> = (1..=count).rev().map(|i| i * k - 1).collect();
-        let step = count as f64 / self.steps as f64;
-        Ok((0..self.steps)
-            .map(|i| origin[((i as f64 * step).floor() as usize).min(count - 1)] as f64)
-            .collect())
+        distilled_timesteps(
+            DEFAULTS.name,
+            self.schedule.len(),
+            self.original_steps,
+            self.steps,
+            strength,
+        )
     }
+}
+
+/// LCM/TCD timesteps: `steps` picks from the `original_steps`-step distillation schedule of a
+/// `num_train`-step model, truncated by img2img `strength`.
+pub(crate) fn distilled_timesteps(
+    name: &'static str,
+    num_train: usize,
+    original_steps: usize,
+    steps: usize,
+    strength: f64,
+) -> Result<Vec<f64>> {
+    let k = num_train / original_steps;
+    let count = (original_steps as f64 * strength) as usize;
+    if count / steps < 1 {
+        return Err(Error::InvalidStrength {
+            strength,
+            steps,
+            reason: format!(
+                "{name} spreads its steps over original_inference_steps × strength = {count} \
+                 timesteps; raise strength or use at most {count} steps"
+            ),
+        });
+    }
+    let origin: Vec<usize> = (1..=count).rev().map(|i| i * k - 1).collect();
+    let step = count as f64 / steps as f64;
+    Ok((0..steps)
+        .map(|i| origin[((i as f64 * step).floor() as usize).min(count - 1)] as f64)
+        .collect())
 }
 
 impl Scheduler for LcmScheduler {

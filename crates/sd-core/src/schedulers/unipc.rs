@@ -18,7 +18,7 @@ enum Bh {
     Bh2,
 }
 
-/// Deterministic UniPC sampling with default, Karras or exponential sigmas.
+/// Deterministic UniPC sampling with any sigma schedule.
 #[derive(Debug, Clone)]
 pub struct UniPcScheduler {
     timesteps: Vec<f64>,
