@@ -140,6 +140,7 @@ impl Capabilities {
         match self.prompt_syntax {
             PromptSyntax::A1111 => {
                 validate_prompt("prompt", &r.prompt)?;
+                crate::prompt_schedule::check_and_parts("prompt", &r.prompt)?;
                 validate_prompt("negative_prompt", &r.negative_prompt)?;
             }
             PromptSyntax::Literal => {

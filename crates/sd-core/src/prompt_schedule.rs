@@ -427,6 +427,23 @@ pub fn schedule_index(ends: impl IntoIterator<Item = usize>, call: usize) -> usi
     ends.into_iter().position(|end| call <= end).unwrap_or(0)
 }
 
+/// Most `AND` parts a prompt may have: each is one more UNet batch row per image and step.
+pub const MAX_AND_PARTS: usize = 8;
+
+/// Checks a prompt's composable-diffusion parts: at most [`MAX_AND_PARTS`], weights finite and within
+/// ±[`crate::prompt::MAX_PROMPT_WEIGHT`]; errors name `field`.
+pub fn check_and_parts(field: &'static str, prompt: &str) -> crate::Result<()> {
+    let parts = split_and(prompt);
+    if parts.len() > MAX_AND_PARTS {
+        return Err(crate::Error::invalid(field, format!("{} AND parts; at most {MAX_AND_PARTS} (each one is another UNet pass per step)", parts.len())));
+    }
+    let max = f64::from(crate::prompt::MAX_PROMPT_WEIGHT);
+    if let Some((_, w)) = parts.iter().find(|(_, w)| !w.is_finite() || w.abs() > max) {
+        return Err(crate::Error::invalid(field, format!("an AND part's weight {w} is outside ±{max}")));
+    }
+    Ok(())
+}
+
 /// A1111's composable diffusion: the prompt split at every whole word `AND` (as its `\bAND\b`), each
 /// part with the weight an optional trailing `:number` gives (1 when absent, the `:number` removed), as
 /// A1111's `get_multicond_prompt_list` does. A prompt without `AND` is one part, its text unchanged unless
@@ -545,5 +562,8 @@ mod tests {
         assert_eq!(parts("a:1.2.3"), vec![("a:1.2.3".to_string(), 1.0)]);
         assert_eq!(parts("AND"), vec![("".to_string(), 1.0), ("".to_string(), 1.0)]);
         assert_eq!(parts("é AND_x ANDé (AND)"), vec![("é AND_x ANDé (".to_string(), 1.0), (")".to_string(), 1.0)]);
+        assert!(check_and_parts("prompt", &["a"; MAX_AND_PARTS].join(" AND ")).is_ok());
+        assert!(check_and_parts("prompt", &["a"; MAX_AND_PARTS + 1].join(" AND ")).is_err());
+        assert!(check_and_parts("prompt", "a:1000 AND b").is_err());
     }
 }

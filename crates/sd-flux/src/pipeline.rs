@@ -182,6 +182,43 @@ pub fn encode_image(models: &FluxModels, image: &Tensor, noise: &mut dyn NoiseSo
     Ok(((z - cfg.shift_factor.unwrap_or(0.0))? * cfg.scaling_factor)?)
 }
 
+/// The resolutions FLUX.1 Kontext was trained at (width, height), as diffusers' `PREFERRED_KONTEXT_RESOLUTIONS`.
+pub const KONTEXT_RESOLUTIONS: [(usize, usize); 17] = [
+    (672, 1568),
+    (688, 1504),
+    (720, 1456),
+    (752, 1392),
+    (800, 1328),
+    (832, 1248),
+    (880, 1184),
+    (944, 1104),
+    (1024, 1024),
+    (1104, 944),
+    (1184, 880),
+    (1248, 832),
+    (1328, 800),
+    (1392, 752),
+    (1456, 720),
+    (1504, 688),
+    (1568, 672),
+];
+
+/// The Kontext resolution closest in aspect ratio to a `width × height` reference (diffusers' default
+/// `_auto_resize`: ties go to the narrower one, as Python's `min` over `(difference, w, h)` does).
+pub fn kontext_reference_size(width: usize, height: usize) -> (usize, usize) {
+    let aspect = width as f64 / height.max(1) as f64;
+    let mut best = KONTEXT_RESOLUTIONS[8];
+    let mut best_key = (f64::INFINITY, usize::MAX, usize::MAX);
+    for (w, h) in KONTEXT_RESOLUTIONS {
+        let key = ((aspect - w as f64 / h as f64).abs(), w, h);
+        if key.0 < best_key.0 || (key.0 == best_key.0 && (key.1, key.2) < (best_key.1, best_key.2)) {
+            best_key = key;
+            best = (w, h);
+        }
+    }
+    best
+}
+
 /// Encodes a reference image `[1, 3, h, w]` in [-1, 1] to transformer-space latents with the posterior's
 /// mode (its mean), as diffusers' Kontext pipeline does.
 fn encode_image_mode(models: &FluxModels, image: &Tensor) -> Result<Tensor> {
@@ -301,4 +338,18 @@ fn denoise(
         }
     }
     Ok(latents)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kontext_references_snap_to_the_nearest_trained_aspect() {
+        assert_eq!(kontext_reference_size(512, 512), (1024, 1024));
+        assert_eq!(kontext_reference_size(1920, 1080), (1392, 752));
+        assert_eq!(kontext_reference_size(1080, 1920), (752, 1392));
+        assert_eq!(kontext_reference_size(4000, 100), (1568, 672));
+        assert_eq!(kontext_reference_size(100, 4000), (672, 1568));
+    }
 }

@@ -227,42 +227,91 @@ pub enum PixelUpscale<'a> {
     Model(&'a RrdbNet),
 }
 
-/// Enlarges `img` to exactly `width × height` as A1111's upscalers do: a model is applied (at most three
-/// times) until the picture is at least the target size, each result rounded to 8-bit pixels, then the
-/// picture is Lanczos-resized to the exact size; Lanczos and Nearest resize directly.
+/// Pixels an upscaler model may produce in one pass: its whole output is held in memory (tiling bounds
+/// only the model's working set).
+pub const MAX_UPSCALE_PIXELS: u64 = 40_000_000;
+
+/// Enlarges `img` to exactly `width × height` as A1111's hires fix (`images.resize_image`) does: with a
+/// model, [`upscale_by`] the larger of the two ratios, then a Lanczos resize to the exact size; Lanczos
+/// and Nearest resize directly.
 pub fn upscale_image(img: &DynamicImage, width: usize, height: usize, method: PixelUpscale<'_>) -> Result<DynamicImage> {
     let (w, h) = (width as u32, height as u32);
-    let net = match method {
+    let mut img = match method {
         PixelUpscale::Lanczos => return Ok(img.resize_exact(w, h, FilterType::Lanczos3)),
         PixelUpscale::Nearest => return Ok(img.resize_exact(w, h, FilterType::Nearest)),
-        PixelUpscale::Model(net) => net,
-    };
-    let mut img = DynamicImage::ImageRgb8(img.to_rgb8());
-    for _ in 0..3 {
-        if img.width() >= w && img.height() >= h {
-            break;
-        }
-        let before = (img.width(), img.height());
-        let rgb = img.to_rgb8();
-        let (iw, ih) = (rgb.width() as usize, rgb.height() as usize);
-        let mut planes = vec![0f32; 3 * iw * ih];
-        for (i, px) in rgb.pixels().enumerate() {
-            for c in 0..3 {
-                planes[c * iw * ih + i] = f32::from(px.0[c]) / 255.0;
+        PixelUpscale::Model(_) => {
+            let scale = (f64::from(w) / f64::from(img.width())).max(f64::from(h) / f64::from(img.height()));
+            if scale > 1.0 {
+                upscale_by(img, scale, method)?
+            } else {
+                img.clone()
             }
         }
-        let x = Tensor::from_vec(planes, (1, 3, ih, iw), net.device())?;
-        let out = net.upscale(&x, TileOptions { tile: 192, overlap: 8 })?;
-        let mut images = tensor_to_images(&out)?;
-        img = DynamicImage::ImageRgb8(images.remove(0));
-        if (img.width(), img.height()) == before {
-            break;
-        }
-    }
+    };
     if img.width() != w || img.height() != h {
         img = img.resize_exact(w, h, FilterType::Lanczos3);
     }
     Ok(img)
+}
+
+/// A1111's `Upscaler.upscale(img, scale)`: the target is each side times `scale` rounded down to a multiple
+/// of 8; the upscaler runs until the picture reaches it (at least once, at most three times; a model's
+/// result rounded to 8-bit pixels each time; Lanczos and Nearest resize by `scale`), then a Lanczos resize
+/// to the target.
+pub fn upscale_by(img: &DynamicImage, scale: f64, method: PixelUpscale<'_>) -> Result<DynamicImage> {
+    if !scale.is_finite() || scale <= 0.0 {
+        return Err(Error::invalid("upscaler", format!("scale {scale} is not a positive number")));
+    }
+    let dest = |v: u32| ((f64::from(v) * scale / 8.0).floor() * 8.0).max(8.0) as u32;
+    let (dw, dh) = (dest(img.width()), dest(img.height()));
+    let mut img = DynamicImage::ImageRgb8(img.to_rgb8());
+    for i in 0..3 {
+        if img.width() >= dw && img.height() >= dh && (i > 0 || scale != 1.0) {
+            break;
+        }
+        let before = (img.width(), img.height());
+        let by = |v: u32| ((f64::from(v) * scale) as u32).max(1);
+        img = match method {
+            PixelUpscale::Lanczos => img.resize_exact(by(img.width()), by(img.height()), FilterType::Lanczos3),
+            PixelUpscale::Nearest => img.resize_exact(by(img.width()), by(img.height()), FilterType::Nearest),
+            PixelUpscale::Model(net) => model_pass(net, &img)?,
+        };
+        if (img.width(), img.height()) == before {
+            break;
+        }
+    }
+    if img.width() != dw || img.height() != dh {
+        img = img.resize_exact(dw, dh, FilterType::Lanczos3);
+    }
+    Ok(img)
+}
+
+/// One pass of an upscaler model over an 8-bit picture.
+fn model_pass(net: &RrdbNet, img: &DynamicImage) -> Result<DynamicImage> {
+    let rgb = img.to_rgb8();
+    let (iw, ih) = (rgb.width() as usize, rgb.height() as usize);
+    let s = net.scale() as u64;
+    let out_pixels = (iw as u64 * s).saturating_mul(ih as u64 * s);
+    if out_pixels > MAX_UPSCALE_PIXELS {
+        return Err(Error::invalid(
+            "upscaler",
+            format!("a ×{s} pass over {iw}×{ih} would make {} pixels; at most {MAX_UPSCALE_PIXELS}: upscale a smaller picture", out_pixels),
+        ));
+    }
+    let mut planes = vec![0f32; 3 * iw * ih];
+    for (i, px) in rgb.pixels().enumerate() {
+        for c in 0..3 {
+            planes[c * iw * ih + i] = f32::from(px.0[c]) / 255.0;
+        }
+    }
+    let x = Tensor::from_vec(planes, (1, 3, ih, iw), net.device())?;
+    // A1111's default ESRGAN tile (192) and overlap (8).
+    let out = net.upscale(&x, TileOptions { tile: 192, overlap: 8 })?;
+    let mut images = tensor_to_images(&out)?;
+    if images.is_empty() {
+        return Err(Error::invalid("upscaler", "the upscaler returned no picture"));
+    }
+    Ok(DynamicImage::ImageRgb8(images.remove(0)))
 }
 
 /// One pass, drawing from `noise` and reporting through `run`'s callbacks.
@@ -320,18 +369,23 @@ mod tests {
     fn model_upscaling_repeats_the_model_until_the_target_then_resizes_as_a1111() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/esrgan");
         let img = DynamicImage::ImageRgb8(image::RgbImage::from_fn(10, 6, |x, y| image::Rgb([(x * 25) as u8, (y * 40) as u8, ((x * y) * 5) as u8])));
-        // A ×2 model to 3×: two passes (20×12, 40×24), then Lanczos down to 30×18.
+        // A ×2 model to 30×18 (3×): A1111 upscales by 3 to the multiple-of-8 target 24×16 (two passes: 20×12,
+        // 40×24, then Lanczos down), then resizes to the exact size.
         let x2 = RrdbNet::load(&dir.join("realesrgan_x2_params.pth"), &candle_core::Device::Cpu).expect("x2");
-        let want = once(&x2, &once(&x2, &img)).resize_exact(30, 18, FilterType::Lanczos3);
+        let want = once(&x2, &once(&x2, &img)).resize_exact(24, 16, FilterType::Lanczos3).resize_exact(30, 18, FilterType::Lanczos3);
         let got = upscale_image(&img, 30, 18, PixelUpscale::Model(&x2)).expect("x2 upscale");
         assert_eq!(got.to_rgb8().as_raw(), want.to_rgb8().as_raw());
-        // A ×1 model: one pass leaves the size, so it stops there and resizes.
+        // A ×1 model: one pass leaves the size, so it stops there and resizes (16×8, then 20×12).
         let x1 = RrdbNet::load(&dir.join("realesrgan_x1.safetensors"), &candle_core::Device::Cpu).expect("x1");
-        let want = once(&x1, &img).resize_exact(20, 12, FilterType::Lanczos3);
+        let want = once(&x1, &img).resize_exact(16, 8, FilterType::Lanczos3).resize_exact(20, 12, FilterType::Lanczos3);
         let got = upscale_image(&img, 20, 12, PixelUpscale::Model(&x1)).expect("x1 upscale");
         assert_eq!(got.to_rgb8().as_raw(), want.to_rgb8().as_raw());
-        // Already large enough: no model pass.
+        // Already large enough: no model pass in the hires fix; but A1111's extras at scale 1 run the model once.
         let got = upscale_image(&img, 10, 6, PixelUpscale::Model(&x2)).expect("same size");
         assert_eq!(got.to_rgb8().as_raw(), img.to_rgb8().as_raw());
+        let square = DynamicImage::ImageRgb8(image::RgbImage::from_fn(16, 16, |x, y| image::Rgb([(x * 15) as u8, (y * 15) as u8, 99])));
+        let got = upscale_by(&square, 1.0, PixelUpscale::Model(&x1)).expect("scale 1");
+        assert_eq!(got.to_rgb8().as_raw(), once(&x1, &square).to_rgb8().as_raw());
+        assert!(upscale_by(&square, f64::NAN, PixelUpscale::Lanczos).is_err());
     }
 }

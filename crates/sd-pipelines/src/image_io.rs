@@ -8,7 +8,7 @@ use crate::pipeline::GenerationParams;
 pub fn a1111_parameters(p: &GenerationParams, model: &str, extra: &[(&str, String)]) -> String {
     let mut fields = vec![("Steps", p.steps.to_string()), ("Sampler", p.sampler.kind.display_name().to_string())];
     if let Some(schedule) = p.sampler.schedule {
-        fields.push(("Schedule type", schedule.as_str().to_string()));
+        fields.push(("Schedule type", schedule.a1111().1.to_string()));
     }
     fields.extend([
         ("CFG scale", format!("{}", p.guidance_scale)),

@@ -281,7 +281,14 @@ pub(crate) fn generate_pass(
     caps.check(p, task)?;
     let mut sched = match extras.scheduler {
         Some(s) => s,
-        None => build_scheduler(p.sampler, &scheduler_config(models)?, p.steps)?,
+        None => {
+            // Align Your Steps has a table per model type; SDXL takes its own, as A1111 and ComfyUI pick it.
+            let mut sampler = p.sampler;
+            if models.config.variant.family() == sd_models::ModelFamily::Sdxl {
+                sampler.schedule = sampler.schedule.map(|s| s.for_sdxl());
+            }
+            build_scheduler(sampler, &scheduler_config(models)?, p.steps)?
+        }
     };
     let mut noise = run.take_noise_for(p);
     let noise = noise.get();
@@ -440,7 +447,9 @@ fn denoise(
                 }
                 sum
             };
-            sched.step_guided(&uncond, &cond, p.guidance_scale, i, &latents, noise)?
+            // Composable prompts at CFG ≤ 1 blend at scale 1, as a plain prompt there gives its condition alone.
+            let scale = if plain_prompt(p) || p.guidance_scale > 1.0 { p.guidance_scale } else { 1.0 };
+            sched.step_guided(&uncond, &cond, scale, i, &latents, noise)?
         } else {
             sched.step(&out, i, &latents, noise)?
         };

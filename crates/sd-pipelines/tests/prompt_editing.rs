@@ -125,6 +125,11 @@ fn composable_diffusion_blends_each_part_against_the_unconditional_prediction() 
         assert!(max_diff(&run("a cat AND a cat", 4.0), &doubled) < 1e-4, "{name}: two parts");
         assert!(max_diff(&run("a cat :2", 4.0), &doubled) < 1e-4, "{name}: one part of weight 2");
         assert!(max_diff(&run("a cat:2", 1.0), &run("a cat", 2.0)) < 1e-4, "{name}: weight 2 at scale 1");
+        assert!(max_diff(&run("a cat:2", 0.0), &run("a cat", 2.0)) < 1e-4, "{name}: at CFG 0 too (scale 1, as a plain prompt's cond alone)");
+        let mut p = request(&m, &["a"; 9].join(" AND "), 1);
+        p.guidance_scale = 4.0;
+        let e = generate(&m, &p, &Task::TextToImage, &mut RunContext::default(), Default::default()).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("prompt") && e.contains("AND parts"), "{e}");
         // Different parts really steer: neither part's picture alone.
         let both = run("a cat AND a dog", 4.0);
         assert!(max_diff(&both, &plain) > 1e-3 && max_diff(&both, &run("a dog", 4.0)) > 1e-3, "{name}: two prompts");

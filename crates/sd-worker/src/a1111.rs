@@ -416,7 +416,8 @@ pub async fn refresh_embeddings(State(st): St) -> Result<Json<Value>, ApiError> 
 /// `POST /sdapi/v1/refresh-checkpoints`: rescans `--models-dir`.
 pub async fn refresh_checkpoints(State(st): St) -> Result<Json<Value>, ApiError> {
     st.ready_model()?;
-    let n = st.catalog.refresh();
+    let st2 = st.clone();
+    let n = blocking(move || Ok(st2.catalog.refresh())).await?;
     tracing::info!(checkpoints = n, "models folders rescanned");
     Ok(Json(Value::Null))
 }
@@ -505,8 +506,10 @@ fn upscaler_choice(st: &AppState, field: &str, name: Option<&str>) -> Result<Opt
     })
 }
 
-/// Validates an extras request into the engine's work and the `html_info` line A1111 answers with.
-fn extras_request(st: &AppState, r: ExtrasRequest, images: Vec<(String, String)>) -> Result<(crate::state::UpscaleRequest, String), ApiError> {
+/// Validates an extras request into the engine's work and the `html_info` line A1111 answers with; `None`
+/// when `upscaler_1` is "None" (A1111 then returns the pictures unchanged, whatever `upscaler_2` says).
+fn extras_request(st: &AppState, r: ExtrasRequest, images: Vec<(String, String)>) -> Result<(Option<crate::state::UpscaleRequest>, Vec<image::DynamicImage>, String), ApiError> {
+    use crate::state::UpscalerChoice;
     for (field, v) in [("gfpgan_visibility", r.gfpgan_visibility), ("codeformer_visibility", r.codeformer_visibility)] {
         if v.is_some_and(|v| v > 0.0) {
             return Err(ApiError::invalid(field, "face restoration (GFPGAN, CodeFormer) is not available here; send 0"));
@@ -521,77 +524,55 @@ fn extras_request(st: &AppState, r: ExtrasRequest, images: Vec<(String, String)>
         Some(c) if visibility > 0.0 => Some((c, visibility as f32)),
         _ => None,
     };
-    // A1111 upscales only when an upscaler is chosen; "None" twice returns the picture unchanged.
-    let upscaling = first.is_some() || second.is_some();
-    let first = first.unwrap_or(crate::state::UpscalerChoice::Lanczos);
     let mode = r.resize_mode.unwrap_or(0);
-    let limit = (st.config.limits.max_width.max(st.config.limits.max_height) * 2) as f64;
-    let mut out = Vec::with_capacity(images.len());
-    let mut crop = None;
-    let info;
-    match mode {
-        0 => {
-            let by = r.upscaling_resize.unwrap_or(2.0);
-            if !by.is_finite() || !(1.0..=8.0).contains(&by) {
-                return Err(ApiError::invalid("upscaling_resize", format!("{by} is outside 1..=8")));
-            }
-            info = format!("Postprocess upscale by: {by}");
-            for (field, b64) in images {
-                let img = decode_image(&field, &b64)?;
-                // A1111's Upscaler.upscale: the target is the scaled size rounded down to a multiple of 8.
-                let side = |v: u32| ((f64::from(v) * by) as u32 / 8 * 8).max(8);
-                let (w, h) = if upscaling { (side(img.width()), side(img.height())) } else { (img.width(), img.height()) };
-                if f64::from(w) > limit || f64::from(h) > limit {
-                    return Err(ApiError::invalid("upscaling_resize", format!("the result would be {w}×{h}; this worker makes at most {limit}×{limit}")));
-                }
-                out.push((img, (w, h)));
-            }
-        }
-        1 => {
-            let (tw, th) = (r.upscaling_resize_w.unwrap_or(512), r.upscaling_resize_h.unwrap_or(512));
-            for (field, v) in [("upscaling_resize_w", tw), ("upscaling_resize_h", th)] {
-                if v == 0 || f64::from(v) > limit {
-                    return Err(ApiError::invalid(field, format!("{v} is outside 1..={limit}")));
-                }
-            }
-            info = format!("Postprocess upscale to: {tw}x{th}");
-            let crop_to = r.upscaling_crop.unwrap_or(true);
-            for (field, b64) in images {
-                let img = decode_image(&field, &b64)?;
-                let by = (f64::from(tw) / f64::from(img.width())).max(f64::from(th) / f64::from(img.height()));
-                let side = |v: u32| ((f64::from(v) * by) as u32 / 8 * 8).max(8);
-                let (w, h) = match (upscaling, crop_to) {
-                    (false, _) => (img.width(), img.height()),
-                    (true, true) => (side(img.width()), side(img.height())),
-                    (true, false) => (tw, th),
-                };
-                if f64::from(w) > 2.0 * limit || f64::from(h) > 2.0 * limit {
-                    return Err(ApiError::invalid("upscaling_resize_w", format!("the result would be {w}×{h} before cropping")));
-                }
-                out.push((img, (w, h)));
-            }
-            if crop_to && upscaling {
-                crop = Some((tw, th));
-            }
-        }
-        m => return Err(ApiError::invalid("resize_mode", format!("{m} is not 0 (scale by upscaling_resize) or 1 (to upscaling_resize_w × upscaling_resize_h)"))),
+    if mode > 1 {
+        return Err(ApiError::invalid("resize_mode", format!("{mode} is not 0 (scale by upscaling_resize) or 1 (to upscaling_resize_w × upscaling_resize_h)")));
     }
-    let name = |c: &crate::state::UpscalerChoice| match c {
-        crate::state::UpscalerChoice::Lanczos => "Lanczos".to_string(),
-        crate::state::UpscalerChoice::Nearest => "Nearest".to_string(),
-        crate::state::UpscalerChoice::Model(m) => m.name.clone(),
+    let by = r.upscaling_resize.unwrap_or(2.0);
+    if mode == 0 && (!by.is_finite() || !(1.0..=8.0).contains(&by)) {
+        return Err(ApiError::invalid("upscaling_resize", format!("{by} is outside 1..=8")));
+    }
+    let (tw, th) = (r.upscaling_resize_w.unwrap_or(512), r.upscaling_resize_h.unwrap_or(512));
+    let limit = (st.config.limits.max_width.max(st.config.limits.max_height) * 2) as u32;
+    if mode == 1 {
+        for (field, v) in [("upscaling_resize_w", tw), ("upscaling_resize_h", th)] {
+            if v == 0 || v > limit {
+                return Err(ApiError::invalid(field, format!("{v} is outside 1..={limit}")));
+            }
+        }
+    }
+    let decoded = images.iter().map(|(field, b64)| decode_image(field, b64)).collect::<Result<Vec<_>, _>>()?;
+    let Some(first) = first else { return Ok((None, decoded, String::new())) };
+    let mut work = Vec::with_capacity(decoded.len());
+    for img in decoded {
+        // A1111's postprocessing upscale: "to" a size is "by" the larger ratio (then centre-cropped when asked).
+        let scale = if mode == 1 { (f64::from(tw) / f64::from(img.width())).max(f64::from(th) / f64::from(img.height())) } else { by };
+        let side = |v: u32| (f64::from(v) * scale / 8.0).floor() * 8.0;
+        let (w, h) = (side(img.width()), side(img.height()));
+        if w > f64::from(limit) * 2.0 || h > f64::from(limit) * 2.0 || (mode == 0 && (w > f64::from(limit) || h > f64::from(limit))) {
+            let field = if mode == 1 { "upscaling_resize_w" } else { "upscaling_resize" };
+            return Err(ApiError::invalid(field, format!("the result would be {w}×{h}; this worker makes at most {limit}×{limit}")));
+        }
+        work.push((img, scale));
+    }
+    let crop = (mode == 1 && r.upscaling_crop.unwrap_or(true)).then_some((tw, th));
+    let name = |c: &UpscalerChoice| match c {
+        UpscalerChoice::Lanczos => "Lanczos".to_string(),
+        UpscalerChoice::Nearest => "Nearest".to_string(),
+        UpscalerChoice::Model(m) => m.name.clone(),
     };
-    let mut info = if upscaling { format!("{info}, Postprocess upscaler: {}", name(&first)) } else { String::new() };
+    let mut info = if mode == 1 { format!("Postprocess upscale to: {tw}x{th}") } else { format!("Postprocess upscale by: {by}") };
+    info.push_str(&format!(", Postprocess upscaler: {}", name(&first)));
     if let Some((c, v)) = &second {
         info.push_str(&format!(", Postprocess upscaler 2: {}, Postprocess upscaler 2 visibility: {v}", name(c)));
     }
-    Ok((crate::state::UpscaleRequest { images: out, crop, first, second }, info))
+    Ok((Some(crate::state::UpscaleRequest { images: work, crop, first, second }), Vec::new(), info))
 }
 
 async fn extras(st: Arc<AppState>, body: Bytes, batch: bool) -> Result<(Vec<String>, String), ApiError> {
     st.ready_model()?;
     let st2 = st.clone();
-    let (request, info) = blocking(move || {
+    let (request, unchanged, info) = blocking(move || {
         let r: ExtrasRequest = from_value(Value::Object(parse_json_object(&body)?))?;
         let images: Vec<(String, String)> = if batch {
             let list = r.image_list.as_deref().unwrap_or_default();
@@ -609,7 +590,10 @@ async fn extras(st: Arc<AppState>, body: Bytes, batch: bool) -> Result<(Vec<Stri
         extras_request(&st2, r, images)
     })
     .await?;
-    let pictures = st.upscale(request).await?;
+    let pictures = match request {
+        Some(request) => st.upscale(request).await?,
+        None => unchanged,
+    };
     let encoded = blocking(move || {
         pictures
             .iter()
@@ -618,7 +602,7 @@ async fn extras(st: Arc<AppState>, body: Bytes, batch: bool) -> Result<(Vec<Stri
             .map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "internal_error", None, e.to_string()))
     })
     .await?;
-    Ok((encoded, format!("<p>{info}</p>")))
+    Ok((encoded, if info.is_empty() { String::new() } else { format!("<p>{info}</p>") }))
 }
 
 /// `POST /sdapi/v1/extra-single-image`: A1111's extras upscale of one picture — `upscaler_1` (None, Lanczos,
@@ -766,19 +750,32 @@ pub async fn samplers() -> Json<Value> {
     Json(Value::Array(out))
 }
 
-/// `GET /sdapi/v1/schedulers`.
+/// `GET /sdapi/v1/schedulers`: A1111's names and labels of the sigma schedules the samplers take (the
+/// `scheduler` field accepts either).
 pub async fn schedulers() -> Json<Value> {
-    Json(json!([
-        {"name": "automatic", "label": "Automatic", "aliases": Value::Null, "default_rho": -1, "need_inner_model": false},
-        {"name": "karras", "label": "Karras", "aliases": Value::Null, "default_rho": 7.0, "need_inner_model": false},
-        {"name": "exponential", "label": "Exponential", "aliases": Value::Null, "default_rho": -1, "need_inner_model": false},
-    ]))
+    use sd_pipelines::schedulers::SigmaSchedule;
+    let mut out: Vec<Value> = Vec::new();
+    for s in SigmaSchedule::ALL {
+        let (name, label) = s.a1111();
+        if out.iter().any(|v| v["name"] == name) {
+            continue;
+        }
+        let rho = if s == SigmaSchedule::Karras { json!(7.0) } else { json!(-1) };
+        let inner = matches!(s, SigmaSchedule::SgmUniform | SigmaSchedule::Simple | SigmaSchedule::DdimUniform | SigmaSchedule::Beta);
+        out.push(json!({"name": name, "label": label, "aliases": Value::Null, "default_rho": rho, "need_inner_model": inner}));
+    }
+    Json(Value::Array(out))
 }
 
 /// `GET /sdapi/v1/sd-models`: the `-m` model and the checkpoints of `--models-dir` (hashes once computed:
 /// a checkpoint is hashed when it first loads, as A1111 does).
 pub async fn sd_models(State(st): St) -> Result<Json<Value>, ApiError> {
     let m = st.ready_model()?;
+    // Each listed file's hash cache lookup reads its metadata: off the async threads.
+    blocking(move || Ok(sd_model_list(&st, &m))).await
+}
+
+fn sd_model_list(st: &AppState, m: &ModelInfo) -> Json<Value> {
     let mut out = Vec::new();
     let checkpoints = st.checkpoints();
     let primary = st.model_info(&st.primary_key);
@@ -793,18 +790,18 @@ pub async fn sd_models(State(st): St) -> Result<Json<Value>, ApiError> {
         let sha = c.cached_sha256();
         out.push(json!({
             "title": c.title(),
-            "model_name": c.name, "hash": sha.as_ref().map(|h| h[..10].to_string()), "sha256": sha,
+            "model_name": c.name.replace('/', "_"), "hash": sha.as_ref().map(|h| h[..10].to_string()), "sha256": sha,
             "filename": if c.path.as_os_str().is_empty() { c.file_name.clone() } else { c.path.display().to_string() }, "config": Value::Null,
         }));
     }
     if out.is_empty() {
         out.push(json!({
-            "title": title(&m),
+            "title": title(m),
             "model_name": m.name, "hash": m.sha256.as_ref().map(|h| h[..10].to_string()), "sha256": m.sha256,
             "filename": m.source, "config": Value::Null,
         }));
     }
-    Ok(Json(Value::Array(out)))
+    Json(Value::Array(out))
 }
 
 /// A1111's title of the model: `file.safetensors [short hash]` for a single file, else its name.
@@ -818,6 +815,9 @@ fn title(m: &ModelInfo) -> String {
 /// The model's file name as A1111 lists it: relative to its models folder (`xl/juggernaut.safetensors`), or
 /// the source's file name.
 fn model_file_name(m: &ModelInfo) -> Option<String> {
+    if let Some(f) = &m.file_name {
+        return Some(f.clone());
+    }
     let source = std::path::Path::new(&m.source);
     if m.key.is_empty() {
         return source.file_name().map(|f| f.to_string_lossy().into_owned());

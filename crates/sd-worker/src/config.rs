@@ -64,8 +64,9 @@ pub struct Cli {
     /// (by name) is loaded at startup, and nothing is ever downloaded.
     #[arg(long = "models-dir", env = "SD_WORKER_MODELS_DIRS", value_delimiter = ',')]
     pub models_dirs: Vec<PathBuf>,
-    /// Megabytes of model weights kept loaded for switching back without a reload (least recently used
-    /// go first; the model in use always stays). 0 keeps only the model in use.
+    /// Megabytes of model weights kept loaded in all, the model in use included, for switching back without a
+    /// reload (least recently used go first; the model in use always stays, even when larger). 0 keeps only
+    /// the model in use.
     #[arg(long, env = "SD_WORKER_MODEL_CACHE_MB", default_value_t = 0)]
     pub model_cache_mb: u64,
     /// Folder of ESRGAN-family upscaler models (`.pth`/`.safetensors`: ESRGAN, Real-ESRGAN, 4x-UltraSharp-style

@@ -10,7 +10,7 @@ use std::time::Instant;
 use base64::Engine as _;
 use sd_core::image_io::{encode_png, image_to_tensor, mask_to_tensor, tensor_to_images};
 use sd_core::preview::latents_to_rgb;
-use sd_core::run::{ImageToImage, Inpaint, RunContext, StepProgress, Task};
+use sd_core::run::{Edit, ImageToImage, Inpaint, RunContext, StepProgress, Task};
 use sd_families::{ControlNetUnit, Extras, LoadSpec, LoadedModel, LoraWeight};
 
 use crate::config::{describe_device, ModelSource, WorkerConfig};
@@ -100,6 +100,7 @@ fn file_sha256(path: &std::path::Path) -> Option<String> {
 
 fn describe(model: &LoadedModel, key: &str, source: String, path: &std::path::Path) -> ModelInfo {
     ModelInfo {
+        file_name: None,
         key: key.to_string(),
         name: key.to_string(),
         source,
@@ -133,6 +134,9 @@ struct Engine {
 struct Engines {
     loaded: Vec<Engine>,
     budget: u64,
+    /// Checkpoints that failed to load, with the file's modification time then: asked again unchanged,
+    /// they fail at once instead of unloading the model in use for another failed try.
+    failed: std::collections::HashMap<String, (Option<std::time::SystemTime>, String)>,
     /// Upscaler networks, most recently used last (a few MB to 70 MB each; the last two are kept).
     upscalers: Vec<(std::path::PathBuf, Arc<sd_models::esrgan::RrdbNet>)>,
 }
@@ -141,11 +145,19 @@ impl Engines {
     /// The model `key`, loaded now if it is not (evicting the least recently used beyond the budget
     /// first, so two large models are not resident at once when they do not fit).
     fn get(&mut self, state: &AppState, key: &str) -> Result<&mut Engine, String> {
+        // Jobs from a front of an older version carry no key: the `-m` model.
+        let key = if key.is_empty() { state.primary_key.as_str() } else { key };
         if let Some(i) = self.loaded.iter().position(|e| e.info.key == key) {
             let e = self.loaded.remove(i);
             self.loaded.push(e);
         } else {
             let (path, primary, source) = locate(state, key)?;
+            let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+            if let Some((when, why)) = self.failed.get(key) {
+                if *when == modified {
+                    return Err(why.clone());
+                }
+            }
             let dtype = state.config.dtype.unwrap_or(if state.config.device.is_cpu() { candle_core::DType::F32 } else { candle_core::DType::F16 });
             let need = crate::models::estimate_bytes(&path, dtype);
             while !self.loaded.is_empty() && self.loaded.iter().map(|e| e.bytes).sum::<u64>() + need > self.budget {
@@ -155,8 +167,19 @@ impl Engines {
             self.publish(state);
             let t0 = Instant::now();
             let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| LoadedModel::load(&path, &load_spec(&state.config, primary)).map_err(|e| e.to_string())))
-                .unwrap_or_else(|_| Err("the loader panicked".into()))?;
-            let info = Arc::new(describe(&loaded, key, source, &path));
+                .unwrap_or_else(|_| Err("the loader panicked".into()));
+            let loaded = match loaded {
+                Ok(m) => m,
+                Err(why) => {
+                    self.failed.insert(key.to_string(), (modified, why.clone()));
+                    return Err(why);
+                }
+            };
+            self.failed.remove(key);
+            let file_name = state.catalog.list().into_iter().find(|c| c.name == key).map(|c| c.file_name).or_else(|| {
+                path.is_file().then(|| path.file_name().map(|f| f.to_string_lossy().into_owned())).flatten()
+            });
+            let info = Arc::new(ModelInfo { file_name, ..describe(&loaded, key, source, &path) });
             tracing::info!(model = %info.key, variant = %info.caps.variant, device = %info.device, dtype = %info.dtype,
                 mb = need >> 20, secs = t0.elapsed().as_secs_f64(), "model loaded");
             state.remember_model(info.clone());
@@ -210,7 +233,7 @@ pub fn spawn(state: Arc<AppState>, rx: mpsc::Receiver<EngineMsg>) -> std::io::Re
 }
 
 fn engine_main(state: Arc<AppState>, rx: mpsc::Receiver<EngineMsg>) {
-    let mut engines = Engines { loaded: Vec::new(), budget: state.config.model_cache_bytes, upscalers: Vec::new() };
+    let mut engines = Engines { loaded: Vec::new(), budget: state.config.model_cache_bytes, failed: Default::default(), upscalers: Vec::new() };
     match engines.get(&state, &state.primary_key) {
         Ok(engine) => state.set_model_state(ModelState::Ready(engine.info.clone())),
         Err(msg) => {
@@ -244,7 +267,11 @@ fn engine_main(state: Arc<AppState>, rx: mpsc::Receiver<EngineMsg>) {
                     _ => None,
                 };
                 for e in &mut engines.loaded {
-                    e.model.reload_embeddings(&state.config.embedding_dirs);
+                    // Embedding files are user-dropped: a panic while parsing one must not stop the engine.
+                    let reloaded = std::panic::catch_unwind(AssertUnwindSafe(|| e.model.reload_embeddings(&state.config.embedding_dirs)));
+                    if reloaded.is_err() {
+                        tracing::error!(model = %e.info.key, "reading the embeddings panicked; the model keeps what it read before the file at fault");
+                    }
                     e.info = Arc::new(ModelInfo { embeddings: embedding_list(&e.model), ..(*e.info).clone() });
                     state.remember_model(e.info.clone());
                     if active.as_deref() == Some(e.info.key.as_str()) {
@@ -301,7 +328,7 @@ fn engine_main(state: Arc<AppState>, rx: mpsc::Receiver<EngineMsg>) {
 
 /// A1111's extras upscale of every picture of `r`.
 fn upscale(state: &AppState, engines: &mut Engines, r: &UpscaleRequest) -> Result<Vec<image::DynamicImage>, String> {
-    use sd_pipelines::hires::{upscale_image, PixelUpscale};
+    use sd_pipelines::hires::{upscale_by, PixelUpscale};
     let mut nets = Vec::new();
     for choice in std::iter::once(&r.first).chain(r.second.as_ref().map(|(c, _)| c)) {
         nets.push(match choice {
@@ -317,11 +344,10 @@ fn upscale(state: &AppState, engines: &mut Engines, r: &UpscaleRequest) -> Resul
         }
     }
     let mut out = Vec::with_capacity(r.images.len());
-    for (img, (w, h)) in &r.images {
-        let (w, h) = (*w as usize, *h as usize);
-        let mut up = upscale_image(img, w, h, method(&r.first, &nets[0])).map_err(|e| e.to_string())?.to_rgb8();
+    for (img, scale) in &r.images {
+        let mut up = upscale_by(img, *scale, method(&r.first, &nets[0])).map_err(|e| e.to_string())?.to_rgb8();
         if let (Some((choice, visibility)), Some(net)) = (&r.second, nets.get(1)) {
-            let other = upscale_image(img, w, h, method(choice, net)).map_err(|e| e.to_string())?.to_rgb8();
+            let other = upscale_by(img, *scale, method(choice, net)).map_err(|e| e.to_string())?.to_rgb8();
             // PIL's Image.blend: im1·(1 − α) + im2·α per channel, truncated to 8 bits.
             for (a, b) in up.pixels_mut().zip(other.pixels()) {
                 for c in 0..3 {
@@ -463,8 +489,12 @@ fn run_job(state: &AppState, engines: &mut Engines, job: &Job) -> Result<JobResu
         extra.push(("Lora weights", format!("\"{}\"", list.join(", "))));
     }
     // The task's input tensors, at the request's size (both families take sd-core's Task).
+    let references = match &operation {
+        Operation::Edit { images } => images.iter().map(|i| image_to_tensor(i, i.width() as usize, i.height() as usize)).collect::<Result<Vec<_>, _>>().map_err(core_failure)?,
+        _ => Vec::new(),
+    };
     let inputs = match &operation {
-        Operation::Generation => None,
+        Operation::Generation | Operation::Edit { .. } => None,
         Operation::Transform { image, .. } => Some((image_to_tensor(image, p.width, p.height), None)),
         Operation::Inpaint { image, mask, .. } => Some((image_to_tensor(image, p.width, p.height), Some(mask_to_tensor(mask, p.width, p.height)))),
     };
@@ -475,6 +505,7 @@ fn run_job(state: &AppState, engines: &mut Engines, job: &Job) -> Result<JobResu
     let task = match (&operation, &inputs) {
         (Operation::Transform { strength, .. }, Some((image, _))) => Task::ImageToImage(ImageToImage { image, strength: *strength }),
         (Operation::Inpaint { strength, .. }, Some((image, Some(mask)))) => Task::Inpaint(Inpaint { image, mask, strength: *strength }),
+        (Operation::Edit { .. }, _) => Task::Edit(Edit { images: &references }),
         _ => Task::TextToImage,
     };
     let lora_weights: Vec<LoraWeight> = loras.iter().map(|l| LoraWeight { path: l.path.clone(), strength: l.strength, text_encoder_strength: l.text_encoder_strength }).collect();

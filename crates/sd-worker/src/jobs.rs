@@ -165,6 +165,11 @@ pub enum Operation {
         /// Fraction of the schedule re-noised.
         strength: f64,
     },
+    /// An edit after reference images (FLUX.1 Kontext), each at the size it is encoded at.
+    Edit {
+        /// The reference images.
+        images: Vec<DynamicImage>,
+    },
 }
 
 impl Operation {
@@ -174,6 +179,7 @@ impl Operation {
             Self::Generation => "image_generation",
             Self::Transform { .. } => "image_transform",
             Self::Inpaint { .. } => "image_inpaint",
+            Self::Edit { .. } => "image_edit",
         }
     }
 }

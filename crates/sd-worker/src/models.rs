@@ -18,8 +18,10 @@ use crate::folders::AllowedFolders;
 
 /// Folder depth scanned below each models folder.
 const MAX_DEPTH: usize = 4;
-/// Entries listed at most (a models folder pointed at `/` must not stall the worker).
+/// Entries listed at most, and folder entries looked at at most (a models folder pointed at `/` must not
+/// stall the worker).
 const MAX_ENTRIES: usize = 4096;
+const MAX_VISITED: usize = 50_000;
 
 /// One checkpoint found in a models folder.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,7 +112,9 @@ pub fn resolve_in(list: &[Checkpoint], requested: &str) -> Option<Checkpoint> {
             (Some(h), Some(full)) => full.starts_with(&h.to_ascii_lowercase()),
             _ => true,
         };
-        hash_ok && (c.name == name || c.file_name == name || file_stem(&c.file_name) == name)
+        // A1111's ids: the relative name with `/` as `_` (its `model_name`), the file name, the base name's stem.
+        let base = c.file_name.rsplit('/').next().unwrap_or(&c.file_name);
+        hash_ok && (c.name == name || c.file_name == name || file_stem(&c.file_name) == name || c.name.replace('/', "_") == name || file_stem(base) == name)
     });
     if let Some(c) = by_name {
         return Some(c.clone());
@@ -149,8 +153,9 @@ fn is_model_file(p: &Path) -> bool {
 
 fn scan(folders: &AllowedFolders) -> Vec<Checkpoint> {
     let mut out = Vec::new();
+    let mut visited = 0;
     for root in folders.roots() {
-        walk(folders, root, root, 0, &mut out);
+        walk(folders, root, root, 0, &mut out, &mut visited);
     }
     out.sort_by(|a, b| a.name.cmp(&b.name).then(a.file_name.cmp(&b.file_name)));
     // The same checkpoint reached twice (two folders, or a symlink) is listed once.
@@ -167,13 +172,14 @@ fn scan(folders: &AllowedFolders) -> Vec<Checkpoint> {
     out
 }
 
-fn walk(folders: &AllowedFolders, root: &Path, dir: &Path, depth: usize, out: &mut Vec<Checkpoint>) {
+fn walk(folders: &AllowedFolders, root: &Path, dir: &Path, depth: usize, out: &mut Vec<Checkpoint>, visited: &mut usize) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
-    let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    let mut paths: Vec<PathBuf> = entries.flatten().take(MAX_VISITED).map(|e| e.path()).collect();
     paths.sort();
     for p in paths {
-        if out.len() >= MAX_ENTRIES {
-            tracing::warn!(folder = %root.display(), "more than {MAX_ENTRIES} checkpoints; the rest are not listed");
+        *visited += 1;
+        if out.len() >= MAX_ENTRIES || *visited > MAX_VISITED {
+            tracing::warn!(folder = %root.display(), "more than {MAX_ENTRIES} checkpoints or {MAX_VISITED} folder entries; the rest are not listed");
             return;
         }
         if p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.')) {
@@ -188,7 +194,7 @@ fn walk(folders: &AllowedFolders, root: &Path, dir: &Path, depth: usize, out: &m
             if canonical.join("model_index.json").is_file() {
                 out.push(Checkpoint { name: rel.clone(), file_name: rel, path: canonical, sha256: None });
             } else if depth < MAX_DEPTH {
-                walk(folders, root, &p, depth + 1, out);
+                walk(folders, root, &p, depth + 1, out, visited);
             }
         } else if is_model_file(&p) {
             out.push(Checkpoint { name: file_stem(&rel).to_string(), file_name: rel, path: canonical, sha256: None });
@@ -291,6 +297,8 @@ mod tests {
         assert_eq!(names, ["sd15", "xl/tiny-xl"]);
         assert_eq!(cat.resolve("sd15").map(|c| c.file_name), Some("sd15.safetensors".into()));
         assert_eq!(cat.resolve("xl/tiny-xl.safetensors").map(|c| c.name), Some("xl/tiny-xl".into()));
+        assert_eq!(cat.resolve("xl_tiny-xl").map(|c| c.name), Some("xl/tiny-xl".into()), "A1111's model_name");
+        assert_eq!(cat.resolve("tiny-xl").map(|c| c.name), Some("xl/tiny-xl".into()), "the base name's stem");
         for escape in ["../outside", "link", "outside", "/etc/passwd", "../outside.safetensors"] {
             assert!(cat.resolve(escape).is_none(), "{escape}");
         }

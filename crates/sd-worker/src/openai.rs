@@ -217,6 +217,9 @@ fn edit_job(st: &AppState, model: &ModelInfo, parts: EditParts) -> Result<(crate
             }
             OpInput::Inpaint { image, image_field: "image", mask, mask_field: "mask", strength: r.strength }
         }
+        // A model that edits after a reference (FLUX.1 Kontext) does what OpenAI's edits do without a mask:
+        // the prompt says what to change. Others re-generate the image (img2img).
+        None if model.caps.runs(sd_core::run::TaskKind::Edit) => OpInput::Edit { images: vec![image], field: "image" },
         None => OpInput::Transform { image, image_field: "image", strength: r.strength },
     };
     let (spec, params) = build_job(st, model, input, &NAMES, op)?;

@@ -307,6 +307,12 @@ impl RedisQueue {
         Ok((Some(key), info.and_then(|t| serde_json::from_str(&t).ok())))
     }
 
+    /// The description a worker published for the model `key`, if any.
+    pub async fn described_model(&self, key: &str) -> Result<Option<ModelInfo>, ApiError> {
+        let info: Option<String> = redis::cmd("HGET").arg(self.key("models")).arg(key).query_async(&mut self.conn()).await.map_err(redis_error)?;
+        Ok(info.and_then(|t| serde_json::from_str(&t).ok()))
+    }
+
     /// Makes `key` the fleet's model for later requests, with its description when this process has it.
     pub async fn set_active_model(&self, key: &str, info: Option<&ModelInfo>) -> Result<(), ApiError> {
         let mut pipe = redis::pipe();
@@ -694,7 +700,8 @@ impl RedisQueue {
                 pipe.cmd("EXPIRE").arg(self.key("models")).arg(MODEL_TTL_SECS).ignore();
             }
             if !list.is_empty() {
-                pipe.cmd("SET").arg(self.key("checkpoints")).arg(serde_json::to_string(&list).unwrap_or_default()).arg("EX").arg(MODEL_TTL_SECS).ignore();
+                pipe.cmd("HSET").arg(self.key("checkpoints")).arg(&self.consumer).arg(serde_json::to_string(&list).unwrap_or_default()).ignore();
+                pipe.cmd("EXPIRE").arg(self.key("checkpoints")).arg(MODEL_TTL_SECS).ignore();
             }
             pipe.query_async::<()>(&mut conn).await?;
             if let Some(info) = state.model_info(&state.primary_key) {
@@ -722,7 +729,7 @@ impl RedisQueue {
                     .await?;
             }
         }
-        type Fleet = (usize, usize, (Option<f64>, Option<f64>), Option<String>, Option<String>, Option<String>);
+        type Fleet = (usize, usize, (Option<f64>, Option<f64>), Option<String>, Option<String>, HashMap<String, String>);
         // About once a minute a worker forgets group members of workers long gone.
         if has_engine && self.refreshes.fetch_add(1, Ordering::Relaxed) % 30 == 0 {
             self.forget_dead_consumers().await?;
@@ -745,25 +752,21 @@ impl RedisQueue {
             .arg(self.key("model"))
             .cmd("GET")
             .arg(self.key("active"))
-            .cmd("GET")
+            .cmd("HGETALL")
             .arg(self.key("checkpoints"))
             .query_async(&mut conn)
             .await?;
-        if let Some(list) = checkpoints.and_then(|t| serde_json::from_str::<Vec<crate::models::Checkpoint>>(&t).ok()) {
-            *lock(&self.checkpoints) = list;
-        }
-        // The fleet's chosen model, once described, is what this process's requests get.
-        if let Some(key) = active {
-            let described: Option<String> = redis::cmd("HGET").arg(self.key("models")).arg(&key).query_async(&mut conn).await?;
-            let info = described.and_then(|t| serde_json::from_str::<ModelInfo>(&t).ok()).map(Arc::new).or_else(|| state.model_info(&key));
-            if let Some(info) = info {
-                if !matches!(state.model_state(), ModelState::Ready(old) if old.key == info.key) {
-                    tracing::info!(model = %info.key, "the fleet's requests now use this model");
-                    state.set_model_state(ModelState::Ready(info));
+        // The union of the live workers' lists (each worker publishes its own under its consumer name).
+        let mut union: Vec<crate::models::Checkpoint> = Vec::new();
+        for list in checkpoints.values().filter_map(|t| serde_json::from_str::<Vec<crate::models::Checkpoint>>(t).ok()) {
+            for c in list {
+                if !union.iter().any(|u| u.name == c.name) {
+                    union.push(c);
                 }
-                return Ok(());
             }
         }
+        union.sort_by(|a, b| a.name.cmp(&b.name));
+        *lock(&self.checkpoints) = union;
         self.depth.store(depth, Ordering::Relaxed);
         self.live_workers.store(live, Ordering::Relaxed);
         if let (Some(n), Some(s)) = stats {
@@ -772,8 +775,24 @@ impl RedisQueue {
             }
         }
         if !has_engine {
-            // A front without a model serves what the fleet's workers describe.
-            match model.and_then(|m| serde_json::from_str::<ModelInfo>(&m).ok()) {
+            // A front without a model serves what the fleet's workers describe: the checkpoint chosen
+            // through /sdapi/v1/options once a worker described it, else the workers' own model. (A worker
+            // keeps its engine's state; its requests read the choice from Redis as they arrive.)
+            let chosen = match active {
+                Some(key) => {
+                    let described: Option<String> = redis::cmd("HGET").arg(self.key("models")).arg(&key).query_async(&mut conn).await?;
+                    described.and_then(|t| serde_json::from_str::<ModelInfo>(&t).ok())
+                }
+                None => None,
+            };
+            let fleet = model.and_then(|m| serde_json::from_str::<ModelInfo>(&m).ok());
+            // Both stay known here, so requests naming either validate without asking Redis again.
+            for info in fleet.iter().chain(&chosen) {
+                if state.model_info(&info.key).as_deref() != Some(info) {
+                    state.remember_model(Arc::new(info.clone()));
+                }
+            }
+            match fleet.map(|own| chosen.unwrap_or(own)) {
                 Some(info) => {
                     let changed = !matches!(state.model_state(), ModelState::Ready(old) if *old == info);
                     if changed {

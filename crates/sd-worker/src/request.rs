@@ -217,7 +217,17 @@ pub enum OpInput {
         /// Requested strength.
         strength: Option<f64>,
     },
+    /// An edit after reference images (FLUX.1 Kontext).
+    Edit {
+        /// The reference images.
+        images: Vec<DynamicImage>,
+        /// Their field name (`images`, OpenAI's `image`).
+        field: &'static str,
+    },
 }
+
+/// Most reference images an edit may carry.
+pub const MAX_EDIT_IMAGES: usize = 4;
 
 /// Default img2img strength (A1111's `denoising_strength` default).
 pub const DEFAULT_TRANSFORM_STRENGTH: f64 = 0.75;
@@ -409,9 +419,10 @@ struct NativeRequest {
     init_image: Option<String>,
     mask_image: Option<String>,
     strength: Option<f64>,
+    images: Option<Vec<String>>,
 }
 
-const OPERATIONS: &str = "image_generation, image_transform, image_inpaint";
+const OPERATIONS: &str = "image_generation, image_transform, image_inpaint, image_edit";
 
 /// Parses and validates a native job request.
 pub fn native_job(state: &AppState, model: &ModelInfo, body: &[u8]) -> Result<(JobSpec, Value), ApiError> {
@@ -425,7 +436,7 @@ pub fn native_job_object(state: &AppState, model: &ModelInfo, mut obj: serde_jso
         Some(Value::String(s)) => s,
         Some(other) => return Err(ApiError::invalid("operation", format!("expected a string, got {other}; use one of {OPERATIONS}"))),
     };
-    if !["image_generation", "image_transform", "image_inpaint"].contains(&op.as_str()) {
+    if !["image_generation", "image_transform", "image_inpaint", "image_edit"].contains(&op.as_str()) {
         return Err(ApiError::new(
             axum::http::StatusCode::BAD_REQUEST,
             "unknown_operation",
@@ -437,9 +448,16 @@ pub fn native_job_object(state: &AppState, model: &ModelInfo, mut obj: serde_jso
     type Presence<'a> = &'a [(&'a str, bool)];
     let (needed, forbidden): (Presence, Presence) = match op.as_str() {
         "image_generation" => (&[], &[("input_image", r.input_image.is_some()), ("init_image", r.init_image.is_some()), ("mask_image", r.mask_image.is_some()), ("strength", r.strength.is_some())]),
-        "image_transform" => (&[("input_image", r.input_image.is_some())], &[("init_image", r.init_image.is_some()), ("mask_image", r.mask_image.is_some())]),
-        _ => (&[("init_image", r.init_image.is_some()), ("mask_image", r.mask_image.is_some())], &[("input_image", r.input_image.is_some())]),
+        "image_transform" => (&[("input_image", r.input_image.is_some())], &[("init_image", r.init_image.is_some()), ("mask_image", r.mask_image.is_some()), ("images", r.images.is_some())]),
+        "image_edit" => (
+            &[("images", r.images.is_some())],
+            &[("input_image", r.input_image.is_some()), ("init_image", r.init_image.is_some()), ("mask_image", r.mask_image.is_some()), ("strength", r.strength.is_some())],
+        ),
+        _ => (&[("init_image", r.init_image.is_some()), ("mask_image", r.mask_image.is_some())], &[("input_image", r.input_image.is_some()), ("images", r.images.is_some())]),
     };
+    if op == "image_generation" && r.images.is_some() {
+        return Err(ApiError::invalid("images", "`images` is not a field of image_generation; use image_edit"));
+    }
     if let Some((f, _)) = forbidden.iter().find(|(_, present)| *present) {
         return Err(ApiError::invalid(*f, format!("`{f}` is not a field of {op}")));
     }
@@ -473,6 +491,14 @@ pub fn native_job_object(state: &AppState, model: &ModelInfo, mut obj: serde_jso
             image_field: "input_image",
             strength: r.strength,
         },
+        "image_edit" => {
+            let list = r.images.as_deref().unwrap_or_default();
+            if list.is_empty() || list.len() > MAX_EDIT_IMAGES {
+                return Err(ApiError::invalid("images", format!("{} images; send 1 to {MAX_EDIT_IMAGES} base64 reference images", list.len())));
+            }
+            let images = list.iter().enumerate().map(|(i, b)| decode_image(&format!("images[{i}]"), b)).collect::<Result<Vec<_>, _>>()?;
+            OpInput::Edit { images, field: "images" }
+        }
         _ => OpInput::Inpaint {
             image: decode_image("init_image", r.init_image.as_deref().unwrap_or_default())?,
             image_field: "init_image",
@@ -558,7 +584,33 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
     if caps.clip_skip_layers == 0 && input.clip_skip.is_some_and(|c| c > 1) {
         ignored.push(names.clip_skip);
     }
-    // img2img and inpaint default to the input image's size, rounded down to the size multiple.
+    // Kontext's references go to the trained resolution nearest their aspect ratio (diffusers'
+    // `_auto_resize`) when it fits this worker's limits, else to their own size rounded down to the multiple.
+    let op = match op {
+        OpInput::Edit { images, field } => {
+            if images.is_empty() || images.len() > MAX_EDIT_IMAGES {
+                return Err(ApiError::invalid(field, format!("{} reference images; send 1 to {MAX_EDIT_IMAGES}", images.len())));
+            }
+            let round = |v: u32| ((v as usize / multiple) * multiple).max(multiple) as u32;
+            let images = images
+                .into_iter()
+                .map(|img| {
+                    let (w, h) = img.dimensions();
+                    let (kw, kh) = sd_flux::pipeline::kontext_reference_size(w as usize, h as usize);
+                    let (tw, th) = if caps.variant.contains("kontext") && kw <= limits.max_width && kh <= limits.max_height {
+                        (kw as u32, kh as u32)
+                    } else {
+                        (round(w).min(limits.max_width as u32), round(h).min(limits.max_height as u32))
+                    };
+                    if (tw, th) == (w, h) { img } else { img.resize_exact(tw, th, image::imageops::FilterType::Lanczos3) }
+                })
+                .collect();
+            OpInput::Edit { images, field }
+        }
+        other => other,
+    };
+    // img2img and inpaint default to the input image's size, rounded down to the size multiple; an edit to
+    // its (first) reference's.
     let (def_w, def_h) = match &op {
         OpInput::Generation => (caps.default_width as u64, caps.default_height as u64),
         OpInput::Transform { image, .. } | OpInput::Inpaint { image, .. } => {
@@ -566,6 +618,7 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
             let round = |v: u32| (v as u64 / multiple as u64) * multiple as u64;
             (round(w).max(multiple as u64), round(h).max(multiple as u64))
         }
+        OpInput::Edit { images, .. } => images.first().map_or((caps.default_width as u64, caps.default_height as u64), |i| (u64::from(i.width()), u64::from(i.height()))),
     };
     let width = check_side(names.width, input.width.unwrap_or(def_w), limits.max_width)?;
     let height = check_side(names.height, input.height.unwrap_or(def_h), limits.max_height)?;
@@ -590,7 +643,12 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
             if !sampler.kind.supports_sigma_schedules() {
                 return Err(ApiError::invalid(
                     names.schedule,
-                    format!("{} has no {} schedule; use Euler, Heun, DPM++ 2M (SDE) or UniPC with it", sampler.kind, schedule.as_str()),
+                    format!(
+                        "{} has no {} schedule; the k-diffusion-style samplers take one ({})",
+                        sampler.kind,
+                        schedule.as_str(),
+                        SamplerKind::ALL.iter().filter(|k| k.supports_sigma_schedules()).map(|k| k.display_name()).collect::<Vec<_>>().join(", ")
+                    ),
                 ));
             }
             sampler.schedule = Some(schedule);
@@ -649,6 +707,7 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
         OpInput::Generation => {}
         OpInput::Transform { image, .. } => job_pixels += pixels(image),
         OpInput::Inpaint { image, mask, .. } => job_pixels += pixels(image) + pixels(mask),
+        OpInput::Edit { images, .. } => job_pixels += images.iter().map(pixels).sum::<u64>(),
     }
     if job_pixels > MAX_JOB_INPUT_PIXELS {
         return Err(ApiError::invalid(
@@ -677,6 +736,10 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
             let s = strength.unwrap_or(DEFAULT_INPAINT_STRENGTH);
             task(TaskKind::Inpaint, Some(s))?;
             (Operation::Inpaint { image, mask, strength: s }, Some(s))
+        }
+        OpInput::Edit { images, .. } => {
+            task(TaskKind::Edit, None)?;
+            (Operation::Edit { images }, None)
         }
     };
     let parameters = json!({

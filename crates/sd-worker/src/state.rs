@@ -37,6 +37,10 @@ pub struct ModelInfo {
     pub caps: Capabilities,
     /// The UNet's config, which ControlNets are checked against before a job is queued (SD only).
     pub unet: Option<sd_models::UNetConfig>,
+    /// The file name A1111 lists it by: relative to its models folder with the extension
+    /// (`xl/juggernaut.safetensors`), the folder's name for a diffusers folder.
+    #[serde(default)]
+    pub file_name: Option<String>,
     /// SHA-256 of a single-file model (A1111's `Model hash` is its first 10 hex digits); `None` for folders.
     #[serde(default)]
     pub sha256: Option<String>,
@@ -115,12 +119,13 @@ pub enum UpscalerChoice {
     Model(sd_pipelines::hires::EsrganUpscaler),
 }
 
-/// An extras upscale: pictures, each one's target size, and the upscalers (the second blended in at a
+/// An extras upscale: pictures, each one's scale factor, and the upscalers (the second blended in at a
 /// visibility, as A1111's `upscaler_2`).
 #[derive(Debug)]
 pub struct UpscaleRequest {
-    /// The pictures with their target sizes (before any crop).
-    pub images: Vec<(image::DynamicImage, (u32, u32))>,
+    /// The pictures with their scale factors (A1111's `upscale_by`; the result is each side times it,
+    /// rounded down to a multiple of 8, before any crop).
+    pub images: Vec<(image::DynamicImage, f64)>,
     /// Centre-crop each result to this size (A1111's `upscaling_crop` with a target size).
     pub crop: Option<(u32, u32)>,
     /// The first upscaler.
@@ -160,6 +165,8 @@ pub struct AppState {
     pub upscalers: crate::upscalers::UpscalerFolders,
     /// The key of the `-m` model.
     pub primary_key: String,
+    /// Extras upscales waiting for or running on the engine.
+    extras_waiting: std::sync::atomic::AtomicUsize,
     /// Descriptions of every model loaded so far, by key (kept after the model itself is evicted, so
     /// requests for it validate without a reload).
     infos: RwLock<HashMap<String, Arc<ModelInfo>>>,
@@ -190,7 +197,19 @@ impl AppState {
             crate::config::ModelSource::Path(p) => p.canonicalize().ok().and_then(|c| catalog.by_path(&c)).map(|c| c.name),
             crate::config::ModelSource::Hub(_) => None,
         }
-        .unwrap_or_else(|| crate::engine::model_name(&config.model));
+        .unwrap_or_else(|| {
+            // A `-m` model outside the folders whose name a checkpoint already has goes by its file name (or
+            // path), so the two never share a key.
+            let name = crate::engine::model_name(&config.model);
+            let taken = |n: &str| catalog.list().iter().any(|c| c.name == n);
+            match &config.model {
+                crate::config::ModelSource::Path(p) if taken(&name) => {
+                    let file = p.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+                    if file.is_empty() || taken(&file) { p.display().to_string() } else { file }
+                }
+                _ => name,
+            }
+        });
         Self {
             config,
             loras,
@@ -199,6 +218,7 @@ impl AppState {
             upscalers,
             primary_key,
             infos: RwLock::new(HashMap::new()),
+            extras_waiting: std::sync::atomic::AtomicUsize::new(0),
             model: RwLock::new(ModelState::Loading),
             jobs: Mutex::new(HashMap::new()),
             queue: Mutex::new(Queue { waiting: 0, shutting_down: false, tx: Some(tx) }),
@@ -318,9 +338,15 @@ impl AppState {
                 return Ok(m.key.clone());
             }
         }
-        let primary = self.infos.read().unwrap_or_else(|e| e.into_inner()).get(&self.primary_key).cloned();
+        // The `-m` model first, then every model described so far (on a front: those the workers published).
+        let primary = self.model_info(&self.primary_key);
         if let Some(p) = primary.filter(|p| crate::a1111::names_model(requested, p)) {
             return Ok(p.key.clone());
+        }
+        let mut known = self.known_models();
+        known.sort_by(|a, b| a.key.cmp(&b.key));
+        if let Some(m) = known.iter().find(|m| crate::a1111::names_model(requested, m)) {
+            return Ok(m.key.clone());
         }
         if let Some(c) = crate::models::resolve_in(&self.checkpoints(), requested) {
             return Ok(c.name);
@@ -338,11 +364,22 @@ impl AppState {
     /// is then validated against its own capabilities).
     pub async fn model_for(&self, field: &str, requested: &str) -> Result<Arc<ModelInfo>, ApiError> {
         let key = self.resolve_model(field, requested)?;
-        let known = self.infos.read().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
-        match known {
-            Some(info) => Ok(info),
-            None => self.load_model(field, &key).await,
+        if let Some(info) = self.model_info(&key) {
+            return Ok(info);
         }
+        if self.has_engine() {
+            return self.load_model(field, &key).await;
+        }
+        // A front: the description a worker published, else (no worker loaded it yet) the checks of the model
+        // in use, and the worker that takes the job loads it.
+        #[cfg(feature = "queue")]
+        if let Some(q) = self.fleet() {
+            if let Some(info) = q.described_model(&key).await? {
+                return Ok(Arc::new(info));
+            }
+        }
+        let ready = self.ready_model()?;
+        Ok(Arc::new(ModelInfo { key: key.clone(), name: key, sha256: None, file_name: None, ..(*ready).clone() }))
     }
 
     /// Every model described so far.
@@ -381,7 +418,7 @@ impl AppState {
                 // Chosen on a front and not loaded by any worker yet: checked against the fleet's own
                 // model's capabilities; the worker that takes the job loads the chosen one.
                 if key != ready.key {
-                    return Ok(Arc::new(ModelInfo { key: key.clone(), name: key, sha256: None, ..(*ready).clone() }));
+                    return Ok(Arc::new(ModelInfo { key: key.clone(), name: key, sha256: None, file_name: None, ..(*ready).clone() }));
                 }
             }
         }
@@ -409,8 +446,20 @@ impl AppState {
         Ok(())
     }
 
-    /// Runs an extras upscale on the engine (after the jobs queued before) and waits for the pictures.
+    /// Runs an extras upscale on the engine (after the jobs queued before) and waits for the pictures; at
+    /// most `--queue-capacity` extras wait at once (429 beyond).
     pub async fn upscale(&self, request: UpscaleRequest) -> Result<Vec<image::DynamicImage>, ApiError> {
+        struct Slot<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Slot<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        if self.extras_waiting.fetch_add(1, Ordering::SeqCst) >= self.config.queue_capacity.max(1) {
+            self.extras_waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", None, "too many upscales are waiting; retry shortly").with_retry_after(5));
+        }
+        let _slot = Slot(&self.extras_waiting);
         let (reply, rx) = tokio::sync::oneshot::channel();
         {
             let q = lock(&self.queue);

@@ -11,6 +11,16 @@ use crate::folders::AllowedFolders;
 /// Upscaler file extensions.
 const EXTENSIONS: [&str; 4] = ["pth", "pt", "safetensors", "bin"];
 
+/// A1111's names for the Real-ESRGAN models it downloads itself, and their files' stems: clients (webuiapi's
+/// `HiResUpscaler`) send these names, and the files keep their release names in the folder.
+const A1111_NAMES: [(&str, &str); 3] =
+    [("R-ESRGAN 4x+", "RealESRGAN_x4plus"), ("R-ESRGAN 4x+ Anime6B", "RealESRGAN_x4plus_anime_6B"), ("R-ESRGAN 2x+", "RealESRGAN_x2plus")];
+
+/// The name a file is listed by: A1111's for its known Real-ESRGAN releases, else the file stem.
+fn listed_name(stem: &str) -> String {
+    A1111_NAMES.iter().find(|(_, s)| s.eq_ignore_ascii_case(stem)).map_or_else(|| stem.to_string(), |(n, _)| n.to_string())
+}
+
 /// An upscaler model found in the folders.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AvailableUpscaler {
@@ -59,7 +69,7 @@ impl UpscalerFolders {
                     self.walk(root, &p, depth + 1, out);
                 }
             } else if p.extension().and_then(|e| e.to_str()).is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str())) {
-                let name = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                let name = listed_name(&p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
                 let rel = p.strip_prefix(root).unwrap_or(&p).to_string_lossy().replace('\\', "/");
                 let scale = sd_models::esrgan::RrdbNet::inspect(&canonical).ok().map(|c| c.scale());
                 out.push(AvailableUpscaler { name, path: rel, scale });
@@ -67,9 +77,12 @@ impl UpscalerFolders {
         }
     }
 
-    /// The model file a request names (its file stem, any case), canonical and inside the folders.
+    /// The model file a request names (its file stem, any case, or A1111's name for a Real-ESRGAN release),
+    /// canonical and inside the folders, and an RRDBNet (checked from its shapes, so a foreign file is refused
+    /// when the request is validated).
     pub fn resolve(&self, name: &str) -> Option<sd_pipelines::hires::EsrganUpscaler> {
-        let wanted = name.trim();
+        let name = name.trim();
+        let wanted = A1111_NAMES.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map_or(name, |(_, stem)| *stem);
         if wanted.is_empty() {
             return None;
         }
@@ -80,7 +93,9 @@ impl UpscalerFolders {
                 break;
             }
         }
-        found.map(|(name, path)| sd_pipelines::hires::EsrganUpscaler { name, path, net: None })
+        let (stem, path) = found?;
+        sd_models::esrgan::RrdbNet::inspect(&path).ok()?;
+        Some(sd_pipelines::hires::EsrganUpscaler { name: listed_name(&stem), path, net: None })
     }
 
     fn find(&self, dir: &Path, wanted: &str, depth: usize, found: &mut Option<(String, PathBuf)>) {
@@ -127,6 +142,13 @@ mod tests {
         assert_eq!((list[0].name.as_str(), list[0].path.as_str()), ("4x-Tiny", "sub/4x-Tiny.pth"));
         assert!(list[0].scale.is_some());
         assert_eq!(f.resolve("4x-tiny").map(|u| u.name), Some("4x-Tiny".to_string()));
+        // A1111's names for the Real-ESRGAN releases find the files by their release names.
+        std::fs::copy(&first, d.join("ups/RealESRGAN_x4plus.pth")).expect("copy");
+        assert_eq!(f.resolve("R-ESRGAN 4x+").map(|u| u.name), Some("R-ESRGAN 4x+".to_string()));
+        assert!(f.list().iter().any(|u| u.name == "R-ESRGAN 4x+" && u.path == "RealESRGAN_x4plus.pth"));
+        // A file that is not an RRDBNet is neither listed with a scale nor resolvable.
+        std::fs::write(d.join("ups/broken.pth"), b"not a pickle").expect("write");
+        assert!(f.resolve("broken").is_none());
         for bad in ["outside", "../outside", "", "sub/4x-Tiny"] {
             assert!(f.resolve(bad).is_none(), "{bad}");
         }

@@ -34,6 +34,9 @@ pub struct WireSpec {
     /// Strength (img2img, inpaint).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strength: Option<f64>,
+    /// Base64 PNGs of an edit's reference images.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<String>,
     /// The generation parameters.
     pub params: WireParams,
     /// LoRAs by path relative to their folder.
@@ -158,9 +161,13 @@ impl WireSpec {
     pub fn encode(spec: &JobSpec, loras: &LoraFolders, controlnets: &ControlNetFolders) -> Result<Self, String> {
         let p = &spec.params;
         let (image, mask, strength) = match &spec.operation {
-            Operation::Generation => (None, None, None),
+            Operation::Generation | Operation::Edit { .. } => (None, None, None),
             Operation::Transform { image, strength } => (Some(png_b64(image)?), None, Some(*strength)),
             Operation::Inpaint { image, mask, strength } => (Some(png_b64(image)?), Some(png_b64(mask)?), Some(*strength)),
+        };
+        let images = match &spec.operation {
+            Operation::Edit { images } => images.iter().map(png_b64).collect::<Result<Vec<_>, _>>()?,
+            _ => Vec::new(),
         };
         let relative = |rel: Option<std::path::PathBuf>, what: &str, name: &str| {
             rel.map(|r| r.to_string_lossy().into_owned()).ok_or_else(|| format!("the {what} {name:?} is not inside an allowed folder"))
@@ -197,6 +204,7 @@ impl WireSpec {
             image,
             mask,
             strength,
+            images,
             hires,
             partial_on_cancel: spec.partial_on_cancel,
             model: spec.model.clone(),
@@ -256,6 +264,9 @@ impl WireSpec {
             "image_generation" => Operation::Generation,
             "image_transform" => Operation::Transform { image: image()?, strength: strength()? },
             "image_inpaint" => Operation::Inpaint { image: image()?, mask: image_from("mask_image", self.mask.as_deref().unwrap_or_default())?, strength: strength()? },
+            "image_edit" => Operation::Edit {
+                images: self.images.iter().enumerate().map(|(i, b)| image_from(&format!("images[{i}]"), b)).collect::<Result<Vec<_>, _>>()?,
+            },
             other => return Err(bad("operation", format!("unknown operation {other:?} in the queued job"))),
         };
         let requests: Vec<LoraRequest> = self.loras.iter().map(|l| LoraRequest { name: None, path: Some(l.path.clone()), strength: Some(l.strength), text_encoder_strength: l.text_encoder_strength }).collect();

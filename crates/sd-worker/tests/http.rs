@@ -1900,7 +1900,7 @@ fn refresh_embeddings_picks_up_added_and_removed_files_without_a_reload() {
 
 #[test]
 fn esrgan_upscalers_serve_the_extras_routes_and_the_hires_fix() {
-    use sd_pipelines::hires::{upscale_image, PixelUpscale};
+    use sd_pipelines::hires::{upscale_by, PixelUpscale};
     let mut cfg = config("sd15");
     cfg.upscaler_dirs = vec![fixture("esrgan")];
     let s = Server::start(cfg);
@@ -1913,7 +1913,7 @@ fn esrgan_upscalers_serve_the_extras_routes_and_the_hires_fix() {
     let input = png(16, 12, |x, y| [(x * 15) as u8, (y * 20) as u8, ((x + y) * 7) as u8]);
     let net = sd_models::esrgan::RrdbNet::load(&fixture("esrgan/realesrgan_x4_params_ema.pth"), &candle_core::Device::Cpu).expect("net");
     let src = image::load_from_memory(&input).expect("png");
-    let expected = upscale_image(&src, 32, 24, PixelUpscale::Model(&net)).expect("upscale").to_rgb8();
+    let expected = upscale_by(&src, 2.0, PixelUpscale::Model(&net)).expect("upscale").to_rgb8();
     let r = s.post("/sdapi/v1/extra-single-image", &json!({"image": b64(&input), "upscaler_1": "realesrgan_x4_params_ema", "upscaling_resize": 2}));
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json();
@@ -1922,7 +1922,7 @@ fn esrgan_upscalers_serve_the_extras_routes_and_the_hires_fix() {
     assert_eq!(got.as_raw(), expected.as_raw(), "the route runs the model as the library does");
     assert!(v["html_info"].as_str().is_some_and(|i| i.contains("Postprocess upscale by: 2") && i.contains("realesrgan_x4_params_ema")), "{v}");
     // upscaler_2 blended at half visibility, as PIL's Image.blend.
-    let nearest = upscale_image(&src, 32, 24, PixelUpscale::Nearest).expect("nearest").to_rgb8();
+    let nearest = upscale_by(&src, 2.0, PixelUpscale::Nearest).expect("nearest").to_rgb8();
     let r = s.post("/sdapi/v1/extra-single-image", &json!({"image": b64(&input), "upscaler_1": "realesrgan_x4_params_ema", "upscaler_2": "Nearest",
         "extras_upscaler_2_visibility": 0.5, "upscaling_resize": 2}));
     let blended = decode_png(r.json()["image"].as_str().expect("image")).to_rgb8();
@@ -1936,8 +1936,13 @@ fn esrgan_upscalers_serve_the_extras_routes_and_the_hires_fix() {
     assert_eq!(decode_png(r.json()["image"].as_str().expect("image")).to_rgb8().dimensions(), (40, 20));
     let r = s.post("/sdapi/v1/extra-batch-images", &json!({"imageList": [{"data": b64(&input), "name": "a"}, {"data": b64(&input), "name": "b"}], "upscaler_1": "Nearest"}));
     assert_eq!(r.json()["images"].as_array().map(Vec::len), Some(2), "{}", r.text());
-    let r = s.post("/sdapi/v1/extra-single-image", &json!({"image": b64(&input)}));
-    assert_eq!(decode_png(r.json()["image"].as_str().expect("image")).to_rgb8().as_raw(), src.to_rgb8().as_raw());
+    for body in [json!({"image": b64(&input)}), json!({"image": b64(&input), "upscaler_2": "Nearest", "extras_upscaler_2_visibility": 1})] {
+        let r = s.post("/sdapi/v1/extra-single-image", &body);
+        assert_eq!(decode_png(r.json()["image"].as_str().expect("image")).to_rgb8().as_raw(), src.to_rgb8().as_raw(), "upscaler_1 None: unchanged");
+    }
+    // "to" a size without the crop keeps the aspect ratio (A1111 scales by the larger ratio).
+    let r = s.post("/sdapi/v1/extra-single-image", &json!({"image": b64(&input), "upscaler_1": "Lanczos", "resize_mode": 1, "upscaling_resize_w": 40, "upscaling_resize_h": 20, "upscaling_crop": false}));
+    assert_eq!(decode_png(r.json()["image"].as_str().expect("image")).to_rgb8().dimensions(), (40, 24));
     // Refusals name the field.
     for (body, field) in [
         (json!({"image": b64(&input), "gfpgan_visibility": 1}), "gfpgan_visibility"),
@@ -1962,4 +1967,55 @@ fn esrgan_upscalers_serve_the_extras_routes_and_the_hires_fix() {
     let r = s.post("/sdapi/v1/txt2img", &json!({"prompt": "a fox", "width": 32, "height": 32, "steps": 2, "enable_hr": true, "hr_upscaler": "4x-Missing"}));
     assert_error(&r, 400, "hr_upscaler");
     s.shutdown();
+}
+
+#[test]
+fn kontext_models_edit_after_a_reference_image() {
+    // FLUX.1 Kontext has the [dev] architecture: the tiny dev model under FluxKontextPipeline's model_index.
+    let dir = std::env::temp_dir().join(format!("sd-worker-kontext-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    copy_dir(&fixture("flux/dev"), &dir);
+    let index = std::fs::read_to_string(dir.join("model_index.json")).expect("index");
+    std::fs::write(dir.join("model_index.json"), index.replace("\"FluxPipeline\"", "\"FluxKontextPipeline\"")).expect("write");
+    let mut cfg = config("flux/dev");
+    cfg.model = sd_worker::ModelSource::Path(dir.clone());
+    let s = Server::start(cfg);
+    let m = s.get("/v1/models").json();
+    assert_eq!(m["data"][0]["variant"], "flux-kontext-dev", "{m}");
+    assert!(m["data"][0]["tasks"].as_array().is_some_and(|t| t.contains(&json!("edit"))), "{m}");
+    let reference = png(20, 12, |x, y| [(x * 12) as u8, (y * 20) as u8, 128]);
+    let other = png(20, 12, |x, y| [255 - (x * 12) as u8, (y * 9) as u8, 30]);
+    let edit = |img: &[u8], seed: u64| {
+        let id = s.submit(&json!({"operation": "image_edit", "prompt": "make it blue", "images": [b64(img)], "steps": 3, "seed": seed}));
+        let ev = s.stream(&id);
+        let (name, done) = ev.last().cloned().expect("events");
+        assert_eq!(name, "complete", "{ev:?}");
+        assert_eq!(ev.iter().rfind(|e| e.0 == "progress").map(|e| e.1["total"].clone()), Some(json!(3)));
+        done
+    };
+    let done = edit(&reference, 4);
+    assert_eq!(done["parameters"]["operation"], "image_edit");
+    // The output takes the reference's size (within this worker's 256 px limit Kontext's trained
+    // resolutions do not fit, so the reference keeps its own).
+    assert_eq!(decode_png(done["images"][0].as_str().expect("image")).to_rgb8().dimensions(), (20, 12));
+    assert_eq!(pixels_of(&edit(&reference, 4)), pixels_of(&done), "same seed, same edit");
+    assert_ne!(pixels_of(&edit(&other, 4)), pixels_of(&done), "the reference steers the result");
+    // OpenAI's edits without a mask are Kontext edits.
+    let r = s.post("/v1/images/edits", &json!({"prompt": "make it blue", "image": b64(&reference), "steps": 3, "seed": 4}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(decode_png(r.json()["data"][0]["b64_json"].as_str().expect("image")).to_rgb8().dimensions(), (20, 12));
+    // Refusals name the field.
+    let many: Vec<String> = (0..5).map(|_| b64(&reference)).collect();
+    assert_error(&s.post("/v1/jobs", &json!({"operation": "image_edit", "prompt": "x", "images": many})), 400, "images");
+    assert_error(&s.post("/v1/jobs", &json!({"operation": "image_edit", "prompt": "x"})), 400, "images");
+    assert_error(&s.post("/v1/jobs", &json!({"operation": "image_edit", "prompt": "x", "images": [b64(&reference)], "strength": 0.5})), 400, "strength");
+    assert_error(&s.post("/v1/jobs", &json!({"operation": "image_generation", "prompt": "x", "images": [b64(&reference)]})), 400, "images");
+    s.shutdown();
+    // A model that does not edit refuses the operation.
+    let s = Server::start(config("sd15"));
+    let r = s.post("/v1/jobs", &json!({"operation": "image_edit", "prompt": "x", "images": [b64(&reference)]}));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("edit"), "{}", r.text());
+    s.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -481,7 +481,7 @@ fn a_checkpoint_chosen_through_one_front_is_what_every_node_serves() {
     let t0 = Instant::now();
     loop {
         let listed = front.get("/sdapi/v1/sd-models").json();
-        if listed.as_array().is_some_and(|l| l.iter().any(|m| m["model_name"] == "v2/sd2")) {
+        if listed.as_array().is_some_and(|l| l.iter().any(|m| m["title"] == "v2/sd2" && m["model_name"] == "v2_sd2")) {
             break;
         }
         assert!(t0.elapsed() < Duration::from_secs(20), "the front never listed the workers' checkpoints: {listed}");
@@ -509,6 +509,12 @@ fn a_checkpoint_chosen_through_one_front_is_what_every_node_serves() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(other.get("/sdapi/v1/options").json()["sd_model_checkpoint"], "v2/sd2");
+    // A front runs a request naming a checkpoint (as A1111 clients do with override_settings) from the
+    // description the workers published, without loading anything itself.
+    let r = other.post("/sdapi/v1/txt2img", &json!({"prompt": "x", "width": 32, "height": 32, "steps": 1, "override_settings": {"sd_model_checkpoint": "sd15"}}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let info: Value = serde_json::from_str(r.json()["info"].as_str().expect("info")).expect("info json");
+    assert_eq!(info["sd_model_name"], "sd15");
     // Switching back through the worker's own API is fleet-wide too.
     assert_eq!(worker.post("/sdapi/v1/options", &json!({"sd_model_checkpoint": "sd15"})).status, 200);
     let info: Value = serde_json::from_str(other.post("/sdapi/v1/txt2img", &txt).json()["info"].as_str().expect("info")).expect("info json");
