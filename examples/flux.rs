@@ -1,10 +1,11 @@
-//! FLUX.1 text to image (image to image with `-i`, inpainting with `-i` and `--mask`):
+//! FLUX.1 text to image (image to image with `-i`, inpainting with `-i` and `--mask`, Kontext edits with
+//! `--reference`):
 //! `cargo run --release --example flux -- -m ~/models/FLUX.1-schnell -p "a red fox in the snow"`.
 
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
-use sd_core::run::{ImageToImage, Inpaint, RunContext, Task};
+use sd_core::run::{Edit, ImageToImage, Inpaint, RunContext, Task};
 use sd_flux::pipeline::generate;
 use sd_flux::lora::parse_lora_spec;
 use sd_flux::{load, load_source, FluxFiles, FluxLoadOptions, FluxSource};
@@ -66,6 +67,10 @@ struct Cli {
     /// A mask for inpainting (with `-i`): white pixels are repainted, black ones kept.
     #[arg(long)]
     mask: Option<PathBuf>,
+    /// A reference image for a FLUX.1 Kontext edit (the prompt says what to change); it is resized to the
+    /// Kontext resolution nearest its aspect ratio, as diffusers does.
+    #[arg(long, conflicts_with_all = ["init_image", "mask"])]
+    reference: Option<PathBuf>,
     /// Fraction of the schedule re-noised in image to image and inpainting (0 keeps the input, 1
     /// ignores it; default 0.6, or 1.0 when inpainting).
     #[arg(long)]
@@ -132,7 +137,16 @@ fn body() -> AnyResult<()> {
     let image = cli.init_image.as_deref().map(|path| Ok::<_, String>(image_to_tensor(&open(path)?, p.width, p.height))).transpose()?.transpose()?;
     let mask = cli.mask.as_deref().map(|path| Ok::<_, String>(mask_to_tensor(&open(path)?, p.width, p.height))).transpose()?.transpose()?;
     let strength = cli.strength.unwrap_or(if mask.is_some() { 1.0 } else { 0.6 });
+    let references = match cli.reference.as_deref() {
+        Some(path) => {
+            let img = open(path)?;
+            let (w, h) = sd_flux::pipeline::kontext_reference_size(img.width() as usize, img.height() as usize);
+            vec![image_to_tensor(&img, w, h)?]
+        }
+        None => Vec::new(),
+    };
     let task = match (&image, &mask) {
+        _ if !references.is_empty() => Task::Edit(Edit { images: &references }),
         (Some(image), Some(mask)) => Task::Inpaint(Inpaint { image, mask, strength }),
         (Some(image), None) => Task::ImageToImage(ImageToImage { image, strength }),
         (None, Some(_)) => return Err("--mask needs an input image (-i)".into()),

@@ -10,10 +10,12 @@ PY=${1:-tools/.venv/bin/python}
 "$PY" tools/scheduler_goldens.py
 "$PY" tools/real_config_schedules.py
 "$PY" tools/scheduler_goldens_a1111.py
+"$PY" tools/cfg_pp_goldens.py
 "$PY" tools/pipeline_goldens.py
 if [ -f tools/lora_fixtures.py ]; then "$PY" tools/lora_fixtures.py; fi
 "$PY" tools/controlnet_fixtures.py
 "$PY" tools/flux_fixtures.py
+"$PY" tools/flux_kontext_goldens.py
 "$PY" tools/ti_goldens.py
 "$PY" tools/a1111_prompt_schedules.py
 "$PY" tools/esrgan_goldens.py

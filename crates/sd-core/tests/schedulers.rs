@@ -373,7 +373,9 @@ fn schedulers_match_diffusers_goldens() {
 #[test]
 fn every_sampler_family_has_goldens() {
     let goldens = load_goldens();
-    for kind in SamplerKind::ALL {
+    // Euler CFG++ runs Euler's schedule and, unguided, Euler's step; its guided step is checked by
+    // `euler_cfg_pp_matches_comfyui_s_loop` against tools/cfg_pp_goldens.py.
+    for kind in SamplerKind::ALL.into_iter().filter(|k| *k != SamplerKind::EulerCfgPp) {
         let n = goldens
             .cases
             .iter()
@@ -1131,4 +1133,64 @@ fn dpmpp_sde_draws_brownian_increments() {
     }
     assert_eq!(noise.draws, 2 * 5);
     assert!(to_vec(&s).iter().all(|v| v.is_finite()));
+}
+
+#[derive(Debug, Deserialize)]
+struct CfgPpCase {
+    name: String,
+    steps: usize,
+    scale: f64,
+    karras: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct CfgPpCases {
+    cases: Vec<CfgPpCase>,
+}
+
+/// Euler CFG++ against ComfyUI's `sample_euler_cfg_pp` loop (k-diffusion's `to_d`, diffusers' Euler sigmas
+/// for SD 1.5's config) with a fixed synthetic epsilon model; unguided, it is plain Euler.
+#[test]
+fn euler_cfg_pp_matches_comfyui_s_loop() {
+    let dir = golden_dir();
+    let cases: CfgPpCases = serde_json::from_str(&std::fs::read_to_string(dir.join("euler_cfg_pp.json")).expect("cases")).expect("json");
+    let g = candle_core::safetensors::load(dir.join("euler_cfg_pp.safetensors"), &Device::Cpu).expect("goldens");
+    let cfg = SchedulerConfig::from_json_str(
+        &std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/schedulers/sd15.json")).expect("config"),
+    )
+    .expect("config");
+    assert_eq!(cases.cases.len(), 3);
+    for c in &cases.cases {
+        let schedule = if c.karras { SigmaSchedule::Karras } else { SigmaSchedule::Default };
+        let mut sched = build_scheduler(Sampler::new(SamplerKind::EulerCfgPp, schedule), &cfg, c.steps).expect("build");
+        assert_eq!(sched.kind(), SamplerKind::EulerCfgPp);
+        let sigmas: Vec<f32> = g[&format!("{}.sigmas", c.name)].to_vec1().expect("sigmas");
+        let ours = sched.sigmas().expect("sigmas");
+        assert_eq!(ours.len(), sigmas.len(), "{}", c.name);
+        for (a, b) in ours.iter().zip(&sigmas) {
+            assert!((*a as f32 - b).abs() <= 1e-5 * b.max(1.0), "{}: sigma {a} vs {b}", c.name);
+        }
+        let mut x = g[&format!("{}.x_init", c.name)].clone();
+        let steps = &g[&format!("{}.steps", c.name)];
+        for i in 0..sched.timesteps().len() {
+            let input = sched.scale_model_input(&x, i).expect("scale");
+            let uncond = (&input * 0.3).expect("uncond");
+            let cond = ((&input * 0.25).expect("cond") + 0.1).expect("cond");
+            x = sched.step_guided(&uncond, &cond, c.scale, i, &x, &mut NoNoise).expect("step");
+            let want = steps.get(i).expect("step golden");
+            let d = (&x - &want).and_then(|d| d.abs()).and_then(|d| d.flatten_all()).and_then(|d| d.max(0)).and_then(|d| d.to_scalar::<f32>()).expect("diff");
+            let m = want.abs().and_then(|d| d.flatten_all()).and_then(|d| d.max(0)).and_then(|d| d.to_scalar::<f32>()).expect("max");
+            assert!(d <= 1e-5 * m.max(1.0), "{} step {i}: max diff {d} (max |golden| {m})", c.name);
+        }
+    }
+    // Unguided (and at scale 1 with equal predictions) CFG++ is Euler's step.
+    let mut a = build_scheduler(SamplerKind::EulerCfgPp, &cfg, 10).expect("cfg++");
+    let mut b = build_scheduler(SamplerKind::Euler, &cfg, 10).expect("euler");
+    let x = Tensor::ones((1, 4, 2, 2), DType::F32, &Device::Cpu).expect("x");
+    let eps = (&x * 0.2).expect("eps");
+    let pa = a.step(&eps, 3, &x, &mut NoNoise).expect("a");
+    let pb = b.step(&eps, 3, &x, &mut NoNoise).expect("b");
+    assert_eq!(pa.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("a"), pb.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("b"));
+    assert!(SamplerKind::EulerCfgPp.needs_uncond() && !SamplerKind::Euler.needs_uncond());
+    assert_eq!("Euler CFG++".parse::<Sampler>().expect("name").kind, SamplerKind::EulerCfgPp);
 }

@@ -120,9 +120,10 @@ pub fn scheduler_config(models: &StableDiffusionModels) -> Result<SchedulerConfi
 }
 
 /// Whether the unconditional prediction is computed: with guidance, and always for A1111's composable
-/// diffusion (`AND`, or a part weight other than 1), whose blend is relative to it.
+/// diffusion (`AND`, or a part weight other than 1), whose blend is relative to it, and for samplers that
+/// step with it (CFG++, whose scales are mostly ≤ 1).
 fn guided(p: &GenerationParams) -> bool {
-    p.guidance_scale > 1.0 || !plain_prompt(p)
+    p.guidance_scale > 1.0 || !plain_prompt(p) || p.sampler.kind.needs_uncond()
 }
 
 /// A prompt that is one part of weight 1 (no composable diffusion).

@@ -137,3 +137,21 @@ fn composable_diffusion_blends_each_part_against_the_unconditional_prediction() 
         assert!(max_diff(&run("a [cat:dog:0] AND a cat", 4.0), &run("a dog AND a cat", 4.0)) == 0.0, "{name}: editing in a part");
     }
 }
+
+#[test]
+fn euler_cfg_pp_runs_guided_at_any_scale() {
+    // CFG++ re-noises along the unconditional prediction, so the pipeline computes it even at scale ≤ 1:
+    // with the negative prompt equal to the prompt the two predictions agree and CFG++ is Euler; with
+    // another negative prompt it is not.
+    let m = models("sd15");
+    let run = |sampler: SamplerKind, negative: &str| {
+        let mut p = request(&m, "a cat", 3);
+        p.sampler = Sampler { kind: sampler, schedule: None };
+        p.negative_prompt = negative.into();
+        p.guidance_scale = 1.0;
+        latents(&m, &p)
+    };
+    let euler = run(SamplerKind::Euler, "blurry");
+    assert!(max_diff(&run(SamplerKind::EulerCfgPp, "a cat"), &euler) < 1e-5, "equal predictions: Euler");
+    assert!(max_diff(&run(SamplerKind::EulerCfgPp, "blurry"), &euler) > 1e-4, "the unconditional prediction steers CFG++");
+}

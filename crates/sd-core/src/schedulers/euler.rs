@@ -1,5 +1,7 @@
 //! Euler's method on the probability-flow ODE (k-diffusion `sample_euler`), as diffusers'
-//! `EulerDiscreteScheduler` with `s_churn = 0`.
+//! `EulerDiscreteScheduler` with `s_churn = 0`; and Euler CFG++ (Chung et al. 2024, ComfyUI's
+//! `sample_euler_cfg_pp`, Forge's "Euler CFG++"), which steps to the guided denoised estimate and
+//! re-noises it along the unconditional prediction's direction.
 
 use candle_core::Tensor;
 
@@ -18,9 +20,16 @@ pub struct EulerScheduler {
     steps: usize,
     init_sigma: f64,
     prediction: PredictionType,
+    /// Euler CFG++: guided steps re-noise along the unconditional direction.
+    cfg_pp: bool,
 }
 
 impl EulerScheduler {
+    /// Euler CFG++ on the same schedule (CFG++ scales are small: about 0.5–2 where CFG uses 5–10).
+    pub fn new_cfg_pp(cfg: &SchedulerConfig, steps: usize, schedule: SigmaSchedule) -> Result<Self> {
+        Ok(Self { cfg_pp: true, ..Self::new(cfg, steps, schedule)? })
+    }
+
     /// Builds the schedule for `steps` inference steps.
     pub fn new(cfg: &SchedulerConfig, steps: usize, schedule: SigmaSchedule) -> Result<Self> {
         common::reject_unsupported(cfg, DEFAULTS.name, false)?;
@@ -58,13 +67,18 @@ impl EulerScheduler {
             sigmas,
             init_sigma,
             prediction: cfg.prediction_type,
+            cfg_pp: false,
         })
     }
 }
 
 impl Scheduler for EulerScheduler {
     fn kind(&self) -> SamplerKind {
-        SamplerKind::Euler
+        if self.cfg_pp {
+            SamplerKind::EulerCfgPp
+        } else {
+            SamplerKind::Euler
+        }
     }
 
     fn timesteps(&self) -> &[f64] {
@@ -103,6 +117,31 @@ impl Scheduler for EulerScheduler {
         // x + (x - x0) / sigma * (sigma_next - sigma)
         let ratio = (self.sigmas[timestep_index + 1] - sigma) / sigma;
         let prev = common::lin2(1.0 + ratio, &x, -ratio, &x0)?;
+        Ok(prev.to_dtype(out_dtype)?)
+    }
+
+    fn step_guided(
+        &mut self,
+        uncond: &Tensor,
+        cond: &Tensor,
+        scale: f64,
+        timestep_index: usize,
+        sample: &Tensor,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor> {
+        let guided = (uncond + ((cond - uncond)? * scale)?)?;
+        if !self.cfg_pp {
+            return self.step(&guided, timestep_index, sample, noise);
+        }
+        common::check_index(timestep_index, self.timesteps.len())?;
+        let out_dtype = guided.dtype();
+        let (g, u, x) = (common::f32t(&guided)?, common::f32t(uncond)?, common::f32t(sample)?);
+        let sigma = self.sigmas[timestep_index];
+        let x0_guided = common::k_x0(self.prediction, &g, &x, sigma)?;
+        let x0_uncond = common::k_x0(self.prediction, &u, &x, sigma)?;
+        // x0_guided + (x - x0_uncond) / sigma * sigma_next
+        let r = self.sigmas[timestep_index + 1] / sigma;
+        let prev = (common::lin2(1.0, &x0_guided, r, &x)? - (x0_uncond * r)?)?;
         Ok(prev.to_dtype(out_dtype)?)
     }
 

@@ -164,6 +164,9 @@ pub enum SamplerKind {
     Euler,
     /// Euler ancestral ("Euler a").
     EulerAncestral,
+    /// Euler CFG++ (ComfyUI `euler_cfg_pp`, Forge "Euler CFG++"): needs the unconditional prediction, so
+    /// it always runs guided; its scales are small (about 0.5–2).
+    EulerCfgPp,
     /// Heun's second-order method (two model calls per step).
     Heun,
     /// DPM-Solver++ (2M), multistep second order.
@@ -196,7 +199,7 @@ pub enum SamplerKind {
 
 impl SamplerKind {
     /// Every sampler.
-    pub const ALL: [SamplerKind; 18] = [
+    pub const ALL: [SamplerKind; 19] = [
         Self::Ddim,
         Self::Ddpm,
         Self::Euler,
@@ -215,6 +218,7 @@ impl SamplerKind {
         Self::DpmPp2sAncestral,
         Self::DpmPpSde,
         Self::DpmPp3mSde,
+        Self::EulerCfgPp,
     ];
 
     /// Model calls A1111 schedules prompt editing over for `steps` steps: twice the steps for its
@@ -236,6 +240,7 @@ impl SamplerKind {
             Self::Ddim => "DDIM",
             Self::Ddpm => "DDPM",
             Self::Euler => "Euler",
+            Self::EulerCfgPp => "Euler CFG++",
             Self::EulerAncestral => "Euler a",
             Self::Heun => "Heun",
             Self::DpmPp2m => "DPM++ 2M",
@@ -260,6 +265,7 @@ impl SamplerKind {
             Self::Ddim => "ddim",
             Self::Ddpm => "ddpm",
             Self::Euler => "euler",
+            Self::EulerCfgPp => "euler_cfg_pp",
             Self::EulerAncestral => "euler_a",
             Self::Heun => "heun",
             Self::DpmPp2m => "dpmpp_2m",
@@ -276,6 +282,12 @@ impl SamplerKind {
             Self::DpmPpSde => "dpmpp_sde",
             Self::DpmPp3mSde => "dpmpp_3m_sde",
         }
+    }
+
+    /// Whether the sampler needs the unconditional prediction at every step, whatever the guidance scale
+    /// (CFG++ re-noises with it; pipelines run it guided even at scale ≤ 1).
+    pub fn needs_uncond(self) -> bool {
+        matches!(self, Self::EulerCfgPp)
     }
 
     /// Whether steps draw fresh noise.
@@ -300,6 +312,7 @@ impl SamplerKind {
         matches!(
             self,
             Self::Euler
+                | Self::EulerCfgPp
                 | Self::EulerAncestral
                 | Self::Heun
                 | Self::DpmPp2m
@@ -342,6 +355,7 @@ impl SamplerKind {
             "ddim" => Self::Ddim,
             "ddpm" => Self::Ddpm,
             "euler" => Self::Euler,
+            "euler_cfg_pp" | "euler_cfgpp" | "euler_cfgpp_" | "euler_cfg" => Self::EulerCfgPp,
             "euler_a" | "euler_ancestral" => Self::EulerAncestral,
             "heun" => Self::Heun,
             "dpmpp_2m" | "dpm_solver++" | "dpmsolver++" | "dpm_solver_multistep" => Self::DpmPp2m,
@@ -650,6 +664,7 @@ pub fn build_scheduler(
             Box::new(DdpmScheduler::new(config, steps)?)
         }
         SamplerKind::Euler => Box::new(EulerScheduler::new(config, steps, schedule)?),
+        SamplerKind::EulerCfgPp => Box::new(EulerScheduler::new_cfg_pp(config, steps, schedule)?),
         SamplerKind::EulerAncestral => {
             Box::new(EulerAncestralScheduler::new(config, steps, schedule)?)
         }
