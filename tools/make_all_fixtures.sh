@@ -16,6 +16,7 @@ if [ -f tools/lora_fixtures.py ]; then "$PY" tools/lora_fixtures.py; fi
 "$PY" tools/controlnet_fixtures.py
 "$PY" tools/flux_fixtures.py
 "$PY" tools/flux_kontext_goldens.py
+"$PY" tools/flux_fill_goldens.py
 "$PY" tools/ti_goldens.py
 "$PY" tools/a1111_prompt_schedules.py
 "$PY" tools/esrgan_goldens.py

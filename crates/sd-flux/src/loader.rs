@@ -141,6 +141,9 @@ pub struct FluxModels {
     /// folder's `model_index.json` names `FluxKontextPipeline`, or its transformer's file or folder name
     /// says "kontext" (BFL and ComfyUI files are named so; the weights alone cannot tell).
     pub kontext: bool,
+    /// A FLUX.1 Fill model: its transformer's input also takes the masked image's latents and the mask (384
+    /// channels per token where the others take 64), read off the weights.
+    pub fill: bool,
 }
 
 impl std::fmt::Debug for FluxModels {
@@ -211,6 +214,7 @@ pub fn load_source(source: &FluxSource, opts: &FluxLoadOptions) -> Result<FluxMo
     };
     let dtype = transformer.dtype();
     let kontext = variant == FluxVariant::Dev && is_kontext(source, &files.transformer);
+    let fill = transformer.config().in_channels > 4 * vae.config().latent_channels;
     Ok(FluxModels {
         variant,
         transformer,
@@ -224,6 +228,7 @@ pub fn load_source(source: &FluxSource, opts: &FluxLoadOptions) -> Result<FluxMo
         device: device.clone(),
         lora_report,
         kontext,
+        fill,
     })
 }
 

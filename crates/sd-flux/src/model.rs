@@ -291,8 +291,9 @@ pub struct FluxModel {
 }
 
 impl FluxModel {
-    /// Builds the model of `cfg` from weights with BFL names.
-    pub fn new(cfg: &Config, w: &Weights) -> Result<Self> {
+    /// Builds the model of `cfg` from weights with BFL names; `out_channels` is the prediction's width per
+    /// token (`cfg.in_channels` but for FLUX.1 Fill, whose input also carries the masked image and mask).
+    pub fn new(cfg: &Config, out_channels: usize, w: &Weights) -> Result<Self> {
         let h = cfg.hidden_size;
         if cfg.num_heads == 0 || h % cfg.num_heads != 0 || cfg.axes_dim.iter().sum::<usize>() != h / cfg.num_heads {
             candle_core::bail!("hidden size {h} with {} heads does not match the rotary axes {:?}", cfg.num_heads, cfg.axes_dim);
@@ -315,7 +316,7 @@ impl FluxModel {
             double_blocks,
             single_blocks,
             final_modulation: fl.pp("adaLN_modulation").pp("1").linear(h, 2 * h, true)?,
-            final_linear: fl.pp("linear").linear(h, cfg.in_channels, true)?,
+            final_linear: fl.pp("linear").linear(h, out_channels, true)?,
             axes_dim: cfg.axes_dim.clone(),
             theta: cfg.theta,
             dtype: w.dtype(),

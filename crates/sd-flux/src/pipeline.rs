@@ -45,9 +45,18 @@ pub fn capabilities(models: &FluxModels) -> Capabilities {
     if models.kontext {
         tasks.push(TaskKind::Edit);
     }
+    if models.fill {
+        // diffusers has only FluxFillPipeline for it: the model needs a picture and a mask.
+        tasks = vec![TaskKind::Inpaint];
+    }
+    let variant = match (models.fill, models.kontext) {
+        (true, _) => format!("flux-fill-{}", v.name()),
+        (false, true) => "flux-kontext-dev".to_string(),
+        _ => format!("flux-{}", v.name()),
+    };
     Capabilities {
         family: ModelFamily::Flux,
-        variant: if models.kontext { "flux-kontext-dev".to_string() } else { format!("flux-{}", v.name()) },
+        variant,
         tasks,
         negative_prompt: false,
         sampler_choice: false,
@@ -55,14 +64,21 @@ pub fn capabilities(models: &FluxModels) -> Capabilities {
         lora: !models.transformer.is_quantized(),
         clip_skip_layers: 0,
         prompt_syntax: PromptSyntax::Literal,
-        inpaint_model: false,
+        inpaint_model: models.fill,
         hires_fix: false,
         size_multiple: 2 * models.vae_scale_factor(),
         default_width: 1024,
         default_height: 1024,
-        default_steps: v.default_steps(),
+        // FluxFillPipeline's defaults: 50 steps, guidance 30.
+        default_steps: if models.fill { 50 } else { v.default_steps() },
         // diffusers' FluxKontextPipeline examples use 2.5.
-        default_guidance: if models.kontext { 2.5 } else { v.default_guidance() },
+        default_guidance: if models.fill {
+            30.0
+        } else if models.kontext {
+            2.5
+        } else {
+            v.default_guidance()
+        },
         sequence_length: Some((v.default_max_sequence_length(), T5_MAX_LEN)),
         strength_rounding: StrengthRounding::FlowMatch,
         scheduler: None,
@@ -120,6 +136,7 @@ pub fn generate(models: &FluxModels, p: &FluxParams, task: &Task<'_>, run: &mut 
     let mut noise = run.take_noise_for(p);
     let noise = noise.get();
     let mut reference = None;
+    let mut fill = None;
     let (x, start, blend) = match task {
         Task::TextToImage => (draw(noise, shape, &models.device)?, 0, None),
         Task::Edit(t) => {
@@ -142,6 +159,18 @@ pub fn generate(models: &FluxModels, p: &FluxParams, task: &Task<'_>, run: &mut 
             let eps = draw(noise, shape, &models.device)?;
             (sched.scale_noise(&init, &eps, start)?, start, None)
         }
+        Task::Inpaint(t) if models.fill => {
+            // FluxFillPipeline: image posterior, noise, masked image posterior; no per-step blending.
+            let start = sched.begin_at_strength(t.strength)?;
+            let init = encode_image(models, t.image, noise)?.repeat((p.batch_size, 1, 1, 1))?;
+            let eps = draw(noise, shape, &models.device)?;
+            let mask = t.mask.to_device(&models.device)?.to_dtype(DType::F32)?.ge(0.5)?.to_dtype(DType::F32)?;
+            let image = t.image.to_device(&models.device)?.to_dtype(DType::F32)?;
+            let masked = image.broadcast_mul(&(1.0 - &mask)?)?;
+            let masked = encode_image(models, &masked, noise)?.repeat((p.batch_size, 1, 1, 1))?;
+            fill = Some(Tensor::cat(&[pack_latents(&masked)?, fold_mask(&mask, models.vae_scale_factor(), p.batch_size)?], 2)?);
+            (sched.scale_noise(&init, &eps, start)?, start, None)
+        }
         Task::Inpaint(t) => {
             let start = sched.begin_at_strength(t.strength)?;
             let init = encode_image(models, t.image, noise)?.repeat((p.batch_size, 1, 1, 1))?;
@@ -156,10 +185,28 @@ pub fn generate(models: &FluxModels, p: &FluxParams, task: &Task<'_>, run: &mut 
         }
         other => return Err(unsupported(other)),
     };
-    let latents = denoise(models, p, &cond, &sched, pack_latents(&x)?, start, (lh, lw), blend.as_ref(), reference.as_ref(), run)?;
+    let extra = Extra { reference: reference.as_ref(), fill: fill.as_ref() };
+    let latents = denoise(models, p, &cond, &sched, pack_latents(&x)?, start, (lh, lw), blend.as_ref(), extra, run)?;
     let latents = unpack_latents(&latents, lh, lw)?;
     let images = decode_latents(models, &latents)?;
     Ok(FluxOutput { images, latents, seed: p.seed })
+}
+
+/// What the transformer takes besides the noise tokens: Kontext's reference tokens and their ids, or Fill's
+/// per-token masked-image latents and mask.
+#[derive(Clone, Copy, Default)]
+struct Extra<'a> {
+    reference: Option<&'a (Tensor, Tensor)>,
+    fill: Option<&'a Tensor>,
+}
+
+/// A pixel mask `[1, 1, H, W]` folded into the latent grid and packed, as diffusers' `prepare_mask_latents`
+/// for Fill: each latent pixel's `f × f` mask values become channels, `[batch, tokens, 4·f²]`.
+fn fold_mask(mask: &Tensor, f: usize, batch: usize) -> Result<Tensor> {
+    let (_, _, h, w) = mask.dims4()?;
+    let (lh, lw) = (h / f, w / f);
+    let m = mask.narrow(2, 0, lh * f)?.narrow(3, 0, lw * f)?.reshape((1, lh, f, lw, f))?.permute((0, 2, 4, 1, 3))?.reshape((1, f * f, lh, lw))?;
+    pack_latents(&m.repeat((batch, 1, 1, 1))?)
 }
 
 /// Inpainting's per-step reset of the unmasked area (all packed `[batch, tokens, 64]`, F32).
@@ -286,7 +333,7 @@ fn denoise(
     start: usize,
     (lh, lw): (usize, usize),
     blend: Option<&Blend>,
-    reference: Option<&(Tensor, Tensor)>,
+    extra: Extra<'_>,
     run: &mut RunContext<'_>,
 ) -> Result<Tensor> {
     let dtype = models.dtype;
@@ -295,7 +342,7 @@ fn denoise(
     let img_ids = latent_image_ids(lh, lw, dtype, dev)?.unsqueeze(0)?.repeat((b, 1, 1))?;
     let tokens = latents.dim(1)?;
     // Kontext: the reference tokens follow the generated ones, in the input and in the position ids.
-    let (reference_tokens, img_ids) = match reference {
+    let (reference_tokens, img_ids) = match extra.reference {
         Some((r, ids)) => (Some(r.to_dtype(dtype)?), Tensor::cat(&[&img_ids, ids], 1)?),
         None => (None, img_ids),
     };
@@ -310,9 +357,11 @@ fn denoise(
         let sigma = sched.sigmas()[i];
         // diffusers passes t / 1000 with t = sigma · 1000, i.e. sigma, to the transformer.
         let t = Tensor::full(sigma as f32, b, dev)?;
-        let input = match &reference_tokens {
-            Some(r) => Tensor::cat(&[&latents.to_dtype(dtype)?, r], 1)?,
-            None => latents.to_dtype(dtype)?,
+        let input = match (&reference_tokens, extra.fill) {
+            (Some(r), _) => Tensor::cat(&[&latents.to_dtype(dtype)?, r], 1)?,
+            // Fill: the masked image and mask ride along each token's channels.
+            (None, Some(f)) => Tensor::cat(&[&latents.to_dtype(dtype)?, &f.to_dtype(dtype)?], 2)?,
+            (None, None) => latents.to_dtype(dtype)?,
         };
         let v = models.transformer.forward(
             &input,

@@ -210,6 +210,7 @@ pub fn load_safetensors_file(
     }
     let shape = |n: &str| st.get(&format!("{prefix}{n}")).ok().map(|v| v.shape().to_vec());
     let config = config_from_shapes(&shape, depth, depth_single, axes_dim, &path.display().to_string())?;
+    let out = out_channels(&shape, &config);
     check_dtype(dtype)?;
     if prefixed {
         if let Some(lora) = loras.first() {
@@ -219,13 +220,13 @@ pub fn load_safetensors_file(
             });
         }
         let vb = VarBuilder::from_backend(Box::new(st), dtype, device.clone()).pp("model.diffusion_model");
-        let model = FluxModel::new(&config, &Weights::Dense(vb)).map_err(|e| bad_weights(path, e))?;
+        let model = FluxModel::new(&config, out, &Weights::Dense(vb)).map_err(|e| bad_weights(path, e))?;
         tracing::info!("loaded {} transformer from {}", FluxVariant::of(&config), path.display());
         return Ok((FluxTransformer::Dense { model, config, dtype }, Vec::new()));
     }
     let (backend, reports) = wrap_backend(Box::new(st), &config, loras)?;
     let vb = VarBuilder::from_backend(backend, dtype, device.clone());
-    let model = FluxModel::new(&config, &Weights::Dense(vb)).map_err(|e| bad_weights(path, e))?;
+    let model = FluxModel::new(&config, out, &Weights::Dense(vb)).map_err(|e| bad_weights(path, e))?;
     tracing::info!("loaded {} transformer from {}", FluxVariant::of(&config), path.display());
     Ok((FluxTransformer::Dense { model, config, dtype }, reports))
 }
@@ -292,9 +293,10 @@ fn build_diffusers(
     let config =
         config_from_shapes(&|n| backend.shape_of(n), depth, depth_single, axes_dim, &source.display().to_string())?;
     check_dtype(dtype)?;
+    let out = out_channels(&|n| backend.shape_of(n), &config);
     let (backend, reports) = wrap_backend(Box::new(backend), &config, loras)?;
     let vb = VarBuilder::from_backend(backend, dtype, device.clone());
-    let model = FluxModel::new(&config, &Weights::Dense(vb)).map_err(|e| bad_weights(source, e))?;
+    let model = FluxModel::new(&config, out, &Weights::Dense(vb)).map_err(|e| bad_weights(source, e))?;
     tracing::info!("loaded {} transformer (diffusers layout) from {}", FluxVariant::of(&config), source.display());
     Ok((FluxTransformer::Dense { model, config, dtype }, reports))
 }
@@ -315,9 +317,19 @@ pub fn load_gguf(path: &Path, device: &Device, axes_dim: Option<&[usize]>) -> Re
     }
     let shape = |n: &str| content.tensor_infos.get(n).map(|t| t.shape.dims().to_vec());
     let config = config_from_shapes(&shape, depth, depth_single, axes_dim, &path.display().to_string())?;
+    let out = out_channels(&shape, &config);
     drop(file);
     let vb = QuantizedVarBuilder::from_gguf(path, device).map_err(|e| bad_weights(path, e))?;
-    let model = FluxModel::new(&config, &Weights::Quantized(vb)).map_err(|e| bad_weights(path, e))?;
+    let model = FluxModel::new(&config, out, &Weights::Quantized(vb)).map_err(|e| bad_weights(path, e))?;
     tracing::info!("loaded {} transformer (GGUF) from {}", FluxVariant::of(&config), path.display());
     Ok(FluxTransformer::Quantized { model, config })
+}
+
+/// The prediction's width per token: `final_layer.linear`'s rows (64 for every FLUX.1 model; Fill's input is
+/// wider), or the input width when the shape is not readable (the build then reports what is wrong).
+fn out_channels(shape: &dyn Fn(&str) -> Option<Vec<usize>>, config: &Config) -> usize {
+    match shape("final_layer.linear.weight").as_deref() {
+        Some([out, _]) => *out,
+        _ => config.in_channels,
+    }
 }

@@ -334,3 +334,40 @@ fn kontext_edit_matches_diffusers() {
     assert!(e(&task, &models("dev")).contains("task"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `FluxFillPipeline` on a tiny Fill transformer (144 input channels: noise, masked-image latents and the
+/// mask folded into the latent grid), at strength 1.0 and 0.75.
+#[test]
+fn fill_matches_diffusers() {
+    use sd_core::run::TaskKind;
+    let m = models("fill");
+    let caps = sd_flux::pipeline::capabilities(&m);
+    assert!(m.fill && caps.variant == "flux-fill-dev" && caps.tasks == vec![TaskKind::Inpaint], "{caps:?}");
+    assert_eq!((caps.default_steps, caps.default_guidance), (50, 30.0));
+    for (name, strength, seed, steps_run) in [("fill_dev_s100.safetensors", 1.0, 13, 4), ("fill_dev_s75.safetensors", 0.75, 14, 3)] {
+        let g = golden(name);
+        let init = ((get(&g, "init_image") * 2.0).expect("x2") - 1.0).expect("-1");
+        let mask = get(&g, "mask");
+        let mut queue = NoiseQueue::new([get(&g, "posterior_noise"), get(&g, "noise"), get(&g, "masked_posterior_noise")]);
+        let mut steps = Vec::new();
+        let mut cb = |s: &StepProgress<'_>| {
+            steps.push(pack_latents(s.latents).expect("pack"));
+            ControlFlow::Continue(())
+        };
+        let mut p = tiny_params("dev");
+        (p.guidance_scale, p.seed) = (30.0, seed);
+        let task = Task::Inpaint(Inpaint { image: &init, mask: &mask, strength });
+        let out = generate(&m, &p, &task, &mut RunContext::with_progress(&mut cb).noise(&mut queue)).expect("fill");
+        assert_eq!(queue.remaining(), 0, "{name}: three draws, as diffusers");
+        assert_eq!(steps.len(), steps_run);
+        let golden_steps = get(&g, "step_latents");
+        for (i, s) in steps.iter().enumerate() {
+            assert_close(&format!("{name} step {i}"), s, &golden_steps.get(i).expect("step"), E2E_TOL);
+        }
+        assert_close(&format!("{name} final latents"), &out.latents, &get(&g, "latents_final_unpacked"), E2E_TOL);
+        assert_close(&format!("{name} image"), &out.images, &get(&g, "image"), E2E_TOL);
+    }
+    // A Fill model needs a picture and a mask.
+    let e = generate(&m, &tiny_params("dev"), &Task::TextToImage, &mut RunContext::default()).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("task") && e.contains("inpaint"), "{e}");
+}

@@ -2019,3 +2019,22 @@ fn kontext_models_edit_after_a_reference_image() {
     s.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn flux_fill_models_inpaint_and_refuse_txt2img() {
+    let s = Server::start(config("flux/fill"));
+    let m = s.get("/v1/models").json();
+    assert_eq!(m["data"][0]["variant"], "flux-fill-dev", "{m}");
+    assert_eq!(m["data"][0]["tasks"], json!(["inpaint"]), "{m}");
+    assert_eq!(m["data"][0]["inpainting"], true, "{m}");
+    let id = s.submit(&json!({"operation": "image_inpaint", "prompt": "a red hat", "init_image": b64(&test_image()),
+        "mask_image": b64(&test_mask(32, 32)), "width": 32, "height": 32, "steps": 3, "seed": 2}));
+    let ev = s.stream(&id);
+    let (name, done) = ev.last().cloned().expect("events");
+    assert_eq!(name, "complete", "{ev:?}");
+    assert_eq!(decode_png(done["images"][0].as_str().expect("image")).to_rgb8().dimensions(), (32, 32));
+    assert_eq!(done["parameters"]["guidance_scale"], 30.0, "Fill's default guidance");
+    let r = s.post("/v1/jobs", &json!({"operation": "image_generation", "prompt": "x", "width": 32, "height": 32}));
+    assert_eq!(r.status, 400, "{}", r.text());
+    s.shutdown();
+}
