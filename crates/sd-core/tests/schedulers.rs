@@ -1183,14 +1183,64 @@ fn euler_cfg_pp_matches_comfyui_s_loop() {
             assert!(d <= 1e-5 * m.max(1.0), "{} step {i}: max diff {d} (max |golden| {m})", c.name);
         }
     }
-    // Unguided (and at scale 1 with equal predictions) CFG++ is Euler's step.
+    // Given one prediction (unguided) CFG++ is Euler's step; with equal predictions too, up to rounding.
     let mut a = build_scheduler(SamplerKind::EulerCfgPp, &cfg, 10).expect("cfg++");
     let mut b = build_scheduler(SamplerKind::Euler, &cfg, 10).expect("euler");
     let x = Tensor::ones((1, 4, 2, 2), DType::F32, &Device::Cpu).expect("x");
     let eps = (&x * 0.2).expect("eps");
-    let pa = a.step(&eps, 3, &x, &mut NoNoise).expect("a");
-    let pb = b.step(&eps, 3, &x, &mut NoNoise).expect("b");
-    assert_eq!(pa.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("a"), pb.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("b"));
+    let values = |t: Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("values");
+    let euler = values(b.step(&eps, 3, &x, &mut NoNoise).expect("b"));
+    assert_eq!(values(a.step(&eps, 3, &x, &mut NoNoise).expect("a")), euler);
+    let guided = values(a.step_guided(&eps, &eps, 1.0, 3, &x, &mut NoNoise).expect("a"));
+    assert!(guided.iter().zip(&euler).all(|(g, e)| (g - e).abs() < 1e-5), "{guided:?} vs {euler:?}");
     assert!(SamplerKind::EulerCfgPp.needs_uncond() && !SamplerKind::Euler.needs_uncond());
     assert_eq!("Euler CFG++".parse::<Sampler>().expect("name").kind, SamplerKind::EulerCfgPp);
+}
+
+/// Edge cases no golden covers: the longest schedules multistep samplers accept, few steps over a wide sigma
+/// range (cosine betas), table schedules ending at sigma_min, and reuse after img2img.
+#[test]
+fn edge_schedules_stay_finite_and_reusable() {
+    let finite = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("values").iter().all(|v| v.is_finite());
+    let run = |kind: SamplerKind, schedule: Option<SigmaSchedule>, cfg: &SchedulerConfig, steps: usize| -> Tensor {
+        let mut s = build_scheduler(Sampler { kind, schedule }, cfg, steps).unwrap_or_else(|e| panic!("{kind} {steps}: {e}"));
+        let mut noise = SeededNoise::new(3);
+        let mut x = (Tensor::ones((1, 1, 2, 2), DType::F32, &Device::Cpu).expect("x") * s.init_noise_sigma()).expect("x");
+        for i in 0..s.timesteps().len() {
+            let input = s.scale_model_input(&x, i).expect("scale");
+            let eps = (&input * 0.5).expect("eps");
+            x = s.step_guided(&eps, &eps, 1.0, i, &x, &mut noise).expect("step");
+        }
+        x
+    };
+    let sd15 = SchedulerConfig::sd15();
+    // The multistep samplers take at most T − 1 steps (at T the spacing repeats a timestep).
+    for kind in [SamplerKind::DpmPp2m, SamplerKind::DpmPp2mSde, SamplerKind::DpmPp3mSde, SamplerKind::Deis, SamplerKind::UniPc] {
+        assert!(finite(&run(kind, None, &sd15, 999)), "{kind} at 999 steps");
+        assert!(build_scheduler(kind, &sd15, 1000).is_err(), "{kind} at 1000 steps");
+    }
+    // Cosine betas span sigmas from ~0.006 to ~2e4: DPM2 a's sigma_down rounds to 0 before the end.
+    let cosine = SchedulerConfig { beta_schedule: Some(sd_core::schedulers::BetaSchedule::SquaredcosCapV2), ..SchedulerConfig::sd15() };
+    for kind in SamplerKind::ALL {
+        for steps in [2, 3] {
+            if build_scheduler(kind, &cosine, steps).is_ok() {
+                assert!(finite(&run(kind, None, &cosine, steps)), "{kind} {steps} steps on cosine betas");
+            }
+        }
+    }
+    // DEIS on a table schedule ends at sigma_min, not above it.
+    for schedule in [SigmaSchedule::SgmUniform, SigmaSchedule::Simple, SigmaSchedule::AlignYourSteps] {
+        let s = build_scheduler(Sampler::new(SamplerKind::Deis, schedule), &sd15, 10).expect("deis");
+        let last = *s.sigmas().expect("sigmas").last().expect("last");
+        assert!(last <= 0.0292 + 1e-4, "DEIS {schedule:?} ends at {last}");
+    }
+    // TCD and LCM run the full schedule again after an img2img start.
+    for kind in [SamplerKind::Tcd, SamplerKind::Lcm] {
+        let mut s = build_scheduler(kind, &sd15, 4).expect("build");
+        let full = s.timesteps().to_vec();
+        s.begin_at_strength(0.5).expect("strength");
+        assert_ne!(s.timesteps(), full.as_slice(), "{kind}: img2img truncates");
+        s.reset();
+        assert_eq!(s.timesteps(), full.as_slice(), "{kind}: reset restores the schedule");
+    }
 }

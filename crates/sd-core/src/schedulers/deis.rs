@@ -52,16 +52,19 @@ impl DeisScheduler {
         let cfg = &common::k_class_config(cfg);
         let ns = NoiseSchedule::new(cfg, &DEFAULTS, false)?;
         let n = cfg.num_train_timesteps;
-        common::check_steps(DEFAULTS.name, steps, n)?;
+        // At n steps the spacing repeats a timestep, and the multistep update divides by the zero gap.
+        common::check_steps(DEFAULTS.name, steps, n - 1)?;
         let spacing = cfg.timestep_spacing.unwrap_or(DEFAULTS.spacing);
         let timesteps = common::multistep_timesteps(spacing, steps, n, n, cfg.steps_offset);
         let (timesteps, mut sigmas) = vp_schedule(cfg, &ns, timesteps, schedule, steps, true);
         // diffusers ends DEIS at the smallest training sigma (default spacing) or repeats the
-        // last sigma (other schedules), never at 0.
-        let last = if schedule == SigmaSchedule::Default {
-            ns.train_sigmas()[0]
-        } else {
-            sigmas[sigmas.len() - 1]
+        // last sigma (its Karras/exponential/beta schedules, which end there), never at 0. The table
+        // schedules diffusers lacks (SGM uniform, simple, DDIM, AYS) can stop above it: they end at it.
+        let last_sigma = sigmas.last().copied().unwrap_or(0.0);
+        let last = match schedule {
+            SigmaSchedule::Default => ns.train_sigmas()[0],
+            SigmaSchedule::Karras | SigmaSchedule::Exponential | SigmaSchedule::Beta => last_sigma,
+            _ => last_sigma.min(ns.train_sigmas()[0]),
         };
         sigmas.push(last);
         Ok(Self {

@@ -175,7 +175,8 @@ impl DpmPp2mScheduler {
         };
         let ns = NoiseSchedule::new(cfg, &DEFAULTS, true)?;
         let n = cfg.num_train_timesteps;
-        common::check_steps(name, steps, n)?;
+        // At n steps the spacing repeats a timestep, and the multistep update divides by the zero gap.
+        common::check_steps(name, steps, n - 1)?;
         let last_timestep = match cfg.lambda_min_clipped {
             Some(clip) if clip.is_finite() => {
                 let below = ns

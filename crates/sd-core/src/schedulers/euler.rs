@@ -110,14 +110,9 @@ impl Scheduler for EulerScheduler {
         _noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
         common::check_index(timestep_index, self.timesteps.len())?;
-        let out_dtype = model_output.dtype();
-        let (m, x) = (common::f32t(model_output)?, common::f32t(sample)?);
-        let sigma = self.sigmas[timestep_index];
-        let x0 = common::k_x0(self.prediction, &m, &x, sigma)?;
-        // x + (x - x0) / sigma * (sigma_next - sigma)
-        let ratio = (self.sigmas[timestep_index + 1] - sigma) / sigma;
-        let prev = common::lin2(1.0 + ratio, &x, -ratio, &x0)?;
-        Ok(prev.to_dtype(out_dtype)?)
+        // Given one prediction (an unguided run), CFG++ has no unconditional direction to re-noise along:
+        // it is Euler. Pipelines run it guided (`SamplerKind::needs_uncond`).
+        self.euler_step(model_output, timestep_index, sample)
     }
 
     fn step_guided(
@@ -156,4 +151,18 @@ impl Scheduler for EulerScheduler {
     }
 
     fn reset(&mut self) {}
+}
+
+impl EulerScheduler {
+    /// The plain Euler update from one prediction.
+    fn euler_step(&self, model_output: &Tensor, timestep_index: usize, sample: &Tensor) -> Result<Tensor> {
+        let out_dtype = model_output.dtype();
+        let (m, x) = (common::f32t(model_output)?, common::f32t(sample)?);
+        let sigma = self.sigmas[timestep_index];
+        let x0 = common::k_x0(self.prediction, &m, &x, sigma)?;
+        // x + (x - x0) / sigma * (sigma_next - sigma)
+        let ratio = (self.sigmas[timestep_index + 1] - sigma) / sigma;
+        let prev = common::lin2(1.0 + ratio, &x, -ratio, &x0)?;
+        Ok(prev.to_dtype(out_dtype)?)
+    }
 }

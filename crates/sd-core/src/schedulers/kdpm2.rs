@@ -96,7 +96,9 @@ impl Kdpm2Scheduler {
             // diffusers zeroes the last two midpoints: the last step is an Euler step to 0.
             (0..=n)
                 .map(|k| {
-                    if k + 2 > n {
+                    // σ_down also rounds to 0 before the end when σ_next ≪ σ (few steps over a wide
+                    // sigma range): that step is then an Euler step to 0, as k-diffusion takes it.
+                    if k + 2 > n || down[k] <= 0.0 {
                         0.0
                     } else {
                         log_midpoint(base[k], down[k])
@@ -223,14 +225,19 @@ impl Scheduler for Kdpm2Scheduler {
                     })
                 }
             };
-            let x0 = common::k_x0(self.prediction, &m, &x, mid)?;
-            let derivative = ((&x - &x0)? / mid)?;
             let target = if self.ancestral {
                 self.down[k]
             } else {
                 self.base[k + 1]
             };
-            let prev = (start + derivative.affine(target - sigma, 0.0)?)?;
+            let prev = if mid == 0.0 {
+                // The first call already took the Euler step to σ = 0 (= target): keep it.
+                x.clone()
+            } else {
+                let x0 = common::k_x0(self.prediction, &m, &x, mid)?;
+                let derivative = ((&x - &x0)? / mid)?;
+                (start + derivative.affine(target - sigma, 0.0)?)?
+            };
             if self.ancestral {
                 let z = noise.randn(m.shape(), DType::F32, m.device())?;
                 (prev + z.affine(self.up[k], 0.0)?)?

@@ -174,7 +174,12 @@ impl Scheduler for LcmScheduler {
         common::lin2(a.sqrt(), original, (1.0 - a).sqrt(), noise)
     }
 
-    fn reset(&mut self) {}
+    /// Back to the full schedule, undoing a `begin_at_strength` (so the scheduler can run txt2img again).
+    fn reset(&mut self) {
+        if let Ok(t) = self.lcm_timesteps(1.0) {
+            self.timesteps = t;
+        }
+    }
 
     /// LCM spreads its steps over the strength-truncated distillation schedule (diffusers'
     /// `set_timesteps(strength=…)`), so the run always starts at index 0.

@@ -355,7 +355,7 @@ impl SamplerKind {
             "ddim" => Self::Ddim,
             "ddpm" => Self::Ddpm,
             "euler" => Self::Euler,
-            "euler_cfg_pp" | "euler_cfgpp" | "euler_cfgpp_" | "euler_cfg" => Self::EulerCfgPp,
+            "euler_cfg_pp" | "euler_cfgpp" => Self::EulerCfgPp,
             "euler_a" | "euler_ancestral" => Self::EulerAncestral,
             "heun" => Self::Heun,
             "dpmpp_2m" | "dpm_solver++" | "dpmsolver++" | "dpm_solver_multistep" => Self::DpmPp2m,

@@ -163,7 +163,12 @@ impl Scheduler for TcdScheduler {
         common::lin2(a.sqrt(), original, (1.0 - a).sqrt(), noise)
     }
 
-    fn reset(&mut self) {}
+    /// Back to the full schedule, undoing a `begin_at_strength` (so the scheduler can run txt2img again).
+    fn reset(&mut self) {
+        if let Ok(t) = distilled_timesteps(DEFAULTS.name, self.schedule.len(), self.original_steps, self.steps, 1.0) {
+            self.timesteps = t;
+        }
+    }
 
     /// Like LCM, TCD spreads its steps over the strength-truncated distillation schedule
     /// (diffusers' `set_timesteps(strength=…)`), so the run always starts at index 0.

@@ -64,16 +64,19 @@ impl UniPcScheduler {
         }
         let ns = NoiseSchedule::new(cfg, &DEFAULTS, true)?;
         let n = cfg.num_train_timesteps;
-        common::check_steps(name, steps, n)?;
+        // At n steps the spacing repeats a timestep, and the multistep update divides by the zero gap.
+        common::check_steps(name, steps, n - 1)?;
         let spacing = cfg.timestep_spacing.unwrap_or(DEFAULTS.spacing);
         let timesteps = common::multistep_timesteps(spacing, steps, n, n, cfg.steps_offset);
         let (timesteps, mut sigmas) = vp_schedule(cfg, &ns, timesteps, schedule, steps, true);
         let final_type = cfg.final_sigmas_type.unwrap_or_default();
         sigmas.push(match (final_type, schedule) {
             (FinalSigmas::Zero, _) => 0.0,
-            // With Karras/exponential sigmas diffusers repeats the last one instead of sigma_min.
+            // With Karras/exponential/beta sigmas diffusers repeats the last one instead of sigma_min; the
+            // table schedules it lacks can stop above sigma_min, so they end there.
             (FinalSigmas::SigmaMin, SigmaSchedule::Default) => ns.train_sigmas()[0],
-            (FinalSigmas::SigmaMin, _) => sigmas[sigmas.len() - 1],
+            (FinalSigmas::SigmaMin, SigmaSchedule::Karras | SigmaSchedule::Exponential | SigmaSchedule::Beta) => sigmas[sigmas.len() - 1],
+            (FinalSigmas::SigmaMin, _) => sigmas[sigmas.len() - 1].min(ns.train_sigmas()[0]),
         });
         let sigmas = sigmas.into_iter().map(f32r).collect();
         Ok(Self {
