@@ -36,7 +36,8 @@ use crate::text::{encode_prompt, PromptEmbeds, T5_MAX_LEN};
 /// `None`: 512 for dev, 256 for schnell); see [`capabilities`] for what it ignores.
 pub type FluxParams = Request;
 
-/// What a loaded FLUX.1 model can do: txt2img, img2img and inpaint; no negative prompt, sampler
+/// What a loaded FLUX.1 model can do: txt2img, img2img and inpaint (and edits for Kontext; inpaint only
+/// for Fill, which needs a picture and a mask); no negative prompt, sampler
 /// choice (flow-matching Euler), clip skip or ControlNet; LoRAs on the dense transformer; the prompt read
 /// literally; sizes in multiples of 2 × the VAE factor (16).
 pub fn capabilities(models: &FluxModels) -> Capabilities {

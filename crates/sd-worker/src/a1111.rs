@@ -276,7 +276,7 @@ fn response(result: &JobResult, request: Value, model: &ModelInfo, send_images: 
         "batch_size": n,
         "restore_faces": false,
         "sd_model_name": model.name,
-        "sd_model_hash": model.sha256.as_ref().map(|h| h[..10].to_string()),
+        "sd_model_hash": model.sha256.as_ref().map(|h| crate::models::short_hash(h).to_string()),
         "denoising_strength": p["strength"],
         "clip_skip": p["clip_skip"],
         "infotexts": vec![result.infotext.clone(); n],
@@ -782,7 +782,7 @@ fn sd_model_list(st: &AppState, m: &ModelInfo) -> Json<Value> {
     if let Some(p) = primary.as_ref().filter(|_| checkpoints.iter().all(|c| c.name != st.primary_key)) {
         out.push(json!({
             "title": title(p),
-            "model_name": p.name, "hash": p.sha256.as_ref().map(|h| h[..10].to_string()), "sha256": p.sha256,
+            "model_name": p.name, "hash": p.sha256.as_ref().map(|h| crate::models::short_hash(h).to_string()), "sha256": p.sha256,
             "filename": p.source, "config": Value::Null,
         }));
     }
@@ -790,14 +790,14 @@ fn sd_model_list(st: &AppState, m: &ModelInfo) -> Json<Value> {
         let sha = c.cached_sha256();
         out.push(json!({
             "title": c.title(),
-            "model_name": c.name.replace('/', "_"), "hash": sha.as_ref().map(|h| h[..10].to_string()), "sha256": sha,
+            "model_name": c.name.replace('/', "_"), "hash": sha.as_ref().map(|h| crate::models::short_hash(h).to_string()), "sha256": sha,
             "filename": if c.path.as_os_str().is_empty() { c.file_name.clone() } else { c.path.display().to_string() }, "config": Value::Null,
         }));
     }
     if out.is_empty() {
         out.push(json!({
             "title": title(m),
-            "model_name": m.name, "hash": m.sha256.as_ref().map(|h| h[..10].to_string()), "sha256": m.sha256,
+            "model_name": m.name, "hash": m.sha256.as_ref().map(|h| crate::models::short_hash(h).to_string()), "sha256": m.sha256,
             "filename": m.source, "config": Value::Null,
         }));
     }
@@ -807,7 +807,7 @@ fn sd_model_list(st: &AppState, m: &ModelInfo) -> Json<Value> {
 /// A1111's title of the model: `file.safetensors [short hash]` for a single file, else its name.
 fn title(m: &ModelInfo) -> String {
     match &m.sha256 {
-        Some(h) => format!("{} [{}]", model_file_name(m).unwrap_or_else(|| m.name.clone()), &h[..10]),
+        Some(h) => format!("{} [{}]", model_file_name(m).unwrap_or_else(|| m.name.clone()), crate::models::short_hash(h)),
         None => m.name.clone(),
     }
 }

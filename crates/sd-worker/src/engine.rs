@@ -189,9 +189,7 @@ impl Engines {
         self.publish(state);
         self.loaded.last_mut().ok_or_else(|| "no model is loaded".to_string())
     }
-}
 
-impl Engines {
     /// The upscaler network in `path`, loaded on the worker's device once and kept for the next request.
     fn upscaler(&mut self, state: &AppState, path: &std::path::Path) -> Result<Arc<sd_models::esrgan::RrdbNet>, String> {
         if let Some(i) = self.upscalers.iter().position(|(p, _)| p == path) {
@@ -453,7 +451,7 @@ fn run_job(state: &AppState, engines: &mut Engines, job: &Job) -> Result<JobResu
         extra.push(("Denoising strength", format!("{strength}")));
     }
     if let Some(h) = &engine.info.sha256 {
-        extra.push(("Model hash", h[..10].to_string()));
+        extra.push(("Model hash", crate::models::short_hash(h).to_string()));
     }
     // A1111's "TI hashes" for the embeddings the prompts name (first 12 hex digits of the file's sha256).
     let mut used = engine.model.embeddings_used(&p.prompt);

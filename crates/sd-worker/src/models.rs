@@ -43,7 +43,7 @@ impl Checkpoint {
     /// A1111's title: `file_name [short hash]` once the file's hash is known (folders have none).
     pub fn title(&self) -> String {
         match self.cached_sha256() {
-            Some(h) => format!("{} [{}]", self.file_name, &h[..10]),
+            Some(h) => format!("{} [{}]", self.file_name, short_hash(&h)),
             None => self.file_name.clone(),
         }
     }
@@ -124,6 +124,11 @@ pub fn resolve_in(list: &[Checkpoint], requested: &str) -> Option<Checkpoint> {
         return list.iter().find(|c| c.cached_sha256().is_some_and(|full| full.starts_with(&h))).cloned();
     }
     None
+}
+
+/// A1111's short hash: the first 10 hex digits (the whole text when shorter, as from a foreign queue entry).
+pub fn short_hash(sha256: &str) -> &str {
+    sha256.get(..10).unwrap_or(sha256)
 }
 
 /// `name [hash]` → (`name`, `Some(hash)`); anything else → (`name`, `None`).
