@@ -58,6 +58,11 @@ def main() -> int:
     check("override_settings runs one request on another checkpoint", r.info["sd_model_name"] == "sd15" and api.util_get_current_model().startswith("sd2"))
     api.util_set_model("sd15")
     check("util_set_model switches back", api.util_get_current_model().startswith("sd15"), api.util_get_current_model())
+    check("sd-vae lists the VAE folder", any(v["model_name"] == "xl-vae" for v in api.get_sd_vae()), str(api.get_sd_vae()))
+    api.set_options({"sd_vae": "xl-vae"})
+    r = api.txt2img(prompt="a cat", width=32, height=32, steps=2, seed=5)
+    check("sd_vae switches the VAE", "VAE: xl-vae" in r.info["infotexts"][0] and api.get_options()["sd_vae"] == "xl-vae", r.info["infotexts"][0])
+    api.set_options({"sd_vae": "Automatic"})
 
     r = api.txt2img(prompt="a mystyle cat <lora:sd15_kohya:0.8>", negative_prompt="badhand", width=32, height=32, steps=2, seed=5, cfg_scale=7)
     check("txt2img returns an image", isinstance(r.image, Image.Image) and r.image.size == (32, 32))

@@ -10,7 +10,8 @@ cargo build -q -p sd-worker
 # A models folder with two checkpoints to switch between.
 models=$(mktemp -d)
 cp -r fixtures/sd15 fixtures/sd2 "$models/"
-target/debug/sd-worker --models-dir "$models" --model sd15 --port "$PORT" --lora-dir fixtures/lora --upscaler-dir fixtures/esrgan \
+mkdir -p "$models/vae" && cp -r fixtures/sdxl/vae "$models/vae/xl-vae"
+target/debug/sd-worker --models-dir "$models" --model sd15 --port "$PORT" --lora-dir fixtures/lora --upscaler-dir fixtures/esrgan --vae-dir "$models/vae" \
   --embeddings-dir fixtures/embeddings --controlnet-dir fixtures/controlnet --max-steps 1000 >/tmp/sd-worker-webuiapi.log 2>&1 &
 worker=$!
 trap 'kill $worker 2>/dev/null || true; rm -rf "$models"' EXIT

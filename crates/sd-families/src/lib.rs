@@ -289,6 +289,16 @@ impl LoadedModel {
         }
     }
 
+    /// Switches the VAE that decodes (A1111's `sd_vae`): a VAE file or diffusers `vae/` folder, or `None` for
+    /// the one the model loaded with. FLUX takes no other VAE here.
+    pub fn set_vae(&mut self, path: Option<&Path>) -> Result<()> {
+        match (self, path) {
+            (Self::StableDiffusion(m), path) => m.set_vae(path),
+            (Self::Flux(_), None) => Ok(()),
+            (Self::Flux(_), Some(_)) => Err(Error::Unsupported { field: "vae", reason: "FLUX.1 models here decode with the VAE they loaded with".into() }),
+        }
+    }
+
     /// Reads the textual-inversion embeddings of `dirs` afresh (A1111's `refresh-embeddings`): files added,
     /// changed or removed since the model loaded are picked up without reloading it.
     pub fn reload_embeddings(&mut self, dirs: &[PathBuf]) {

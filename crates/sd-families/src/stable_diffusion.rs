@@ -33,6 +33,10 @@ pub struct StableDiffusionModel {
     controlnets: Vec<(PathBuf, ControlNetModel)>,
     /// Embedding files that did not fit the model.
     pub(crate) skipped_embeddings: Vec<SkippedEmbedding>,
+    /// The VAE the model loaded with (its own, or `LoadSpec::vae`), kept while [`Self::set_vae`]'s decodes.
+    base_vae: Option<(sd_models::vae::AutoencoderKL, sd_models::VaeConfig, candle_core::DType)>,
+    /// The VAE file or folder [`Self::set_vae`] put in place.
+    vae_path: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for StableDiffusionModel {
@@ -63,10 +67,49 @@ impl StableDiffusionModel {
         };
         let models = load(path, &opts)?;
         let caps = sd_pipelines::pipeline::capabilities(&models)?;
-        let mut model =
-            Self { models, caps, path: path.to_path_buf(), patcher, applied: Vec::new(), controlnets: Vec::new(), skipped_embeddings: Vec::new() };
+        let mut model = Self {
+            models,
+            caps,
+            path: path.to_path_buf(),
+            patcher,
+            applied: Vec::new(),
+            controlnets: Vec::new(),
+            skipped_embeddings: Vec::new(),
+            base_vae: None,
+            vae_path: None,
+        };
         model.load_embeddings(&spec.embeddings);
         Ok(model)
+    }
+
+    /// Decodes (and encodes) with the VAE at `path` from now on, or with the one the model loaded with
+    /// (`None`), as A1111's `sd_vae` switches it; the loaded one is kept aside, so switching back is free.
+    pub(crate) fn set_vae(&mut self, path: Option<&Path>) -> Result<()> {
+        if self.vae_path.as_deref() == path {
+            return Ok(());
+        }
+        if let Some((vae, cfg, dtype)) = self.base_vae.take() {
+            self.models.vae = vae;
+            self.models.config.vae = cfg;
+            self.models.vae_dtype = dtype;
+        }
+        self.vae_path = None;
+        let Some(path) = path else { return Ok(()) };
+        let m = &mut self.models;
+        let (vae, cfg) = sd_models::vae::load_vae_weights(path, &m.config.vae, m.dtype, &m.device)
+            .map_err(|e| Error::Unsupported { field: "vae", reason: format!("{}: {e}", path.display()) })?;
+        if cfg.latent_channels != m.config.vae.latent_channels || cfg.block_out_channels.len() != m.config.vae.block_out_channels.len() {
+            return Err(Error::Unsupported {
+                field: "vae",
+                reason: format!("{} is a VAE for another model family ({} latent channels); this {} model needs {}", path.display(), cfg.latent_channels, m.config.variant, m.config.vae.latent_channels),
+            });
+        }
+        let dtype = sd_models::loader::vae_dtype_for(m.dtype, &cfg);
+        let base = (std::mem::replace(&mut m.vae, vae), std::mem::replace(&mut m.config.vae, cfg), std::mem::replace(&mut m.vae_dtype, dtype));
+        self.base_vae = Some(base);
+        self.vae_path = Some(path.to_path_buf());
+        tracing::info!(vae = %path.display(), "VAE switched");
+        Ok(())
     }
 
     /// Reads every embedding file of `dirs` afresh: new files are added, removed ones dropped, changed

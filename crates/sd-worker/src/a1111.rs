@@ -168,23 +168,26 @@ pub fn names_model(requested: &str, model: &ModelInfo) -> bool {
     name_ok && hash_ok
 }
 
-/// The `override_settings` this worker honours besides `sd_model_checkpoint` (resolved before): `sd_vae` must
-/// name the VAE it uses (it cannot switch VAEs per request); `randn_source` picks A1111's noise ("GPU" and
-/// "NV": what an NVIDIA GPU draws, "CPU": PyTorch's CPU generator, each image from its own seed);
-/// `eta_noise_seed_delta` (ENSD) re-seeds the sampler's noise as A1111 does. Returns the noise kind (when
-/// given) and the ENSD.
-fn check_override_settings(o: &Map<String, Value>, vae: Option<&std::path::Path>) -> Result<(Option<String>, u64), ApiError> {
+/// What `override_settings` asks for besides the checkpoint.
+struct Overrides {
+    /// The noise kind, when given.
+    noise: Option<String>,
+    /// Eta noise seed delta.
+    ensd: u64,
+    /// The VAE, when given (`Some(None)`: the model's loaded one).
+    vae: Option<Option<String>>,
+}
+
+/// The `override_settings` this worker honours besides `sd_model_checkpoint` (resolved before): `sd_vae`
+/// ("Automatic" or "None": the model's loaded VAE, else a `--vae-dir` VAE by name); `randn_source` picks
+/// A1111's noise ("GPU" and "NV": what an NVIDIA GPU draws, "CPU": PyTorch's CPU generator, each image from
+/// its own seed); `eta_noise_seed_delta` (ENSD) re-seeds the sampler's noise as A1111 does.
+fn check_override_settings(st: &AppState, o: &Map<String, Value>) -> Result<Overrides, ApiError> {
     let text = |k: &str| o.get(k).and_then(Value::as_str);
-    if let Some(v) = text("sd_vae") {
-        // "Automatic" is what the worker uses; "None" is the model's own VAE.
-        let ok = match vae {
-            Some(p) => v == "Automatic" || Some(std::ffi::OsStr::new(v)) == p.file_name() || std::path::Path::new(v).file_stem() == p.file_stem(),
-            None => v == "Automatic" || v == "None",
-        };
-        if !ok {
-            return Err(ApiError::invalid("override_settings.sd_vae", format!("this worker cannot switch to the VAE {v:?}; it uses {}", ours_or_model(vae))));
-        }
-    }
+    let vae = match text("sd_vae") {
+        None => None,
+        Some(v) => Some(resolve_vae(st, "override_settings.sd_vae", v)?),
+    };
     let ensd = match o.get("eta_noise_seed_delta").filter(|d| !d.is_null()) {
         None => 0,
         Some(d) => d
@@ -198,11 +201,28 @@ fn check_override_settings(o: &Map<String, Value>, vae: Option<&std::path::Path>
         Some(s) if s == "GPU" || s == "NV" => Some("a1111-nv".into()),
         Some(s) => return Err(ApiError::invalid("override_settings.randn_source", format!("{s:?}: use \"GPU\", \"NV\" or \"CPU\""))),
     };
-    Ok((noise, ensd))
+    Ok(Overrides { noise, ensd, vae })
 }
 
-fn ours_or_model(vae: Option<&std::path::Path>) -> String {
-    vae.map_or_else(|| "the model's own".to_string(), |p| p.display().to_string())
+/// A1111's `sd_vae` value: "Automatic" and "None" are the VAE each model loaded with (its own, or `--vae`),
+/// anything else a `--vae-dir` VAE by file name or stem (or the `--vae` file's name).
+fn resolve_vae(st: &AppState, field: &str, v: &str) -> Result<Option<String>, ApiError> {
+    let v = v.trim();
+    if v.is_empty() || v.eq_ignore_ascii_case("Automatic") || v.eq_ignore_ascii_case("None") {
+        return Ok(None);
+    }
+    if let Some(p) = st.config.vae.as_deref() {
+        if Some(std::ffi::OsStr::new(v)) == p.file_name() || std::path::Path::new(v).file_stem() == p.file_stem() {
+            return Ok(None);
+        }
+    }
+    match st.vaes.resolve(v) {
+        Some(found) => Ok(Some(found.name)),
+        None => {
+            let known: Vec<String> = st.vaes.list().into_iter().map(|v| v.name).collect();
+            Err(ApiError::invalid(field, format!("no VAE {v:?}; use \"Automatic\", \"None\" or one of the --vae-dir VAEs: [{}]", known.join(", "))))
+        }
+    }
 }
 
 fn common(r: &A1111Request) -> Result<CommonInput, ApiError> {
@@ -310,12 +330,16 @@ async fn run(st: Arc<AppState>, caller: Caller, body: Bytes, img2img: bool) -> R
     let (st2, model2) = (st.clone(), model.clone());
     let (spec, params, request, send_images) = blocking(move || {
         let mut input = common(&r)?;
+        let mut vae = st2.active_vae();
         if let Some(o) = &r.override_settings {
-            let (noise, ensd) = check_override_settings(o, st2.config.vae.as_deref())?;
-            if let Some(noise) = noise {
+            let over = check_override_settings(&st2, o)?;
+            if let Some(noise) = over.noise {
                 input.noise = Some(noise);
             }
-            input.eta_noise_seed_delta = ensd;
+            input.eta_noise_seed_delta = over.ensd;
+            if let Some(chosen) = over.vae {
+                vae = chosen;
+            }
         }
         let op = if img2img {
             let first = r.init_images.as_ref().and_then(|v| v.first()).ok_or_else(|| ApiError::invalid("init_images", "missing; send one base64 image"))?;
@@ -333,9 +357,13 @@ async fn run(st: Arc<AppState>, caller: Caller, body: Bytes, img2img: bool) -> R
         } else {
             OpInput::Generation
         };
-        let (mut spec, params) = build_job(&st2, &model2, input, &NAMES, op)?;
+        let (mut spec, mut params) = build_job(&st2, &model2, input, &NAMES, op)?;
         // As A1111: an interrupted (or skipped) generation answers with the images of its last step.
         spec.partial_on_cancel = true;
+        if vae.is_some() && model2.caps.family != sd_core::ModelFamily::Flux {
+            params["vae"] = json!(vae);
+            spec.vae = vae;
+        }
         Ok((spec, params, request, r.send_images.unwrap_or(true)))
     })
     .await?;
@@ -434,18 +462,20 @@ pub async fn embeddings(State(st): St) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({"loaded": loaded, "skipped": skipped})))
 }
 
-/// `GET /sdapi/v1/sd-vae`: the VAE given with `--vae`, if any (per-request VAE switching is not offered).
-pub async fn sd_vae(State(st): St) -> Json<Value> {
-    let list: Vec<Value> = st
+/// `GET /sdapi/v1/sd-vae`: the VAE given with `--vae`, if any, and the `--vae-dir` VAEs `sd_vae` may name.
+pub async fn sd_vae(State(st): St) -> Result<Json<Value>, ApiError> {
+    let mut list: Vec<Value> = st
         .config
         .vae
         .iter()
         .map(|p| {
-            let name = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = p.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             json!({"model_name": name, "filename": p.display().to_string()})
         })
         .collect();
-    Json(Value::Array(list))
+    let found = blocking(move || Ok(st.vaes.list())).await?;
+    list.extend(found.into_iter().map(|v| json!({"model_name": v.name, "filename": v.path.display().to_string()})));
+    Ok(Json(Value::Array(list)))
 }
 
 /// `GET /sdapi/v1/upscalers`: A1111's built-in "None", "Lanczos" and "Nearest", then the ESRGAN-family
@@ -845,10 +875,17 @@ pub async fn set_options(State(st): St, body: Result<Bytes, BytesRejection>) -> 
     let body = body_bytes(&st, body)?;
     st.ready_model()?;
     let obj = parse_json_object(&body)?;
+    let vae = match obj.get("sd_vae").filter(|v| !v.is_null()) {
+        None => None,
+        Some(v) => Some(resolve_vae(&st, "sd_vae", v.as_str().ok_or_else(|| ApiError::invalid("sd_vae", "expected a string"))?)?),
+    };
     if let Some(v) = obj.get("sd_model_checkpoint").filter(|v| !v.is_null()) {
         let requested = v.as_str().ok_or_else(|| ApiError::invalid("sd_model_checkpoint", "expected a string"))?;
         let key = st.resolve_model("sd_model_checkpoint", requested)?;
         st.switch_model("sd_model_checkpoint", &key).await?;
+    }
+    if let Some(vae) = vae {
+        st.set_active_vae(vae);
     }
     Ok(Json(Value::Null))
 }
@@ -856,7 +893,8 @@ pub async fn set_options(State(st): St, body: Result<Bytes, BytesRejection>) -> 
 /// `GET /sdapi/v1/options`: the settings front ends read at startup.
 pub async fn options(State(st): St) -> Result<Json<Value>, ApiError> {
     let m = st.active_model().await?;
-    Ok(Json(json!({"sd_model_checkpoint": title(&m), "CLIP_stop_at_last_layers": 1, "samples_format": "png"})))
+    let vae = st.active_vae().unwrap_or_else(|| "Automatic".into());
+    Ok(Json(json!({"sd_model_checkpoint": title(&m), "sd_vae": vae, "CLIP_stop_at_last_layers": 1, "samples_format": "png"})))
 }
 
 #[cfg(test)]

@@ -69,6 +69,11 @@ pub struct Cli {
     /// the model in use.
     #[arg(long, env = "SD_WORKER_MODEL_CACHE_MB", default_value_t = 0)]
     pub model_cache_mb: u64,
+    /// Folder of VAEs (`.safetensors` files with diffusers, LDM or `first_stage_model.*` names, or diffusers
+    /// `vae/` folders) that A1111's `sd_vae` (options or `override_settings`) may switch to, as A1111's
+    /// `models/VAE` (repeatable; `,` in the env var).
+    #[arg(long = "vae-dir", env = "SD_WORKER_VAE_DIRS", value_delimiter = ',')]
+    pub vae_dirs: Vec<PathBuf>,
     /// Folder of ESRGAN-family upscaler models (`.pth`/`.safetensors`: ESRGAN, Real-ESRGAN, 4x-UltraSharp-style
     /// RRDBNets) that `hr_upscaler` and `/sdapi/v1/extra-single-image` may name by file stem, as A1111's
     /// `models/ESRGAN` (repeatable; `,` in the env var).
@@ -263,6 +268,8 @@ pub struct WorkerConfig {
     pub model_cache_bytes: u64,
     /// Folders of upscaler models requests may name.
     pub upscaler_dirs: Vec<PathBuf>,
+    /// Folders of VAEs `sd_vae` may name.
+    pub vae_dirs: Vec<PathBuf>,
     /// Folders LoRA requests are confined to.
     pub lora_dirs: Vec<PathBuf>,
     /// Folders ControlNet requests are confined to.
@@ -302,6 +309,7 @@ impl WorkerConfig {
             models_dirs: Vec::new(),
             model_cache_bytes: 0,
             upscaler_dirs: Vec::new(),
+            vae_dirs: Vec::new(),
             lora_dirs: Vec::new(),
             controlnet_dirs: Vec::new(),
             embedding_dirs: Vec::new(),
@@ -443,6 +451,7 @@ impl Cli {
             models_dirs: self.models_dirs,
             model_cache_bytes: self.model_cache_mb.saturating_mul(1 << 20),
             upscaler_dirs: self.upscaler_dirs,
+            vae_dirs: self.vae_dirs,
             lora_dirs: self.lora_dirs,
             controlnet_dirs: self.controlnet_dirs,
             embedding_dirs: self.embedding_dirs,

@@ -411,7 +411,7 @@ fn failure(e: sd_families::Error) -> Failure {
 }
 
 fn run_job(state: &AppState, engines: &mut Engines, job: &Job) -> Result<JobResult, Failure> {
-    let JobSpec { operation, params: p, loras, controlnets, mut hires, partial_on_cancel, model } =
+    let JobSpec { operation, params: p, loras, controlnets, mut hires, partial_on_cancel, model, vae } =
         job.take_spec().ok_or_else(|| (JobStatus::Failed, JobError::new("internal_error", "the job has no request")))?;
     if let Some(e) = hires.as_mut().and_then(|h| h.esrgan.as_mut()).filter(|e| e.net.is_none()) {
         let net = engines.upscaler(state, &e.path).map_err(|msg| {
@@ -446,12 +446,29 @@ fn run_job(state: &AppState, engines: &mut Engines, job: &Job) -> Result<JobResu
             ControlFlow::Continue(())
         }
     };
+    // A1111's `sd_vae`: the VAE this job decodes with (found again in this worker's own folders).
+    let vae_file = match &vae {
+        None => None,
+        Some(name) => Some(state.vaes.resolve(name).ok_or_else(|| {
+            (JobStatus::Failed, JobError { code: "invalid_request", message: format!("no VAE {name:?} in this worker's --vae-dir folders"), field: Some("sd_vae".into()) })
+        })?),
+    };
+    engine.model.set_vae(vae_file.as_ref().map(|v| v.path.as_path())).map_err(|e| {
+        (JobStatus::Failed, JobError { code: "invalid_request", message: e.to_string(), field: Some("sd_vae".into()) })
+    })?;
     let mut extra: Vec<(&str, String)> = Vec::new();
     if let Operation::Transform { strength, .. } | Operation::Inpaint { strength, .. } = &operation {
         extra.push(("Denoising strength", format!("{strength}")));
     }
     if let Some(h) = &engine.info.sha256 {
         extra.push(("Model hash", crate::models::short_hash(h).to_string()));
+    }
+    // A1111 writes the VAE it switched to (its hash for a file, as its `VAE hash`).
+    if let Some(v) = &vae_file {
+        if let Some(h) = v.path.is_file().then(|| sd_models::hash::sha256(&v.path).ok()).flatten() {
+            extra.push(("VAE hash", crate::models::short_hash(&h).to_string()));
+        }
+        extra.push(("VAE", v.name.clone()));
     }
     // A1111's "TI hashes" for the embeddings the prompts name (first 12 hex digits of the file's sha256).
     let mut used = engine.model.embeddings_used(&p.prompt);

@@ -201,6 +201,8 @@ pub struct JobSpec {
     pub partial_on_cancel: bool,
     /// The model to run it on ([`crate::state::ModelInfo::key`]), loaded on demand if another is in use.
     pub model: String,
+    /// A `--vae-dir` VAE to decode with (A1111's `sd_vae`); `None`: the one the model loaded with.
+    pub vae: Option<String>,
 }
 
 /// Mutable state of a job.

@@ -131,6 +131,64 @@ pub fn short_hash(sha256: &str) -> &str {
     sha256.get(..10).unwrap_or(sha256)
 }
 
+/// The VAEs of `--vae-dir` (A1111's `models/VAE`): `.safetensors` files and diffusers `vae/` folders, by the
+/// names A1111's `sd_vae` takes (the file name, `vae-ft-mse-840000-ema-pruned.safetensors`, or its stem).
+#[derive(Debug, Default)]
+pub struct VaeFolders {
+    folders: AllowedFolders,
+}
+
+/// A VAE found in the folders.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AvailableVae {
+    /// The name `sd_vae` takes: the file name relative to its folder (`sub/x.safetensors`), a folder's name.
+    pub name: String,
+    /// Canonical path.
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+impl VaeFolders {
+    /// Canonicalizes `dirs` (missing ones are skipped with a warning).
+    pub fn new(dirs: &[PathBuf]) -> Self {
+        Self { folders: AllowedFolders::new(dirs, "VAE") }
+    }
+
+    /// Every VAE in the folders (two levels deep), by name.
+    pub fn list(&self) -> Vec<AvailableVae> {
+        let mut out = Vec::new();
+        for root in self.folders.roots() {
+            self.walk(root, root, 0, &mut out);
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    fn walk(&self, root: &Path, dir: &Path, depth: usize, out: &mut Vec<AvailableVae>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries.flatten().take(MAX_ENTRIES) {
+            let p = e.path();
+            let Some(canonical) = self.folders.confine(&p) else { continue };
+            let rel = p.strip_prefix(root).unwrap_or(&p).to_string_lossy().replace('\\', "/");
+            if canonical.is_dir() {
+                if canonical.join("config.json").is_file() {
+                    out.push(AvailableVae { name: rel, path: canonical });
+                } else if depth < 2 {
+                    self.walk(root, &p, depth + 1, out);
+                }
+            } else if p.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("safetensors")) {
+                out.push(AvailableVae { name: rel, path: canonical });
+            }
+        }
+    }
+
+    /// The VAE a request names: its name or the name's stem; only inside the folders.
+    pub fn resolve(&self, name: &str) -> Option<AvailableVae> {
+        let name = name.trim();
+        self.list().into_iter().find(|v| v.name == name || file_stem(&v.name) == name)
+    }
+}
+
 /// `name [hash]` → (`name`, `Some(hash)`); anything else → (`name`, `None`).
 pub fn split_title(s: &str) -> (&str, Option<&str>) {
     let s = s.trim();

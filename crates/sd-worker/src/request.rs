@@ -825,7 +825,7 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
             Some(hr)
         }
     };
-    Ok((JobSpec { operation, params, loras: resolved, controlnets, hires, partial_on_cancel: false, model: model.key.clone() }, parameters))
+    Ok((JobSpec { operation, params, loras: resolved, controlnets, hires, partial_on_cancel: false, model: model.key.clone(), vae: None }, parameters))
 }
 
 #[cfg(test)]

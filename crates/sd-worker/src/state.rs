@@ -163,6 +163,10 @@ pub struct AppState {
     pub catalog: ModelCatalog,
     /// Upscaler models of `--upscaler-dir`.
     pub upscalers: crate::upscalers::UpscalerFolders,
+    /// VAEs of `--vae-dir`.
+    pub vaes: crate::models::VaeFolders,
+    /// The VAE `/sdapi/v1/options` chose (`None`: the one each model loaded with).
+    active_vae: RwLock<Option<String>>,
     /// The key of the `-m` model.
     pub primary_key: String,
     /// Extras upscales waiting for or running on the engine.
@@ -193,6 +197,7 @@ impl AppState {
         let controlnets = ControlNetFolders::new(&config.controlnet_dirs);
         let catalog = ModelCatalog::new(&config.models_dirs);
         let upscalers = crate::upscalers::UpscalerFolders::new(&config.upscaler_dirs);
+        let vaes = crate::models::VaeFolders::new(&config.vae_dirs);
         let primary_key = match &config.model {
             crate::config::ModelSource::Path(p) => p.canonicalize().ok().and_then(|c| catalog.by_path(&c)).map(|c| c.name),
             crate::config::ModelSource::Hub(_) => None,
@@ -216,6 +221,8 @@ impl AppState {
             controlnets,
             catalog,
             upscalers,
+            vaes,
+            active_vae: RwLock::new(None),
             primary_key,
             infos: RwLock::new(HashMap::new()),
             extras_waiting: std::sync::atomic::AtomicUsize::new(0),
@@ -313,6 +320,16 @@ impl AppState {
     /// Sets the loading state (engine only).
     pub fn set_model_state(&self, s: ModelState) {
         *self.model.write().unwrap_or_else(|e| e.into_inner()) = s;
+    }
+
+    /// The VAE requests get when they name none (A1111's `sd_vae` option).
+    pub fn active_vae(&self) -> Option<String> {
+        self.active_vae.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Sets the VAE later requests get.
+    pub fn set_active_vae(&self, vae: Option<String>) {
+        *self.active_vae.write().unwrap_or_else(|e| e.into_inner()) = vae;
     }
 
     /// Records a loaded model's description.

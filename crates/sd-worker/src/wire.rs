@@ -52,6 +52,9 @@ pub struct WireSpec {
     /// The model's key (a `--models-dir` name); empty: the worker's own model.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub model: String,
+    /// A `--vae-dir` VAE by name (found in the worker's own folders).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vae: Option<String>,
 }
 
 /// [`HiresFix`] as JSON.
@@ -208,6 +211,7 @@ impl WireSpec {
             hires,
             partial_on_cancel: spec.partial_on_cancel,
             model: spec.model.clone(),
+            vae: spec.vae.clone(),
             params: WireParams {
                 prompt: p.prompt.clone(),
                 negative_prompt: p.negative_prompt.clone(),
@@ -297,7 +301,7 @@ impl WireSpec {
                 Some(HiresFix { width: h.width, height: h.height, upscaler, steps: h.steps, strength: h.strength, esrgan })
             }
         };
-        Ok(JobSpec { operation, params, loras: resolved, controlnets: units, hires, partial_on_cancel: self.partial_on_cancel, model: self.model.clone() })
+        Ok(JobSpec { operation, params, loras: resolved, controlnets: units, hires, partial_on_cancel: self.partial_on_cancel, model: self.model.clone(), vae: self.vae.clone() })
     }
 }
 
@@ -348,6 +352,7 @@ mod tests {
             hires: Some(HiresFix { width: 128, height: 96, upscaler: HiresUpscaler::LatentNearest, steps: Some(9), strength: 0.55, esrgan: None }),
             partial_on_cancel: true,
             model: "xl/other".into(),
+            vae: Some("xl-vae".into()),
             controlnets: vec![ResolvedControlNet {
                 name: "sd15".into(),
                 path: cn_path.clone(),
@@ -377,6 +382,7 @@ mod tests {
         assert_eq!(back.loras, spec.loras);
         assert_eq!(back.hires, spec.hires, "the hires fix travels");
         assert_eq!(back.model, "xl/other", "the model travels");
+        assert_eq!(back.vae.as_deref(), Some("xl-vae"), "the VAE travels");
         let (c, d) = (&spec.controlnets[0], &back.controlnets[0]);
         assert_eq!((&c.path, &c.preprocessor_name, c.scale, c.start, c.end), (&d.path, &d.preprocessor_name, d.scale, d.start, d.end));
         assert_eq!(c.image.to_rgb8(), d.image.to_rgb8());

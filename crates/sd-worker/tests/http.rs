@@ -2038,3 +2038,47 @@ fn flux_fill_models_inpaint_and_refuse_txt2img() {
     assert_eq!(r.status, 400, "{}", r.text());
     s.shutdown();
 }
+
+#[test]
+fn sd_vae_switches_to_a_vae_of_the_vae_folder_and_back() {
+    let dir = std::env::temp_dir().join(format!("sd-worker-vae-dir-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    copy_dir(&fixture("sdxl/vae"), &dir.join("xl-vae"));
+    let txt = json!({"prompt": "a tree", "width": 32, "height": 32, "steps": 2, "seed": 3});
+    // The reference: a worker started with that VAE.
+    let mut cfg = config("sd15");
+    cfg.vae = Some(fixture("sdxl/vae"));
+    let s = Server::start(cfg);
+    let with_vae = pixels_of(&s.post("/sdapi/v1/txt2img", &txt).json());
+    s.shutdown();
+    let mut cfg = config("sd15");
+    cfg.vae_dirs = vec![dir.clone()];
+    let s = Server::start(cfg);
+    let listed = s.get("/sdapi/v1/sd-vae").json();
+    assert_eq!(listed[0]["model_name"], "xl-vae", "{listed}");
+    let own = pixels_of(&s.post("/sdapi/v1/txt2img", &txt).json());
+    assert_ne!(own, with_vae);
+    // Per request, then as the option; each decodes exactly as a worker loaded with that VAE.
+    let mut o = txt.clone();
+    o["override_settings"] = json!({"sd_vae": "xl-vae"});
+    let r = s.post("/sdapi/v1/txt2img", &o);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(pixels_of(&r.json()), with_vae);
+    let info: Value = serde_json::from_str(r.json()["info"].as_str().expect("info")).expect("info json");
+    assert!(info["infotexts"][0].as_str().is_some_and(|t| t.contains("VAE: xl-vae")), "{info}");
+    assert_eq!(pixels_of(&s.post("/sdapi/v1/txt2img", &txt).json()), own, "the override did not stick");
+    assert_eq!(s.post("/sdapi/v1/options", &json!({"sd_vae": "xl-vae"})).status, 200);
+    assert_eq!(s.get("/sdapi/v1/options").json()["sd_vae"], "xl-vae");
+    assert_eq!(pixels_of(&s.post("/sdapi/v1/txt2img", &txt).json()), with_vae);
+    assert_eq!(s.post("/sdapi/v1/options", &json!({"sd_vae": "Automatic"})).status, 200);
+    assert_eq!(pixels_of(&s.post("/sdapi/v1/txt2img", &txt).json()), own, "back to the model's own VAE");
+    // Names resolve only inside the folders.
+    for bad in ["../xl-vae", "missing.safetensors", "/etc/passwd"] {
+        assert_error(&s.post("/sdapi/v1/options", &json!({"sd_vae": bad})), 400, "sd_vae");
+        let mut o = txt.clone();
+        o["override_settings"] = json!({"sd_vae": bad});
+        assert_error(&s.post("/sdapi/v1/txt2img", &o), 400, "override_settings.sd_vae");
+    }
+    s.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
