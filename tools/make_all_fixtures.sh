@@ -11,6 +11,7 @@ PY=${1:-tools/.venv/bin/python}
 "$PY" tools/real_config_schedules.py
 "$PY" tools/scheduler_goldens_a1111.py
 "$PY" tools/cfg_pp_goldens.py
+"$PY" tools/seed_resize_goldens.py
 "$PY" tools/pipeline_goldens.py
 if [ -f tools/lora_fixtures.py ]; then "$PY" tools/lora_fixtures.py; fi
 "$PY" tools/controlnet_fixtures.py

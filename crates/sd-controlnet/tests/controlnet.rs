@@ -102,6 +102,7 @@ impl PipelineGolden {
             max_sequence_length: None,
             variation: None,
             eta_noise_seed_delta: 0,
+            seed_resize_from: None,
         }
     }
 

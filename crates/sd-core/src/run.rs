@@ -78,12 +78,15 @@ impl NoiseKind {
     }
 
     /// The noise of request `p`: one stream for `p.seed` (Philox, Torch), or A1111's per-image generators
-    /// (its kinds, or any kind with a variation seed or an eta noise seed delta).
+    /// (its kinds, or any kind with a variation seed, an eta noise seed delta or a seed resize).
     pub fn source_for(self, p: &Request) -> Box<dyn NoiseSource> {
-        if !self.per_image() && p.variation.is_none() && p.eta_noise_seed_delta == 0 {
+        if !self.per_image() && p.variation.is_none() && p.eta_noise_seed_delta == 0 && p.seed_resize_from.is_none() {
             return self.source(p.seed);
         }
         let mut noise = PerImageNoise::new(self.generator(), p.seed, p.batch_size).with_eta_noise_seed_delta(p.eta_noise_seed_delta);
+        if let Some((h, w)) = p.seed_resize_from {
+            noise = noise.with_seed_resize(h, w);
+        }
         if let Some(v) = p.variation {
             noise = noise.with_variation(v.subseed, v.strength);
         }
@@ -138,6 +141,9 @@ pub struct Request {
     /// A1111's eta noise seed delta (ENSD): the sampler's noise after the initial latents comes from
     /// `seed + delta` (0: from the seed's own generators).
     pub eta_noise_seed_delta: u64,
+    /// A1111's "resize seed from" `(height, width)` in pixels: the seed's initial noise as at that size,
+    /// centred in this one (see [`crate::schedulers::noise::PerImageNoise::with_seed_resize`]).
+    pub seed_resize_from: Option<(usize, usize)>,
 }
 
 impl Request {
@@ -159,6 +165,7 @@ impl Request {
             max_sequence_length: None,
             variation: None,
             eta_noise_seed_delta: 0,
+            seed_resize_from: None,
         }
     }
 }

@@ -23,6 +23,9 @@ pub fn a1111_parameters(p: &GenerationParams, model: &str, extra: &[(&str, Strin
         fields.push(("Variation seed", v.subseed.to_string()));
         fields.push(("Variation seed strength", format!("{}", v.strength)));
     }
+    if let Some((h, w)) = p.seed_resize_from {
+        fields.push(("Seed resize from", format!("{w}x{h}")));
+    }
     if p.eta_noise_seed_delta != 0 {
         fields.push(("ENSD", p.eta_noise_seed_delta.to_string()));
     }

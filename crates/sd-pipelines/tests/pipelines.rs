@@ -61,6 +61,7 @@ impl Golden {
             max_sequence_length: None,
             variation: None,
             eta_noise_seed_delta: 0,
+            seed_resize_from: None,
         }
     }
 

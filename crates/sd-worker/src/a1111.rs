@@ -226,10 +226,15 @@ fn resolve_vae(st: &AppState, field: &str, v: &str) -> Result<Option<String>, Ap
 }
 
 fn common(r: &A1111Request) -> Result<CommonInput, ApiError> {
-    for (field, v) in [("seed_resize_from_h", r.seed_resize_from_h), ("seed_resize_from_w", r.seed_resize_from_w)] {
-        if v.is_some_and(|v| v > 0) {
-            return Err(ApiError::invalid(field, "resizing the seed's noise is not supported; leave it at -1 or 0"));
+    // A1111's "resize seed from": both positive, else off (A1111 treats -1 and 0 as off).
+    let mut seed_resize_from = None;
+    if let (Some(h), Some(w)) = (r.seed_resize_from_h.filter(|v| *v > 0), r.seed_resize_from_w.filter(|v| *v > 0)) {
+        for (field, v) in [("seed_resize_from_h", h), ("seed_resize_from_w", w)] {
+            if v < 8 || v > sd_core::run::MAX_SIDE as i64 {
+                return Err(ApiError::invalid(field, format!("{v} is outside 8..={} px", sd_core::run::MAX_SIDE)));
+            }
         }
+        seed_resize_from = Some((h as usize, w as usize));
     }
     if let Some(s) = r.subseed_strength {
         if !(0.0..=1.0).contains(&s) {
@@ -263,6 +268,7 @@ fn common(r: &A1111Request) -> Result<CommonInput, ApiError> {
         noise: Some("a1111-nv".into()),
         variation: r.subseed_strength.map(|s| (r.subseed.unwrap_or(-1), s)),
         eta_noise_seed_delta: 0,
+        seed_resize_from,
         controlnets: controlnet_units(r)?,
         hires: r.enable_hr.unwrap_or(false).then(|| HiresInput {
             scale: r.hr_scale,

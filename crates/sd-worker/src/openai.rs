@@ -94,6 +94,7 @@ fn common(r: &ImagesRequest) -> Result<CommonInput, ApiError> {
         noise: None,
         variation: None,
         eta_noise_seed_delta: 0,
+        seed_resize_from: None,
         controlnets: Vec::new(),
         hires: None,
     })

@@ -146,6 +146,8 @@ pub struct CommonInput {
     pub variation: Option<(i64, f64)>,
     /// A1111's eta noise seed delta.
     pub eta_noise_seed_delta: u64,
+    /// A1111's "resize seed from" `(height, width)` in pixels.
+    pub seed_resize_from: Option<(usize, usize)>,
     /// ControlNets, each with its index in the client's list.
     pub controlnets: Vec<(usize, ControlNetRequest)>,
     /// A1111's hires fix, when asked for (`enable_hr`).
@@ -481,6 +483,7 @@ pub fn native_job_object(state: &AppState, model: &ModelInfo, mut obj: serde_jso
         noise: r.noise,
         variation: None,
         eta_noise_seed_delta: 0,
+        seed_resize_from: None,
         controlnets: r.controlnets.unwrap_or_default().into_iter().enumerate().collect(),
         hires: r.hires.map(|h| HiresInput { scale: h.scale, resize_x: h.width, resize_y: h.height, upscaler: h.upscaler, steps: h.steps, strength: h.strength }),
     };
@@ -685,6 +688,7 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
             None => None,
         },
         eta_noise_seed_delta: input.eta_noise_seed_delta,
+        seed_resize_from: input.seed_resize_from,
     };
     // The model's own rules: size multiple, guidance, clip skip, prompt syntax, the sampler's limits.
     caps.validate(&params).map_err(|e| names.library_error(e))?;

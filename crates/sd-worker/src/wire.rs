@@ -106,6 +106,9 @@ pub struct WireParams {
     /// A1111 eta noise seed delta.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub eta_noise_seed_delta: u64,
+    /// A1111's "resize seed from" (height, width).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed_resize_from: Option<(usize, usize)>,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -227,6 +230,7 @@ impl WireSpec {
                 noise: p.noise.name().to_string(),
                 variation: p.variation.map(|v| (v.subseed, v.strength)),
                 eta_noise_seed_delta: p.eta_noise_seed_delta,
+                seed_resize_from: p.seed_resize_from,
             },
             loras: wire_loras,
             controlnets: wire_controlnets,
@@ -261,6 +265,7 @@ impl WireSpec {
             max_sequence_length: None,
             variation: p.variation.map(|(subseed, strength)| sd_core::run::Variation { subseed, strength }),
             eta_noise_seed_delta: p.eta_noise_seed_delta,
+            seed_resize_from: p.seed_resize_from,
         };
         let strength = || self.strength.ok_or_else(|| bad("strength", "missing from the queued job"));
         let image = || image_from("image", self.image.as_deref().unwrap_or_default());
@@ -347,6 +352,7 @@ mod tests {
                 max_sequence_length: None,
                 variation: Some(sd_core::run::Variation { subseed: 77, strength: 0.25 }),
                 eta_noise_seed_delta: 31337,
+                seed_resize_from: Some((512, 768)),
             },
             loras: vec![ResolvedLora { name: "sd15_kohya".into(), path: lora_path.clone(), strength: -0.5, text_encoder_strength: Some(0.25) }],
             hires: Some(HiresFix { width: 128, height: 96, upscaler: HiresUpscaler::LatentNearest, steps: Some(9), strength: 0.55, esrgan: None }),
@@ -370,7 +376,7 @@ mod tests {
         let (p, q) = (&spec.params, &back.params);
         assert_eq!((&p.prompt, &p.negative_prompt, p.width, p.height, p.steps), (&q.prompt, &q.negative_prompt, q.width, q.height, q.steps));
         assert_eq!((p.guidance_scale, p.seed, p.batch_size, p.sampler, p.clip_skip, p.noise), (q.guidance_scale, q.seed, q.batch_size, q.sampler, q.clip_skip, q.noise));
-        assert_eq!((p.variation, p.eta_noise_seed_delta), (q.variation, q.eta_noise_seed_delta));
+        assert_eq!((p.variation, p.eta_noise_seed_delta, p.seed_resize_from), (q.variation, q.eta_noise_seed_delta, q.seed_resize_from));
         match (&spec.operation, &back.operation) {
             (Operation::Inpaint { image: a, mask: m, strength: s }, Operation::Inpaint { image: b, mask: n, strength: t }) => {
                 assert_eq!(a.to_rgb8(), b.to_rgb8(), "images travel losslessly");

@@ -1728,7 +1728,13 @@ fn a1111_variation_seeds_and_eta_noise_seed_delta_change_the_noise_as_asked() {
     let (cpu, meta, _) = run(json!({"override_settings": {"randn_source": "CPU"}}));
     assert_ne!(cpu, plain);
     assert!(meta.contains("RNG: CPU"), "{meta}");
-    for (body, field) in [(json!({"subseed_strength": 2}), "subseed_strength"), (json!({"seed_resize_from_h": 64}), "seed_resize_from_h")] {
+    // A1111's "resize seed from": the seed's noise as at 64x48 (8x6 latents), centred in this size's.
+    let (resized, meta, _) = run(json!({"seed_resize_from_h": 48, "seed_resize_from_w": 64}));
+    assert_ne!(resized, plain);
+    assert!(meta.contains("Seed resize from: 64x48"), "{meta}");
+    assert_eq!(run(json!({"seed_resize_from_h": 48, "seed_resize_from_w": 64})).0, resized, "reproducible");
+    assert_eq!(run(json!({"seed_resize_from_h": -1, "seed_resize_from_w": -1})).0, plain, "-1 is off");
+    for (body, field) in [(json!({"subseed_strength": 2}), "subseed_strength"), (json!({"seed_resize_from_h": 4, "seed_resize_from_w": 64}), "seed_resize_from_h")] {
         let mut b = json!({"prompt": "a fox", "width": 32, "height": 32, "steps": 2});
         for (k, v) in body.as_object().expect("object") {
             b[k] = v.clone();

@@ -310,6 +310,8 @@ pub struct PerImageNoise {
     generators: Vec<Box<dyn NoiseSource>>,
     variation: Option<(Vec<u64>, f32)>,
     eta_noise_seed_delta: u64,
+    /// A1111's "resize seed from" in pixels (height, width).
+    seed_resize: Option<(usize, usize)>,
     drawn_first: bool,
 }
 
@@ -324,7 +326,7 @@ impl PerImageNoise {
     pub fn new(make: fn(u64) -> Box<dyn NoiseSource>, seed: u64, batch: usize) -> Self {
         let seeds: Vec<u64> = (0..batch.max(1) as u64).map(|i| seed.wrapping_add(i)).collect();
         let generators = seeds.iter().map(|&s| make(s)).collect();
-        Self { make, seeds, generators, variation: None, eta_noise_seed_delta: 0, drawn_first: false }
+        Self { make, seeds, generators, variation: None, eta_noise_seed_delta: 0, seed_resize: None, drawn_first: false }
     }
 
     /// A variation seed (`subseed + i` per image) mixed into the initial latents by spherical
@@ -344,15 +346,39 @@ impl PerImageNoise {
         self
     }
 
+    /// A1111's "resize seed from" (`seed_resize_from_h/w`, in pixels): the initial noise is the seed's at the
+    /// size it was found at (`from / 8` latent pixels), pasted centred into the image's noise at the new size,
+    /// so a seed keeps its composition across sizes.
+    pub fn with_seed_resize(mut self, height: usize, width: usize) -> Self {
+        self.seed_resize = (height > 0 && width > 0).then_some((height, width));
+        self
+    }
+
     fn first(&mut self, row: &Shape, dtype: DType, device: &Device) -> Result<Tensor> {
+        let dims = row.dims().to_vec();
+        // A1111 divides by 8 (the SD VAE factor) whatever the model.
+        let small: Option<Shape> = match (self.seed_resize, dims.as_slice()) {
+            (Some((h, w)), [c, rh, rw]) if (h / 8, w / 8) != (*rh, *rw) && h >= 8 && w >= 8 => Some((*c, h / 8, w / 8).into()),
+            _ => None,
+        };
         let mut rows = Vec::with_capacity(self.generators.len());
         for (i, g) in self.generators.iter_mut().enumerate() {
-            let noise = g.randn(row, DType::F32, &Device::Cpu)?;
+            let shape = small.as_ref().unwrap_or(row);
+            // At another size the seed's noise comes from a fresh generator; the image's own still draws the
+            // full size (what its later draws follow), as A1111's `ImageRNG.first`.
+            let noise = match small {
+                Some(_) => (self.make)(self.seeds[i]).randn(shape, DType::F32, &Device::Cpu)?,
+                None => g.randn(row, DType::F32, &Device::Cpu)?,
+            };
             let noise = match &self.variation {
                 Some((subseeds, strength)) => {
-                    let sub = (self.make)(subseeds[i]).randn(row, DType::F32, &Device::Cpu)?;
+                    let sub = (self.make)(subseeds[i]).randn(shape, DType::F32, &Device::Cpu)?;
                     slerp(*strength, &noise, &sub)?
                 }
+                None => noise,
+            };
+            let noise = match small {
+                Some(_) => paste_centred(&g.randn(row, DType::F32, &Device::Cpu)?, &noise)?,
                 None => noise,
             };
             rows.push(noise);
@@ -378,6 +404,27 @@ impl NoiseSource for PerImageNoise {
         let rows = self.generators.iter_mut().map(|g| g.randn(&row, DType::F32, &Device::Cpu)).collect::<Result<Vec<_>>>()?;
         Ok(Tensor::stack(&rows, 0)?.to_dtype(dtype)?.to_device(device)?)
     }
+}
+
+/// `noise` `[c, h, w]` pasted centred into `x` `[c, H, W]` (cropped where larger), with A1111's rounding
+/// (Python's floor division).
+fn paste_centred(x: &Tensor, noise: &Tensor) -> Result<Tensor> {
+    let (_, big_h, big_w) = x.dims3()?;
+    let (_, h, w) = noise.dims3()?;
+    let span = |big: usize, small: usize| -> (usize, usize, usize) {
+        // (target start, source start, length)
+        let d = (big as i64 - small as i64).div_euclid(2);
+        let len = if d >= 0 { small as i64 } else { small as i64 + 2 * d };
+        let (to, from) = if d >= 0 { (d, 0) } else { (0, -d) };
+        (to as usize, from as usize, len.max(0) as usize)
+    };
+    let (ty, dy, ph) = span(big_h, h);
+    let (tx, dx, pw) = span(big_w, w);
+    if ph == 0 || pw == 0 {
+        return Ok(x.clone());
+    }
+    let part = noise.narrow(1, dy, ph)?.narrow(2, dx, pw)?;
+    Ok(x.slice_assign(&[0..x.dim(0)?, ty..ty + ph, tx..tx + pw], &part.contiguous()?)?)
 }
 
 /// A1111's `slerp(val, low, high)` on one image's noise `[c, h, w]`: norms and dot products over the
@@ -562,5 +609,28 @@ mod tests {
         assert_eq!(&first[..], &all[..5]);
         // A draw consumes whole 4-value blocks, so the second draw starts at value 8.
         assert_eq!(&second[..], &all[8..13]);
+    }
+
+    #[test]
+    fn seed_resize_pastes_the_seeds_noise_as_a1111() {
+        // tools/seed_resize_goldens.py: A1111's ImageRNG.first written out, torch's CPU generator.
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/goldens/seed_resize.safetensors");
+        let g = candle_core::safetensors::load(path, &Device::Cpu).expect("goldens");
+        let make: fn(u64) -> Box<dyn NoiseSource> = |s| Box::new(TorchCpuNoise::new(s));
+        for name in ["smaller", "larger", "odd", "variation", "same"] {
+            let args: Vec<i64> = g[&format!("{name}.args")].to_vec1().expect("args");
+            let strength: Vec<f32> = g[&format!("{name}.strength")].to_vec1().expect("strength");
+            let mut n = PerImageNoise::new(make, args[0] as u64, 1).with_seed_resize(args[1] as usize, args[2] as usize);
+            if args[3] >= 0 {
+                n = n.with_variation(args[3] as u64, strength[0]);
+            }
+            let shape: Shape = (1, 4, 8, 8).into();
+            let first = n.randn(&shape, DType::F32, &Device::Cpu).expect("first").squeeze(0).expect("squeeze");
+            let next = n.randn(&shape, DType::F32, &Device::Cpu).expect("next").squeeze(0).expect("squeeze");
+            for (what, ours, want) in [("first", first, &g[&format!("{name}.first")]), ("next", next, &g[&format!("{name}.next")])] {
+                let d = (ours - want).and_then(|d| d.abs()).and_then(|d| d.flatten_all()).and_then(|d| d.max(0)).and_then(|d| d.to_scalar::<f32>()).expect("diff");
+                assert!(d < 1e-5, "{name} {what}: max diff {d}");
+            }
+        }
     }
 }
