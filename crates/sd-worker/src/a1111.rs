@@ -812,30 +812,26 @@ pub async fn sd_models(State(st): St) -> Result<Json<Value>, ApiError> {
 }
 
 fn sd_model_list(st: &AppState, m: &ModelInfo) -> Json<Value> {
+    // One entry in A1111's shape.
+    let entry = |title: String, model_name: &str, sha256: Option<&String>, filename: String| {
+        json!({
+            "title": title, "model_name": model_name, "hash": sha256.map(|h| crate::models::short_hash(h).to_string()),
+            "sha256": sha256, "filename": filename, "config": Value::Null,
+        })
+    };
+    let model = |m: &ModelInfo| entry(title(m), &m.name, m.sha256.as_ref(), m.source.clone());
     let mut out = Vec::new();
     let checkpoints = st.checkpoints();
     let primary = st.model_info(&st.primary_key);
     if let Some(p) = primary.as_ref().filter(|_| checkpoints.iter().all(|c| c.name != st.primary_key)) {
-        out.push(json!({
-            "title": title(p),
-            "model_name": p.name, "hash": p.sha256.as_ref().map(|h| crate::models::short_hash(h).to_string()), "sha256": p.sha256,
-            "filename": p.source, "config": Value::Null,
-        }));
+        out.push(model(p));
     }
     for c in checkpoints {
-        let sha = c.cached_sha256();
-        out.push(json!({
-            "title": c.title(),
-            "model_name": c.name.replace('/', "_"), "hash": sha.as_ref().map(|h| crate::models::short_hash(h).to_string()), "sha256": sha,
-            "filename": if c.path.as_os_str().is_empty() { c.file_name.clone() } else { c.path.display().to_string() }, "config": Value::Null,
-        }));
+        let filename = if c.path.as_os_str().is_empty() { c.file_name.clone() } else { c.path.display().to_string() };
+        out.push(entry(c.title(), &c.name.replace('/', "_"), c.cached_sha256().as_ref(), filename));
     }
     if out.is_empty() {
-        out.push(json!({
-            "title": title(m),
-            "model_name": m.name, "hash": m.sha256.as_ref().map(|h| crate::models::short_hash(h).to_string()), "sha256": m.sha256,
-            "filename": m.source, "config": Value::Null,
-        }));
+        out.push(model(m));
     }
     Json(Value::Array(out))
 }

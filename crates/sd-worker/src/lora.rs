@@ -172,33 +172,15 @@ impl LoraFolders {
 
     /// Every `.safetensors` file in the folders (three levels deep), sorted by name.
     pub fn list(&self) -> Vec<AvailableLora> {
-        let mut out = Vec::new();
-        for root in self.folders.roots() {
-            self.walk(root, root, 0, &mut out);
-        }
+        let mut out: Vec<AvailableLora> = self
+            .folders
+            .walk(3, usize::MAX, &|_| false)
+            .into_iter()
+            .filter(|f| f.path.extension().and_then(|e| e.to_str()) == Some("safetensors"))
+            .map(|f| AvailableLora { name: f.stem(), path: f.relative })
+            .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name).then(a.path.cmp(&b.path)));
         out
-    }
-
-    fn walk(&self, root: &Path, dir: &Path, depth: usize, out: &mut Vec<AvailableLora>) {
-        let Ok(entries) = std::fs::read_dir(dir) else { return };
-        for e in entries.flatten() {
-            let p = e.path();
-            // Symlinks are listed only when they resolve inside an allowed folder.
-            let Ok(canonical) = p.canonicalize() else { continue };
-            if !self.folders.contains(&canonical) {
-                continue;
-            }
-            if canonical.is_dir() {
-                if depth < 3 {
-                    self.walk(root, &p, depth + 1, out);
-                }
-            } else if p.extension().and_then(|e| e.to_str()) == Some("safetensors") {
-                let rel = p.strip_prefix(root).unwrap_or(&p).to_string_lossy().replace('\\', "/");
-                let name = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-                out.push(AvailableLora { name, path: rel });
-            }
-        }
     }
 }
 

@@ -156,30 +156,15 @@ impl VaeFolders {
 
     /// Every VAE in the folders (two levels deep), by name.
     pub fn list(&self) -> Vec<AvailableVae> {
-        let mut out = Vec::new();
-        for root in self.folders.roots() {
-            self.walk(root, root, 0, &mut out);
-        }
+        let mut out: Vec<AvailableVae> = self
+            .folders
+            .walk(2, MAX_ENTRIES, &|dir| dir.join("config.json").is_file())
+            .into_iter()
+            .filter(|f| f.canonical.is_dir() || f.extension() == "safetensors")
+            .map(|f| AvailableVae { name: f.relative, path: f.canonical })
+            .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
-    }
-
-    fn walk(&self, root: &Path, dir: &Path, depth: usize, out: &mut Vec<AvailableVae>) {
-        let Ok(entries) = std::fs::read_dir(dir) else { return };
-        for e in entries.flatten().take(MAX_ENTRIES) {
-            let p = e.path();
-            let Some(canonical) = self.folders.confine(&p) else { continue };
-            let rel = p.strip_prefix(root).unwrap_or(&p).to_string_lossy().replace('\\', "/");
-            if canonical.is_dir() {
-                if canonical.join("config.json").is_file() {
-                    out.push(AvailableVae { name: rel, path: canonical });
-                } else if depth < 2 {
-                    self.walk(root, &p, depth + 1, out);
-                }
-            } else if p.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("safetensors")) {
-                out.push(AvailableVae { name: rel, path: canonical });
-            }
-        }
     }
 
     /// The VAE a request names: its name or the name's stem; only inside the folders.

@@ -365,13 +365,14 @@ impl AppState {
         if let Some(m) = known.iter().find(|m| crate::a1111::names_model(requested, m)) {
             return Ok(m.key.clone());
         }
-        if let Some(c) = crate::models::resolve_in(&self.checkpoints(), requested) {
+        let checkpoints = self.checkpoints();
+        if let Some(c) = crate::models::resolve_in(&checkpoints, requested) {
             return Ok(c.name);
         }
-        let why = if self.checkpoints().is_empty() {
+        let why = if checkpoints.is_empty() {
             format!("this worker serves {:?} only; start it with --models-dir to switch between checkpoints", self.primary_key)
         } else {
-            let names: Vec<String> = self.checkpoints().into_iter().take(20).map(|c| c.name).collect();
+            let names: Vec<String> = checkpoints.into_iter().take(20).map(|c| c.name).collect();
             format!("no checkpoint {requested:?} in the models folders (GET /sdapi/v1/sd-models lists them: {})", names.join(", "))
         };
         Err(ApiError::invalid(field, why))

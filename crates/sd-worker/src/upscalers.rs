@@ -2,7 +2,7 @@
 //! listed by file stem at `/sdapi/v1/upscalers`, named by `hr_upscaler` and the extras routes' `upscaler_1/2`.
 //! Names resolve only against the listed files (canonicalized inside the folders), never as paths.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::Serialize;
 
@@ -51,30 +51,21 @@ impl UpscalerFolders {
 
     /// Every model file in the folders (two levels deep), by name.
     pub fn list(&self) -> Vec<AvailableUpscaler> {
-        let mut out = Vec::new();
-        for root in self.folders.roots() {
-            self.walk(root, root, 0, &mut out);
-        }
+        let mut out: Vec<AvailableUpscaler> = self
+            .files()
+            .into_iter()
+            .map(|f| {
+                let scale = sd_models::esrgan::RrdbNet::inspect(&f.canonical).ok().map(|c| c.scale());
+                AvailableUpscaler { name: listed_name(&f.stem()), path: f.relative, scale }
+            })
+            .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name).then(a.path.cmp(&b.path)));
         out
     }
 
-    fn walk(&self, root: &Path, dir: &Path, depth: usize, out: &mut Vec<AvailableUpscaler>) {
-        let Ok(entries) = std::fs::read_dir(dir) else { return };
-        for e in entries.flatten() {
-            let p = e.path();
-            let Some(canonical) = self.folders.confine(&p) else { continue };
-            if canonical.is_dir() {
-                if depth < 2 {
-                    self.walk(root, &p, depth + 1, out);
-                }
-            } else if p.extension().and_then(|e| e.to_str()).is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str())) {
-                let name = listed_name(&p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
-                let rel = p.strip_prefix(root).unwrap_or(&p).to_string_lossy().replace('\\', "/");
-                let scale = sd_models::esrgan::RrdbNet::inspect(&canonical).ok().map(|c| c.scale());
-                out.push(AvailableUpscaler { name, path: rel, scale });
-            }
-        }
+    /// The model files, in the folders' order and sorted within each.
+    fn files(&self) -> Vec<crate::folders::Found> {
+        self.folders.walk(2, usize::MAX, &|_| false).into_iter().filter(|f| EXTENSIONS.contains(&f.extension().as_str())).collect()
     }
 
     /// The model file a request names (its file stem, any case, or A1111's name for a Real-ESRGAN release),
@@ -86,44 +77,16 @@ impl UpscalerFolders {
         if wanted.is_empty() {
             return None;
         }
-        let mut found = None;
-        for root in self.folders.roots() {
-            self.find(root, wanted, 0, &mut found);
-            if found.is_some() {
-                break;
-            }
-        }
-        let (stem, path) = found?;
-        sd_models::esrgan::RrdbNet::inspect(&path).ok()?;
-        Some(sd_pipelines::hires::EsrganUpscaler { name: listed_name(&stem), path, net: None })
-    }
-
-    fn find(&self, dir: &Path, wanted: &str, depth: usize, found: &mut Option<(String, PathBuf)>) {
-        let Ok(entries) = std::fs::read_dir(dir) else { return };
-        let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
-        paths.sort();
-        for p in paths {
-            if found.is_some() {
-                return;
-            }
-            let Some(canonical) = self.folders.confine(&p) else { continue };
-            if canonical.is_dir() {
-                if depth < 2 {
-                    self.find(&p, wanted, depth + 1, found);
-                }
-                continue;
-            }
-            let ext_ok = p.extension().and_then(|e| e.to_str()).is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()));
-            let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-            if ext_ok && stem.eq_ignore_ascii_case(wanted) {
-                *found = Some((stem, canonical));
-            }
-        }
+        let found = self.files().into_iter().find(|f| f.stem().eq_ignore_ascii_case(wanted))?;
+        sd_models::esrgan::RrdbNet::inspect(&found.canonical).ok()?;
+        Some(sd_pipelines::hires::EsrganUpscaler { name: listed_name(&found.stem()), path: found.canonical, net: None })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     #[test]
