@@ -2,7 +2,11 @@
 //! (512² image), timestep 500, context [2, 77, 768] — with random weights, through our
 //! `sd_models::unet` and through candle-transformers' stock implementation of the same network.
 //!
-//! `cargo bench --bench unet`; `SD_BENCH_SMALL=1` swaps in a tiny config to check the harness.
+//! `cargo bench --bench unet`; `SD_BENCH_SMALL=1` swaps in a tiny config to check the harness;
+//! the stock model runs only with `SD_BENCH_STOCK=1`. With `SD_BENCH_CHECK_DIR` (what
+//! `tools/bench_compare.sh` sets) the weights and inputs are the ones `tools/bench_torch.py
+//! --check-dir` saved, and the bench stops unless our output matches PyTorch's to a relative L2 of
+//! 1e-4 before it times anything; otherwise the weights are random.
 //! Medians land in `target/criterion/unet_sd15_step/{ours,stock}/new/estimates.json`, which
 //! `tools/bench_compare.sh` reads.
 
@@ -61,12 +65,18 @@ fn configs() -> (UNetConfig, stock::UNet2DConditionModelConfig, usize) {
 }
 
 fn bench_unet(c: &mut Criterion) {
+    common::print_machine();
     let (ours_cfg, stock_cfg, side) = configs();
     let dev = Device::Cpu;
-    let sample =
-        Tensor::randn(0f32, 1., (2, 4, side, side), &dev).unwrap_or_else(|e| panic!("sample: {e}"));
-    let context = Tensor::randn(0f32, 1., (2, 77, ours_cfg.cross_attention_dim), &dev)
-        .unwrap_or_else(|e| panic!("context: {e}"));
+    // With SD_BENCH_CHECK_DIR: PyTorch's weights and inputs, and its output to match before timing.
+    let checked = common::checked("unet");
+    let (sample, context) = match &checked {
+        Some(chk) => (chk.input("sample"), chk.input("context")),
+        None => (
+            Tensor::randn(0f32, 1., (2, 4, side, side), &dev).unwrap_or_else(|e| panic!("sample: {e}")),
+            Tensor::randn(0f32, 1., (2, 77, ours_cfg.cross_attention_dim), &dev).unwrap_or_else(|e| panic!("context: {e}")),
+        ),
+    };
 
     let mut group = c.benchmark_group("unet_sd15_step");
     group
@@ -77,8 +87,12 @@ fn bench_unet(c: &mut Criterion) {
 
     // One model at a time: two full-size F32 UNets would hold ~7 GB.
     {
-        let unet = UNet2DConditionModel::new(common::random_vb(DType::F32), &ours_cfg)
-            .unwrap_or_else(|e| panic!("building our UNet: {e}"));
+        let vb = checked.as_ref().map_or_else(|| common::random_vb(DType::F32), |chk| chk.vb.clone());
+        let unet = UNet2DConditionModel::new(vb, &ours_cfg).unwrap_or_else(|e| panic!("building our UNet: {e}"));
+        if let Some(chk) = &checked {
+            let out = unet.forward_simple(&sample, TIMESTEP, &context).unwrap_or_else(|e| panic!("our UNet forward: {e}"));
+            chk.verify("unet_sd15_step/ours", &out);
+        }
         group.bench_function("ours", |b| {
             b.iter(|| {
                 black_box(
@@ -88,7 +102,7 @@ fn bench_unet(c: &mut Criterion) {
             })
         });
     }
-    {
+    if common::with_stock() {
         let unet =
             stock::UNet2DConditionModel::new(common::random_vb(DType::F32), 4, 4, false, stock_cfg)
                 .unwrap_or_else(|e| panic!("building the stock UNet: {e}"));

@@ -1,31 +1,44 @@
 #!/usr/bin/env bash
-# Runs the Candle benches (ours and stock candle-transformers) and the PyTorch/diffusers baseline
-# on the same CPU workloads and prints the ratios. Takes a long time at full size (tens of
-# minutes on 2 cores); SD_BENCH_SMALL=1 runs tiny configs to check the harness.
+# Runs our criterion benches and the PyTorch/diffusers baseline on the same CPU workloads, the same
+# weights and the same inputs, interleaved (torch, ours, torch), checks that our outputs match
+# PyTorch's (relative L2 <= 1e-4; the bench exits non-zero otherwise) and prints the ratios.
+# Takes a long time at full size (about 15 minutes on 2 cores, plus ~7 GB of weights written
+# to target/bench_check); SD_BENCH_SMALL=1 runs tiny configs to check the harness in a minute.
 #
 #   tools/bench_compare.sh                 # full size
 #   SD_BENCH_SMALL=1 tools/bench_compare.sh
 #   PYTHON=/path/to/python TORCH_RUNS=5 tools/bench_compare.sh
+#   SD_CPU_PATH=scalar tools/bench_compare.sh   # our kernels without SIMD (AVX2 is the default)
+#   SD_BENCH_STOCK=1 tools/bench_compare.sh     # also stock candle-transformers
 #
 # Results: target/bench_compare.json (medians in ms and ratios), logs in target/bench_*.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-TORCH_RUNS=${TORCH_RUNS:-5}
+TORCH_RUNS=${TORCH_RUNS:-3}
 SMALL_FLAG=""
 if [[ "${SD_BENCH_SMALL:-0}" != "0" ]]; then SMALL_FLAG="--small"; fi
-mkdir -p target
+CHECK_DIR=target/bench_check
+mkdir -p target "$CHECK_DIR"
+rm -f "$CHECK_DIR"/*/check.json
+FILTER="ours"
+if [[ "${SD_BENCH_STOCK:-0}" != "0" ]]; then FILTER=""; fi
 
-echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-CARGO_TERM_PROGRESS_WHEN=never cargo bench --bench unet --bench vae 2>&1 | tee target/bench_cargo.log
-echo "load after cargo bench: $(cut -d' ' -f1-3 /proc/loadavg)"
-"$PYTHON" tools/bench_torch.py --runs "$TORCH_RUNS" --json target/bench_torch.json $SMALL_FLAG 2>&1 | tee target/bench_torch.log
-echo "load after torch: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-), $(nproc) cores; load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+"$PYTHON" tools/bench_torch.py --runs "$TORCH_RUNS" --json target/bench_torch.json --check-dir "$CHECK_DIR" $SMALL_FLAG 2>&1 | tee target/bench_torch.log
+echo "load after torch (1): $(cut -d' ' -f1-3 /proc/loadavg)"
+CARGO_TERM_PROGRESS_WHEN=never SD_BENCH_CHECK_DIR="$CHECK_DIR" cargo bench --bench unet --bench vae -- $FILTER 2>&1 | tee target/bench_cargo.log
+echo "load after ours: $(cut -d' ' -f1-3 /proc/loadavg)"
+"$PYTHON" tools/bench_torch.py --runs "$TORCH_RUNS" --json target/bench_torch2.json $SMALL_FLAG 2>&1 | tee -a target/bench_torch.log
+echo "load after torch (2): $(cut -d' ' -f1-3 /proc/loadavg)"
 
-"$PYTHON" - <<'PY'
+"$PYTHON" - "$CHECK_DIR" "$FILTER" <<'PY'
 import json
+import sys
 from pathlib import Path
+
+check_dir, only_ours = Path(sys.argv[1]), sys.argv[2] == "ours"
 
 def criterion_ms(group, name):
     path = Path("target/criterion") / group / name / "new" / "estimates.json"
@@ -33,19 +46,30 @@ def criterion_ms(group, name):
         raise SystemExit(f"{path} is missing; did `cargo bench --bench unet --bench vae` run to completion?")
     return json.loads(path.read_text())["median"]["point_estimate"] / 1e6
 
-torch = json.loads(Path("target/bench_torch.json").read_text())
+torch = [json.loads(Path(p).read_text()) for p in ("target/bench_torch.json", "target/bench_torch2.json")]
+log = Path("target/bench_cargo.log").read_text()
+machine = next((l for l in log.splitlines() if l.startswith("machine:")), "machine: ?")
 rows = [
-    ("UNet step (SD1.5, b2, 64x64)", "unet_sd15_step", "unet_ms"),
-    ("VAE decode (SD, 64x64 -> 512^2)", "vae_sd_decode", "vae_ms"),
+    ("UNet step (SD1.5, b2, 64x64)", "unet_sd15_step", "unet_ms", "unet"),
+    ("VAE decode (SD, 64x64 -> 512^2)", "vae_sd_decode", "vae_ms", "vae"),
 ]
-out = {}
+out = {"machine": machine}
 print()
-print(f"{'workload':34} {'ours ms':>10} {'stock ms':>10} {'torch ms':>10} {'ours/torch':>11} {'stock/torch':>12} {'ours/stock':>11}")
-for label, group, key in rows:
-    ours, stock, ref = criterion_ms(group, "ours"), criterion_ms(group, "stock"), torch[key]
-    out[group] = {"ours_ms": ours, "stock_ms": stock, "torch_ms": ref,
-                  "ours_over_torch": ours / ref, "stock_over_torch": stock / ref, "ours_over_stock": ours / stock}
-    print(f"{label:34} {ours:10.1f} {stock:10.1f} {ref:10.1f} {ours / ref:11.2f} {stock / ref:12.2f} {ours / stock:11.2f}")
+print(machine)
+print(f"{'workload':34} {'ours ms':>10} {'torch ms (1, 2)':>18} {'ours/torch':>11} {'rel L2':>9}" + ("" if only_ours else f" {'stock ms':>10} {'stock/torch':>12}"))
+for label, group, key, name in rows:
+    ours = criterion_ms(group, "ours")
+    refs = [t[key] for t in torch]
+    ref = sum(refs) / len(refs)
+    check = json.loads((check_dir / name / "check.json").read_text())
+    row = {"ours_ms": ours, "torch_ms": refs, "ours_over_torch": ours / ref, "rel_l2": check["rel_l2"]}
+    line = f"{label:34} {ours:10.1f} {refs[0]:8.1f}, {refs[1]:7.1f} {ours / ref:11.2f} {check['rel_l2']:9.2e}"
+    if not only_ours:
+        stock = criterion_ms(group, "stock")
+        row.update(stock_ms=stock, stock_over_torch=stock / ref)
+        line += f" {stock:10.1f} {stock / ref:12.2f}"
+    out[group] = row
+    print(line)
 Path("target/bench_compare.json").write_text(json.dumps(out, indent=2))
-print("\nwritten target/bench_compare.json")
+print("\nratios use the mean of the two torch phases; written target/bench_compare.json")
 PY

@@ -6,6 +6,9 @@ Same workloads, random weights, F32, CPU, 2 threads:
   vae:  SD VAE decode of [1, 4, 64, 64] into a 512x512 image
 Prints one line per workload and, with --json, writes {"unet_ms": ..., "vae_ms": ...} (medians).
 --small uses the same tiny configs as SD_BENCH_SMALL=1 on the Rust side.
+--check-dir DIR saves each model as a diffusers folder (DIR/unet, DIR/vae) with io.safetensors
+(its inputs and PyTorch's output) so the Rust benches run on the same weights and inputs and
+check their output against PyTorch's before timing (SD_BENCH_CHECK_DIR=DIR).
 """
 
 import argparse
@@ -15,6 +18,7 @@ import time
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import save_file
 
 
 def timed(fn, warmup, runs):
@@ -48,7 +52,7 @@ def unet_workload(small):
     sample = torch.randn(2, 4, side, side)
     context = torch.randn(2, 77, cross)
     timestep = torch.tensor([500.0])
-    return lambda: unet(sample, timestep, encoder_hidden_states=context).sample
+    return unet, {"sample": sample, "context": context}, lambda: unet(sample, timestep, encoder_hidden_states=context).sample
 
 
 def vae_workload(small):
@@ -67,7 +71,18 @@ def vae_workload(small):
         norm_num_groups=32,
     ).eval()
     latents = torch.randn(1, 4, side, side)
-    return lambda: vae.decode(latents).sample
+    return vae, {"latents": latents}, lambda: vae.decode(latents).sample
+
+
+def save_check(model, inputs, fn, folder):
+    """The model as a diffusers folder plus io.safetensors: its inputs and PyTorch's output."""
+    import os
+
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tensors = {k: v.contiguous() for k, v in inputs.items()}
+    tensors["output"] = fn().contiguous()
+    save_file(tensors, os.path.join(folder, "io.safetensors"))
 
 
 def main():
@@ -78,6 +93,7 @@ def main():
     parser.add_argument("--small", action="store_true", help="tiny configs, to check the harness")
     parser.add_argument("--only", choices=["unet", "vae"], help="run one workload")
     parser.add_argument("--json", help="write the medians (ms) to this file")
+    parser.add_argument("--check-dir", help="save weights, inputs and outputs here for the Rust benches' check")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -87,13 +103,15 @@ def main():
         for name, build in (("unet", unet_workload), ("vae", vae_workload)):
             if args.only and args.only != name:
                 continue
-            fn = build(args.small)
+            model, inputs, fn = build(args.small)
+            if args.check_dir:
+                save_check(model, inputs, fn, f"{args.check_dir}/{name}")
             median, samples = timed(fn, args.warmup, args.runs)
             results[f"{name}_ms"] = median
             print(f"torch {name}: median {median:.1f} ms over {args.runs} runs "
                   f"(min {min(samples):.1f}, max {max(samples):.1f}); torch {torch.__version__}, "
-                  f"{torch.get_num_threads()} threads", flush=True)
-            del fn
+                  f"{torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()} kernels", flush=True)
+            del model, fn
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -4,6 +4,10 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
+pub mod cpu;
+mod winograd;
+mod flash;
+
 /// Upper bound on the elements of one block of attention scores. Above it the queries are processed
 /// in slices, so a 512² SD1.5 step never materialises its 1 GiB score matrix at once.
 const MAX_SCORE_ELEMENTS: usize = 1 << 24;
@@ -37,6 +41,12 @@ pub fn attention_heads(q: &Tensor, k: &Tensor, v: &Tensor, upcast: bool) -> Resu
     let work_dtype = if upcast { DType::F32 } else { in_dtype };
     let prep = |t: &Tensor| -> Result<Tensor> { t.to_dtype(work_dtype)?.contiguous() };
     // Scaling q before the product costs q_len·dim instead of q_len·kv_len multiplies.
+    if q.device().is_cpu() && work_dtype == DType::F32 && kv_len > 0 {
+        let flat = |t: &Tensor, len: usize| -> Result<Tensor> { prep(t)?.reshape((b * heads, len, dim)) };
+        let op = flash::FlashCpu { scale: scale as f32 };
+        let out = flat(q, q_len)?.apply_op3_no_bwd(&flat(k, kv_len)?, &flat(v, kv_len)?, &op)?;
+        return out.reshape((b, heads, q_len, dim))?.to_dtype(in_dtype);
+    }
     let q = (prep(q)? * scale)?;
     let k_t = prep(k)?.transpose(2, 3)?.contiguous()?;
     let v = prep(v)?;
@@ -158,6 +168,7 @@ impl Conv2d {
     /// element by element, which costs more than the GEMM itself (measured 3.5× a bare matmul of the
     /// same size for a 128-channel 3×3 conv at 256²). Here the input stays NCHW, each im2col row is one
     /// (channel, ky, kx) tap filled by slice copies, and the tiles bound the column buffer's size.
+    /// 3×3 stride-1 layers large enough to pay go through Winograd F(2×2, 3×3) instead (`winograd.rs`).
     fn forward_cpu_f32(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c_in, h, w) = x.dims4()?;
         let (c_out, c_in_w, kh, kw) = self.weight.dims4()?;
@@ -167,6 +178,9 @@ impl Conv2d {
             return x.conv2d(&self.weight, p, s, 1, 1);
         }
         let (h_out, w_out) = ((h + 2 * p - kh) / s + 1, (w + 2 * p - kw) / s + 1);
+        if kh == 3 && kw == 3 && s == 1 && winograd::pays(c_in, b * h_out * w_out) {
+            return winograd::conv3x3(x, &self.weight, p);
+        }
         let k = c_in * kh * kw;
         let wm = self.weight.contiguous()?.reshape((c_out, k))?;
         let rows_per_tile = (IM2COL_TILE_ELEMS / (k * w_out)).clamp(1, h_out);
@@ -391,16 +405,7 @@ impl candle_core::CustomOp1 for GroupNormCpu {
                 let scale = (w[ch] as f64 * inv) as f32;
                 let shift = (bias[ch] as f64 - mean * w[ch] as f64 * inv) as f32;
                 let (o, i) = (&mut out[ci * spatial..(ci + 1) * spatial], &inp[ci * spatial..(ci + 1) * spatial]);
-                if self.silu {
-                    for (o, &i) in o.iter_mut().zip(i) {
-                        let y = i * scale + shift;
-                        *o = y / (1.0 + (-y).exp());
-                    }
-                } else {
-                    for (o, &i) in o.iter_mut().zip(i) {
-                        *o = i * scale + shift;
-                    }
-                }
+                cpu::affine_silu(o, i, scale, shift, self.silu);
             }
         });
         Ok((candle_core::CpuStorage::F32(dst), layout.shape().clone()))
@@ -443,32 +448,12 @@ impl candle_core::CustomOp1 for GegluCpu {
         let mut dst = vec![0f32; rows * half];
         dst.par_chunks_mut(half).zip(src.par_chunks(last)).for_each(|(out, row)| {
             let (h, g) = row.split_at(half);
-            for ((o, &h), &g) in out.iter_mut().zip(h).zip(g) {
-                *o = h * 0.5 * g * (1.0 + erf(g * std::f32::consts::FRAC_1_SQRT_2));
-            }
+            cpu::geglu(out, h, g);
         });
         let n = dims.len();
         dims[n - 1] = half;
         Ok((candle_core::CpuStorage::F32(dst), candle_core::Shape::from(dims)))
     }
-}
-
-/// erf through the Numerical Recipes Chebyshev fit of erfc (relative error < 1.2e-7), evaluated in
-/// f64 so the result is within 3e-7 of libm's `erff` while staying branch-light inside the fused loop.
-#[inline(always)]
-fn erf(x: f32) -> f32 {
-    let a = x.abs() as f64;
-    let t = 1.0 / (1.0 + 0.5 * a);
-    let y = 1.0
-        - t * (-a * a - 1.265_512_23
-            + t * (1.000_023_68
-                + t * (0.374_091_96
-                    + t * (0.096_784_18
-                        + t * (-0.186_288_06
-                            + t * (0.278_868_07
-                                + t * (-1.135_203_98 + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
-            .exp();
-    (if x < 0.0 { -y } else { y }) as f32
 }
 
 /// Loads a LayerNorm with `weight`/`bias` from `vb`.
@@ -512,11 +497,7 @@ impl candle_core::CustomOp1 for SiluCpu {
             _ => candle_core::bail!("sd-silu: expects contiguous f32"),
         };
         let mut dst = vec![0f32; src.len()];
-        dst.par_chunks_mut(1 << 14).zip(src.par_chunks(1 << 14)).for_each(|(o, i)| {
-            for (o, &v) in o.iter_mut().zip(i) {
-                *o = v / (1.0 + (-v).exp());
-            }
-        });
+        dst.par_chunks_mut(1 << 14).zip(src.par_chunks(1 << 14)).for_each(|(o, i)| cpu::affine_silu(o, i, 1.0, 0.0, true));
         Ok((candle_core::CpuStorage::F32(dst), layout.shape().clone()))
     }
 }
@@ -605,15 +586,6 @@ mod tests {
         assert!(max_diff(&geglu(&x)?, &e)? < 1e-5);
         assert!(max_diff(&silu(&x)?, &candle_nn::ops::silu(&x)?)? < 1e-5);
         Ok(())
-    }
-
-    #[test]
-    fn erf_is_accurate() {
-        for i in -400..=400 {
-            let x = i as f32 / 80.0;
-            let e = candle_core::cpu::erf::erf_f32(x);
-            assert!((erf(x) - e).abs() < 3e-7, "erf({x}) = {} vs {e}", erf(x));
-        }
     }
 
     #[test]
