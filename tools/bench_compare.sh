@@ -10,6 +10,7 @@
 #   PYTHON=/path/to/python TORCH_RUNS=5 tools/bench_compare.sh
 #   SD_CPU_PATH=scalar tools/bench_compare.sh   # our kernels without SIMD (AVX2 is the default)
 #   SD_BENCH_STOCK=1 tools/bench_compare.sh     # also stock candle-transformers
+#   SD_BENCH_OPENVINO=0 tools/bench_compare.sh  # skip OpenVINO (timed when `import openvino` works)
 #
 # Results: target/bench_compare.json (medians in ms and ratios), logs in target/bench_*.log.
 set -euo pipefail
@@ -24,9 +25,12 @@ mkdir -p target "$CHECK_DIR"
 rm -f "$CHECK_DIR"/*/check.json
 FILTER="ours"
 if [[ "${SD_BENCH_STOCK:-0}" != "0" ]]; then FILTER=""; fi
+# OpenVINO is timed (in the first torch phase, on the same modules) when it is installed.
+OV_FLAG=""
+if [[ "${SD_BENCH_OPENVINO:-1}" != "0" ]] && "$PYTHON" -c "import openvino" 2>/dev/null; then OV_FLAG="--openvino"; fi
 
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-), $(nproc) cores; load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-"$PYTHON" tools/bench_torch.py --runs "$TORCH_RUNS" --json target/bench_torch.json --check-dir "$CHECK_DIR" $SMALL_FLAG 2>&1 | tee target/bench_torch.log
+"$PYTHON" tools/bench_torch.py --runs "$TORCH_RUNS" --json target/bench_torch.json --check-dir "$CHECK_DIR" $OV_FLAG $SMALL_FLAG 2>&1 | tee target/bench_torch.log
 echo "load after torch (1): $(cut -d' ' -f1-3 /proc/loadavg)"
 CARGO_TERM_PROGRESS_WHEN=never SD_BENCH_CHECK_DIR="$CHECK_DIR" cargo bench --bench unet --bench vae -- $FILTER 2>&1 | tee target/bench_cargo.log
 echo "load after ours: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -56,7 +60,10 @@ rows = [
 out = {"machine": machine}
 print()
 print(machine)
-print(f"{'workload':34} {'ours ms':>10} {'torch ms (1, 2)':>18} {'ours/torch':>11} {'rel L2':>9}" + ("" if only_ours else f" {'stock ms':>10} {'stock/torch':>12}"))
+has_ov = "unet_openvino_ms" in torch[0]
+print(f"{'workload':34} {'ours ms':>10} {'torch ms (1, 2)':>18} {'ours/torch':>11} {'rel L2':>9}"
+      + (f" {'openvino ms':>12} {'ours/openvino':>14}" if has_ov else "")
+      + ("" if only_ours else f" {'stock ms':>10} {'stock/torch':>12}"))
 for label, group, key, name in rows:
     ours = criterion_ms(group, "ours")
     refs = [t[key] for t in torch]
@@ -64,6 +71,10 @@ for label, group, key, name in rows:
     check = json.loads((check_dir / name / "check.json").read_text())
     row = {"ours_ms": ours, "torch_ms": refs, "ours_over_torch": ours / ref, "rel_l2": check["rel_l2"]}
     line = f"{label:34} {ours:10.1f} {refs[0]:8.1f}, {refs[1]:7.1f} {ours / ref:11.2f} {check['rel_l2']:9.2e}"
+    if has_ov:
+        ov = torch[0][f"{name}_openvino_ms"]
+        row.update(openvino_ms=ov, ours_over_openvino=ours / ov, openvino_rel_l2=torch[0][f"{name}_openvino_rel_l2"])
+        line += f" {ov:12.1f} {ours / ov:14.2f}"
     if not only_ours:
         stock = criterion_ms(group, "stock")
         row.update(stock_ms=stock, stock_over_torch=stock / ref)

@@ -85,6 +85,36 @@ def save_check(model, inputs, fn, folder):
     save_file(tensors, os.path.join(folder, "io.safetensors"))
 
 
+def openvino_timed(model, inputs, reference, threads, warmup, runs):
+    """The same module converted with OpenVINO (what FastSD CPU and optimum-intel run), compiled
+    for the CPU in F32 with `threads` threads; returns (median ms, samples, rel L2 to PyTorch)."""
+    import openvino as ov
+
+    class Plain(torch.nn.Module):
+        # convert_model traces a forward over plain tensors; diffusers' return objects do not trace.
+        def __init__(self, inner, kind):
+            super().__init__()
+            self.inner, self.kind = inner, kind
+
+        def forward(self, *xs):
+            if self.kind == "unet":
+                return self.inner(xs[0], torch.tensor([500.0]), encoder_hidden_states=xs[1]).sample
+            return self.inner.decode(xs[0]).sample
+
+    kind = "unet" if "context" in inputs else "vae"
+    args = tuple(inputs[k] for k in (("sample", "context") if kind == "unet" else ("latents",)))
+    start = time.perf_counter()
+    converted = ov.convert_model(Plain(model, kind), example_input=args)
+    compiled = ov.Core().compile_model(converted, "CPU", {
+        "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"})
+    print(f"openvino {kind}: converted and compiled in {time.perf_counter() - start:.0f} s", flush=True)
+    arrays = [a.numpy() for a in args]
+    out = torch.from_numpy(compiled(arrays)[0])
+    rel = float((out - reference).norm() / reference.norm())
+    median, samples = timed(lambda: compiled(arrays), warmup, runs)
+    return median, samples, rel
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5, help="timed runs per workload (median reported)")
@@ -94,6 +124,7 @@ def main():
     parser.add_argument("--only", choices=["unet", "vae"], help="run one workload")
     parser.add_argument("--json", help="write the medians (ms) to this file")
     parser.add_argument("--check-dir", help="save weights, inputs and outputs here for the Rust benches' check")
+    parser.add_argument("--openvino", action="store_true", help="also time OpenVINO (pip install openvino) on the same model")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -111,6 +142,12 @@ def main():
             print(f"torch {name}: median {median:.1f} ms over {args.runs} runs "
                   f"(min {min(samples):.1f}, max {max(samples):.1f}); torch {torch.__version__}, "
                   f"{torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()} kernels", flush=True)
+            if args.openvino:
+                ov_median, ov_samples, rel = openvino_timed(model, inputs, fn(), args.threads, args.warmup, args.runs)
+                results[f"{name}_openvino_ms"] = ov_median
+                results[f"{name}_openvino_rel_l2"] = rel
+                print(f"openvino {name}: median {ov_median:.1f} ms over {args.runs} runs "
+                      f"(min {min(ov_samples):.1f}, max {max(ov_samples):.1f}); relative L2 to torch {rel:.2e}", flush=True)
             del model, fn
     if args.json:
         with open(args.json, "w") as f:
