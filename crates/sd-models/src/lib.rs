@@ -22,6 +22,7 @@ pub mod tokenizer;
 pub mod unet;
 pub mod vae;
 pub mod variant;
+pub mod weights;
 
 pub use config::{ClipActivation, ClipConfig, PerBlock, PredictionType, UNetConfig, VaeConfig};
 pub use error::{Error, Result};

@@ -20,6 +20,7 @@ use crate::tokenizer::{ClipTokenizer, PadToken};
 use crate::unet::UNet2DConditionModel;
 use crate::vae::AutoencoderKL;
 use crate::variant::{ModelConfig, ModelFamily, SdVariant};
+use crate::weights::MappedWeights;
 use crate::{Error, Result};
 
 /// Wraps the weight source of one component before its model is built (LoRA merging, weight
@@ -379,7 +380,7 @@ pub fn load_diffusers_folder(dir: &Path, opts: &LoadOptions) -> Result<StableDif
         // SAFETY: read-only mapping; the files must not be truncated while the model is loading.
         let st = unsafe { MmapedSafetensors::multi(&files) }
             .map_err(|e| Error::InvalidSafetensors { path: folder.component_dir(c), reason: e.to_string() })?;
-        let backend = opts.wrap(c, &config, Box::new(st))?;
+        let backend = opts.wrap(c, &config, Box::new(MappedWeights::new(st)))?;
         vb.insert(c, VarBuilder::from_backend(backend, d, opts.device.clone()));
     }
     let on_err = |c: Component, e: candle_core::Error| classify(e, c, &folder.component_dir(c));

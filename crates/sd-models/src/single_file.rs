@@ -3,9 +3,9 @@
 //! A [`SingleFileBackend`] is a `candle_nn` [`SimpleBackend`] for one component: the model asks
 //! for `down_blocks.1.attentions.0.proj_in.weight`, the backend looks up
 //! `model.diffusion_model.input_blocks.4.1.proj_in.weight` through the [`KeyMap`], applies the
-//! layout transform (q/k/v slicing, transposing, 1×1-conv ↔ linear reshape), converts the dtype
-//! and checks the shape. Nothing is converted ahead of time, so loading costs one pass over the
-//! tensors actually used.
+//! layout transform (q/k/v slicing, transposing, 1×1-conv ↔ linear reshape), checks the shape and
+//! converts the dtype straight from the mapping ([`crate::weights`]). Nothing is converted ahead of
+//! time, so loading costs one pass over the tensors actually used.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -183,34 +183,53 @@ impl SingleFileBackend {
         let Some(stored) = names.iter().find(|n| self.file.contains(n)) else {
             return Err(missing(&names[0]));
         };
-        let raw = self.file.st.load(stored, dev)?;
-        let t = match transform {
-            Transform::Identity => raw,
-            Transform::Transpose => {
-                if raw.rank() != 2 {
-                    return Err(self.shape_error(name, expected, raw.dims()));
+        let view = self.file.st.get(stored)?;
+        let stored_dims = view.shape().to_vec();
+        // The served shape is worked out from the header first, so a mismatch fails before any
+        // data is read, and only the rows a q/k/v chunk needs are converted.
+        let mut rows = None;
+        let mut transpose = false;
+        let dims = match transform {
+            Transform::Identity => stored_dims,
+            Transform::Transpose => match stored_dims[..] {
+                [a, b] => {
+                    transpose = true;
+                    vec![b, a]
                 }
-                raw.t()?
-            }
+                _ => return Err(self.shape_error(name, expected, &stored_dims)),
+            },
             Transform::QkvChunk(i) => {
-                let rows = raw.dims().first().copied().unwrap_or(0);
-                if rows == 0 || rows % 3 != 0 {
-                    return Err(self.shape_error(name, expected, raw.dims()));
+                let total = stored_dims.first().copied().unwrap_or(0);
+                if total == 0 || total % 3 != 0 || i > 2 {
+                    return Err(self.shape_error(name, expected, &stored_dims));
                 }
-                raw.narrow(0, i * rows / 3, rows / 3)?
+                let n = total / 3;
+                rows = Some(i * n..(i + 1) * n);
+                let mut d = stored_dims;
+                d[0] = n;
+                d
             }
-            Transform::ConvToLinear => match raw.dims() {
-                [a, b, 1, 1] => raw.reshape((*a, *b))?,
-                _ => raw,
+            Transform::ConvToLinear => match stored_dims[..] {
+                [a, b, 1, 1] => vec![a, b],
+                _ => stored_dims,
             },
         };
-        let t = match expected {
-            Some(s) if t.shape() != s => {
-                reshape_1x1(&t, s).ok_or_else(|| self.shape_error(name, expected, t.dims()))?
+        let served = match expected {
+            Some(s) if dims != s.dims() => {
+                if !same_but_1x1(&dims, s.dims()) {
+                    return Err(self.shape_error(name, expected, &dims));
+                }
+                s.dims().to_vec()
             }
-            _ => t,
+            _ => dims,
         };
-        Ok(t.to_dtype(dtype)?.contiguous()?)
+        let t = match rows {
+            Some(r) => crate::weights::load_view_rows(&view, r, dtype, dev)?,
+            None => crate::weights::load_view(&view, dtype, dev)?,
+        };
+        // Only text projections are transposed, and they are small: one extra copy is fine.
+        let t = if transpose { t.t()?.contiguous()? } else { t };
+        Ok(t.reshape(served)?)
     }
 
     fn shape_error(&self, name: &str, expected: Option<&Shape>, actual: &[usize]) -> Error {
@@ -232,17 +251,12 @@ impl SingleFileBackend {
     }
 }
 
-/// Reshapes between a 1×1 conv kernel `[o, i, 1, 1]` and a linear weight `[o, i]` (LDM files and
-/// diffusers disagree on this for `proj_in/proj_out` and VAE attention); `None` for any other mismatch.
-fn reshape_1x1(t: &Tensor, want: &Shape) -> Option<Tensor> {
-    let ok = match (t.dims(), want.dims()) {
+/// Whether `have` and `want` differ only as a 1×1 conv kernel `[o, i, 1, 1]` and a linear weight
+/// `[o, i]` (LDM files and diffusers disagree on this for `proj_in/proj_out` and VAE attention).
+fn same_but_1x1(have: &[usize], want: &[usize]) -> bool {
+    match (have, want) {
         ([a, b, 1, 1], [c, d]) | ([a, b], [c, d, 1, 1]) => a == c && b == d,
         _ => false,
-    };
-    if ok {
-        t.reshape(want.clone()).ok()
-    } else {
-        None
     }
 }
 

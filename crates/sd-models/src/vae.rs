@@ -697,16 +697,17 @@ impl LdmVaeBackend {
         let stored = self
             .stored(name)
             .ok_or_else(|| msg(format!("{}: the VAE tensor {name} is missing; is this a VAE (or a checkpoint with first_stage_model.* tensors) of this architecture?", self.source)))?;
-        let t = self.st.load(&stored, dev)?;
-        let t = match expected {
+        let view = self.st.get(&stored)?;
+        let have = Shape::from(view.shape());
+        let served = match expected {
             // LDM keeps the mid-block attention projections as 1×1 convolutions; diffusers as linears.
-            Some(s) if t.shape() != s && t.elem_count() == s.elem_count() && t.rank() != s.rank() => t.reshape(s.clone())?,
-            Some(s) if t.shape() != s => {
-                return Err(msg(format!("{}: {stored} has shape {:?}, expected {:?}", self.source, t.dims(), s.dims())))
+            Some(s) if &have != s && have.elem_count() == s.elem_count() && have.rank() != s.rank() => s.clone(),
+            Some(s) if &have != s => {
+                return Err(msg(format!("{}: {stored} has shape {:?}, expected {:?}", self.source, have.dims(), s.dims())))
             }
-            _ => t,
+            _ => have,
         };
-        t.to_dtype(dtype)?.contiguous()
+        crate::weights::load_view(&view, dtype, dev)?.reshape(served)
     }
 }
 
@@ -759,7 +760,7 @@ pub fn load_vae_weights(path: &Path, config: &VaeConfig, dtype: DType, device: &
     // `decoder.conv_in` has the same name in both layouts; the blocks tell them apart.
     let diffusers_names = st.get("decoder.up_blocks.0.resnets.0.conv1.weight").is_ok();
     let backend: Box<dyn SimpleBackend> =
-        if diffusers_names { Box::new(st) } else { Box::new(LdmVaeBackend::new(st, cfg.block_out_channels.len(), source.clone())) };
+        if diffusers_names { Box::new(crate::weights::MappedWeights::new(st)) } else { Box::new(LdmVaeBackend::new(st, cfg.block_out_channels.len(), source.clone())) };
     let vae = AutoencoderKL::new(VarBuilder::from_backend(backend, dtype, device.clone()), &cfg).map_err(|e| Error::InvalidConfig {
         path: path.to_path_buf(),
         reason: format!(
