@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use sd_models::ops;
@@ -11,6 +12,7 @@ use sd_models::unet::blocks::{DownBlock, MidBlock, ResnetSpec};
 use sd_models::unet::embeddings::TimeEmbedding;
 use sd_models::unet::transformer::TransformerSpec;
 use sd_models::unet::AddedCond;
+use sd_models::weights::MappedWeights;
 
 use crate::config::ControlNetConfig;
 use crate::error::{Error, Result};
@@ -128,7 +130,9 @@ impl ControlNetModel {
         let cfg = ControlNetConfig::from_json(&text)?;
         let weights = sd_models::diffusers::find_weight_files(dir, dtype == DType::F16)?;
         // SAFETY: the files are memory-mapped read-only; a concurrent writer would be a user error, as with every safetensors loader.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weights, dtype, device)? };
+        let st = unsafe { MmapedSafetensors::multi(&weights) }
+            .map_err(|e| sd_models::Error::InvalidSafetensors { path: dir.to_path_buf(), reason: e.to_string() })?;
+        let vb = VarBuilder::from_backend(Box::new(MappedWeights::new(st)), dtype, device.clone());
         Self::new(vb, &cfg)
     }
 

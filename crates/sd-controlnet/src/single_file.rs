@@ -114,7 +114,7 @@ pub fn load_single_file(path: &Path, base: &UNetConfig, dtype: DType, device: &D
     let Scan { file, names, cfg } = scan(path, base)?;
     let mut tensors = HashMap::with_capacity(names.len());
     for (stored, name) in names {
-        let t = file.load(&stored, &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?;
+        let t = file.load(&stored, dtype, device)?;
         tensors.insert(name, t);
     }
     let vb = VarBuilder::from_tensors(tensors, dtype, device);

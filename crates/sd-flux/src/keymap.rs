@@ -8,6 +8,7 @@
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
+use sd_models::weights::{load_view, load_view_rows};
 
 /// How one BFL tensor is assembled from diffusers tensors.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,52 +131,51 @@ impl DiffusersFluxBackend {
                 let shapes: Option<Vec<Vec<usize>>> = parts.iter().map(|p| self.stored_shape(p)).collect();
                 let shapes = shapes?;
                 let mut out = shapes.first()?.clone();
-                out[0] = shapes.iter().map(|s| s.first().copied().unwrap_or(0)).sum();
+                // A scalar part (a broken file) has no rows to concatenate: no shape, not a panic.
+                *out.first_mut()? = shapes.iter().map(|s| s.first().copied().unwrap_or(0)).sum();
                 Some(out)
             }
         }
     }
 
-    /// Loads the BFL tensor `name` as `dtype` on `dev`.
+    /// Loads the BFL tensor `name` as `dtype` on `dev`, each stored part converted straight from the
+    /// mapping ([`sd_models::weights`]).
     pub fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let src = bfl_to_diffusers(name)
             .ok_or_else(|| msg(format!("{}: FLUX has no tensor {name}", self.source)))?;
-        let get = |n: &str| {
-            self.st.load(n, dev).map_err(|_| {
+        let view = |n: &str| {
+            self.st.get(n).map_err(|_| {
                 msg(format!("{}: tensor {n} (for {name}) is missing; is this a FLUX transformer folder?", self.source))
             })
         };
-        let t = match src {
-            DiffusersSource::Rename(n) => get(&n)?,
+        match src {
+            DiffusersSource::Rename(n) => load_view(&view(&n)?, dtype, dev),
             DiffusersSource::Concat(parts) => {
-                let ts = parts.iter().map(|p| get(p)).collect::<candle_core::Result<Vec<_>>>()?;
-                Tensor::cat(&ts, 0)?
+                let ts = parts.iter().map(|p| load_view(&view(p)?, dtype, dev)).collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&ts, 0)
             }
             DiffusersSource::SwapHalves(n) => {
-                let t = get(&n)?;
-                let rows = t.dim(0)?;
+                let v = view(&n)?;
+                let rows = v.shape().first().copied().unwrap_or(0);
                 if rows % 2 != 0 {
-                    return Err(msg(format!("{}: {n} has an odd number of rows ({rows})", self.source)));
+                    return Err(msg(format!("{}: {n} has an odd number of rows ({rows}), so it is not FLUX's final adaLN; is this a FLUX transformer folder?", self.source)));
                 }
-                Tensor::cat(&[t.narrow(0, rows / 2, rows / 2)?, t.narrow(0, 0, rows / 2)?], 0)?
+                let half = rows / 2;
+                Tensor::cat(&[load_view_rows(&v, half..rows, dtype, dev)?, load_view_rows(&v, 0..half, dtype, dev)?], 0)
             }
-        };
-        t.to_dtype(dtype)?.contiguous()
+        }
     }
 }
 
 impl SimpleBackend for DiffusersFluxBackend {
     fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let t = self.load(name, dtype, dev)?;
-        if t.shape() != &s {
-            return Err(msg(format!(
-                "{}: {name} has shape {:?} but the model expects {:?}",
-                self.source,
-                t.dims(),
-                s.dims()
-            )));
+        // Checked from the headers first, so a wrong checkpoint fails before any data is converted.
+        if let Some(have) = self.shape_of(name) {
+            if have != s.dims() {
+                return Err(msg(format!("{}: {name} has shape {have:?} but the model expects {:?}", self.source, s.dims())));
+            }
         }
-        Ok(t)
+        self.load(name, dtype, dev)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {

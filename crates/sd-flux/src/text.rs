@@ -16,6 +16,7 @@ use tokenizers::{Tokenizer, TruncationDirection};
 use crate::error::{Error, Result};
 use crate::transformer::mmap;
 use sd_models::single_file::innermost;
+use sd_models::weights::MappedWeights;
 
 /// Where to get the T5 encoder when it is missing.
 const T5_HINT: &str = "FLUX needs the T5-XXL encoder: download text_encoder_2/ (config.json and model*.safetensors, \
@@ -51,7 +52,7 @@ pub fn load_t5(dir: &Path, dtype: DType, device: &Device) -> Result<T5EncoderMod
     })?;
     let st = mmap(&files, dir)?;
     let dtype = if dtype == DType::F16 { DType::BF16 } else { dtype };
-    let vb = VarBuilder::from_backend(Box::new(st), dtype, device.clone());
+    let vb = VarBuilder::from_backend(Box::new(MappedWeights::new(st)), dtype, device.clone());
     T5EncoderModel::load(vb, &cfg).map_err(|e| Error::BadWeights {
         source_desc: dir.display().to_string(),
         reason: format!("T5 encoder: {}", innermost(&e)),
@@ -115,7 +116,7 @@ pub fn load_clip(dir: &Path, dtype: DType, device: &Device) -> Result<ClipTextMo
     let cfg = sd_models::diffusers::read_clip_config(&cfg_path)?;
     let files = sd_models::diffusers::find_weight_files(dir, false)?;
     let st = mmap(&files, dir)?;
-    let vb = VarBuilder::from_backend(Box::new(st), dtype, device.clone());
+    let vb = VarBuilder::from_backend(Box::new(MappedWeights::new(st)), dtype, device.clone());
     ClipTextModel::new(vb, &cfg).map_err(|e| Error::BadWeights {
         source_desc: dir.display().to_string(),
         reason: format!("CLIP text encoder: {}", innermost(&e)),

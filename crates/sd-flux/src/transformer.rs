@@ -17,6 +17,7 @@ use crate::lora::{wrap_backend, FluxLora};
 use crate::model::{FluxModel, Weights};
 use sd_lora::AdapterReport;
 use sd_models::single_file::innermost;
+use sd_models::weights::MappedWeights;
 
 /// A FLUX.1 transformer ([`FluxModel`]) with dense or GGUF-quantized weights.
 ///
@@ -219,12 +220,12 @@ pub fn load_safetensors_file(
                 reason: format!("{} is a full ComfyUI checkpoint (model.diffusion_model.*); LoRAs need the bare transformer file", path.display()),
             });
         }
-        let vb = VarBuilder::from_backend(Box::new(st), dtype, device.clone()).pp("model.diffusion_model");
+        let vb = VarBuilder::from_backend(Box::new(MappedWeights::new(st)), dtype, device.clone()).pp("model.diffusion_model");
         let model = FluxModel::new(&config, out, &Weights::Dense(vb)).map_err(|e| bad_weights(path, e))?;
         tracing::info!("loaded {} transformer from {}", FluxVariant::of(&config), path.display());
         return Ok((FluxTransformer::Dense { model, config, dtype }, Vec::new()));
     }
-    let (backend, reports) = wrap_backend(Box::new(st), &config, loras)?;
+    let (backend, reports) = wrap_backend(Box::new(MappedWeights::new(st)), &config, loras)?;
     let vb = VarBuilder::from_backend(backend, dtype, device.clone());
     let model = FluxModel::new(&config, out, &Weights::Dense(vb)).map_err(|e| bad_weights(path, e))?;
     tracing::info!("loaded {} transformer from {}", FluxVariant::of(&config), path.display());

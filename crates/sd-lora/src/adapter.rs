@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
+use sd_models::weights::load_view;
 use sd_models::ModelFamily;
 
 use crate::error::{Error, Result};
@@ -438,7 +439,7 @@ impl LoraAdapter {
     /// small `up` matrix before the product, so no pass over the full-size update is spent on scaling.
     pub fn scaled_delta(&self, module: &LoraModule, device: &Device, strength: f64) -> Result<Tensor> {
         let scale = module.scale() as f64 * strength;
-        let load = |name: &str| -> Result<Tensor> { Ok(self.st.load(name, device)?.to_dtype(DType::F32)?) };
+        let load = |name: &str| -> Result<Tensor> { Ok(load_view(&self.st.get(name)?, DType::F32, device)?) };
         let flat = |t: Tensor| -> Result<Tensor> {
             let rows = t.dims().first().copied().unwrap_or(1);
             Ok(t.reshape((rows, t.elem_count() / rows.max(1)))?)
@@ -548,7 +549,7 @@ pub fn kron(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 fn scalar(st: &MmapedSafetensors, name: &str) -> candle_core::Result<f32> {
-    let t = st.load(name, &Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?;
+    let t = load_view(&st.get(name)?, DType::F32, &Device::Cpu)?.flatten_all()?;
     if t.elem_count() != 1 {
         candle_core::bail!("expected one value, found shape {:?}", t.dims());
     }

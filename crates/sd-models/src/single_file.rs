@@ -115,12 +115,13 @@ impl SingleFile {
         self.st.get(name).is_ok()
     }
 
-    /// Loads the stored tensor `name` as stored (dtype and layout of the file) onto `dev`.
-    pub fn load(&self, name: &str, dev: &Device) -> Result<Tensor> {
-        if !self.contains(name) {
-            return Err(Error::MissingTensor { name: name.to_string(), source_desc: self.path.display().to_string() });
-        }
-        Ok(self.st.load(name, dev)?)
+    /// Loads the stored tensor `name` as `dtype` onto `dev`, converted straight from the mapping ([`crate::weights::load_view`]).
+    pub fn load(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let view = self
+            .st
+            .get(name)
+            .map_err(|_| Error::MissingTensor { name: name.to_string(), source_desc: self.path.display().to_string() })?;
+        Ok(crate::weights::load_view(&view, dtype, dev)?)
     }
 }
 

@@ -7,7 +7,8 @@
 //! model keeps, in parallel chunks (F16C-vectorised for f16), so the only resident copy of the
 //! weights is the one in the requested dtype: the mapped pages are file-backed and the OS can drop
 //! them. The model loaders of this crate (diffusers folders, single-file checkpoints, separate VAEs)
-//! all read weights through [`load_view`], [`load_view_rows`] or [`MappedWeights`].
+//! all read weights through [`load_view`], [`load_view_rows`] or [`MappedWeights`], and so do sd-flux
+//! (transformer, T5, CLIP), sd-controlnet and sd-lora, so every model family loads the same way.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
