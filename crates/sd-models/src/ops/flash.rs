@@ -94,22 +94,12 @@ impl candle_core::CustomOp3 for FlashCpu {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
-        let slice = |s: &'_ CpuStorage, l: &Layout| -> Result<(*const f32, usize)> {
-            match (s, l.contiguous_offsets()) {
-                (CpuStorage::F32(v), Some((a, b))) => Ok((v[a..b].as_ptr(), b - a)),
-                _ => candle_core::bail!("sd-flash-attention: expects contiguous f32 tensors"),
-            }
-        };
         let (bh, lq, d) = l1.shape().dims3()?;
         let (bk, lk, dk) = l2.shape().dims3()?;
         if l3.shape().dims3()? != (bk, lk, dk) || bk != bh || dk != d {
             candle_core::bail!("sd-flash-attention: q {:?}, k {:?} and v {:?} do not match", l1.dims(), l2.dims(), l3.dims());
         }
-        let get = |s, l| -> Result<&[f32]> {
-            let (p, n) = slice(s, l)?;
-            // SAFETY: `p..p+n` is the contiguous range of a live f32 storage borrowed for this call.
-            Ok(unsafe { std::slice::from_raw_parts(p, n) })
-        };
+        let get = |s, l| super::contiguous_f32(s, l, "sd-flash-attention");
         let out = attention(get(s1, l1)?, get(s2, l2)?, get(s3, l3)?, bh, lq, lk, d, self.scale, block_rows(lk));
         Ok((CpuStorage::F32(out), Shape::from((bh, lq, d))))
     }

@@ -135,6 +135,15 @@ pub fn attention_masked(
     out.transpose(1, 2)?.reshape((b, q_len, inner))?.to_dtype(in_dtype)
 }
 
+/// The f32 values of a contiguous CPU tensor, for the CPU kernels' custom ops; `op` names the
+/// kernel in the error (they are only ever handed tensors they made contiguous themselves).
+fn contiguous_f32<'a>(storage: &'a candle_core::CpuStorage, layout: &candle_core::Layout, op: &str) -> Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("{op}: expects a contiguous f32 tensor"),
+    }
+}
+
 /// A 2-D convolution with optional bias: the single convolution path of every model here.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
@@ -230,10 +239,7 @@ impl candle_core::CustomOp1 for Im2ColTile {
 
     fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use rayon::prelude::*;
-        let src = match (storage, layout.contiguous_offsets()) {
-            (candle_core::CpuStorage::F32(v), Some((a, b))) => &v[a..b],
-            _ => candle_core::bail!("sd-im2col-tile: expects a contiguous f32 image"),
-        };
+        let src = contiguous_f32(storage, layout, "sd-im2col-tile")?;
         let (c_in, h, w) = layout.shape().dims3()?;
         let Self { kh, kw, stride, pad, row0, rows, w_out } = *self;
         let n = rows * w_out;
@@ -383,10 +389,7 @@ impl candle_core::CustomOp1 for GroupNormCpu {
 
     fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use rayon::prelude::*;
-        let src = match (storage, layout.contiguous_offsets()) {
-            (candle_core::CpuStorage::F32(s), Some((a, b))) => &s[a..b],
-            _ => candle_core::bail!("sd-group-norm: expects contiguous f32"),
-        };
+        let src = contiguous_f32(storage, layout, "sd-group-norm")?;
         let dims = layout.dims();
         let c = dims[1];
         let spatial: usize = dims[2..].iter().product();
@@ -437,10 +440,7 @@ impl candle_core::CustomOp1 for GegluCpu {
 
     fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use rayon::prelude::*;
-        let src = match (storage, layout.contiguous_offsets()) {
-            (candle_core::CpuStorage::F32(s), Some((a, b))) => &s[a..b],
-            _ => candle_core::bail!("sd-geglu: expects contiguous f32"),
-        };
+        let src = contiguous_f32(storage, layout, "sd-geglu")?;
         let mut dims = layout.dims().to_vec();
         let last = dims[dims.len() - 1];
         let half = last / 2;
@@ -492,10 +492,7 @@ impl candle_core::CustomOp1 for SiluCpu {
 
     fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use rayon::prelude::*;
-        let src = match (storage, layout.contiguous_offsets()) {
-            (candle_core::CpuStorage::F32(s), Some((a, b))) => &s[a..b],
-            _ => candle_core::bail!("sd-silu: expects contiguous f32"),
-        };
+        let src = contiguous_f32(storage, layout, "sd-silu")?;
         let mut dst = vec![0f32; src.len()];
         dst.par_chunks_mut(1 << 14).zip(src.par_chunks(1 << 14)).for_each(|(o, i)| cpu::affine_silu(o, i, 1.0, 0.0, true));
         Ok((candle_core::CpuStorage::F32(dst), layout.shape().clone()))

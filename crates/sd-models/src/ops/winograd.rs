@@ -68,10 +68,7 @@ impl candle_core::CustomOp2 for WinogradOp {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, weight) = match (s1, l1.contiguous_offsets(), s2, l2.contiguous_offsets()) {
-            (CpuStorage::F32(x), Some((a, b)), CpuStorage::F32(w), Some((c, d))) => (&x[a..b], &w[c..d]),
-            _ => candle_core::bail!("sd-winograd-f23: expects a contiguous f32 input and kernel"),
-        };
+        let (x, weight) = (super::contiguous_f32(s1, l1, "sd-winograd-f23")?, super::contiguous_f32(s2, l2, "sd-winograd-f23")?);
         let (b, c_in, h, w) = l1.shape().dims4()?;
         let (c_out, c_in_w, kh, kw) = l2.shape().dims4()?;
         if c_in_w != c_in || kh != 3 || kw != 3 {
