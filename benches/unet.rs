@@ -87,7 +87,7 @@ fn bench_unet(c: &mut Criterion) {
 
     // One model at a time: two full-size F32 UNets would hold ~7 GB.
     {
-        let vb = checked.as_ref().map_or_else(|| common::random_vb(DType::F32), |chk| chk.vb.clone());
+        let vb = checked.as_ref().map_or_else(|| common::random_vb(DType::F32), |chk| chk.vb(DType::F32, &Device::Cpu));
         let unet = UNet2DConditionModel::new(vb, &ours_cfg).unwrap_or_else(|e| panic!("building our UNet: {e}"));
         if let Some(chk) = &checked {
             let out = unet.forward_simple(&sample, TIMESTEP, &context).unwrap_or_else(|e| panic!("our UNet forward: {e}"));

@@ -56,7 +56,7 @@ fn bench_vae(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(1))
         .measurement_time(Duration::from_secs(5));
     {
-        let vb = checked.as_ref().map_or_else(|| common::random_vb(DType::F32), |chk| chk.vb.clone());
+        let vb = checked.as_ref().map_or_else(|| common::random_vb(DType::F32), |chk| chk.vb(DType::F32, &Device::Cpu));
         let vae = AutoencoderKL::new(vb, &cfg).unwrap_or_else(|e| panic!("building our VAE: {e}"));
         if let Some(chk) = &checked {
             let out = vae.decode(&latents).unwrap_or_else(|e| panic!("our VAE decode: {e}"));

@@ -152,7 +152,11 @@ fn body() -> AnyResult<()> {
         (None, Some(_)) => return Err("--mask needs an input image (-i)".into()),
         (None, None) => Task::TextToImage,
     };
+    let t1 = std::time::Instant::now();
     let out = generate(&models, &p, &task, &mut RunContext::with_progress(&mut bar))?;
+    // GPU work runs asynchronously: wait for it so the time covers the whole generation.
+    models.device.synchronize()?;
+    eprintln!("generate: {:.2} s", t1.elapsed().as_secs_f64());
 
     // A1111-style metadata; "Distilled CFG Scale" is the name Forge gives FLUX's embedded guidance.
     let mut fields = vec![

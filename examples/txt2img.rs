@@ -42,6 +42,7 @@ fn body() -> AnyResult<()> {
     let p = params(&models, &cli.gen)?;
     let mut bar = progress_bar(p.steps);
     let mut extra = Vec::new();
+    let t1 = std::time::Instant::now();
     let out = match cli.hires_scale {
         Some(scale) => {
             let file = std::path::Path::new(&cli.hires_upscaler);
@@ -68,6 +69,9 @@ fn body() -> AnyResult<()> {
         }
         None => generate(&models, &p, &Task::TextToImage, &mut RunContext::with_progress(&mut bar), Default::default())?,
     };
+    // GPU work runs asynchronously: wait for it so the time covers the whole generation.
+    models.device.synchronize()?;
+    eprintln!("generate: {:.2} s", t1.elapsed().as_secs_f64());
     let extra: Vec<(&str, String)> = extra.into_iter().collect();
     for path in save_outputs(&out, &p, &model_name(&cli.model.spec()), &cli.gen.output, &extra)? {
         println!("{} (seed {})", path.display(), out.seed);

@@ -44,5 +44,7 @@ ln -sf libcuda.so "$CU/lib/stubs/libcuda.so.1"
 echo "export CUDA_ROOT=$CU PATH=$CU/bin:\$PATH CUDA_COMPUTE_CAP=\${CUDA_COMPUTE_CAP:-90} CUDARC_CUDA_VERSION=13000 LIBRARY_PATH=$CU/lib:$CU/lib/stubs\${LIBRARY_PATH:+:\$LIBRARY_PATH}"
 if [ -f "$VENV/.cudnn-ok" ]; then
   CUDNN=$(echo "$VENV"/lib/python3*/site-packages/nvidia/cudnn)
+  # unversioned name for the linker (`-lcudnn`); the runtime asks for libcudnn.so.9
+  ln -sf libcudnn.so.9 "$CUDNN/lib/libcudnn.so"
   echo "export CUDNN_LIB=$CUDNN/lib CPATH=$CUDNN/include\${CPATH:+:\$CPATH} LIBRARY_PATH=$CUDNN/lib:\$LIBRARY_PATH"
 fi

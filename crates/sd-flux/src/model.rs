@@ -54,7 +54,7 @@ impl Weights<'_> {
 /// A linear layer with dense or quantized weights.
 #[derive(Debug, Clone)]
 enum Linear {
-    Dense(candle_nn::Linear),
+    Dense(ops::Linear),
     Quantized(quantized_nn::Linear),
 }
 

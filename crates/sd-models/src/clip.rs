@@ -5,10 +5,10 @@
 //! end-of-text position with transformers' exact rule, and the optional `text_projection`.
 
 use candle_core::{bail, DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
 
 use crate::config::{ClipActivation, ClipConfig};
-use crate::ops;
+use crate::ops::{self, Linear};
 
 /// Everything one forward pass of the text encoder produces.
 #[derive(Debug, Clone)]

@@ -11,12 +11,12 @@ use std::path::Path;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::config::VaeConfig;
 use crate::error::{Error, Result};
 use crate::keymap::{vae_to_ldm, LDM_VAE_PREFIX};
-use crate::ops::{self, Conv2d, GroupNorm};
+use crate::ops::{self, Conv2d, GroupNorm, Linear};
 
 /// GroupNorm epsilon used everywhere in the SD VAE.
 const NORM_EPS: f64 = 1e-6;

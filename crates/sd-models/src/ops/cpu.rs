@@ -115,12 +115,11 @@ pub fn affine_silu(dst: &mut [f32], src: &[f32], scale: f32, shift: f32, silu: b
 /// vector and scalar paths agree with libm's `erff` to 3e-7).
 pub fn geglu(out: &mut [f32], h: &[f32], g: &[f32]) {
     let n = out.len().min(h.len()).min(g.len());
-    let mut start = 0;
+    // SAFETY: see `exp_sub_sum`.
     #[cfg(target_arch = "x86_64")]
-    if cpu_path() == CpuPath::Avx2 {
-        // SAFETY: see `exp_sub_sum`.
-        start = unsafe { avx2::geglu(&mut out[..n], &h[..n], &g[..n]) };
-    }
+    let start = if cpu_path() == CpuPath::Avx2 { unsafe { avx2::geglu(&mut out[..n], &h[..n], &g[..n]) } } else { 0 };
+    #[cfg(not(target_arch = "x86_64"))]
+    let start = 0;
     for i in start..n {
         out[i] = h[i] * 0.5 * g[i] * (1.0 + erf(g[i] * std::f32::consts::FRAC_1_SQRT_2));
     }

@@ -5,8 +5,11 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 pub mod cpu;
+mod cuda;
 mod winograd;
 mod flash;
+
+pub use cuda::{cuda_attention, cuda_conv, CudaAttention, CudaConv};
 
 /// Upper bound on the elements of one block of attention scores. Above it the queries are processed
 /// in slices, so a 512² SD1.5 step never materialises its 1 GiB score matrix at once.
@@ -24,7 +27,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool)
         candle_core::bail!("attention: width {inner} is not divisible by {heads} heads");
     }
     let dim = inner / heads;
-    let split = |t: &Tensor, len: usize| -> Result<Tensor> { t.reshape((b, len, heads, dim))?.transpose(1, 2) };
+    let rows = |t: &Tensor, len: usize| t.reshape((b, len, heads, dim));
+    #[cfg(feature = "flash-attn")]
+    if let Some(out) = cuda::flash_attention(&rows(q, q_len)?, &rows(k, kv_len)?, &rows(v, kv_len)?, 1.0 / (dim as f64).sqrt())? {
+        return out.reshape((b, q_len, inner));
+    }
+    let split = |t: &Tensor, len: usize| -> Result<Tensor> { rows(t, len)?.transpose(1, 2) };
     let out = attention_heads(&split(q, q_len)?, &split(k, kv_len)?, &split(v, kv_len)?, upcast)?;
     out.transpose(1, 2)?.reshape((b, q_len, inner))
 }
@@ -37,6 +45,12 @@ pub fn attention_heads(q: &Tensor, k: &Tensor, v: &Tensor, upcast: bool) -> Resu
     let (b, heads, q_len, dim) = q.dims4()?;
     let kv_len = k.dim(2)?;
     let scale = 1.0 / (dim as f64).sqrt();
+    // The fused GPU kernel takes `[batch, len, heads, dim]` views; its F32 accumulation makes
+    // `upcast` unnecessary there.
+    #[cfg(feature = "flash-attn")]
+    if let Some(out) = cuda::flash_attention(&q.transpose(1, 2)?, &k.transpose(1, 2)?, &v.transpose(1, 2)?, scale)? {
+        return out.transpose(1, 2);
+    }
     let in_dtype = q.dtype();
     let work_dtype = if upcast { DType::F32 } else { in_dtype };
     let prep = |t: &Tensor| -> Result<Tensor> { t.to_dtype(work_dtype)?.contiguous() };
@@ -50,21 +64,27 @@ pub fn attention_heads(q: &Tensor, k: &Tensor, v: &Tensor, upcast: bool) -> Resu
     let q = (prep(q)? * scale)?;
     let k_t = prep(k)?.transpose(2, 3)?.contiguous()?;
     let v = prep(v)?;
+    sliced(&q, &k_t, &v, MAX_SCORE_ELEMENTS)?.to_dtype(in_dtype)
+}
 
-    let rows = (MAX_SCORE_ELEMENTS / (b * heads * kv_len).max(1)).max(1);
-    let out = if rows >= q_len {
-        attend(&q, &k_t, &v)?
-    } else {
-        let mut parts = Vec::with_capacity(q_len.div_ceil(rows));
-        let mut start = 0;
-        while start < q_len {
-            let len = rows.min(q_len - start);
-            parts.push(attend(&q.narrow(2, start, len)?, &k_t, &v)?);
-            start += len;
-        }
-        Tensor::cat(&parts, 2)?
-    };
-    out.to_dtype(in_dtype)
+/// The attention of every device and dtype without a fused kernel (GPUs without `flash-attn`,
+/// half precision on the CPU): pre-scaled `q` `[b, h, n, d]`, `k_t` `[b, h, d, m]`, `v` `[b, h, m, d]`,
+/// in slices of query rows whose score block holds at most `max_scores` elements.
+fn sliced(q: &Tensor, k_t: &Tensor, v: &Tensor, max_scores: usize) -> Result<Tensor> {
+    let (b, heads, q_len, _) = q.dims4()?;
+    let kv_len = k_t.dim(3)?;
+    let rows = (max_scores / (b * heads * kv_len).max(1)).max(1);
+    if rows >= q_len {
+        return attend(q, k_t, v);
+    }
+    let mut parts = Vec::with_capacity(q_len.div_ceil(rows));
+    let mut start = 0;
+    while start < q_len {
+        let len = rows.min(q_len - start);
+        parts.push(attend(&q.narrow(2, start, len)?, k_t, v)?);
+        start += len;
+    }
+    Tensor::cat(&parts, 2)
 }
 
 fn attend(q: &Tensor, k_t: &Tensor, v: &Tensor) -> Result<Tensor> {
@@ -216,6 +236,18 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    /// Every other device and dtype: cuDNN with an algorithm measured once per shape where built
+    /// with the `cudnn` feature (`ops/cuda.rs`), else candle's conv (im2col + GEMM on CUDA/Metal).
+    fn forward_backend(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cudnn")]
+        if let Some(y) = cuda::cudnn_conv2d(x, &self.weight, self.stride, self.padding)? {
+            return Ok(y);
+        }
+        x.conv2d(&self.weight, self.padding, self.stride, 1, 1)
+    }
+}
+
 /// Floats in one im2col tile (16 MiB): large enough for an efficient GEMM, small enough to stay
 /// out of the allocator's page-fault path on 512² VAE layers (a whole im2col there is over 1 GiB).
 const IM2COL_TILE_ELEMS: usize = 1 << 22;
@@ -286,7 +318,7 @@ impl Module for Conv2d {
         } else if x.device().is_cpu() && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 {
             self.forward_cpu_f32(x)?
         } else {
-            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+            self.forward_backend(x)?
         };
         match &self.bias {
             Some(bias) => y.broadcast_add(&bias.reshape((1, c_out, 1, 1))?),
@@ -461,13 +493,13 @@ pub fn layer_norm(vb: VarBuilder, dim: usize, eps: f64) -> Result<candle_nn::Lay
     candle_nn::layer_norm(dim, eps, vb)
 }
 
+mod linear;
+pub use linear::Linear;
+
 /// Loads a Linear layer (`weight` `[out, in]`, optional `bias`) from `vb`.
-pub fn linear(vb: VarBuilder, d_in: usize, d_out: usize, bias: bool) -> Result<candle_nn::Linear> {
-    if bias {
-        candle_nn::linear(d_in, d_out, vb)
-    } else {
-        candle_nn::linear_no_bias(d_in, d_out, vb)
-    }
+pub fn linear(vb: VarBuilder, d_in: usize, d_out: usize, bias: bool) -> Result<Linear> {
+    let layer = if bias { candle_nn::linear(d_in, d_out, vb)? } else { candle_nn::linear_no_bias(d_in, d_out, vb)? };
+    Ok(Linear::from(layer))
 }
 
 /// Exact (erf) GELU, as PyTorch's default `F.gelu` and diffusers use.
@@ -533,6 +565,49 @@ mod tests {
         let e = naive(&q, &k, &v, heads)?;
         let diff = (a - e)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
+
+    /// The path GPUs without flash attention take, on both sides of its slicing threshold: one block,
+    /// exact slices, a partial last slice, one row per slice.
+    #[test]
+    fn query_slices_match_one_block() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, heads, n, m, d) = (2, 3, 13, 11, 5);
+        let q = Tensor::randn(0f32, 1., (b, heads, n, d), &dev)?;
+        let k_t = Tensor::randn(0f32, 1., (b, heads, d, m), &dev)?;
+        let v = Tensor::randn(0f32, 1., (b, heads, m, d), &dev)?;
+        let whole = attend(&q, &k_t, &v)?;
+        let per_row = b * heads * m;
+        for rows in [n + 1, n, n - 1, 4, 1, 0] {
+            let got = sliced(&q, &k_t, &v, rows * per_row)?;
+            let diff = (&got - &whole)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-6, "{rows} rows per slice: {diff}");
+        }
+        Ok(())
+    }
+
+    /// Half-precision inputs take the sliced path on the CPU too (the GPU's path without flash
+    /// attention), with and without `upcast`, from the head-major views FLUX passes.
+    #[test]
+    fn half_precision_attention_matches_f32() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, heads, n, m, d) = (1, 2, 9, 7, 8);
+        let q = Tensor::randn(0f32, 1., (b, n, heads, d), &dev)?;
+        let k = Tensor::randn(0f32, 1., (b, m, heads, d), &dev)?;
+        let v = Tensor::randn(0f32, 1., (b, m, heads, d), &dev)?;
+        let heads_view = |t: &Tensor, dt: DType| -> Result<Tensor> { t.to_dtype(dt)?.transpose(1, 2) };
+        for dt in [DType::F16, DType::BF16] {
+            // The reference sees the same rounded inputs.
+            let r = |t: &Tensor| -> Result<Tensor> { heads_view(t, dt)?.to_dtype(DType::F32) };
+            let want = attention_heads(&r(&q)?, &r(&k)?, &r(&v)?, false)?;
+            for upcast in [false, true] {
+                let got = attention_heads(&heads_view(&q, dt)?, &heads_view(&k, dt)?, &heads_view(&v, dt)?, upcast)?;
+                assert_eq!(got.dtype(), dt);
+                let diff = (got.to_dtype(DType::F32)? - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(diff < 3e-2, "{dt:?} upcast={upcast}: {diff}");
+            }
+        }
         Ok(())
     }
 

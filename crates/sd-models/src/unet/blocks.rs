@@ -2,10 +2,10 @@
 //! that combine them with transformers.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::transformer::{Transformer2D, TransformerSpec};
-use crate::ops;
+use crate::ops::{self, Linear};
 
 /// diffusers' `ResnetBlock2D` (default time-embedding norm, output scale 1).
 #[derive(Debug, Clone)]

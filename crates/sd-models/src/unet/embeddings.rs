@@ -62,8 +62,8 @@ pub struct AddEmbeddingDims {
 struct AddEmbedding {
     time_proj: SinusoidalEmbedding,
     dims: AddEmbeddingDims,
-    linear_1: candle_nn::Linear,
-    linear_2: candle_nn::Linear,
+    linear_1: crate::ops::Linear,
+    linear_2: crate::ops::Linear,
 }
 
 /// A UNet's timestep embedding (`time_proj` → `time_embedding.linear_1/2`) plus SDXL's
@@ -71,8 +71,8 @@ struct AddEmbedding {
 #[derive(Debug, Clone)]
 pub struct TimeEmbedding {
     time_proj: SinusoidalEmbedding,
-    linear_1: candle_nn::Linear,
-    linear_2: candle_nn::Linear,
+    linear_1: crate::ops::Linear,
+    linear_2: crate::ops::Linear,
     add: Option<AddEmbedding>,
     dtype: DType,
 }

@@ -6,9 +6,9 @@
 //! rows; the layout changes exactly twice per transformer (in and out), never per block.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 
-use crate::ops;
+use crate::ops::{self, Linear};
 
 /// diffusers' `Attention` without masks: bias-free q/k/v projections, output projection with bias.
 #[derive(Debug, Clone)]
