@@ -27,12 +27,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool)
         candle_core::bail!("attention: width {inner} is not divisible by {heads} heads");
     }
     let dim = inner / heads;
-    let rows = |t: &Tensor, len: usize| t.reshape((b, len, heads, dim));
-    #[cfg(feature = "flash-attn")]
-    if let Some(out) = cuda::flash_attention(&rows(q, q_len)?, &rows(k, kv_len)?, &rows(v, kv_len)?, 1.0 / (dim as f64).sqrt())? {
-        return out.reshape((b, q_len, inner));
-    }
-    let split = |t: &Tensor, len: usize| -> Result<Tensor> { rows(t, len)?.transpose(1, 2) };
+    // Views only: the fused GPU kernel in `attention_heads` transposes them back without a copy.
+    let split = |t: &Tensor, len: usize| -> Result<Tensor> { t.reshape((b, len, heads, dim))?.transpose(1, 2) };
     let out = attention_heads(&split(q, q_len)?, &split(k, kv_len)?, &split(v, kv_len)?, upcast)?;
     out.transpose(1, 2)?.reshape((b, q_len, inner))
 }
@@ -191,6 +187,16 @@ impl Conv2d {
         &self.weight
     }
 
+    /// Every other device and dtype: cuDNN with an algorithm measured once per shape where built
+    /// with the `cudnn` feature (`ops/cuda.rs`), else candle's conv (im2col + GEMM on CUDA/Metal).
+    fn forward_backend(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cudnn")]
+        if let Some(y) = cuda::cudnn_conv2d(x, &self.weight, self.stride, self.padding)? {
+            return Ok(y);
+        }
+        x.conv2d(&self.weight, self.padding, self.stride, 1, 1)
+    }
+
     /// im2col in tiles of output rows, each tile one GEMM `[out, in·kh·kw] × [in·kh·kw, rows·w_out]`.
     ///
     /// candle's CPU conv2d first transposes the whole input to NHWC on one thread and gathers im2col
@@ -233,18 +239,6 @@ impl Conv2d {
         } else {
             Tensor::stack(&images, 0)
         }
-    }
-}
-
-impl Conv2d {
-    /// Every other device and dtype: cuDNN with an algorithm measured once per shape where built
-    /// with the `cudnn` feature (`ops/cuda.rs`), else candle's conv (im2col + GEMM on CUDA/Metal).
-    fn forward_backend(&self, x: &Tensor) -> Result<Tensor> {
-        #[cfg(feature = "cudnn")]
-        if let Some(y) = cuda::cudnn_conv2d(x, &self.weight, self.stride, self.padding)? {
-            return Ok(y);
-        }
-        x.conv2d(&self.weight, self.padding, self.stride, 1, 1)
     }
 }
 
