@@ -24,6 +24,10 @@ pub enum ModelFamily {
     Sdxl,
     /// FLUX.1 (dev/schnell): T5-XXL + CLIP-L, 16 latent channels, run by sd-flux.
     Flux,
+    /// Stable Diffusion 3 / 3.5: MMDiT, CLIP-L + OpenCLIP-bigG + T5-XXL, 16 latent channels, run by sd-sd3.
+    Sd3,
+    /// Z-Image (Turbo and base): single-stream DiT, Qwen3 text encoder, FLUX.1's VAE, run by sd-zimage.
+    ZImage,
 }
 
 /// How a family reads its prompt.

@@ -30,6 +30,28 @@ const FLUX_FACTORS: [[f32; 3]; 16] = [
 ];
 const FLUX_BIAS: [f32; 3] = [-0.0329, -0.0718, -0.0851];
 
+/// SD 3.x latent (scaled and shifted) → RGB and bias: ComfyUI's `comfy/latent_formats.py` (class `SD3`),
+/// fitted to SD3 VAE decodes.
+const SD3_FACTORS: [[f32; 3]; 16] = [
+    [-0.0922, -0.0175, 0.0749],
+    [0.0311, 0.0633, 0.0954],
+    [0.1994, 0.0927, 0.0458],
+    [0.0856, 0.0339, 0.0902],
+    [0.0587, 0.0272, -0.0496],
+    [-0.0006, 0.1104, 0.0309],
+    [0.0978, 0.0306, 0.0427],
+    [-0.0042, 0.1038, 0.1358],
+    [-0.0194, 0.0020, 0.0669],
+    [-0.0488, 0.0130, -0.0268],
+    [0.0922, 0.0988, 0.0951],
+    [-0.0278, 0.0524, -0.0542],
+    [0.0332, 0.0456, 0.0895],
+    [-0.0069, -0.0030, -0.0810],
+    [-0.0596, -0.0465, -0.0293],
+    [-0.1448, -0.1463, -0.1189],
+];
+const SD3_BIAS: [f32; 3] = [0.2394, 0.2135, 0.1925];
+
 /// SD 1.x / 2.x and SDXL factors, as ComfyUI and A1111 use them for their "latent2rgb" previews.
 const SD_FACTORS: [[f32; 3]; 4] =
     [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]];
@@ -41,7 +63,9 @@ fn factors(family: ModelFamily) -> (&'static [[f32; 3]], [f32; 3]) {
     match family {
         ModelFamily::Sd1 | ModelFamily::Sd2 => (&SD_FACTORS, [0.0, 0.0, 0.0]),
         ModelFamily::Sdxl => (&SDXL_FACTORS, [0.1084, -0.0175, -0.0011]),
-        ModelFamily::Flux => (&FLUX_FACTORS, FLUX_BIAS),
+        // Z-Image decodes with FLUX.1's autoencoder, so its latents read the same.
+        ModelFamily::Flux | ModelFamily::ZImage => (&FLUX_FACTORS, FLUX_BIAS),
+        ModelFamily::Sd3 => (&SD3_FACTORS, SD3_BIAS),
     }
 }
 

@@ -15,6 +15,12 @@ pub enum Error {
     /// From loading or running a FLUX model.
     #[error(transparent)]
     Flux(#[from] sd_flux::Error),
+    /// From loading or running an SD 3.x model.
+    #[error(transparent)]
+    Sd3(#[from] sd_sd3::Error),
+    /// From loading or running a Z-Image model.
+    #[error(transparent)]
+    ZImage(#[from] sd_zimage::Error),
     /// A LoRA could not be read or applied; `field` is `loras[i]`, or `loras` when the failing one
     /// cannot be told.
     #[error("{message}")]
@@ -50,8 +56,25 @@ impl Error {
     /// The shared-runtime error inside, if any (cancellation, an invalid request …).
     pub fn core(&self) -> Option<&sd_core::Error> {
         match self {
-            Error::Core(e) | Error::StableDiffusion(sd_pipelines::Error::Core(e)) | Error::Flux(sd_flux::Error::Core(e)) => Some(e),
+            Error::Core(e)
+            | Error::StableDiffusion(sd_pipelines::Error::Core(e))
+            | Error::Flux(sd_flux::Error::Core(e))
+            | Error::Sd3(sd_sd3::Error::Core(e))
+            | Error::ZImage(sd_zimage::Error::Core(e)) => Some(e),
             _ => None,
+        }
+    }
+
+    /// The shared-runtime error inside, taken out (for callers that map it to their own answers without
+    /// knowing the families), or the error itself when it is not one.
+    pub fn into_core(self) -> std::result::Result<sd_core::Error, Self> {
+        match self {
+            Error::Core(e)
+            | Error::StableDiffusion(sd_pipelines::Error::Core(e))
+            | Error::Flux(sd_flux::Error::Core(e))
+            | Error::Sd3(sd_sd3::Error::Core(e))
+            | Error::ZImage(sd_zimage::Error::Core(e)) => Ok(e),
+            other => Err(other),
         }
     }
 

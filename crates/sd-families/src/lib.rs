@@ -1,8 +1,8 @@
 #![warn(missing_docs)]
 //! One entry to every model family of the workspace.
 //!
-//! The family crates (`sd-pipelines` for Stable Diffusion 1.x/2.x/XL, `sd-flux` for FLUX.1) never
-//! depend on each other; this crate is the one place that knows them all. It detects a model's
+//! The family crates (`sd-pipelines` for Stable Diffusion 1.x/2.x/XL, `sd-flux` for FLUX.1, `sd-sd3` for
+//! SD 3.x, `sd-zimage` for Z-Image) never depend on each other; this crate is the one place that knows them all. It detects a model's
 //! family from its files ([`detect`]), loads it ([`LoadedModel::load`]), says what it can do
 //! ([`LoadedModel::capabilities`], sd-core's rule set), keeps the LoRAs merged into it and the
 //! ControlNets attached to it between runs, and runs an sd-core [`Request`] + [`Task`] through the
@@ -28,7 +28,9 @@
 
 mod error;
 mod flux;
+mod sd3;
 mod stable_diffusion;
+mod zimage;
 
 use std::path::{Path, PathBuf};
 
@@ -38,6 +40,8 @@ use sd_core::run::{RunContext, Task};
 
 pub use error::{Error, Result};
 pub use flux::FluxModel;
+pub use sd3::Sd3Model;
+pub use zimage::ZImageModel;
 pub use sd_core::family::{Capabilities, ModelFamily};
 pub use sd_core::run::Request;
 pub use sd_models::SdVariant;
@@ -49,30 +53,40 @@ pub use stable_diffusion::StableDiffusionModel;
 pub enum Family {
     /// Stable Diffusion 1.x / 2.x / XL and their inpainting and turbo variants (`sd-pipelines`).
     StableDiffusion,
-    /// FLUX.1 dev / schnell (`sd-flux`).
+    /// FLUX.1 dev / schnell, Kontext and Fill (`sd-flux`).
     Flux,
+    /// Stable Diffusion 3 / 3.5 (`sd-sd3`).
+    Sd3,
+    /// Z-Image Turbo and base (`sd-zimage`).
+    ZImage,
 }
 
 impl Family {
     /// Every family.
-    pub const ALL: [Family; 2] = [Family::Flux, Family::StableDiffusion];
+    pub const ALL: [Family; 4] = [Family::Flux, Family::Sd3, Family::ZImage, Family::StableDiffusion];
 
-    /// A short lower-case name (`stable-diffusion`, `flux`).
+    /// A short lower-case name (`stable-diffusion`, `flux`, `sd3`, `z-image`).
     pub fn name(self) -> &'static str {
         match self {
             Family::StableDiffusion => "stable-diffusion",
             Family::Flux => "flux",
+            Family::Sd3 => "sd3",
+            Family::ZImage => "z-image",
         }
     }
 }
 
-/// The family of the model at `path` (a diffusers folder, a single checkpoint file or a FLUX
-/// transformer file), read from its files: FLUX when a `model_index.json` / `config.json` names a
-/// FLUX class or the tensors are a FLUX transformer's, else Stable Diffusion (whose loader then says
-/// what is wrong with a path that is neither).
+/// The family of the model at `path` (a diffusers folder, a single checkpoint file or a transformer
+/// file), read from its files: FLUX, SD 3.x or Z-Image when a `model_index.json` / `config.json` names one of their
+/// classes or the tensors are their transformer's, else Stable Diffusion (whose loader then says what is
+/// wrong with a path that is none of them).
 pub fn detect(path: &Path) -> Family {
     if sd_flux::detect::is_flux(path) {
         Family::Flux
+    } else if sd_sd3::detect::is_sd3(path) {
+        Family::Sd3
+    } else if sd_zimage::detect::is_zimage(path) {
+        Family::ZImage
     } else {
         Family::StableDiffusion
     }
@@ -228,6 +242,10 @@ pub enum LoadedModel {
     StableDiffusion(Box<StableDiffusionModel>),
     /// FLUX.1.
     Flux(Box<FluxModel>),
+    /// Stable Diffusion 3 / 3.5.
+    Sd3(Box<Sd3Model>),
+    /// Z-Image.
+    ZImage(Box<ZImageModel>),
 }
 
 impl LoadedModel {
@@ -237,6 +255,8 @@ impl LoadedModel {
         Ok(match detect(path) {
             Family::StableDiffusion => Self::StableDiffusion(Box::new(StableDiffusionModel::load(path, spec)?)),
             Family::Flux => Self::Flux(Box::new(FluxModel::load(path, spec)?)),
+            Family::Sd3 => Self::Sd3(Box::new(Sd3Model::load(path, spec)?)),
+            Family::ZImage => Self::ZImage(Box::new(ZImageModel::load(path, spec)?)),
         })
     }
 
@@ -245,6 +265,8 @@ impl LoadedModel {
         match self {
             Self::StableDiffusion(_) => Family::StableDiffusion,
             Self::Flux(_) => Family::Flux,
+            Self::Sd3(_) => Family::Sd3,
+            Self::ZImage(_) => Family::ZImage,
         }
     }
 
@@ -254,6 +276,8 @@ impl LoadedModel {
         match self {
             Self::StableDiffusion(m) => &m.caps,
             Self::Flux(m) => &m.caps,
+            Self::Sd3(m) => &m.caps,
+            Self::ZImage(m) => &m.caps,
         }
     }
 
@@ -262,6 +286,8 @@ impl LoadedModel {
         match self {
             Self::StableDiffusion(m) => m.models.dtype,
             Self::Flux(m) => m.models.dtype,
+            Self::Sd3(m) => m.models.dtype,
+            Self::ZImage(m) => m.models.dtype,
         }
     }
 
@@ -270,6 +296,8 @@ impl LoadedModel {
         match self {
             Self::StableDiffusion(m) => &m.models.device,
             Self::Flux(m) => &m.models.device,
+            Self::Sd3(m) => &m.models.device,
+            Self::ZImage(m) => &m.models.device,
         }
     }
 
@@ -277,7 +305,7 @@ impl LoadedModel {
     pub fn unet_config(&self) -> Option<&sd_models::UNetConfig> {
         match self {
             Self::StableDiffusion(m) => Some(m.models.unet.config()),
-            Self::Flux(_) => None,
+            Self::Flux(_) | Self::Sd3(_) | Self::ZImage(_) => None,
         }
     }
 
@@ -286,6 +314,8 @@ impl LoadedModel {
         match self {
             Self::StableDiffusion(m) => (m.models.embeddings.iter().map(info).collect(), &m.skipped_embeddings),
             Self::Flux(m) => (Vec::new(), &m.skipped_embeddings),
+            Self::Sd3(m) => (Vec::new(), &m.skipped_embeddings),
+            Self::ZImage(m) => (Vec::new(), &m.skipped_embeddings),
         }
     }
 
@@ -296,6 +326,10 @@ impl LoadedModel {
             (Self::StableDiffusion(m), path) => m.set_vae(path),
             (Self::Flux(_), None) => Ok(()),
             (Self::Flux(_), Some(_)) => Err(Error::Unsupported { field: "vae", reason: "FLUX.1 models here decode with the VAE they loaded with".into() }),
+            (Self::Sd3(_) | Self::ZImage(_), None) => Ok(()),
+            (Self::Sd3(_) | Self::ZImage(_), Some(_)) => {
+                Err(Error::Unsupported { field: "vae", reason: "SD 3.x and Z-Image models here decode with the VAE they loaded with".into() })
+            }
         }
     }
 
@@ -305,6 +339,8 @@ impl LoadedModel {
         match self {
             Self::StableDiffusion(m) => m.load_embeddings(dirs),
             Self::Flux(m) => m.load_embeddings(dirs),
+            Self::Sd3(m) => m.load_embeddings(dirs),
+            Self::ZImage(m) => m.load_embeddings(dirs),
         }
     }
 
@@ -316,7 +352,7 @@ impl LoadedModel {
                 .into_iter()
                 .filter_map(|i| m.models.embeddings.get(i).map(info))
                 .collect(),
-            Self::Flux(_) => Vec::new(),
+            Self::Flux(_) | Self::Sd3(_) | Self::ZImage(_) => Vec::new(),
         }
     }
 
@@ -326,6 +362,8 @@ impl LoadedModel {
         match self {
             Self::StableDiffusion(m) => m.set_loras(loras),
             Self::Flux(m) => m.set_loras(loras),
+            Self::Sd3(m) => m.set_loras(loras),
+            Self::ZImage(m) => m.set_loras(loras),
         }
     }
 
@@ -335,6 +373,8 @@ impl LoadedModel {
         match self {
             Self::StableDiffusion(m) => m.generate(request, task, run, extras),
             Self::Flux(m) => m.generate(request, task, run, extras),
+            Self::Sd3(m) => m.generate(request, task, run, extras),
+            Self::ZImage(m) => m.generate(request, task, run, extras),
         }
     }
 
@@ -344,6 +384,8 @@ impl LoadedModel {
         match self {
             Self::StableDiffusion(m) => Ok(sd_pipelines::pipeline::decode_latents(&m.models, latents, request)?),
             Self::Flux(m) => Ok(sd_flux::pipeline::decode_latents(&m.models, latents)?),
+            Self::Sd3(m) => Ok(sd_sd3::pipeline::decode_latents(&m.models, latents, request)?),
+            Self::ZImage(m) => Ok(sd_zimage::pipeline::decode_latents(&m.models, latents)?),
         }
     }
 
@@ -354,6 +396,8 @@ impl LoadedModel {
         match self {
             Self::StableDiffusion(_) => stable_diffusion::infotext(request, prompt, model_name, extras, extra),
             Self::Flux(m) => m.infotext(request, prompt, model_name, extra),
+            Self::Sd3(m) => m.infotext(request, prompt, model_name, extra),
+            Self::ZImage(m) => m.infotext(request, prompt, model_name, extra),
         }
     }
 }

@@ -1,26 +1,16 @@
 //! Weight names: serving the Black Forest Labs names candle's FLUX model asks for out of files
 //! stored with diffusers names (the `transformer/` folder) or LDM names (`ae.safetensors`).
 //!
-//! Both are `candle_nn` [`SimpleBackend`]s, so nothing is converted ahead of time: each tensor is
+//! Both are `candle_nn` `SimpleBackend`s ([`RenamedWeights`]), so nothing is converted ahead of time: each tensor is
 //! renamed, fused (q/k/v → `qkv`, single blocks' q/k/v/MLP-in → `linear1`) or reordered
 //! (`norm_out.linear` halves) when the model asks for it.
 
 use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
-use sd_models::weights::{load_view, load_view_rows};
+use sd_models::weights::RenamedWeights;
 
-/// How one BFL tensor is assembled from diffusers tensors.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DiffusersSource {
-    /// The same tensor under another name.
-    Rename(String),
-    /// Several tensors concatenated along dim 0 (fused q/k/v projections, single blocks' `linear1`).
-    Concat(Vec<String>),
-    /// One tensor with its two halves along dim 0 swapped: BFL's final adaLN emits (shift, scale),
-    /// diffusers' `AdaLayerNormContinuous` (scale, shift).
-    SwapHalves(String),
-}
+/// How one BFL tensor is assembled from diffusers tensors (fused q/k/v and single blocks' `linear1` are
+/// concatenations; BFL's final adaLN emits (shift, scale), diffusers' `AdaLayerNormContinuous` (scale, shift)).
+pub use sd_models::weights::Source as DiffusersSource;
 
 /// Where the BFL tensor `name` (e.g. `double_blocks.3.img_attn.qkv.weight`) lives in a diffusers
 /// `FluxTransformer2DModel` state dict; `None` for names FLUX does not have.
@@ -98,93 +88,9 @@ pub fn bfl_to_diffusers(name: &str) -> Option<DiffusersSource> {
     Some(Rename(format!("{prefix}{one}.{dparam}")))
 }
 
-fn msg(e: impl std::fmt::Display) -> candle_core::Error {
-    candle_core::Error::Msg(e.to_string())
-}
-
 /// Serves BFL names from a diffusers `transformer/` state dict (one file or all shards).
-pub struct DiffusersFluxBackend {
-    st: MmapedSafetensors,
-    source: String,
-}
-
-impl DiffusersFluxBackend {
-    /// Wraps the mapped `transformer/` weights; `source` describes them in errors.
-    pub fn new(st: MmapedSafetensors, source: impl Into<String>) -> Self {
-        Self { st, source: source.into() }
-    }
-
-    /// Every stored (diffusers) tensor name.
-    pub fn stored_names(&self) -> Vec<String> {
-        self.st.tensors().into_iter().map(|(n, _)| n).collect()
-    }
-
-    fn stored_shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.st.get(name).ok().map(|v| v.shape().to_vec())
-    }
-
-    /// The shape the BFL tensor `name` will have, if all its parts are stored.
-    pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
-        match bfl_to_diffusers(name)? {
-            DiffusersSource::Rename(n) | DiffusersSource::SwapHalves(n) => self.stored_shape(&n),
-            DiffusersSource::Concat(parts) => {
-                let shapes: Option<Vec<Vec<usize>>> = parts.iter().map(|p| self.stored_shape(p)).collect();
-                let shapes = shapes?;
-                let mut out = shapes.first()?.clone();
-                // A scalar part (a broken file) has no rows to concatenate: no shape, not a panic.
-                *out.first_mut()? = shapes.iter().map(|s| s.first().copied().unwrap_or(0)).sum();
-                Some(out)
-            }
-        }
-    }
-
-    /// Loads the BFL tensor `name` as `dtype` on `dev`, each stored part converted straight from the
-    /// mapping ([`sd_models::weights`]).
-    pub fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let src = bfl_to_diffusers(name)
-            .ok_or_else(|| msg(format!("{}: FLUX has no tensor {name}", self.source)))?;
-        let view = |n: &str| {
-            self.st.get(n).map_err(|_| {
-                msg(format!("{}: tensor {n} (for {name}) is missing; is this a FLUX transformer folder?", self.source))
-            })
-        };
-        match src {
-            DiffusersSource::Rename(n) => load_view(&view(&n)?, dtype, dev),
-            DiffusersSource::Concat(parts) => {
-                let ts = parts.iter().map(|p| load_view(&view(p)?, dtype, dev)).collect::<candle_core::Result<Vec<_>>>()?;
-                Tensor::cat(&ts, 0)
-            }
-            DiffusersSource::SwapHalves(n) => {
-                let v = view(&n)?;
-                let rows = v.shape().first().copied().unwrap_or(0);
-                if rows % 2 != 0 {
-                    return Err(msg(format!("{}: {n} has an odd number of rows ({rows}), so it is not FLUX's final adaLN; is this a FLUX transformer folder?", self.source)));
-                }
-                let half = rows / 2;
-                Tensor::cat(&[load_view_rows(&v, half..rows, dtype, dev)?, load_view_rows(&v, 0..half, dtype, dev)?], 0)
-            }
-        }
-    }
-}
-
-impl SimpleBackend for DiffusersFluxBackend {
-    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        // Checked from the headers first, so a wrong checkpoint fails before any data is converted.
-        if let Some(have) = self.shape_of(name) {
-            if have != s.dims() {
-                return Err(msg(format!("{}: {name} has shape {have:?} but the model expects {:?}", self.source, s.dims())));
-            }
-        }
-        self.load(name, dtype, dev)
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.load(name, dtype, dev)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.shape_of(name).is_some()
-    }
+pub fn diffusers_backend(st: MmapedSafetensors, source: impl Into<String>) -> RenamedWeights {
+    RenamedWeights::new(st, Box::new(bfl_to_diffusers), source, "a FLUX transformer folder")
 }
 
 #[cfg(test)]

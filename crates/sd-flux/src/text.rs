@@ -11,7 +11,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::t5::{Config as T5Config, T5EncoderModel};
 use sd_models::clip::ClipTextModel;
 use sd_models::tokenizer::ClipTokenizer;
-use tokenizers::{Tokenizer, TruncationDirection};
+use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
 use crate::transformer::mmap;
@@ -61,41 +61,26 @@ pub fn load_t5(dir: &Path, dtype: DType, device: &Device) -> Result<T5EncoderMod
 
 /// Loads the T5 tokenizer from a `tokenizer_2/` folder or a `tokenizer.json` file.
 pub fn load_t5_tokenizer(path: &Path) -> Result<Tokenizer> {
-    let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_path_buf() };
-    if !file.is_file() {
-        return Err(Error::NotFound { what: "T5 tokenizer (tokenizer_2/tokenizer.json)".into(), path: file, hint: T5_HINT.into() });
-    }
-    let mut tok = Tokenizer::from_file(&file).map_err(|e| Error::Tokenizer(format!("{}: {e}", file.display())))?;
-    // Padding and truncation are applied by `t5_input_ids`; a saved setting would interfere.
-    tok.with_padding(None);
-    tok.with_truncation(None).map_err(|e| Error::Tokenizer(format!("{}: {e}", file.display())))?;
-    if tok.token_to_id("<pad>").is_none() {
-        return Err(Error::Tokenizer(format!("{} has no <pad> token; it is not a T5 tokenizer", file.display())));
-    }
-    Ok(tok)
+    sd_models::t5::load_tokenizer(path).map_err(|e| match e {
+        sd_models::Error::NotFound { path, .. } => {
+            Error::NotFound { what: "T5 tokenizer (tokenizer_2/tokenizer.json)".into(), path, hint: T5_HINT.into() }
+        }
+        sd_models::Error::Tokenizer(m) => Error::Tokenizer(m),
+        other => Error::Models(other),
+    })
 }
 
-/// Exactly `max_len` T5 ids for `prompt`: the prompt's tokens, truncated so the end-of-sequence
-/// token still fits, then `</s>`, then `<pad>` (transformers' `padding="max_length", truncation=True`).
+/// Exactly `max_len` T5 ids for `prompt` (transformers' `padding="max_length", truncation=True`).
 pub fn t5_input_ids(tok: &Tokenizer, prompt: &str, max_len: usize) -> Result<Vec<u32>> {
-    let pad = tok.token_to_id("<pad>").ok_or_else(|| Error::Tokenizer("the T5 tokenizer has no <pad> token".into()))?;
-    let mut enc = tok.encode(prompt, false).map_err(|e| Error::Tokenizer(format!("cannot tokenize the prompt: {e}")))?;
-    let added = tok.get_post_processor().map_or(0, |p| tokenizers::PostProcessor::added_tokens(p, false));
-    enc.truncate(max_len.saturating_sub(added), 0, TruncationDirection::Right);
-    let enc = tok.post_process(enc, None, true).map_err(|e| Error::Tokenizer(format!("cannot finish the T5 tokens: {e}")))?;
-    let mut ids = enc.get_ids().to_vec();
-    ids.truncate(max_len);
-    ids.resize(max_len, pad);
-    Ok(ids)
+    sd_models::t5::input_ids(tok, prompt, max_len).map_err(|e| match e {
+        sd_models::Error::Tokenizer(m) => Error::Tokenizer(m),
+        other => Error::Models(other),
+    })
 }
 
 /// Runs T5 on ids `[b, seq]` and returns the last hidden state `[b, seq, d_model]` as `dtype`.
-///
-/// The encoder is cloned (tensors are shared) because candle's T5 takes `&mut self`.
 pub fn t5_embeddings(t5: &T5EncoderModel, ids: &Tensor, dtype: DType) -> Result<Tensor> {
-    let mut t5 = t5.clone();
-    let ids = ids.to_dtype(DType::U32)?.to_device(t5.device())?;
-    Ok(t5.forward(&ids)?.to_dtype(dtype)?)
+    Ok(sd_models::t5::embeddings(t5, ids, dtype)?)
 }
 
 /// CLIP's pooled output `[b, hidden]` for ids `[b, 77]`, as `dtype`.

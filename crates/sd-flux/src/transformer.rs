@@ -12,7 +12,8 @@ use candle_transformers::quantized_var_builder::VarBuilder as QuantizedVarBuilde
 
 use crate::config::{config_from_shapes, count_blocks, FluxVariant};
 use crate::error::{Error, Result};
-use crate::keymap::DiffusersFluxBackend;
+use crate::keymap::diffusers_backend;
+use sd_models::weights::RenamedWeights;
 use crate::lora::{wrap_backend, FluxLora};
 use crate::model::{FluxModel, Weights};
 use sd_lora::AdapterReport;
@@ -197,7 +198,7 @@ pub fn load_safetensors_file(
     let st = mmap(&[path.to_path_buf()], path)?;
     let names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
     if names.iter().any(|n| n == "x_embedder.weight") {
-        let backend = DiffusersFluxBackend::new(st, path.display().to_string());
+        let backend = diffusers_backend(st, path.display().to_string());
         return build_diffusers(backend, path, dtype, device, axes_dim, loras);
     }
     const PREFIX: &str = "model.diffusion_model.";
@@ -274,11 +275,11 @@ pub fn load_diffusers_transformer(
     let st = mmap(&files, dir)?;
     let from_config = folder_axes(dir)?;
     let axes = axes_dim.map(<[usize]>::to_vec).or(from_config);
-    build_diffusers(DiffusersFluxBackend::new(st, dir.display().to_string()), dir, dtype, device, axes.as_deref(), loras)
+    build_diffusers(diffusers_backend(st, dir.display().to_string()), dir, dtype, device, axes.as_deref(), loras)
 }
 
 fn build_diffusers(
-    backend: DiffusersFluxBackend,
+    backend: RenamedWeights,
     source: &Path,
     dtype: DType,
     device: &Device,

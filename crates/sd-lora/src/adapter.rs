@@ -538,6 +538,8 @@ pub fn family_name(f: ModelFamily) -> &'static str {
         ModelFamily::Sd2 => "SD 2.x",
         ModelFamily::Sdxl => "SDXL",
         ModelFamily::Flux => "FLUX",
+        ModelFamily::Sd3 => "SD 3.x",
+        ModelFamily::ZImage => "Z-Image",
     }
 }
 

@@ -148,6 +148,16 @@ impl ClipTextModel {
         self.text_projection.is_some()
     }
 
+    /// The number of transformer layers.
+    pub fn layer_count(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The device the weights are on.
+    pub fn device(&self) -> &Device {
+        self.position_embedding.device()
+    }
+
     /// The maximum sequence length (number of position embeddings).
     pub fn max_len(&self) -> usize {
         self.position_embedding.dim(0).unwrap_or(0)

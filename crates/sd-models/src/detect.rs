@@ -46,6 +46,12 @@ fn pick(path: &Path, family: ModelFamily, inpaint: bool, turbo: bool) -> Result<
         (ModelFamily::Flux, ..) => {
             return Err(Error::UnknownArchitecture { path: path.to_path_buf(), reason: FLUX_HINT.to_string() })
         }
+        (ModelFamily::Sd3 | ModelFamily::ZImage, ..) => {
+            return Err(Error::UnknownArchitecture {
+                path: path.to_path_buf(),
+                reason: format!("this is a {family:?} model, not Stable Diffusion 1.x/2.x/XL; load it through sd-families"),
+            })
+        }
     })
 }
 

@@ -136,6 +136,7 @@ struct RawScheduler {
     timestep_spacing: Option<String>,
     steps_offset: Option<usize>,
     prediction_type: Option<PredictionType>,
+    rescale_betas_zero_snr: Option<bool>,
 }
 
 /// `timestep_spacing` values diffusers' discrete schedulers implement.
@@ -165,6 +166,7 @@ pub fn read_scheduler_config(path: &Path) -> Result<SchedulerDefaults> {
         timestep_spacing: raw.timestep_spacing,
         steps_offset: raw.steps_offset.unwrap_or(0),
         prediction_type: raw.prediction_type.unwrap_or_default(),
+        rescale_betas_zero_snr: raw.rescale_betas_zero_snr.unwrap_or(false),
         file: Some(text),
     })
 }
@@ -234,6 +236,7 @@ impl DiffusersFolder {
                 timestep_spacing: None,
                 steps_offset: 1,
                 prediction_type: PredictionType::Epsilon,
+                rescale_betas_zero_snr: false,
                 file: None,
             }
         };

@@ -78,7 +78,9 @@ impl TextualInversion {
                     None => return Err(invalid(path, format!("no embedding tensor (emb_params, string_to_param or a single tensor) among {}", names(&tensors)))),
                 }
             }
-            ModelFamily::Flux => return Err(invalid(path, "FLUX models take no textual-inversion embeddings".into())),
+            other @ (ModelFamily::Flux | ModelFamily::Sd3 | ModelFamily::ZImage) => {
+                return Err(invalid(path, format!("{other:?} models take no textual-inversion embeddings here")))
+            }
         };
         let n = vectors[0].dim(0)?;
         if vectors.iter().any(|v| v.dim(0).ok() != Some(n)) {

@@ -423,6 +423,16 @@ fn prepare_single_file(path: &Path, opts: &LoadOptions) -> Result<(SingleFile, D
     let variant = detect::resolve_variant(&detected, requested)?;
     let mut config = opts.config.clone().unwrap_or_else(|| variant.config());
     config.variant = variant;
+    // Finetunes of SDXL trained for v-prediction and zero terminal SNR (NoobAI-XL and its kin) mark their
+    // single files with empty `v_pred` and `ztsnr` tensors, which A1111 and ComfyUI read; so do we.
+    if file.contains("v_pred") {
+        config.scheduler.prediction_type = crate::config::PredictionType::VPrediction;
+        tracing::info!("{}: `v_pred` key: a v-prediction model", path.display());
+    }
+    if file.contains("ztsnr") {
+        config.scheduler.rescale_betas_zero_snr = true;
+        tracing::info!("{}: `ztsnr` key: betas rescaled to zero terminal SNR", path.display());
+    }
     if config.unet.in_channels != detected.in_channels {
         return Err(Error::VariantMismatch {
             detected: format!("{} ({})", detected.variant, detected.evidence),

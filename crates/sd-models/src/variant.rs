@@ -44,6 +44,10 @@ pub struct SchedulerDefaults {
     pub steps_offset: usize,
     /// What the UNet predicts.
     pub prediction_type: PredictionType,
+    /// Betas rescaled to zero terminal SNR (diffusers' `rescale_betas_zero_snr`; NoobAI-XL-style
+    /// checkpoints mark it with a `ztsnr` key).
+    #[serde(default)]
+    pub rescale_betas_zero_snr: bool,
     /// The model's whole `scheduler_config.json`, when it came with one: the scheduler library
     /// parses every field of it (these few are what loading and detection need).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -60,6 +64,7 @@ impl SchedulerDefaults {
             timestep_spacing: spacing.map(String::from),
             steps_offset: 1,
             prediction_type,
+            rescale_betas_zero_snr: false,
             file: None,
         }
     }

@@ -253,6 +253,29 @@ impl MappedWeights {
     }
 }
 
+impl MappedWeights {
+    /// `t` (the stored tensor `name`) times its `scale_weight`, for ComfyUI's "fp8 scaled" files: each
+    /// linear weight is stored as `weight / scale` in float8 beside a `<module>.scale_weight` (one scale, or one
+    /// per output row), and the true weight is their product. Tensors without a scale come back as loaded.
+    fn dequantize(&self, name: &str, t: Tensor, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let Some(scale) = name.strip_suffix(".weight").and_then(|stem| self.st.get(&format!("{stem}.scale_weight")).ok()) else {
+            return Ok(t);
+        };
+        let scale = load_view(&scale, DType::F32, dev)?;
+        let rows = t.dims().first().copied().unwrap_or(1);
+        let scale = match scale.elem_count() {
+            1 => scale.flatten_all()?,
+            n if n == rows => {
+                let mut shape = vec![1; t.rank()];
+                shape[0] = rows;
+                scale.reshape(shape)?
+            }
+            n => candle_core::bail!("{name}: its scale_weight has {n} values, neither one nor one per output row ({rows})"),
+        };
+        t.to_dtype(DType::F32)?.broadcast_mul(&scale)?.to_dtype(dtype)
+    }
+}
+
 impl SimpleBackend for MappedWeights {
     fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let view = self.st.get(name)?;
@@ -265,15 +288,118 @@ impl SimpleBackend for MappedWeights {
             }
             .bt())?
         }
-        load_view(&view, dtype, dev)
+        self.dequantize(name, load_view(&view, dtype, dev)?, dtype, dev)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        load_view(&self.st.get(name)?, dtype, dev)
+        self.dequantize(name, load_view(&self.st.get(name)?, dtype, dev)?, dtype, dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.st.get(name).is_ok()
+    }
+}
+
+/// How one tensor a model asks for is assembled from the tensors a file stores under other names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// The same tensor under another name.
+    Rename(String),
+    /// Several tensors concatenated along dim 0 (fused q/k/v projections).
+    Concat(Vec<String>),
+    /// One tensor with its two halves along dim 0 swapped (adaLN layers that emit (shift, scale) in one
+    /// layout and (scale, shift) in the other).
+    SwapHalves(String),
+}
+
+/// The name map of a [`RenamedWeights`]: the stored source of each name the model asks for.
+pub type NameMap = Box<dyn Fn(&str) -> Option<Source> + Send + Sync>;
+
+/// A [`SimpleBackend`] serving a model's tensor names out of files stored with another layout's names
+/// (FLUX's and SD3's diffusers folders for models written with the original names): nothing is converted
+/// ahead of time, each tensor is renamed, concatenated or reordered when the model asks for it, and
+/// converted straight from the mapping as [`MappedWeights`] does.
+pub struct RenamedWeights {
+    st: MmapedSafetensors,
+    map: NameMap,
+    source: String,
+    hint: String,
+}
+
+impl RenamedWeights {
+    /// Serves `map`'s names from `st`; `source` describes the files in errors, `hint` says what they should
+    /// be ("a FLUX transformer folder").
+    pub fn new(st: MmapedSafetensors, map: NameMap, source: impl Into<String>, hint: impl Into<String>) -> Self {
+        Self { st, map, source: source.into(), hint: hint.into() }
+    }
+
+    /// Every stored tensor name.
+    pub fn stored_names(&self) -> Vec<String> {
+        self.st.tensors().into_iter().map(|(n, _)| n).collect()
+    }
+
+    fn stored_shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.st.get(name).ok().map(|v| v.shape().to_vec())
+    }
+
+    /// The shape the tensor `name` will have, if all its parts are stored.
+    pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        match (self.map)(name)? {
+            Source::Rename(n) | Source::SwapHalves(n) => self.stored_shape(&n),
+            Source::Concat(parts) => {
+                let shapes: Option<Vec<Vec<usize>>> = parts.iter().map(|p| self.stored_shape(p)).collect();
+                let shapes = shapes?;
+                let mut out = shapes.first()?.clone();
+                // A scalar part (a broken file) has no rows to concatenate: no shape, not a panic.
+                *out.first_mut()? = shapes.iter().map(|s| s.first().copied().unwrap_or(0)).sum();
+                Some(out)
+            }
+        }
+    }
+
+    /// Loads the tensor `name` as `dtype` on `dev`, each stored part converted straight from the mapping.
+    pub fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let msg = |m: String| candle_core::Error::Msg(m);
+        let src = (self.map)(name).ok_or_else(|| msg(format!("{}: the model has no tensor {name}", self.source)))?;
+        let view = |n: &str| {
+            self.st.get(n).map_err(|_| msg(format!("{}: tensor {n} (for {name}) is missing; is this {}?", self.source, self.hint)))
+        };
+        match src {
+            Source::Rename(n) => load_view(&view(&n)?, dtype, dev),
+            Source::Concat(parts) => {
+                let ts = parts.iter().map(|p| load_view(&view(p)?, dtype, dev)).collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&ts, 0)
+            }
+            Source::SwapHalves(n) => {
+                let v = view(&n)?;
+                let rows = v.shape().first().copied().unwrap_or(0);
+                if rows % 2 != 0 {
+                    return Err(msg(format!("{}: {n} has an odd number of rows ({rows}), so it is no adaLN output layer; is this {}?", self.source, self.hint)));
+                }
+                let half = rows / 2;
+                Tensor::cat(&[load_view_rows(&v, half..rows, dtype, dev)?, load_view_rows(&v, 0..half, dtype, dev)?], 0)
+            }
+        }
+    }
+}
+
+impl SimpleBackend for RenamedWeights {
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        // Checked from the headers first, so a wrong checkpoint fails before any data is converted.
+        if let Some(have) = self.shape_of(name) {
+            if have != s.dims() {
+                return Err(candle_core::Error::Msg(format!("{}: {name} has shape {have:?} but the model expects {:?}", self.source, s.dims())));
+            }
+        }
+        self.load(name, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.load(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.shape_of(name).is_some()
     }
 }
 

@@ -83,19 +83,25 @@ pub fn validate(models: &StableDiffusionModels, p: &GenerationParams) -> Result<
 /// variant's published settings (single-file checkpoints).
 pub fn scheduler_config(models: &StableDiffusionModels) -> Result<SchedulerConfig> {
     let s = &models.config.scheduler;
+    let prediction_type = match s.prediction_type {
+        ModelPrediction::Epsilon => PredictionType::Epsilon,
+        ModelPrediction::VPrediction => PredictionType::VPrediction,
+        ModelPrediction::Sample => PredictionType::Sample,
+    };
     if let Some(text) = &s.file {
-        return Ok(SchedulerConfig::from_json_str(text)?);
+        let mut c = SchedulerConfig::from_json_str(text)?;
+        // A single file's `v_pred` / `ztsnr` markers win over the `--model-config` folder's scheduler.
+        c.prediction_type = prediction_type;
+        c.rescale_betas_zero_snr |= s.rescale_betas_zero_snr;
+        return Ok(c);
     }
     let mut c = SchedulerConfig::sd15();
     c.num_train_timesteps = s.num_train_timesteps;
     c.beta_start = Some(s.beta_start);
     c.beta_end = Some(s.beta_end);
     c.steps_offset = s.steps_offset;
-    c.prediction_type = match s.prediction_type {
-        ModelPrediction::Epsilon => PredictionType::Epsilon,
-        ModelPrediction::VPrediction => PredictionType::VPrediction,
-        ModelPrediction::Sample => PredictionType::Sample,
-    };
+    c.prediction_type = prediction_type;
+    c.rescale_betas_zero_snr = s.rescale_betas_zero_snr;
     c.timestep_spacing = match s.timestep_spacing.as_deref() {
         Some("leading") => Some(TimestepSpacing::Leading),
         Some("trailing") => Some(TimestepSpacing::Trailing),

@@ -138,3 +138,40 @@ fn values_no_scheduler_implements_are_refused_by_field_name() {
     let models = load(&model_with_scheduler("python", &python), &LoadOptions::default()).expect("loads");
     assert_eq!(scheduler_config(&models).expect("config").lambda_min_clipped, None);
 }
+
+/// NoobAI-XL-style SDXL single files carry empty `v_pred` and `ztsnr` tensors; they make the model
+/// v-prediction with zero-terminal-SNR betas without flags, as in A1111 and ComfyUI.
+#[test]
+fn v_pred_and_ztsnr_markers_of_sdxl_single_files_are_read() {
+    let plain = fixtures().join("sdxl.safetensors");
+    let mut tensors = candle_core::safetensors::load(&plain, &Device::Cpu).expect("fixture");
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let config = sd_models::loader::read_folder_config(&fixtures().join("sdxl"), None).expect("tiny SDXL config");
+    let models = |path: &Path| {
+        load(path, &LoadOptions { config: Some(config.clone()), tokenizer_dir: Some(fixtures().join("sdxl")), ..Default::default() }).expect("load")
+    };
+    let base = scheduler_config(&models(&plain)).expect("config");
+    assert_eq!(base.prediction_type, sd_pipelines::schedulers::PredictionType::Epsilon);
+    assert!(!base.rescale_betas_zero_snr);
+    tensors.insert("v_pred".into(), Tensor::zeros(0, DType::F32, &Device::Cpu).expect("marker"));
+    let v = dir.join("sdxl-vpred.safetensors");
+    candle_core::safetensors::save(&tensors, &v).expect("save");
+    let c = scheduler_config(&models(&v)).expect("config");
+    assert_eq!(c.prediction_type, sd_pipelines::schedulers::PredictionType::VPrediction);
+    assert!(!c.rescale_betas_zero_snr);
+    tensors.insert("ztsnr".into(), Tensor::zeros(0, DType::F32, &Device::Cpu).expect("marker"));
+    let z = dir.join("sdxl-vpred-ztsnr.safetensors");
+    candle_core::safetensors::save(&tensors, &z).expect("save");
+    let c = scheduler_config(&models(&z)).expect("config");
+    assert_eq!(c.prediction_type, sd_pipelines::schedulers::PredictionType::VPrediction);
+    assert!(c.rescale_betas_zero_snr);
+    // The samplers then end at zero SNR: the first sigma of a trailing schedule is infinite in diffusers;
+    // ours clamps it as diffusers' Euler does for rescaled betas, so it is large but finite.
+    let mut sched = c.clone();
+    sched.timestep_spacing = Some(sd_pipelines::schedulers::TimestepSpacing::Trailing);
+    let s = build_scheduler(Sampler::from(SamplerKind::Euler), &sched, 4).expect("scheduler");
+    let sigmas = s.sigmas().expect("Euler has sigmas");
+    assert!(sigmas[0] > 100.0, "{sigmas:?}");
+    let _ = std::fs::remove_file(v);
+    let _ = std::fs::remove_file(z);
+}

@@ -366,7 +366,8 @@ async fn run(st: Arc<AppState>, caller: Caller, body: Bytes, img2img: bool) -> R
         let (mut spec, mut params) = build_job(&st2, &model2, input, &NAMES, op)?;
         // As A1111: an interrupted (or skipped) generation answers with the images of its last step.
         spec.partial_on_cancel = true;
-        if vae.is_some() && model2.caps.family != sd_core::ModelFamily::Flux {
+        // A1111's `sd_vae` swaps the VAE of SD 1.x/2.x/XL models; the newer families decode with their own.
+        if vae.is_some() && matches!(model2.caps.family, sd_core::ModelFamily::Sd1 | sd_core::ModelFamily::Sd2 | sd_core::ModelFamily::Sdxl) {
             params["vae"] = json!(vae);
             spec.vae = vae;
         }

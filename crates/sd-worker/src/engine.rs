@@ -397,10 +397,11 @@ fn core_failure(e: sd_core::Error) -> Failure {
 /// its own code; the rest as [`core_failure`].
 fn failure(e: sd_families::Error) -> Failure {
     let field = e.field();
+    let e = match e.into_core() {
+        Ok(core) => return core_failure(core),
+        Err(e) => e,
+    };
     match e {
-        sd_families::Error::Core(e) | sd_families::Error::StableDiffusion(sd_pipelines::Error::Core(e)) | sd_families::Error::Flux(sd_flux::Error::Core(e)) => {
-            core_failure(e)
-        }
         sd_families::Error::Lora { field, message } => (JobStatus::Failed, JobError { code: "invalid_lora", message, field: Some(field) }),
         sd_families::Error::ControlNet { field, message } => {
             (JobStatus::Failed, JobError { code: "invalid_controlnet", message, field: Some(field) })

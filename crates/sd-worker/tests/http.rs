@@ -893,6 +893,182 @@ fn flux_models_serve_generation_and_transform_jobs() {
     s.shutdown();
 }
 
+// ---- SD 3.x ----
+
+#[test]
+fn sd3_models_serve_every_task_and_route() {
+    let s = Server::start(config("sd3/medium"));
+    let m = s.get("/v1/models").json();
+    assert_eq!(m["data"][0]["variant"], "sd3.5-medium", "{m}");
+    assert_eq!(m["data"][0]["family"], "sd3", "{m}");
+    let gen = json!({"operation": "image_generation", "prompt": "a photo of a cat", "negative_prompt": "blurry", "width": 32, "height": 24,
+        "steps": 3, "seed": 5, "guidance_scale": 4.5});
+    let ev = s.stream(&s.submit(&gen));
+    let (name, done) = ev.last().cloned().expect("events");
+    assert_eq!(name, "complete", "{ev:?}");
+    let steps: Vec<u64> = ev.iter().filter(|e| e.0 == "progress").filter_map(|e| e.1["step"].as_u64()).collect();
+    assert_eq!(steps, [1, 2, 3]);
+    let preview = ev.iter().find(|e| e.0 == "preview").expect("a preview");
+    let p = decode_png(preview.1["image"].as_str().expect("preview image"));
+    assert_eq!((p.width(), p.height()), (16, 12), "previews are at latent size");
+    let img = decode_png(done["images"][0].as_str().expect("image"));
+    assert_eq!((img.width(), img.height()), (32, 24));
+    let meta = sd_pipelines::image_io::read_png_parameters(&unb64(done["images"][0].as_str().expect("image"))).expect("png").expect("meta");
+    assert!(meta.starts_with("a photo of a cat\nNegative prompt: blurry\nSteps: 3, Sampler: Euler"), "{meta}");
+    assert!(meta.contains("CFG scale: 4.5"), "{meta}");
+    // The same seed gives the same image; the negative prompt matters (true CFG).
+    assert_eq!(pixels_of(&s.stream(&s.submit(&gen)).last().cloned().expect("events").1), pixels_of(&done));
+    let mut other = gen.clone();
+    other["negative_prompt"] = json!("a dog");
+    assert_ne!(pixels_of(&s.stream(&s.submit(&other)).last().cloned().expect("events").1), pixels_of(&done));
+    // img2img: 0.5 of 4 steps runs 2; inpainting at the default strength runs all.
+    let id = s.submit(&json!({"operation": "image_transform", "prompt": "a painting", "input_image": b64(&test_image()),
+        "width": 32, "height": 24, "strength": 0.5, "steps": 4, "seed": 3}));
+    let ev = s.stream(&id);
+    assert_eq!(ev.last().map(|e| e.0.as_str()), Some("complete"), "{ev:?}");
+    assert_eq!(ev.iter().rfind(|e| e.0 == "progress").map(|e| e.1["total"].clone()), Some(json!(2)));
+    let inpaint = json!({"operation": "image_inpaint", "prompt": "x", "init_image": b64(&test_image()), "mask_image": b64(&test_mask(32, 32)),
+        "width": 32, "height": 24, "steps": 4, "seed": 2});
+    let ev = s.stream(&s.submit(&inpaint));
+    assert_eq!(ev.last().map(|e| e.0.as_str()), Some("complete"), "{ev:?}");
+    assert_eq!(ev.iter().rfind(|e| e.0 == "progress").map(|e| e.1["total"].clone()), Some(json!(4)));
+    // What SD 3.x cannot do is refused before queueing, naming the field.
+    let cn = json!({"operation": "image_generation", "prompt": "x", "width": 32, "height": 24, "controlnets": [{"model": "a"}]});
+    assert_error(&s.post("/v1/jobs", &cn), 400, "controlnets");
+    let odd = json!({"operation": "image_generation", "prompt": "x", "width": 30, "height": 24});
+    assert_error(&s.post("/v1/jobs", &odd), 400, "width");
+    // Cancelling a running SD 3.x job stops it within a step.
+    let id = s.submit(&json!({"operation": "image_generation", "prompt": "long", "width": 32, "height": 24, "steps": 1000, "seed": 1}));
+    s.wait_status(&id, |v| v["status"] == "running" && v["progress"]["step"].as_u64().unwrap_or(0) >= 2);
+    assert_eq!(s.delete(&format!("/v1/jobs/{id}")).status, 202);
+    assert_eq!(s.stream(&id).last().map(|e| e.1["code"].clone()), Some(json!("cancelled")));
+    // The OpenAI and A1111 routes.
+    let r = s.post("/v1/images/generations", &json!({"prompt": "a cat", "size": "32x24", "n": 1, "response_format": "b64_json"}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    decode_png(r.json()["data"][0]["b64_json"].as_str().expect("b64"));
+    let r = s.post("/sdapi/v1/txt2img", &json!({"prompt": "a cat", "negative_prompt": "blurry", "width": 32, "height": 24, "steps": 2, "cfg_scale": 3, "seed": 4}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let info: Value = serde_json::from_str(r.json()["info"].as_str().expect("info")).expect("info json");
+    assert_eq!(info["seed"], 4, "{info}");
+    s.shutdown();
+}
+
+#[test]
+fn sd3_loras_are_applied_per_request() {
+    let mut cfg = config("sd3/medium");
+    cfg.lora_dirs = vec![fixture("sd3/lora"), fixture("flux/lora")];
+    let s = Server::start(cfg);
+    let job = |loras: Value| {
+        let id = s.submit(&json!({"operation": "image_generation", "prompt": "a cat", "width": 32, "height": 24, "steps": 2, "seed": 9, "loras": loras}));
+        s.stream(&id).last().cloned().expect("events")
+    };
+    let (name, plain) = job(json!([]));
+    assert_eq!(name, "complete", "{plain}");
+    let (name, with) = job(json!([{"name": "sd3_peft", "strength": 0.6}, {"name": "sd3_kohya", "strength": -0.4}]));
+    assert_eq!(name, "complete", "{with}");
+    assert_ne!(pixels_of(&with), pixels_of(&plain), "the LoRAs changed nothing");
+    let meta = sd_pipelines::image_io::read_png_parameters(&unb64(with["images"][0].as_str().expect("image"))).expect("png").expect("meta");
+    assert!(meta.contains("Lora weights: \"sd3_peft: 0.6, sd3_kohya: -0.4\""), "{meta}");
+    assert_eq!(pixels_of(&job(json!([])).1), pixels_of(&plain));
+    // A FLUX LoRA fails its job only, naming the field and the family it is for.
+    let (name, err) = job(json!([{"name": "flux_kohya"}]));
+    assert_eq!(name, "error");
+    assert_eq!(err["code"], "invalid_lora");
+    assert_eq!(err["field"], "loras");
+    assert!(err["message"].as_str().is_some_and(|m| m.contains("FLUX")), "{err}");
+    assert_eq!(pixels_of(&job(json!([])).1), pixels_of(&plain));
+    s.shutdown();
+}
+
+/// ComfyUI's split files: a bf16 diffusion-model file with clip_l, clip_g, t5xxl and VAE files beside it
+/// (the tiny encoders' configs and tokenizers from `--model-config`).
+#[test]
+fn sd3_split_files_load_beside_the_diffusion_model() {
+    let mut cfg = config("sd3/split/sd3.5_medium_tiny.safetensors");
+    cfg.model_config = Some(fixture("sd3/medium"));
+    let s = Server::start(cfg);
+    assert_eq!(s.get("/v1/models").json()["data"][0]["variant"], "sd3.5-medium");
+    let id = s.submit(&json!({"operation": "image_generation", "prompt": "a cat", "width": 32, "height": 24, "steps": 2, "seed": 1}));
+    let (name, done) = s.stream(&id).last().cloned().expect("events");
+    assert_eq!(name, "complete", "{done}");
+    s.shutdown();
+}
+
+// ---- Z-Image ----
+
+#[test]
+fn z_image_models_serve_every_task_with_loras() {
+    let mut cfg = config("zimage/turbo");
+    cfg.lora_dirs = vec![fixture("zimage")];
+    let s = Server::start(cfg);
+    let m = s.get("/v1/models").json();
+    assert_eq!(m["data"][0]["variant"], "z-image-turbo", "{m}");
+    assert_eq!(m["data"][0]["family"], "zimage", "{m}");
+    let job = |extra: Value| {
+        let mut req = json!({"operation": "image_generation", "prompt": "a photo of a cat", "width": 16, "height": 24, "steps": 3, "seed": 5});
+        if let (Some(r), Some(e)) = (req.as_object_mut(), extra.as_object()) {
+            r.extend(e.clone());
+        }
+        s.stream(&s.submit(&req))
+    };
+    let ev = job(json!({}));
+    let (name, plain) = ev.last().cloned().expect("events");
+    assert_eq!(name, "complete", "{ev:?}");
+    let steps: Vec<u64> = ev.iter().filter(|e| e.0 == "progress").filter_map(|e| e.1["step"].as_u64()).collect();
+    assert_eq!(steps, [1, 2, 3]);
+    let preview = ev.iter().find(|e| e.0 == "preview").expect("a preview");
+    let p = decode_png(preview.1["image"].as_str().expect("preview image"));
+    assert_eq!((p.width(), p.height()), (8, 12), "previews are at latent size");
+    let img = decode_png(plain["images"][0].as_str().expect("image"));
+    assert_eq!((img.width(), img.height()), (16, 24));
+    // Turbo runs without CFG by default; a guidance scale turns CFG with the negative prompt on.
+    let (_, cfg_run) = job(json!({"guidance_scale": 3.0, "negative_prompt": "blurry"})).last().cloned().expect("events");
+    assert_ne!(pixels_of(&cfg_run), pixels_of(&plain));
+    // A LoRA changes the image; removing it restores the model.
+    let (name, with) = job(json!({"loras": [{"name": "lora_peft", "strength": 0.8}]})).last().cloned().expect("events");
+    assert_eq!(name, "complete", "{with}");
+    assert_ne!(pixels_of(&with), pixels_of(&plain));
+    let meta = sd_pipelines::image_io::read_png_parameters(&unb64(with["images"][0].as_str().expect("image"))).expect("png").expect("meta");
+    assert!(meta.contains("Lora weights: \"lora_peft: 0.8\""), "{meta}");
+    assert_eq!(pixels_of(&job(json!({})).last().cloned().expect("events").1), pixels_of(&plain));
+    // img2img and inpainting.
+    let id = s.submit(&json!({"operation": "image_transform", "prompt": "a painting", "input_image": b64(&test_image()),
+        "width": 16, "height": 24, "strength": 0.5, "steps": 4, "seed": 3}));
+    let ev = s.stream(&id);
+    assert_eq!(ev.last().map(|e| e.0.as_str()), Some("complete"), "{ev:?}");
+    assert_eq!(ev.iter().rfind(|e| e.0 == "progress").map(|e| e.1["total"].clone()), Some(json!(2)));
+    let inpaint = json!({"operation": "image_inpaint", "prompt": "x", "init_image": b64(&test_image()), "mask_image": b64(&test_mask(32, 32)),
+        "width": 16, "height": 24, "steps": 4, "seed": 2});
+    let ev = s.stream(&s.submit(&inpaint));
+    assert_eq!(ev.last().map(|e| e.0.as_str()), Some("complete"), "{ev:?}");
+    // Refused before queueing, naming the field.
+    let cn = json!({"operation": "image_generation", "prompt": "x", "width": 16, "height": 24, "controlnets": [{"model": "a"}]});
+    assert_error(&s.post("/v1/jobs", &cn), 400, "controlnets");
+    // Cancelling stops within a step; the OpenAI and A1111 routes answer.
+    let id = s.submit(&json!({"operation": "image_generation", "prompt": "long", "width": 16, "height": 24, "steps": 1000, "seed": 1}));
+    s.wait_status(&id, |v| v["status"] == "running" && v["progress"]["step"].as_u64().unwrap_or(0) >= 2);
+    assert_eq!(s.delete(&format!("/v1/jobs/{id}")).status, 202);
+    assert_eq!(s.stream(&id).last().map(|e| e.1["code"].clone()), Some(json!("cancelled")));
+    let r = s.post("/v1/images/generations", &json!({"prompt": "a cat", "size": "16x24", "n": 1, "response_format": "b64_json"}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = s.post("/sdapi/v1/txt2img", &json!({"prompt": "a cat", "width": 16, "height": 24, "steps": 2, "seed": 4}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    s.shutdown();
+}
+
+/// A Z-Image transformer file in the original (ComfyUI) layout, bf16, with the rest from `--model-config`.
+#[test]
+fn a_z_image_transformer_file_loads_with_components_from_model_config() {
+    let mut cfg = config("zimage/z_image_tiny_bf16.safetensors");
+    cfg.model_config = Some(fixture("zimage/turbo"));
+    let s = Server::start(cfg);
+    assert_eq!(s.get("/v1/models").json()["data"][0]["family"], "zimage");
+    let id = s.submit(&json!({"operation": "image_generation", "prompt": "a cat", "width": 16, "height": 24, "steps": 2, "seed": 1}));
+    let (name, done) = s.stream(&id).last().cloned().expect("events");
+    assert_eq!(name, "complete", "{done}");
+    s.shutdown();
+}
+
 #[test]
 fn flux_loras_are_applied_per_request() {
     let mut cfg = config("flux/dev");

@@ -183,6 +183,52 @@ impl FlowMatchConfig {
         out.push(0.0);
         out
     }
+    /// The `steps + 1` sigmas diffusers' `set_timesteps(steps)` makes when the pipeline passes no sigmas
+    /// (the SD 3.x pipelines): timesteps spaced evenly (in float64) between the training schedule's
+    /// largest and smallest sigma — which the scheduler's constructor has already shifted when dynamic
+    /// shifting is off (float32) — then shifted (again) and rounded to float32, then a final 0.
+    pub fn spaced_sigmas(&self, steps: usize, image_seq_len: usize) -> Vec<f64> {
+        let n = self.num_train_timesteps.max(1);
+        // The constructor's training sigmas t/N for t = N..1, shifted in float32 unless shifting is dynamic.
+        let train = |t: usize| -> f64 {
+            let s = t as f32 / n as f32;
+            if self.use_dynamic_shifting {
+                s as f64
+            } else {
+                let shift = self.shift as f32;
+                (shift * s / (1.0 + (shift - 1.0) * s)) as f64
+            }
+        };
+        let (hi, lo) = (train(n) * n as f64, train(1) * n as f64);
+        let spaced: Vec<f64> = match steps {
+            0 => Vec::new(),
+            1 => vec![hi],
+            k => {
+                let step = (lo - hi) / (k - 1) as f64;
+                (0..k).map(|i| if i == k - 1 { lo } else { hi + step * i as f64 }).collect()
+            }
+        };
+        let mu = self.mu(image_seq_len);
+        let mut out: Vec<f64> = spaced
+            .into_iter()
+            .map(|t| {
+                let s = t / n as f64;
+                let shifted = if self.use_dynamic_shifting {
+                    if self.time_shift_type == "linear" {
+                        mu / (mu + (1.0 / s - 1.0))
+                    } else {
+                        time_shift_exponential(mu, 1.0, s)
+                    }
+                } else {
+                    self.shift * s / (1.0 + (self.shift - 1.0) * s)
+                };
+                shifted as f32 as f64
+            })
+            .collect();
+        out.push(0.0);
+        out
+    }
+
 }
 
 /// `mu` linearly interpolated between `(base_seq_len, base_shift)` and `(max_seq_len, max_shift)`
@@ -235,10 +281,24 @@ impl FlowMatchEulerScheduler {
         if steps == 0 {
             return Err(Error::InvalidSteps { scheduler: "FlowMatchEuler", steps, max: usize::MAX });
         }
-        let sigmas = config.sigmas(steps, image_seq_len);
-        let n = config.num_train_timesteps as f64;
-        let timesteps = sigmas[..steps].iter().map(|s| s * n).collect();
-        Ok(Self { sigmas, timesteps, num_train_timesteps: config.num_train_timesteps })
+        Ok(Self::from_sigmas(config.sigmas(steps, image_seq_len), config.num_train_timesteps))
+    }
+
+    /// The schedule diffusers' pipelines get when they pass no sigmas (SD 3.x; see
+    /// [`FlowMatchConfig::spaced_sigmas`]).
+    pub fn spaced(config: &FlowMatchConfig, steps: usize, image_seq_len: usize) -> Result<Self> {
+        config.check().map_err(|reason| Error::ConfigJson { reason })?;
+        if steps == 0 {
+            return Err(Error::InvalidSteps { scheduler: "FlowMatchEuler", steps, max: usize::MAX });
+        }
+        Ok(Self::from_sigmas(config.spaced_sigmas(steps, image_seq_len), config.num_train_timesteps))
+    }
+
+    /// `steps + 1` sigmas ending in 0 → the schedule (timesteps `σ · N`).
+    fn from_sigmas(sigmas: Vec<f64>, num_train_timesteps: usize) -> Self {
+        let n = num_train_timesteps as f64;
+        let timesteps = sigmas[..sigmas.len().saturating_sub(1)].iter().map(|s| s * n).collect();
+        Self { sigmas, timesteps, num_train_timesteps }
     }
 
     /// The `steps + 1` sigmas, ending in 0.

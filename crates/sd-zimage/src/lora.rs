@@ -1,0 +1,181 @@
+//! LoRA adapters for the Z-Image transformer, merged into the weights while it loads.
+//!
+//! sd-lora parses the files (kohya, PEFT, LyCORIS), computes each module's update and merges it
+//! (`sd_lora::MergeBackend`); this module is Z-Image's key table. Understood names, as diffusers'
+//! `ZImageLoraLoaderMixin` (with `_convert_non_diffusers_z_image_lora_to_diffusers`) reads them:
+//! PEFT/diffusers (`transformer.layers.0.attention.to_q`, `diffusion_model.layers.0.attention.to_q`),
+//! kohya (`lora_unet_layers_0_attention_to_q`), and the original layout's `attention.out`,
+//! `attention.qkv`, `x_embedder`, `final_layer.*`. With a transformer file in the original layout, updates
+//! to the separate `to_q`/`to_k`/`to_v` land in their rows of the fused `qkv` weight.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_nn::var_builder::SimpleBackend;
+use sd_lora::{AdapterReport, LoraAdapter, Merge, MergeBackend, Target};
+
+use crate::config::ZImageConfig;
+use crate::error::{Error, Result};
+
+/// A LoRA to merge, with its strength (may be negative).
+#[derive(Debug, Clone)]
+pub struct ZImageLora {
+    /// The file.
+    pub path: PathBuf,
+    /// Multiplier of its update.
+    pub strength: f32,
+}
+
+impl ZImageLora {
+    /// A LoRA at `path` with `strength`.
+    pub fn new(path: impl Into<PathBuf>, strength: f32) -> Self {
+        Self { path: path.into(), strength }
+    }
+}
+
+/// Parses `path[:strength]` (strength defaults to 1 and may be negative), as sd-lora's specs.
+pub fn parse_lora_spec(spec: &str) -> Result<ZImageLora> {
+    let (path, strength) = sd_lora::parse_spec(spec)?;
+    Ok(ZImageLora { path, strength })
+}
+
+/// Every module name a LoRA may use for a transformer with `cfg` (diffusers and original names, dotted),
+/// with the weight it updates as the model asks for it (`fused_qkv`: the model holds `attention.qkv`).
+pub fn lora_targets(cfg: &ZImageConfig, fused_qkv: bool) -> HashMap<String, Target> {
+    let dim = cfg.dim;
+    let mut out = HashMap::new();
+    let whole = |out: &mut HashMap<String, Target>, alias: &str, weight: &str| {
+        out.insert(alias.to_string(), Target::whole(format!("{weight}.weight")));
+    };
+    let key = format!("{}-1", cfg.patch_size());
+    whole(&mut out, &format!("all_x_embedder.{key}"), &format!("all_x_embedder.{key}"));
+    whole(&mut out, "x_embedder", &format!("all_x_embedder.{key}"));
+    for (alias, weight) in [("linear", "linear"), ("adaLN_modulation.1", "adaLN_modulation.1")] {
+        whole(&mut out, &format!("all_final_layer.{key}.{alias}"), &format!("all_final_layer.{key}.{weight}"));
+        whole(&mut out, &format!("final_layer.{alias}"), &format!("all_final_layer.{key}.{weight}"));
+    }
+    for m in ["t_embedder.mlp.0", "t_embedder.mlp.2", "cap_embedder.1"] {
+        whole(&mut out, m, m);
+    }
+    let mut blocks: Vec<(String, bool)> = Vec::new();
+    for i in 0..cfg.n_layers {
+        blocks.push((format!("layers.{i}"), true));
+    }
+    for i in 0..cfg.n_refiner_layers {
+        blocks.push((format!("noise_refiner.{i}"), true));
+        blocks.push((format!("context_refiner.{i}"), false));
+    }
+    for (b, modulated) in blocks {
+        for m in ["feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "attention.to_out.0"] {
+            whole(&mut out, &format!("{b}.{m}"), &format!("{b}.{m}"));
+        }
+        whole(&mut out, &format!("{b}.attention.out"), &format!("{b}.attention.to_out.0"));
+        if modulated {
+            whole(&mut out, &format!("{b}.adaLN_modulation.0"), &format!("{b}.adaLN_modulation.0"));
+        }
+        let qkv = format!("{b}.attention.qkv.weight");
+        for (j, p) in ["to_q", "to_k", "to_v"].iter().enumerate() {
+            let alias = format!("{b}.attention.{p}");
+            let t = if fused_qkv { Target { weight: qkv.clone(), rows: Some((j * dim, dim)), swap_halves: false } } else { Target::whole(format!("{alias}.weight")) };
+            out.insert(alias, t);
+        }
+        if fused_qkv {
+            out.insert(format!("{b}.attention.qkv"), Target::whole(qkv));
+        }
+    }
+    out
+}
+
+/// The target of a LoRA module key, after stripping the prefixes trainers put in front.
+pub fn resolve_key<'a>(targets: &'a HashMap<String, Target>, underscored: &'a HashMap<String, String>, key: &str) -> Option<&'a Target> {
+    for prefix in ["lora_unet_", "lora_transformer_"] {
+        if let Some(rest) = key.strip_prefix(prefix) {
+            return underscored.get(rest).and_then(|k| targets.get(k));
+        }
+    }
+    let mut k = key;
+    for prefix in ["base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer."] {
+        k = k.strip_prefix(prefix).unwrap_or(k);
+    }
+    targets.get(k)
+}
+
+/// Opens `loras`, matches their modules against a transformer with `cfg`, and wraps `inner` so the merged
+/// weights are served; returns the backend and what each adapter matched. An adapter that matches nothing
+/// is an error; unmatched modules of a partly matching one are reported and logged.
+pub fn wrap_backend(
+    inner: Box<dyn SimpleBackend>,
+    cfg: &ZImageConfig,
+    fused_qkv: bool,
+    loras: &[ZImageLora],
+) -> Result<(Box<dyn SimpleBackend>, Vec<AdapterReport>)> {
+    if loras.is_empty() {
+        return Ok((inner, Vec::new()));
+    }
+    let targets = lora_targets(cfg, fused_qkv);
+    let underscored: HashMap<String, String> = targets.keys().map(|k| (k.replace('.', "_"), k.clone())).collect();
+    let mut merges: HashMap<String, Vec<Merge>> = HashMap::new();
+    let mut adapters = Vec::new();
+    let mut reports = Vec::new();
+    for (ai, lora) in loras.iter().enumerate() {
+        let adapter = LoraAdapter::open(&lora.path)?;
+        let mut report = AdapterReport { path: lora.path.clone(), strength: lora.strength, applied: Vec::new(), unmatched: Vec::new() };
+        for (mi, m) in adapter.modules().iter().enumerate() {
+            match resolve_key(&targets, &underscored, &m.key) {
+                Some(t) => {
+                    report.applied.push(m.key.clone());
+                    merges.entry(t.weight.clone()).or_default().push(Merge { adapter: ai, module: mi, strength: lora.strength, target: t.clone() });
+                }
+                None => report.unmatched.push(m.key.clone()),
+            }
+        }
+        if report.applied.is_empty() {
+            return Err(Error::LoraNoMatch {
+                path: lora.path.clone(),
+                modules: adapter.modules().len(),
+                example: adapter.modules().first().map(|m| m.key.clone()).unwrap_or_default(),
+            });
+        }
+        if let Some(first) = report.unmatched.first() {
+            tracing::warn!(
+                "LoRA {}: {} of {} modules match no Z-Image transformer weight and are ignored (e.g. {first})",
+                lora.path.display(),
+                report.unmatched.len(),
+                adapter.modules().len()
+            );
+        }
+        adapters.push(Arc::new(adapter));
+        reports.push(report);
+    }
+    let family = sd_lora::adapter::family_name(sd_core::ModelFamily::ZImage);
+    Ok((Box::new(MergeBackend::new(inner, merges, adapters, family)), reports))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_of_every_naming_scheme_resolve() {
+        let cfg = ZImageConfig::default();
+        for fused in [false, true] {
+            let t = lora_targets(&cfg, fused);
+            let u: HashMap<String, String> = t.keys().map(|k| (k.replace('.', "_"), k.clone())).collect();
+            let r = |k: &str| resolve_key(&t, &u, k).cloned();
+            let q = r("transformer.layers.3.attention.to_k").expect("to_k");
+            if fused {
+                assert_eq!((q.weight.as_str(), q.rows), ("layers.3.attention.qkv.weight", Some((3840, 3840))));
+            } else {
+                assert_eq!((q.weight.as_str(), q.rows), ("layers.3.attention.to_k.weight", None));
+            }
+            assert_eq!(r("lora_unet_layers_3_attention_to_k"), Some(q));
+            assert_eq!(r("diffusion_model.layers.0.attention.out").map(|t| t.weight), Some("layers.0.attention.to_out.0.weight".into()));
+            assert_eq!(r("lora_unet_noise_refiner_1_adaLN_modulation_0").map(|t| t.weight), Some("noise_refiner.1.adaLN_modulation.0.weight".into()));
+            assert_eq!(r("diffusion_model.final_layer.linear").map(|t| t.weight), Some("all_final_layer.2-1.linear.weight".into()));
+            assert_eq!(r("context_refiner.0.adaLN_modulation.0"), None);
+            assert_eq!(r("layers.30.attention.to_q"), None);
+            assert_eq!(r("lora_te1_text_model_encoder_layers_0_mlp_fc1"), None);
+        }
+    }
+}
