@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 use sd_core::image_io::{image_to_tensor, infotext, mask_to_tensor, save_png, tensor_to_images};
 use sd_core::run::{random_seed, ImageToImage, Inpaint, NoiseKind, RunContext, Task};
-use sd_sd3::pipeline::{capabilities, generate};
+use sd_sd3::pipeline::{capabilities, generate_with, SkipLayerGuidance};
 use sd_sd3::{load, Sd3LoadOptions, Sd3Models};
 use sd_toolkit::{device, model_name, parse_dtype, progress_bar, AnyResult};
 
@@ -66,6 +66,12 @@ struct Cli {
     /// A1111's clip skip (1: diffusers' default, the penultimate CLIP layer).
     #[arg(long, default_value_t = 1)]
     clip_skip: usize,
+    /// Skip-layer guidance: blocks to leave out of an extra call (SD 3.5 Medium: `7,8,9`); text to image with CFG.
+    #[arg(long, value_delimiter = ',')]
+    slg: Vec<usize>,
+    /// Skip-layer guidance scale.
+    #[arg(long, default_value_t = 2.8)]
+    slg_scale: f64,
     /// Noise generator behind the seed: `philox` or `torch` (a diffusers CPU seed reproduces its image).
     #[arg(long, default_value = "philox")]
     noise: String,
@@ -139,7 +145,8 @@ fn body() -> AnyResult<()> {
         (None, None) => Task::TextToImage,
     };
     let t1 = std::time::Instant::now();
-    let out = generate(&models, &p, &task, &mut RunContext::with_progress(&mut bar))?;
+    let slg = (!cli.slg.is_empty()).then(|| SkipLayerGuidance { scale: cli.slg_scale, ..SkipLayerGuidance::new(cli.slg.clone()) });
+    let out = generate_with(&models, &p, &task, &mut RunContext::with_progress(&mut bar), slg.as_ref())?;
     // GPU work runs asynchronously: wait for it so the time covers the whole generation.
     models.device.synchronize()?;
     eprintln!("generate: {:.2} s", t1.elapsed().as_secs_f64());
@@ -154,6 +161,11 @@ fn body() -> AnyResult<()> {
     ];
     if cli.init_image.is_some() {
         fields.push(("Denoising strength", strength.to_string()));
+    }
+    if let Some(s) = &slg {
+        let layers: Vec<String> = s.layers.iter().map(usize::to_string).collect();
+        fields.push(("SLG layers", layers.join(",")));
+        fields.push(("SLG scale", s.scale.to_string()));
     }
     let text = infotext(&p.prompt, &p.negative_prompt, &fields);
     let images = tensor_to_images(&out.images)?;

@@ -19,6 +19,7 @@ if [ -f tools/lora_fixtures.py ]; then "$PY" tools/lora_fixtures.py; fi
 "$PY" tools/flux_kontext_goldens.py
 "$PY" tools/flux_fill_goldens.py
 "$PY" tools/zimage_fixtures.py
+"$PY" tools/flux2_fixtures.py
 "$PY" tools/sd3_fixtures.py
 "$PY" tools/sd3_lora_fixtures.py
 "$PY" tools/ti_goldens.py

@@ -28,6 +28,9 @@ pub enum ModelFamily {
     Sd3,
     /// Z-Image (Turbo and base): single-stream DiT, Qwen3 text encoder, FLUX.1's VAE, run by sd-zimage.
     ZImage,
+    /// FLUX.2 [klein]: double/single-stream DiT, Qwen3 text encoder (layers 9, 18, 27), 32-channel VAE with
+    /// 2×2-patchified, batch-norm-normalised latents, run by sd-flux2.
+    Flux2,
 }
 
 /// How a family reads its prompt.

@@ -52,6 +52,21 @@ const SD3_FACTORS: [[f32; 3]; 16] = [
 ];
 const SD3_BIAS: [f32; 3] = [0.2394, 0.2135, 0.1925];
 
+/// FLUX.2 latent → RGB and bias: ComfyUI's `comfy/latent_formats.py` (class `Flux2`, 32 rows applied to
+/// the 128-channel patchified latents after `latent_rgb_factors_reshape` unfolds their 2×2 patches into
+/// 32 channels at twice the resolution), fitted to FLUX.2 VAE decodes.
+const FLUX2_FACTORS: [[f32; 3]; 32] = [
+    [0.0058, 0.0113, 0.0073], [0.0495, 0.0443, 0.0836], [-0.0099, 0.0096, 0.0644], [0.2144, 0.3009, 0.3652],
+    [0.0166, -0.0039, -0.0054], [0.0157, 0.0103, -0.0160], [-0.0398, 0.0902, -0.0235], [-0.0052, 0.0095, 0.0109],
+    [-0.3527, -0.2712, -0.1666], [-0.0301, -0.0356, -0.0180], [-0.0107, 0.0078, 0.0013], [0.0746, 0.0090, -0.0941],
+    [0.0156, 0.0169, 0.0070], [-0.0034, -0.0040, -0.0114], [0.0032, 0.0181, 0.0080], [-0.0939, -0.0008, 0.0186],
+    [0.0018, 0.0043, 0.0104], [0.0284, 0.0056, -0.0127], [-0.0024, -0.0022, -0.0030], [0.1207, -0.0026, 0.0065],
+    [0.0128, 0.0101, 0.0142], [0.0137, -0.0072, -0.0007], [0.0095, 0.0092, -0.0059], [0.0000, -0.0077, -0.0049],
+    [-0.0465, -0.0204, -0.0312], [0.0095, 0.0012, -0.0066], [0.0290, -0.0034, 0.0025], [0.0220, 0.0169, -0.0048],
+    [-0.0332, -0.0457, -0.0468], [-0.0085, 0.0389, 0.0609], [-0.0076, 0.0003, -0.0043], [-0.0111, -0.0460, -0.0614],
+];
+const FLUX2_BIAS: [f32; 3] = [-0.0329, -0.0718, -0.0851];
+
 /// SD 1.x / 2.x and SDXL factors, as ComfyUI and A1111 use them for their "latent2rgb" previews.
 const SD_FACTORS: [[f32; 3]; 4] =
     [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]];
@@ -66,6 +81,7 @@ fn factors(family: ModelFamily) -> (&'static [[f32; 3]], [f32; 3]) {
         // Z-Image decodes with FLUX.1's autoencoder, so its latents read the same.
         ModelFamily::Flux | ModelFamily::ZImage => (&FLUX_FACTORS, FLUX_BIAS),
         ModelFamily::Sd3 => (&SD3_FACTORS, SD3_BIAS),
+        ModelFamily::Flux2 => (&FLUX2_FACTORS, FLUX2_BIAS),
     }
 }
 
@@ -74,6 +90,13 @@ fn factors(family: ModelFamily) -> (&'static [[f32; 3]], [f32; 3]) {
 pub fn latents_to_rgb(latents: &Tensor, family: ModelFamily) -> Result<RgbImage> {
     let first = latents.get(0)?.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
     let (c, h, w) = first.dims3()?;
+    // FLUX.2's transformer latents are 2×2 patches of 32 channels: unfold them first (ComfyUI's reshape).
+    let (first, c, h, w) = if family == ModelFamily::Flux2 && c == 128 {
+        let t = first.reshape((32, 2, 2, h, w))?.permute((0, 3, 1, 4, 2))?.reshape((32, 2 * h, 2 * w))?;
+        (t, 32, 2 * h, 2 * w)
+    } else {
+        (first, c, h, w)
+    };
     let data = first.flatten_all()?.to_vec1::<f32>()?;
     let (m, bias) = factors(family);
     let plane = h * w;

@@ -927,7 +927,9 @@ proptest! {
         prop_assert!(sched.init_noise_sigma() > 0.0);
         if let Some(sigmas) = sched.sigmas() {
             prop_assert_eq!(sigmas.len(), expected_calls(kind, steps) + 1);
-            let slack = if matches!(kind, SamplerKind::Dpm2Ancestral | SamplerKind::DpmPp2sAncestral) { 1e-4 } else { 0.0 };
+            // Their midpoints go through the timestep ↔ sigma interpolation in f32: where a schedule repeats a
+            // sigma (beta sigmas at few steps), a midpoint can land up to ~2e-4 above its neighbour.
+            let slack = if matches!(kind, SamplerKind::Dpm2Ancestral | SamplerKind::DpmPp2sAncestral) { 1e-3 } else { 0.0 };
             prop_assert!(sigmas.windows(2).all(|w| w[0] * (1.0 + slack) >= w[1]), "sigmas not non-increasing: {:?}", sigmas);
             if kind == SamplerKind::Deis {
                 // diffusers' DEIS ends at the smallest training sigma (or repeats the last one).

@@ -21,6 +21,9 @@ pub enum Error {
     /// From loading or running a Z-Image model.
     #[error(transparent)]
     ZImage(#[from] sd_zimage::Error),
+    /// From loading or running a FLUX.2 model.
+    #[error(transparent)]
+    Flux2(#[from] sd_flux2::Error),
     /// A LoRA could not be read or applied; `field` is `loras[i]`, or `loras` when the failing one
     /// cannot be told.
     #[error("{message}")]
@@ -60,7 +63,8 @@ impl Error {
             | Error::StableDiffusion(sd_pipelines::Error::Core(e))
             | Error::Flux(sd_flux::Error::Core(e))
             | Error::Sd3(sd_sd3::Error::Core(e))
-            | Error::ZImage(sd_zimage::Error::Core(e)) => Some(e),
+            | Error::ZImage(sd_zimage::Error::Core(e))
+            | Error::Flux2(sd_flux2::Error::Core(e)) => Some(e),
             _ => None,
         }
     }
@@ -73,7 +77,8 @@ impl Error {
             | Error::StableDiffusion(sd_pipelines::Error::Core(e))
             | Error::Flux(sd_flux::Error::Core(e))
             | Error::Sd3(sd_sd3::Error::Core(e))
-            | Error::ZImage(sd_zimage::Error::Core(e)) => Ok(e),
+            | Error::ZImage(sd_zimage::Error::Core(e))
+            | Error::Flux2(sd_flux2::Error::Core(e)) => Ok(e),
             other => Err(other),
         }
     }

@@ -64,13 +64,13 @@ impl FluxModel {
         };
         let axes = sd_flux::transformer::folder_axes(&repo.join("transformer"))?;
         let caps = sd_flux::pipeline::capabilities(&models);
-        let skipped_embeddings = skipped(&spec.embeddings);
+        let skipped_embeddings = crate::skipped_embeddings(&spec.embeddings, "FLUX.1");
         Ok(Self { models, caps, transformer: path.to_path_buf(), axes, applied: Vec::new(), skipped_embeddings })
     }
 
     /// Lists the embedding files of `dirs` afresh, all skipped.
     pub(crate) fn load_embeddings(&mut self, dirs: &[std::path::PathBuf]) {
-        self.skipped_embeddings = skipped(dirs);
+        self.skipped_embeddings = crate::skipped_embeddings(dirs, "FLUX.1");
     }
 
     /// FLUX LoRAs touch only the transformer, so only it is reloaded (T5-XXL is the largest part).
@@ -96,12 +96,7 @@ impl FluxModel {
     }
 
     pub(crate) fn generate(&mut self, p: &Request, task: &Task<'_>, run: &mut RunContext<'_>, extras: &Extras<'_>) -> Result<Generated> {
-        if !extras.controlnets.is_empty() {
-            return Err(Error::Unsupported { field: "controlnets", reason: "FLUX.1 models here take no ControlNet; ControlNets steer Stable Diffusion models".into() });
-        }
-        if extras.hires.is_some() {
-            return Err(Error::Unsupported { field: "hires", reason: "FLUX.1 has no hires fix here; ask for the final size directly".into() });
-        }
+        crate::refuse_sd_extras(extras, "FLUX.1")?;
         self.set_loras(extras.loras)?;
         let out = sd_flux::pipeline::generate(&self.models, p, task, run)?;
         Ok(Generated { images: out.images, latents: out.latents, seed: out.seed })
@@ -124,12 +119,4 @@ impl FluxModel {
         fields.extend(extra.iter().map(|(k, v)| (*k, v.clone())));
         infotext(prompt, "", &fields)
     }
-}
-
-/// Every embedding file of `dirs`, as skipped: FLUX takes none.
-fn skipped(dirs: &[std::path::PathBuf]) -> Vec<SkippedEmbedding> {
-    crate::embedding_files(dirs)
-        .into_iter()
-        .map(|path| SkippedEmbedding { name: crate::file_stem(&path), path, reason: "FLUX models take no textual-inversion embeddings".into() })
-        .collect()
 }

@@ -2,7 +2,7 @@
 //! One entry to every model family of the workspace.
 //!
 //! The family crates (`sd-pipelines` for Stable Diffusion 1.x/2.x/XL, `sd-flux` for FLUX.1, `sd-sd3` for
-//! SD 3.x, `sd-zimage` for Z-Image) never depend on each other; this crate is the one place that knows them all. It detects a model's
+//! SD 3.x, `sd-zimage` for Z-Image, `sd-flux2` for FLUX.2) never depend on each other; this crate is the one place that knows them all. It detects a model's
 //! family from its files ([`detect`]), loads it ([`LoadedModel::load`]), says what it can do
 //! ([`LoadedModel::capabilities`], sd-core's rule set), keeps the LoRAs merged into it and the
 //! ControlNets attached to it between runs, and runs an sd-core [`Request`] + [`Task`] through the
@@ -28,6 +28,7 @@
 
 mod error;
 mod flux;
+mod flux2;
 mod sd3;
 mod stable_diffusion;
 mod zimage;
@@ -40,6 +41,7 @@ use sd_core::run::{RunContext, Task};
 
 pub use error::{Error, Result};
 pub use flux::FluxModel;
+pub use flux2::Flux2Model;
 pub use sd3::Sd3Model;
 pub use zimage::ZImageModel;
 pub use sd_core::family::{Capabilities, ModelFamily};
@@ -59,29 +61,35 @@ pub enum Family {
     Sd3,
     /// Z-Image Turbo and base (`sd-zimage`).
     ZImage,
+    /// FLUX.2 [klein] (`sd-flux2`).
+    Flux2,
 }
 
 impl Family {
     /// Every family.
-    pub const ALL: [Family; 4] = [Family::Flux, Family::Sd3, Family::ZImage, Family::StableDiffusion];
+    pub const ALL: [Family; 5] = [Family::Flux, Family::Flux2, Family::Sd3, Family::ZImage, Family::StableDiffusion];
 
-    /// A short lower-case name (`stable-diffusion`, `flux`, `sd3`, `z-image`).
+    /// A short lower-case name (`stable-diffusion`, `flux`, `sd3`, `z-image`, `flux2`).
     pub fn name(self) -> &'static str {
         match self {
             Family::StableDiffusion => "stable-diffusion",
             Family::Flux => "flux",
             Family::Sd3 => "sd3",
             Family::ZImage => "z-image",
+            Family::Flux2 => "flux2",
         }
     }
 }
 
 /// The family of the model at `path` (a diffusers folder, a single checkpoint file or a transformer
-/// file), read from its files: FLUX, SD 3.x or Z-Image when a `model_index.json` / `config.json` names one of their
+/// file), read from its files: FLUX.1, FLUX.2, SD 3.x or Z-Image when a `model_index.json` / `config.json` names one of their
 /// classes or the tensors are their transformer's, else Stable Diffusion (whose loader then says what is
 /// wrong with a path that is none of them).
 pub fn detect(path: &Path) -> Family {
-    if sd_flux::detect::is_flux(path) {
+    // Before FLUX.1: FLUX.2's class names start with "Flux" too.
+    if sd_flux2::detect::is_flux2(path) {
+        Family::Flux2
+    } else if sd_flux::detect::is_flux(path) {
         Family::Flux
     } else if sd_sd3::detect::is_sd3(path) {
         Family::Sd3
@@ -148,6 +156,25 @@ pub struct SkippedEmbedding {
 /// A file's stem, as the name prompts use.
 pub(crate) fn file_stem(path: &Path) -> String {
     path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// Every embedding file of `dirs`, as skipped by a family (`name`) that takes none.
+pub(crate) fn skipped_embeddings(dirs: &[PathBuf], name: &str) -> Vec<SkippedEmbedding> {
+    embedding_files(dirs)
+        .into_iter()
+        .map(|path| SkippedEmbedding { name: file_stem(&path), path, reason: format!("{name} models take no textual-inversion embeddings here") })
+        .collect()
+}
+
+/// Refuses the SD-only extras (ControlNet units, the hires fix) for the transformer family `name`.
+pub(crate) fn refuse_sd_extras(extras: &Extras<'_>, name: &str) -> Result<()> {
+    if !extras.controlnets.is_empty() {
+        return Err(Error::Unsupported { field: "controlnets", reason: format!("{name} models here take no ControlNet; ControlNets steer SD 1.x/2.x/XL models") });
+    }
+    if extras.hires.is_some() {
+        return Err(Error::Unsupported { field: "hires", reason: format!("{name} has no hires fix here; ask for the final size directly") });
+    }
+    Ok(())
 }
 
 /// The embedding files under `paths` (files as given; folders searched recursively, sorted).
@@ -246,6 +273,8 @@ pub enum LoadedModel {
     Sd3(Box<Sd3Model>),
     /// Z-Image.
     ZImage(Box<ZImageModel>),
+    /// FLUX.2 [klein].
+    Flux2(Box<Flux2Model>),
 }
 
 impl LoadedModel {
@@ -257,6 +286,7 @@ impl LoadedModel {
             Family::Flux => Self::Flux(Box::new(FluxModel::load(path, spec)?)),
             Family::Sd3 => Self::Sd3(Box::new(Sd3Model::load(path, spec)?)),
             Family::ZImage => Self::ZImage(Box::new(ZImageModel::load(path, spec)?)),
+            Family::Flux2 => Self::Flux2(Box::new(Flux2Model::load(path, spec)?)),
         })
     }
 
@@ -267,6 +297,7 @@ impl LoadedModel {
             Self::Flux(_) => Family::Flux,
             Self::Sd3(_) => Family::Sd3,
             Self::ZImage(_) => Family::ZImage,
+            Self::Flux2(_) => Family::Flux2,
         }
     }
 
@@ -278,6 +309,7 @@ impl LoadedModel {
             Self::Flux(m) => &m.caps,
             Self::Sd3(m) => &m.caps,
             Self::ZImage(m) => &m.caps,
+            Self::Flux2(m) => &m.caps,
         }
     }
 
@@ -288,6 +320,7 @@ impl LoadedModel {
             Self::Flux(m) => m.models.dtype,
             Self::Sd3(m) => m.models.dtype,
             Self::ZImage(m) => m.models.dtype,
+            Self::Flux2(m) => m.dtype(),
         }
     }
 
@@ -298,6 +331,7 @@ impl LoadedModel {
             Self::Flux(m) => &m.models.device,
             Self::Sd3(m) => &m.models.device,
             Self::ZImage(m) => &m.models.device,
+            Self::Flux2(m) => &m.models.device,
         }
     }
 
@@ -305,7 +339,7 @@ impl LoadedModel {
     pub fn unet_config(&self) -> Option<&sd_models::UNetConfig> {
         match self {
             Self::StableDiffusion(m) => Some(m.models.unet.config()),
-            Self::Flux(_) | Self::Sd3(_) | Self::ZImage(_) => None,
+            Self::Flux(_) | Self::Sd3(_) | Self::ZImage(_) | Self::Flux2(_) => None,
         }
     }
 
@@ -316,6 +350,7 @@ impl LoadedModel {
             Self::Flux(m) => (Vec::new(), &m.skipped_embeddings),
             Self::Sd3(m) => (Vec::new(), &m.skipped_embeddings),
             Self::ZImage(m) => (Vec::new(), &m.skipped_embeddings),
+            Self::Flux2(m) => (Vec::new(), &m.skipped_embeddings),
         }
     }
 
@@ -326,10 +361,11 @@ impl LoadedModel {
             (Self::StableDiffusion(m), path) => m.set_vae(path),
             (Self::Flux(_), None) => Ok(()),
             (Self::Flux(_), Some(_)) => Err(Error::Unsupported { field: "vae", reason: "FLUX.1 models here decode with the VAE they loaded with".into() }),
-            (Self::Sd3(_) | Self::ZImage(_), None) => Ok(()),
-            (Self::Sd3(_) | Self::ZImage(_), Some(_)) => {
-                Err(Error::Unsupported { field: "vae", reason: "SD 3.x and Z-Image models here decode with the VAE they loaded with".into() })
-            }
+            (Self::Sd3(_) | Self::ZImage(_) | Self::Flux2(_), None) => Ok(()),
+            (Self::Sd3(_) | Self::ZImage(_) | Self::Flux2(_), Some(_)) => Err(Error::Unsupported {
+                field: "vae",
+                reason: "SD 3.x, Z-Image and FLUX.2 models here decode with the VAE they loaded with".into(),
+            }),
         }
     }
 
@@ -341,6 +377,7 @@ impl LoadedModel {
             Self::Flux(m) => m.load_embeddings(dirs),
             Self::Sd3(m) => m.load_embeddings(dirs),
             Self::ZImage(m) => m.load_embeddings(dirs),
+            Self::Flux2(m) => m.load_embeddings(dirs),
         }
     }
 
@@ -352,7 +389,7 @@ impl LoadedModel {
                 .into_iter()
                 .filter_map(|i| m.models.embeddings.get(i).map(info))
                 .collect(),
-            Self::Flux(_) | Self::Sd3(_) | Self::ZImage(_) => Vec::new(),
+            Self::Flux(_) | Self::Sd3(_) | Self::ZImage(_) | Self::Flux2(_) => Vec::new(),
         }
     }
 
@@ -364,6 +401,7 @@ impl LoadedModel {
             Self::Flux(m) => m.set_loras(loras),
             Self::Sd3(m) => m.set_loras(loras),
             Self::ZImage(m) => m.set_loras(loras),
+            Self::Flux2(m) => m.set_loras(loras),
         }
     }
 
@@ -375,6 +413,7 @@ impl LoadedModel {
             Self::Flux(m) => m.generate(request, task, run, extras),
             Self::Sd3(m) => m.generate(request, task, run, extras),
             Self::ZImage(m) => m.generate(request, task, run, extras),
+            Self::Flux2(m) => m.generate(request, task, run, extras),
         }
     }
 
@@ -386,6 +425,7 @@ impl LoadedModel {
             Self::Flux(m) => Ok(sd_flux::pipeline::decode_latents(&m.models, latents)?),
             Self::Sd3(m) => Ok(sd_sd3::pipeline::decode_latents(&m.models, latents, request)?),
             Self::ZImage(m) => Ok(sd_zimage::pipeline::decode_latents(&m.models, latents)?),
+            Self::Flux2(m) => Ok(sd_flux2::pipeline::decode_latents(&m.models, latents)?),
         }
     }
 
@@ -398,6 +438,7 @@ impl LoadedModel {
             Self::Flux(m) => m.infotext(request, prompt, model_name, extra),
             Self::Sd3(m) => m.infotext(request, prompt, model_name, extra),
             Self::ZImage(m) => m.infotext(request, prompt, model_name, extra),
+            Self::Flux2(m) => m.infotext(request, prompt, model_name, extra),
         }
     }
 }

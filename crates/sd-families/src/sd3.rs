@@ -45,13 +45,13 @@ impl Sd3Model {
         let opts = Sd3LoadOptions { dtype: spec.dtype, device: spec.device.clone(), components: spec.components.clone(), ..Sd3LoadOptions::default() };
         let models = sd_sd3::load(path, &opts)?;
         let caps = sd_sd3::pipeline::capabilities(&models);
-        let skipped_embeddings = skipped(&spec.embeddings);
+        let skipped_embeddings = crate::skipped_embeddings(&spec.embeddings, "SD 3.x");
         Ok(Self { models, caps, path: path.to_path_buf(), applied: Vec::new(), skipped_embeddings })
     }
 
     /// Lists the embedding files of `dirs` afresh, all skipped.
     pub(crate) fn load_embeddings(&mut self, dirs: &[PathBuf]) {
-        self.skipped_embeddings = skipped(dirs);
+        self.skipped_embeddings = crate::skipped_embeddings(dirs, "SD 3.x");
     }
 
     /// SD 3.x LoRAs here touch only the MMDiT, so only it is reloaded (T5-XXL is the largest part).
@@ -78,12 +78,7 @@ impl Sd3Model {
     }
 
     pub(crate) fn generate(&mut self, p: &Request, task: &Task<'_>, run: &mut RunContext<'_>, extras: &Extras<'_>) -> Result<Generated> {
-        if !extras.controlnets.is_empty() {
-            return Err(Error::Unsupported { field: "controlnets", reason: "SD 3.x models here take no ControlNet; ControlNets steer SD 1.x/2.x/XL models".into() });
-        }
-        if extras.hires.is_some() {
-            return Err(Error::Unsupported { field: "hires", reason: "SD 3.x has no hires fix here; ask for the final size directly".into() });
-        }
+        crate::refuse_sd_extras(extras, "SD 3.x")?;
         self.set_loras(extras.loras)?;
         let out = sd_sd3::pipeline::generate(&self.models, p, task, run)?;
         Ok(Generated { images: out.images, latents: out.latents, seed: out.seed })
@@ -106,12 +101,4 @@ impl Sd3Model {
         fields.extend(extra.iter().map(|(k, v)| (*k, v.clone())));
         infotext(prompt, &p.negative_prompt, &fields)
     }
-}
-
-/// Every embedding file of `dirs`, as skipped: SD 3.x takes none here.
-fn skipped(dirs: &[PathBuf]) -> Vec<SkippedEmbedding> {
-    crate::embedding_files(dirs)
-        .into_iter()
-        .map(|path| SkippedEmbedding { name: crate::file_stem(&path), path, reason: "SD 3.x models take no textual-inversion embeddings here".into() })
-        .collect()
 }

@@ -62,13 +62,13 @@ impl ZImageModel {
             (None, false) => (sd_zimage::load(path, &opts)?, path.to_path_buf()),
         };
         let caps = sd_zimage::pipeline::capabilities(&models);
-        let skipped_embeddings = skipped(&spec.embeddings);
+        let skipped_embeddings = crate::skipped_embeddings(&spec.embeddings, "Z-Image");
         Ok(Self { models, caps, transformer, applied: Vec::new(), skipped_embeddings })
     }
 
     /// Lists the embedding files of `dirs` afresh, all skipped.
     pub(crate) fn load_embeddings(&mut self, dirs: &[PathBuf]) {
-        self.skipped_embeddings = skipped(dirs);
+        self.skipped_embeddings = crate::skipped_embeddings(dirs, "Z-Image");
     }
 
     /// Z-Image LoRAs touch only the transformer, so only it is reloaded.
@@ -94,12 +94,7 @@ impl ZImageModel {
     }
 
     pub(crate) fn generate(&mut self, p: &Request, task: &Task<'_>, run: &mut RunContext<'_>, extras: &Extras<'_>) -> Result<Generated> {
-        if !extras.controlnets.is_empty() {
-            return Err(Error::Unsupported { field: "controlnets", reason: "Z-Image models here take no ControlNet; ControlNets steer SD 1.x/2.x/XL models".into() });
-        }
-        if extras.hires.is_some() {
-            return Err(Error::Unsupported { field: "hires", reason: "Z-Image has no hires fix here; ask for the final size directly".into() });
-        }
+        crate::refuse_sd_extras(extras, "Z-Image")?;
         self.set_loras(extras.loras)?;
         let out = sd_zimage::pipeline::generate(&self.models, p, task, run)?;
         Ok(Generated { images: out.images, latents: out.latents, seed: out.seed })
@@ -119,12 +114,4 @@ impl ZImageModel {
         fields.extend(extra.iter().map(|(k, v)| (*k, v.clone())));
         infotext(prompt, &p.negative_prompt, &fields)
     }
-}
-
-/// Every embedding file of `dirs`, as skipped: Z-Image takes none.
-fn skipped(dirs: &[PathBuf]) -> Vec<SkippedEmbedding> {
-    crate::embedding_files(dirs)
-        .into_iter()
-        .map(|path| SkippedEmbedding { name: crate::file_stem(&path), path, reason: "Z-Image models take no textual-inversion embeddings".into() })
-        .collect()
 }

@@ -11,11 +11,10 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use candle_nn::var_builder::SimpleBackend;
 use candle_transformers::models::flux::model::Config;
-use sd_lora::{AdapterReport, LoraAdapter, Merge, MergeBackend};
+use sd_lora::{AdapterReport, TransformerLoras};
 
 use crate::error::{Error, Result};
 use crate::keymap::{bfl_to_diffusers, DiffusersSource};
@@ -120,46 +119,20 @@ pub fn wrap_backend(
     config: &Config,
     loras: &[FluxLora],
 ) -> Result<(Box<dyn SimpleBackend>, Vec<AdapterReport>)> {
-    if loras.is_empty() {
-        return Ok((inner, Vec::new()));
-    }
     let targets = lora_targets(config);
     let underscored: HashMap<String, String> = targets.keys().map(|k| (k.replace('.', "_"), k.clone())).collect();
-    let mut merges: HashMap<String, Vec<Merge>> = HashMap::new();
-    let mut adapters = Vec::new();
-    let mut reports = Vec::new();
-    for (ai, lora) in loras.iter().enumerate() {
-        let adapter = LoraAdapter::open(&lora.path)?;
-        let mut report = AdapterReport { path: lora.path.clone(), strength: lora.strength, applied: Vec::new(), unmatched: Vec::new() };
-        for (mi, m) in adapter.modules().iter().enumerate() {
-            match resolve_key(&targets, &underscored, &m.key) {
-                Some(t) => {
-                    report.applied.push(m.key.clone());
-                    merges.entry(t.weight.clone()).or_default().push(Merge { adapter: ai, module: mi, strength: lora.strength, target: t.clone() });
-                }
-                None => report.unmatched.push(m.key.clone()),
-            }
-        }
-        if report.applied.is_empty() {
-            return Err(Error::LoraNoMatch {
-                path: lora.path.clone(),
-                modules: adapter.modules().len(),
-                example: adapter.modules().first().map(|m| m.key.clone()).unwrap_or_default(),
-            });
-        }
-        if let Some(first) = report.unmatched.first() {
-            tracing::warn!(
-                "LoRA {}: {} of {} modules match no FLUX transformer weight and are ignored (e.g. {first})",
-                lora.path.display(),
-                report.unmatched.len(),
-                adapter.modules().len()
-            );
-        }
-        adapters.push(Arc::new(adapter));
-        reports.push(report);
-    }
-    let family = sd_lora::adapter::family_name(sd_models::ModelFamily::Flux);
-    Ok((Box::new(MergeBackend::new(inner, merges, adapters, family)), reports))
+    let plan = TransformerLoras {
+        family: sd_models::ModelFamily::Flux,
+        model: "FLUX transformer",
+        resolve: &|key| resolve_key(&targets, &underscored, key).cloned(),
+        factor: &|_, _, _| 1.0,
+    };
+    let files: Vec<(PathBuf, f32)> = loras.iter().map(|l| (l.path.clone(), l.strength)).collect();
+    plan.wrap(inner, &files, &|path, adapter| Error::LoraNoMatch {
+        path: path.to_path_buf(),
+        modules: adapter.modules().len(),
+        example: adapter.modules().first().map(|m| m.key.clone()).unwrap_or_default(),
+    })
 }
 
 /// Parses `path[:strength]` (strength defaults to 1 and may be negative), as sd-lora's specs.

@@ -540,6 +540,7 @@ pub fn family_name(f: ModelFamily) -> &'static str {
         ModelFamily::Flux => "FLUX",
         ModelFamily::Sd3 => "SD 3.x",
         ModelFamily::ZImage => "Z-Image",
+        ModelFamily::Flux2 => "FLUX.2",
     }
 }
 

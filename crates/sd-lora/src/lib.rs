@@ -21,5 +21,5 @@ pub mod set;
 pub use adapter::{AdapterKind, LoraAdapter, LoraFormat, LoraMetadata, LoraModule};
 pub use error::{Error, Result};
 pub use live::LivePatcher;
-pub use merge::{Merge, MergeBackend, Target};
+pub use merge::{Merge, MergeBackend, Target, TransformerLoras};
 pub use set::{parse_spec, AdapterReport, LoraReport, LoraSet};

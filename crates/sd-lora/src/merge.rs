@@ -209,6 +209,69 @@ fn fit(delta: Tensor, want: &Shape) -> Option<Tensor> {
     }
 }
 
+/// How a family turns its LoRA files into a [`MergeBackend`] over its transformer's weights.
+pub struct TransformerLoras<'a> {
+    /// The model family (for the merge backend's error hints).
+    pub family: sd_models::ModelFamily,
+    /// What the adapters are merged into, in warnings ("FLUX transformer").
+    pub model: &'a str,
+    /// The target of a module key (after the family's prefix rules), `None` when it names no weight.
+    pub resolve: &'a dyn Fn(&str) -> Option<Target>,
+    /// An extra strength factor per module of adapter `index` (PEFT's `lora_alpha` from file metadata); 1 for
+    /// most families.
+    pub factor: &'a dyn Fn(usize, &LoraAdapter, &crate::LoraModule) -> f32,
+}
+
+impl TransformerLoras<'_> {
+    /// Opens `loras` (file, strength), matches each module, and wraps `inner` so the merged weights are
+    /// served; returns the backend and what each adapter matched. An adapter that matches nothing becomes
+    /// `no_match(path, adapter)` (the family's error, naming what the file seems to be for); unmatched modules
+    /// of a partly matching one (text-encoder modules, for instance) are reported and logged.
+    pub fn wrap<E: From<crate::Error>>(
+        &self,
+        inner: Box<dyn SimpleBackend>,
+        loras: &[(std::path::PathBuf, f32)],
+        no_match: &dyn Fn(&std::path::Path, &LoraAdapter) -> E,
+    ) -> std::result::Result<(Box<dyn SimpleBackend>, Vec<crate::AdapterReport>), E> {
+        if loras.is_empty() {
+            return Ok((inner, Vec::new()));
+        }
+        let mut merges: HashMap<String, Vec<Merge>> = HashMap::new();
+        let mut adapters = Vec::new();
+        let mut reports = Vec::new();
+        for (ai, (path, strength)) in loras.iter().enumerate() {
+            let adapter = LoraAdapter::open(path)?;
+            let mut report = crate::AdapterReport { path: path.clone(), strength: *strength, applied: Vec::new(), unmatched: Vec::new() };
+            for (mi, m) in adapter.modules().iter().enumerate() {
+                match (self.resolve)(&m.key) {
+                    Some(target) => {
+                        report.applied.push(m.key.clone());
+                        let strength = strength * (self.factor)(ai, &adapter, m);
+                        merges.entry(target.weight.clone()).or_default().push(Merge { adapter: ai, module: mi, strength, target });
+                    }
+                    None => report.unmatched.push(m.key.clone()),
+                }
+            }
+            if report.applied.is_empty() {
+                return Err(no_match(path, &adapter));
+            }
+            if let Some(first) = report.unmatched.first() {
+                tracing::warn!(
+                    "LoRA {}: {} of {} modules match no {} weight and are ignored (e.g. {first})",
+                    path.display(),
+                    report.unmatched.len(),
+                    adapter.modules().len(),
+                    self.model
+                );
+            }
+            adapters.push(Arc::new(adapter));
+            reports.push(report);
+        }
+        let family = crate::adapter::family_name(self.family);
+        Ok((Box::new(MergeBackend::new(inner, merges, adapters, family)), reports))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

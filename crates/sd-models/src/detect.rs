@@ -46,7 +46,7 @@ fn pick(path: &Path, family: ModelFamily, inpaint: bool, turbo: bool) -> Result<
         (ModelFamily::Flux, ..) => {
             return Err(Error::UnknownArchitecture { path: path.to_path_buf(), reason: FLUX_HINT.to_string() })
         }
-        (ModelFamily::Sd3 | ModelFamily::ZImage, ..) => {
+        (ModelFamily::Sd3 | ModelFamily::ZImage | ModelFamily::Flux2, ..) => {
             return Err(Error::UnknownArchitecture {
                 path: path.to_path_buf(),
                 reason: format!("this is a {family:?} model, not Stable Diffusion 1.x/2.x/XL; load it through sd-families"),

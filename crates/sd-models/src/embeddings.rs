@@ -78,7 +78,7 @@ impl TextualInversion {
                     None => return Err(invalid(path, format!("no embedding tensor (emb_params, string_to_param or a single tensor) among {}", names(&tensors)))),
                 }
             }
-            other @ (ModelFamily::Flux | ModelFamily::Sd3 | ModelFamily::ZImage) => {
+            other @ (ModelFamily::Flux | ModelFamily::Sd3 | ModelFamily::ZImage | ModelFamily::Flux2) => {
                 return Err(invalid(path, format!("{other:?} models take no textual-inversion embeddings here")))
             }
         };

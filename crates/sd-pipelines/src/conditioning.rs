@@ -152,6 +152,7 @@ pub fn encode_prompt(models: &StableDiffusionModels, prompt: &str, clip_skip: us
         ModelFamily::Flux => Err(Error::invalid("model", "FLUX models are conditioned by T5 + CLIP in sd-flux; run them with sd_flux::pipeline")),
         ModelFamily::Sd3 => Err(Error::invalid("model", "SD 3.x models are conditioned by CLIP-L + CLIP-G + T5 in sd-sd3; run them with sd_sd3::pipeline")),
         ModelFamily::ZImage => Err(Error::invalid("model", "Z-Image models are conditioned by Qwen3 in sd-zimage; run them with sd_zimage::pipeline")),
+        ModelFamily::Flux2 => Err(Error::invalid("model", "FLUX.2 models are conditioned by Qwen3 in sd-flux2; run them with sd_flux2::pipeline")),
         ModelFamily::Sdxl => {
             let (enc2, tok2) = match (&models.text_encoder_2, &models.tokenizer_2) {
                 (Some(e), Some(t)) => (e, t),

@@ -41,4 +41,4 @@ pub use loader::{load, load_files, Part, Sd3Files, Sd3LoadOptions, Sd3Models};
 pub use lora::{parse_lora_spec, Sd3Lora};
 pub use sd_lora::AdapterReport;
 pub use model::Mmdit;
-pub use pipeline::Sd3Output;
+pub use pipeline::{Sd3Output, SkipLayerGuidance};

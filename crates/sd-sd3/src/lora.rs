@@ -20,10 +20,9 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use candle_nn::var_builder::SimpleBackend;
-use sd_lora::{AdapterReport, LoraAdapter, LoraFormat, LoraModule, Merge, MergeBackend};
+use sd_lora::{AdapterReport, LoraAdapter, LoraFormat, LoraModule, TransformerLoras};
 use sd_models::weights::Source;
 
 use crate::config::Sd3Config;
@@ -202,50 +201,32 @@ pub fn wrap_backend(
     weight_prefix: &str,
     loras: &[Sd3Lora],
 ) -> Result<(Box<dyn SimpleBackend>, Vec<AdapterReport>)> {
-    if loras.is_empty() {
-        return Ok((inner, Vec::new()));
-    }
     let targets = lora_targets(cfg, weight_prefix);
     let underscored = underscored_names(&targets);
-    let mut merges: HashMap<String, Vec<Merge>> = HashMap::new();
-    let mut adapters = Vec::new();
-    let mut reports = Vec::new();
-    for (ai, lora) in loras.iter().enumerate() {
-        let adapter = LoraAdapter::open(&lora.path)?;
-        let peft = PeftAlpha::of(&adapter);
-        let mut report = AdapterReport { path: lora.path.clone(), strength: lora.strength, applied: Vec::new(), unmatched: Vec::new() };
-        for (mi, m) in adapter.modules().iter().enumerate() {
-            match resolve_key(&targets, &underscored, &m.key) {
-                Some(t) => {
-                    report.applied.push(m.key.clone());
-                    let strength = lora.strength * peft.factor(m);
-                    merges.entry(t.weight.clone()).or_default().push(Merge { adapter: ai, module: mi, strength, target: t.clone() });
-                }
-                None => report.unmatched.push(m.key.clone()),
+    let peft: std::cell::RefCell<Option<(usize, PeftAlpha)>> = std::cell::RefCell::new(None);
+    let plan = TransformerLoras {
+        family: sd_models::ModelFamily::Sd3,
+        model: "SD 3.x transformer",
+        resolve: &|key| resolve_key(&targets, &underscored, key).cloned(),
+        factor: &|index, adapter, m| {
+            // Read each adapter's PEFT metadata once, not per module.
+            let mut cached = peft.borrow_mut();
+            if cached.as_ref().map(|(i, _)| *i) != Some(index) {
+                *cached = Some((index, PeftAlpha::of(adapter)));
             }
-        }
-        if report.applied.is_empty() {
-            return Err(Error::Lora(sd_lora::Error::NoMatch {
-                path: lora.path.clone(),
-                model: "SD 3.x transformer".into(),
-                modules: adapter.modules().len(),
-                example: adapter.modules().first().map(|m| m.key.clone()).unwrap_or_default(),
-                hint: foreign_hint(&adapter),
-            }));
-        }
-        if let Some(first) = report.unmatched.first() {
-            tracing::warn!(
-                "LoRA {}: {} of {} modules match no SD 3.x transformer weight and are ignored (e.g. {first})",
-                lora.path.display(),
-                report.unmatched.len(),
-                adapter.modules().len()
-            );
-        }
-        adapters.push(Arc::new(adapter));
-        reports.push(report);
-    }
-    let family = sd_lora::adapter::family_name(sd_models::ModelFamily::Sd3);
-    Ok((Box::new(MergeBackend::new(inner, merges, adapters, family)), reports))
+            cached.as_ref().map_or(1.0, |(_, alpha)| alpha.factor(m))
+        },
+    };
+    let files: Vec<(PathBuf, f32)> = loras.iter().map(|l| (l.path.clone(), l.strength)).collect();
+    plan.wrap(inner, &files, &|path, adapter| {
+        Error::Lora(sd_lora::Error::NoMatch {
+            path: path.to_path_buf(),
+            model: "SD 3.x transformer".into(),
+            modules: adapter.modules().len(),
+            example: adapter.modules().first().map(|m| m.key.clone()).unwrap_or_default(),
+            hint: foreign_hint(adapter),
+        })
+    })
 }
 
 #[cfg(test)]

@@ -58,6 +58,46 @@ pub fn capabilities(models: &Sd3Models) -> Capabilities {
     }
 }
 
+/// Skip-layer guidance (diffusers' `skip_guidance_layers`, Stability's recommendation for SD 3.5 Medium:
+/// layers 7, 8 and 9): on the steps `i` with `start · steps < i < stop · steps` of a CFG run, one more MMDiT
+/// call on the prompt alone with `layers` left out, and the prediction moves by
+/// `scale · (text − skipped)`. Text to image only, as in diffusers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SkipLayerGuidance {
+    /// The joint blocks left out of the extra call.
+    pub layers: Vec<usize>,
+    /// Its weight (diffusers' default 2.8).
+    pub scale: f64,
+    /// Fraction of the steps after which it starts (default 0.01).
+    pub start: f64,
+    /// Fraction of the steps before which it stops (default 0.2).
+    pub stop: f64,
+}
+
+impl SkipLayerGuidance {
+    /// diffusers' defaults (scale 2.8 from 1 % to 20 % of the steps) on `layers`.
+    pub fn new(layers: Vec<usize>) -> Self {
+        Self { layers, scale: 2.8, start: 0.01, stop: 0.2 }
+    }
+
+    fn check(&self, models: &Sd3Models, task: &Task<'_>) -> Result<()> {
+        let n = models.transformer.config().num_layers;
+        if let Some(l) = self.layers.iter().find(|&&l| l >= n) {
+            return Err(Error::invalid("skip_layer_guidance", format!("layer {l} does not exist: the MMDiT has {n} blocks (0..{n})")));
+        }
+        if self.layers.is_empty() {
+            return Err(Error::invalid("skip_layer_guidance", "name at least one layer to skip (SD 3.5 Medium: 7, 8, 9)"));
+        }
+        if !self.scale.is_finite() || !(0.0..=1.0).contains(&self.start) || !(0.0..=1.0).contains(&self.stop) {
+            return Err(Error::invalid("skip_layer_guidance", "scale must be finite and start/stop fractions in [0, 1]"));
+        }
+        if !matches!(task, Task::TextToImage) {
+            return Err(Error::invalid("skip_layer_guidance", "diffusers applies skip-layer guidance to text to image only"));
+        }
+        Ok(())
+    }
+}
+
 /// What a run returns.
 #[derive(Debug, Clone)]
 pub struct Sd3Output {
@@ -141,17 +181,33 @@ struct Blend {
 /// encodes the masked image, which the 16-channel MMDiT does not read; the draw is made so a shared generator
 /// stays in step, the encoding is skipped).
 pub fn generate(models: &Sd3Models, p: &Request, task: &Task<'_>, run: &mut RunContext<'_>) -> Result<Sd3Output> {
+    generate_with(models, p, task, run, None)
+}
+
+/// [`generate`] with skip-layer guidance (ignored, as in diffusers, when the run has no CFG).
+pub fn generate_with(models: &Sd3Models, p: &Request, task: &Task<'_>, run: &mut RunContext<'_>, slg: Option<&SkipLayerGuidance>) -> Result<Sd3Output> {
     let caps = capabilities(models);
     caps.check(p, task)?;
+    if let Some(slg) = slg {
+        slg.check(models, task)?;
+    }
     for field in caps.ignored(p) {
         tracing::warn!(field, "SD 3.x does not use this request field; it is ignored");
     }
     let f = models.vae_scale_factor();
     let (lh, lw) = (p.height / f, p.width / f);
+    let cfgt = models.transformer.config();
+    let most = cfgt.pos_embed_max_size * cfgt.patch_size * f;
+    for (field, side) in [("width", p.width), ("height", p.height)] {
+        if side > most {
+            return Err(Error::invalid(field, format!("{side} px is beyond this model's position table ({most} px at most)")));
+        }
+    }
     let shape = (p.batch_size, models.vae.config().latent_channels, lh, lw);
     let sched = FlowMatchEulerScheduler::spaced(&models.scheduler, p.steps, (lh / 2) * (lw / 2))?;
     let cfg = p.guidance_scale > 1.0;
     let cond = conditioning(models, p, cfg)?;
+    let slg = if cfg { slg } else { None };
     let mut noise = run.take_noise_for(p);
     let noise = noise.get();
     let (x, start, blend) = match task {
@@ -178,7 +234,7 @@ pub fn generate(models: &Sd3Models, p: &Request, task: &Task<'_>, run: &mut RunC
         }
         other => return Err(unsupported(other)),
     };
-    let latents = denoise(models, p, &cond, &sched, x, start, cfg, blend.as_ref(), run)?;
+    let latents = denoise(models, p, &cond, &sched, x, start, cfg, blend.as_ref(), slg, run)?;
     let images = decode_latents(models, &latents, p)?;
     Ok(Sd3Output { images, latents, seed: p.seed })
 }
@@ -194,6 +250,7 @@ fn denoise(
     start: usize,
     cfg: bool,
     blend: Option<&Blend>,
+    slg: Option<&SkipLayerGuidance>,
     run: &mut RunContext<'_>,
 ) -> Result<Tensor> {
     let dtype = models.dtype;
@@ -209,7 +266,19 @@ fn denoise(
         let v = models.transformer.forward(&input, &t, &cond.context, &cond.pooled, &[])?.to_dtype(DType::F32)?;
         let v = if cfg {
             let (uncond, text) = (v.narrow(0, 0, p.batch_size)?, v.narrow(0, p.batch_size, p.batch_size)?);
-            (&uncond + ((&text - &uncond)? * p.guidance_scale)?)?
+            let guided = (&uncond + ((&text - &uncond)? * p.guidance_scale)?)?;
+            // diffusers counts from the first step run and compares against the requested step count.
+            let k = (i - start) as f64;
+            match slg.filter(|s| k > p.steps as f64 * s.start && k < p.steps as f64 * s.stop) {
+                Some(s) => {
+                    let b = p.batch_size;
+                    let (ctx, pooled) = (cond.context.narrow(0, b, b)?, cond.pooled.narrow(0, b, b)?);
+                    let t1 = t.narrow(0, 0, b)?;
+                    let skipped = models.transformer.forward(&latents.to_dtype(dtype)?, &t1, &ctx, &pooled, &s.layers)?.to_dtype(DType::F32)?;
+                    (guided + ((&text - skipped)? * s.scale)?)?
+                }
+                None => guided,
+            }
         } else {
             v
         };

@@ -320,3 +320,42 @@ fn fp8_scaled_files_are_dequantised() {
     // Without the scales the values overflow (NaN) or are far off.
     assert!(without.is_nan() || without > 4.0 * with_scales, "ignoring the scales should be far off: {without} vs {with_scales}");
 }
+
+/// Skip-layer guidance (`skip_guidance_layers=[1]`, scale 2.8, from 1 % to 60 % of the steps): an extra call
+/// on the prompt alone with block 1 left out, on steps 1 and 2 of 4.
+#[test]
+fn skip_layer_guidance_matches_diffusers() {
+    let m = models();
+    let g = golden("txt2img_slg.safetensors");
+    let slg = sd_sd3::SkipLayerGuidance { layers: vec![1], scale: 2.8, start: 0.01, stop: 0.6 };
+    let mut queue = NoiseQueue::new([get(&g, "noise")]);
+    let mut steps = Vec::new();
+    let mut cb = |s: &StepProgress<'_>| {
+        steps.push(s.latents.clone());
+        ControlFlow::Continue(())
+    };
+    let p = tiny_request(42, 4.5);
+    let out = sd_sd3::pipeline::generate_with(&m, &p, &Task::TextToImage, &mut RunContext::with_progress(&mut cb).noise(&mut queue), Some(&slg))
+        .expect("txt2img with SLG");
+    let golden_steps = get(&g, "step_latents");
+    for (i, s) in steps.iter().enumerate() {
+        assert_close(&format!("SLG step {i}"), s, &golden_steps.get(i).expect("step"), E2E_TOL);
+    }
+    assert_close("SLG latents", &out.latents, &get(&g, "latents_final"), E2E_TOL);
+    assert_close("SLG image", &out.images, &get(&g, "image"), E2E_TOL);
+    // It changes the run (so the golden is not the plain one), and is refused where diffusers has none.
+    let plain = golden("txt2img.safetensors");
+    let (d, _) = {
+        let a = out.latents.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("ours");
+        let b = get(&plain, "latents_final").flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("plain");
+        (a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max), ())
+    };
+    assert!(d > 1e-2, "skip-layer guidance changed nothing ({d})");
+    let init = Tensor::zeros((1, 3, 24, 32), DType::F32, &Device::Cpu).expect("image");
+    let task = Task::ImageToImage(ImageToImage { image: &init, strength: 0.5 });
+    let err = sd_sd3::pipeline::generate_with(&m, &p, &task, &mut RunContext::default(), Some(&slg)).expect_err("img2img with SLG");
+    assert_eq!(err.field(), Some("skip_layer_guidance"), "{err}");
+    let bad = sd_sd3::SkipLayerGuidance::new(vec![3]);
+    let err = sd_sd3::pipeline::generate_with(&m, &p, &Task::TextToImage, &mut RunContext::default(), Some(&bad)).expect_err("layer 3 of 3");
+    assert!(err.to_string().contains("3 blocks"), "{err}");
+}

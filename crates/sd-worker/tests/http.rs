@@ -1069,6 +1069,55 @@ fn a_z_image_transformer_file_loads_with_components_from_model_config() {
     s.shutdown();
 }
 
+// ---- FLUX.2 [klein] ----
+
+#[test]
+fn flux2_klein_generates_edits_after_references_and_inpaints() {
+    let s = Server::start(config("flux2/klein"));
+    let m = s.get("/v1/models").json();
+    assert_eq!(m["data"][0]["family"], "flux2", "{m}");
+    assert_eq!(m["data"][0]["variant"], "flux2-klein-base", "{m}");
+    let tasks = m["data"][0]["tasks"].as_array().cloned().unwrap_or_default();
+    for t in ["txt2img", "edit", "inpaint"] {
+        assert!(tasks.contains(&json!(t)), "{t} missing: {m}");
+    }
+    assert!(!tasks.contains(&json!("img2img")), "{m}");
+    let gen = json!({"operation": "image_generation", "prompt": "a photo of a cat", "negative_prompt": "blurry", "width": 16, "height": 24,
+        "steps": 3, "seed": 5, "guidance_scale": 4.0});
+    let ev = s.stream(&s.submit(&gen));
+    let (name, done) = ev.last().cloned().expect("events");
+    assert_eq!(name, "complete", "{ev:?}");
+    let steps: Vec<u64> = ev.iter().filter(|e| e.0 == "progress").filter_map(|e| e.1["step"].as_u64()).collect();
+    assert_eq!(steps, [1, 2, 3]);
+    assert!(ev.iter().any(|e| e.0 == "preview"), "{ev:?}");
+    assert_eq!(decode_png(done["images"][0].as_str().expect("image")).to_rgb8().dimensions(), (16, 24));
+    assert_eq!(pixels_of(&s.stream(&s.submit(&gen)).last().cloned().expect("events").1), pixels_of(&done), "same seed, same image");
+    // Editing after one or two reference images (each at least 64 px a side).
+    let first = png(64, 80, |x, y| [(x * 3) as u8, (y * 3) as u8, 128]);
+    let second = png(80, 64, |x, y| [255 - (x * 3) as u8, (y * 2) as u8, 30]);
+    let edit = |images: Vec<String>| {
+        let id = s.submit(&json!({"operation": "image_edit", "prompt": "make it blue", "images": images, "steps": 2, "seed": 4}));
+        let ev = s.stream(&id);
+        let (name, done) = ev.last().cloned().expect("events");
+        assert_eq!(name, "complete", "{ev:?}");
+        done
+    };
+    let one = edit(vec![b64(&first)]);
+    assert_eq!(decode_png(one["images"][0].as_str().expect("image")).to_rgb8().dimensions(), (64, 80), "an edit takes its first reference's size");
+    let two = edit(vec![b64(&first), b64(&second)]);
+    assert_ne!(pixels_of(&one), pixels_of(&two), "the second reference steers the result");
+    // Inpainting; no strength-based img2img (diffusers has none for klein).
+    let inpaint = json!({"operation": "image_inpaint", "prompt": "x", "init_image": b64(&test_image()), "mask_image": b64(&test_mask(32, 32)),
+        "width": 32, "height": 32, "steps": 3, "seed": 2});
+    let ev = s.stream(&s.submit(&inpaint));
+    assert_eq!(ev.last().map(|e| e.0.as_str()), Some("complete"), "{ev:?}");
+    let i2i = json!({"operation": "image_transform", "prompt": "x", "input_image": b64(&test_image()), "width": 32, "height": 32, "strength": 0.5});
+    assert_eq!(s.post("/v1/jobs", &i2i).status, 400);
+    let r = s.post("/v1/images/generations", &json!({"prompt": "a cat", "size": "16x24", "n": 1, "response_format": "b64_json"}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    s.shutdown();
+}
+
 #[test]
 fn flux_loras_are_applied_per_request() {
     let mut cfg = config("flux/dev");

@@ -1,32 +1,10 @@
 //! The small building blocks both models share: RMSNorm computed in F32 (as diffusers' and
 //! transformers' RMSNorms upcast), a LayerNorm without affine parameters, and rotary tables.
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::VarBuilder;
+use candle_core::{DType, Device, Result, Tensor, D};
 
-/// RMSNorm with a learned scale, computed in F32 and returned in the input dtype.
-#[derive(Debug, Clone)]
-pub struct RmsNorm {
-    weight: Tensor,
-    eps: f32,
-}
-
-impl RmsNorm {
-    /// Loads `weight` `[dim]` (kept in F32).
-    pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
-        let weight = vb.get(dim, "weight")?.to_dtype(DType::F32)?;
-        Ok(Self { weight, eps: eps as f32 })
-    }
-}
-
-impl Module for RmsNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
-        let out = candle_nn::ops::rms_norm(&xf.contiguous()?, &self.weight, self.eps)?;
-        out.to_dtype(dtype)
-    }
-}
+/// RMSNorm with a learned scale, computed in F32 (shared with the Qwen3 encoder in sd-models).
+pub use sd_models::qwen3::RmsNorm;
 
 /// LayerNorm over the last dimension without scale or bias, in F32, returned in the input dtype.
 pub fn layer_norm_plain(x: &Tensor, eps: f64) -> Result<Tensor> {
