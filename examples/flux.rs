@@ -9,9 +9,9 @@ use sd_core::run::{Edit, ImageToImage, Inpaint, RunContext, Task};
 use sd_flux::pipeline::generate;
 use sd_flux::lora::parse_lora_spec;
 use sd_flux::{load, load_source, FluxFiles, FluxLoadOptions, FluxSource};
-use sd_core::image_io::{image_to_tensor, infotext, mask_to_tensor, save_png, tensor_to_images};
+use sd_core::image_io::{image_to_tensor, infotext, mask_to_tensor};
 use sd_core::run::{random_seed, NoiseKind};
-use sd_toolkit::{device, model_name, parse_dtype, progress_bar, AnyResult};
+use sd_toolkit::{device, model_name, parse_dtype, progress_bar, save_images, AnyResult};
 
 /// Generate images with FLUX.1 [dev] or [schnell].
 #[derive(Parser, Debug)]
@@ -171,15 +171,7 @@ fn body() -> AnyResult<()> {
         fields.push(("Denoising strength", strength.to_string()));
     }
     let text = infotext(&p.prompt, "", &fields);
-    let images = tensor_to_images(&out.images)?;
-    for (i, img) in images.iter().enumerate() {
-        let target = if images.len() == 1 {
-            cli.output.clone()
-        } else {
-            let stem = cli.output.file_stem().and_then(|s| s.to_str()).unwrap_or("flux");
-            cli.output.with_file_name(format!("{stem}-{i}.png"))
-        };
-        save_png(img, &target, Some(&text))?;
+    for target in save_images(&out.images, &cli.output, &text)? {
         println!("{} (seed {})", target.display(), out.seed);
     }
     Ok(())

@@ -246,19 +246,24 @@ pub fn progress_bar(total: usize) -> impl FnMut(&StepProgress<'_>) -> ControlFlo
 
 /// Writes every image of a run as PNG with A1111 `parameters` metadata; returns the paths.
 pub fn save_outputs(out: &GenerationOutput, p: &GenerationParams, model: &str, path: &Path, extra: &[(&str, String)]) -> AnyResult<Vec<PathBuf>> {
-    let images = tensor_to_images(&out.images)?;
+    let mut params = p.clone();
+    params.seed = out.seed;
+    save_images(&out.images, path, &a1111_parameters(&params, model, extra))
+}
+
+/// Writes the images `[b, 3, h, w]` in [0, 1] as PNGs carrying `parameters` text: at `path` for one image,
+/// else as `<stem>-<i>.png` beside it; returns the paths.
+pub fn save_images(images: &candle_core::Tensor, path: &Path, parameters: &str) -> AnyResult<Vec<PathBuf>> {
+    let images = tensor_to_images(images)?;
     let mut paths = Vec::new();
     for (i, img) in images.iter().enumerate() {
-        let mut params = p.clone();
-        params.seed = out.seed;
-        let text = a1111_parameters(&params, model, extra);
         let target = if images.len() == 1 {
             path.to_path_buf()
         } else {
             let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("out");
             path.with_file_name(format!("{stem}-{i}.png"))
         };
-        save_png(img, &target, Some(&text))?;
+        save_png(img, &target, Some(parameters))?;
         paths.push(target);
     }
     Ok(paths)

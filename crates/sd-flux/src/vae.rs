@@ -12,20 +12,7 @@ use crate::error::{Error, Result};
 /// The FLUX.1 VAE config (`black-forest-labs/FLUX.1-dev/vae/config.json`), used for a lone
 /// `ae.safetensors`, which carries no config.
 pub fn flux_vae_config() -> VaeConfig {
-    VaeConfig {
-        in_channels: 3,
-        out_channels: 3,
-        latent_channels: 16,
-        block_out_channels: vec![128, 256, 512, 512],
-        layers_per_block: 2,
-        norm_num_groups: 32,
-        scaling_factor: 0.3611,
-        shift_factor: Some(0.1159),
-        use_quant_conv: false,
-        use_post_quant_conv: false,
-        sample_size: 1024,
-        force_upcast: true,
-    }
+    VaeConfig::flux1()
 }
 
 fn check_config(cfg: &VaeConfig, path: &Path) -> Result<()> {

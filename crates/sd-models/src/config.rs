@@ -285,6 +285,26 @@ impl VaeConfig {
     pub fn sdxl() -> Self {
         Self { scaling_factor: 0.13025, sample_size: 1024, force_upcast: true, ..Self::sd() }
     }
+
+    /// FLUX.1's 16-channel autoencoder (`ae.safetensors`; Z-Image decodes with it too): no quant convs, a
+    /// latent scale and shift.
+    pub fn flux1() -> Self {
+        Self {
+            latent_channels: 16,
+            scaling_factor: 0.3611,
+            shift_factor: Some(0.1159),
+            use_quant_conv: false,
+            use_post_quant_conv: false,
+            sample_size: 1024,
+            force_upcast: true,
+            ..Self::sd()
+        }
+    }
+
+    /// SD 3.x's 16-channel autoencoder: FLUX.1's architecture with its own scale and shift.
+    pub fn sd3() -> Self {
+        Self { scaling_factor: 1.5305, shift_factor: Some(0.0609), ..Self::flux1() }
+    }
 }
 
 /// Activation inside the CLIP MLP.

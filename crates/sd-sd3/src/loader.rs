@@ -337,20 +337,7 @@ pub fn load_transformer_with_loras(
 /// The SD 3.x autoencoder config (`stabilityai/stable-diffusion-3.5-medium/vae/config.json`), for VAE files,
 /// which carry none.
 pub fn sd3_vae_config() -> VaeConfig {
-    VaeConfig {
-        in_channels: 3,
-        out_channels: 3,
-        latent_channels: 16,
-        block_out_channels: vec![128, 256, 512, 512],
-        layers_per_block: 2,
-        norm_num_groups: 32,
-        scaling_factor: 1.5305,
-        shift_factor: Some(0.0609),
-        use_quant_conv: false,
-        use_post_quant_conv: false,
-        sample_size: 1024,
-        force_upcast: true,
-    }
+    VaeConfig::sd3()
 }
 
 /// Loads the VAE from a diffusers `vae/` folder or a file (diffusers, LDM or `first_stage_model.*` names).
