@@ -422,10 +422,10 @@ impl LoadedModel {
     pub fn decode_latents(&self, latents: &Tensor, request: &Request) -> Result<Tensor> {
         match self {
             Self::StableDiffusion(m) => Ok(sd_pipelines::pipeline::decode_latents(&m.models, latents, request)?),
-            Self::Flux(m) => Ok(sd_flux::pipeline::decode_latents(&m.models, latents)?),
+            Self::Flux(m) => Ok(sd_flux::pipeline::decode_latents(&m.models, latents, request.vae_tiling)?),
             Self::Sd3(m) => Ok(sd_sd3::pipeline::decode_latents(&m.models, latents, request)?),
-            Self::ZImage(m) => Ok(sd_zimage::pipeline::decode_latents(&m.models, latents)?),
-            Self::Flux2(m) => Ok(sd_flux2::pipeline::decode_latents(&m.models, latents)?),
+            Self::ZImage(m) => Ok(sd_zimage::pipeline::decode_latents(&m.models, latents, request.vae_tiling)?),
+            Self::Flux2(m) => Ok(sd_flux2::pipeline::decode_latents(&m.models, latents, request.vae_tiling)?),
         }
     }
 

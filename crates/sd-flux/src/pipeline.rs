@@ -189,7 +189,7 @@ pub fn generate(models: &FluxModels, p: &FluxParams, task: &Task<'_>, run: &mut 
     let extra = Extra { reference: reference.as_ref(), fill: fill.as_ref() };
     let latents = denoise(models, p, &cond, &sched, pack_latents(&x)?, start, (lh, lw), blend.as_ref(), extra, run)?;
     let latents = unpack_latents(&latents, lh, lw)?;
-    let images = decode_latents(models, &latents)?;
+    let images = decode_latents(models, &latents, p.vae_tiling)?;
     Ok(FluxOutput { images, latents, seed: p.seed })
 }
 
@@ -278,12 +278,13 @@ fn encode_image_mode(models: &FluxModels, image: &Tensor) -> Result<Tensor> {
 }
 
 /// Decodes transformer-space latents `[b, 16, h/f, w/f]` to images `[b, 3, h, w]` in [0, 1]
-/// (F32, CPU): `latents / scaling_factor + shift_factor` through the VAE.
-pub fn decode_latents(models: &FluxModels, latents: &Tensor) -> Result<Tensor> {
+/// (F32, CPU): `latents / scaling_factor + shift_factor` through the VAE, tiled as `tiling` says
+/// (`Request::vae_tiling`; `None`: above 1024² pixels).
+pub fn decode_latents(models: &FluxModels, latents: &Tensor, tiling: Option<bool>) -> Result<Tensor> {
     let vae = &models.vae;
     let cfg = vae.config();
     let z = ((latents.to_dtype(DType::F32)? / cfg.scaling_factor)? + cfg.shift_factor.unwrap_or(0.0))?;
-    let img = vae.decode(&z.to_device(vae.device())?.to_dtype(vae.dtype())?)?;
+    let img = vae.decode_auto(&z.to_device(vae.device())?.to_dtype(vae.dtype())?, tiling)?;
     Ok(((img.to_dtype(DType::F32)?.to_device(&Device::Cpu)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
 }
 

@@ -255,7 +255,7 @@ fn step_callback_edits_latents() {
     };
     let out = generate(&m, &p, &Task::TextToImage, &mut RunContext::default().edit(&mut edit)).expect("txt2img");
     assert_eq!(out.latents.abs().and_then(|t| t.max_all()).and_then(|t| t.to_scalar::<f32>()).expect("max"), 0.0);
-    let zero = sd_flux::pipeline::decode_latents(&m, &out.latents).expect("decode");
+    let zero = sd_flux::pipeline::decode_latents(&m, &out.latents, None).expect("decode");
     assert_close("decode of edited latents", &out.images, &zero, 0.0);
 }
 

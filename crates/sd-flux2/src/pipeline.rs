@@ -225,7 +225,7 @@ pub fn generate(models: &Flux2Models, p: &Flux2Params, task: &Task<'_>, run: &mu
     };
     let latents = denoise(models, p, &prompt, negative.as_ref(), &refs, &sched, x, start, blend.as_ref(), run)?;
     let z = models.vae.denormalize(&latents)?;
-    let images = models.vae.decode(&z)?;
+    let images = models.vae.decode(&z, p.vae_tiling)?;
     Ok(Flux2Output { images, latents: z, seed: p.seed })
 }
 
@@ -309,13 +309,13 @@ fn denoise(
 
 /// Decodes latents to images `[b, 3, h, w]` in [0, 1] (F32, CPU): VAE latents `[b, 32, h/8, w/8]` (as
 /// [`Flux2Output::latents`]), or a step's normalised, patchified latents `[b, 128, h/16, w/16]` (what the
-/// progress callback sees; an interrupted run shows them), which are denormalised first.
-pub fn decode_latents(models: &Flux2Models, latents: &Tensor) -> Result<Tensor> {
+/// progress callback sees; an interrupted run shows them), which are denormalised first; tiled as `tiling` says.
+pub fn decode_latents(models: &Flux2Models, latents: &Tensor, tiling: Option<bool>) -> Result<Tensor> {
     let c = models.vae.latent_channels();
     if latents.dim(1)? == 4 * c {
-        return models.vae.decode(&models.vae.denormalize(latents)?);
+        return models.vae.decode(&models.vae.denormalize(latents)?, tiling);
     }
-    models.vae.decode(latents)
+    models.vae.decode(latents, tiling)
 }
 
 fn draw(noise: &mut dyn NoiseSource, shape: (usize, usize, usize, usize), device: &Device) -> Result<Tensor> {

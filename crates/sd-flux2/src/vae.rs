@@ -76,9 +76,10 @@ impl Flux2Vae {
         Ok(unpatchify(&z)?)
     }
 
-    /// Decodes VAE latents `[b, c, h, w]` to images `[b, 3, h·f, w·f]` in [0, 1] (F32, CPU).
-    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        let img = self.vae.decode(&z.to_device(self.vae.device())?.to_dtype(self.vae.dtype())?)?;
+    /// Decodes VAE latents `[b, c, h, w]` to images `[b, 3, h·f, w·f]` in [0, 1] (F32, CPU), tiled as `tiling`
+    /// says (`Request::vae_tiling`; `None`: above 1024² pixels).
+    pub fn decode(&self, z: &Tensor, tiling: Option<bool>) -> Result<Tensor> {
+        let img = self.vae.decode_auto(&z.to_device(self.vae.device())?.to_dtype(self.vae.dtype())?, tiling)?;
         Ok(((img.to_dtype(DType::F32)?.to_device(&Device::Cpu)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
     }
 }

@@ -72,7 +72,7 @@ fn vae_matches_diffusers() {
     assert_close("vae encode (mode, patchified, normalised)", &enc, &get(&g, "normalized"), COMPONENT_TOL);
     let z = m.vae.denormalize(&get(&g, "latent_in")).expect("denormalize");
     assert_close("vae denormalise + unpatchify", &z, &get(&g, "z"), COMPONENT_TOL);
-    let img = m.vae.decode(&z).expect("decode");
+    let img = m.vae.decode(&z, None).expect("decode");
     let want = ((get(&g, "decoded") / 2.0).expect("div") + 0.5).and_then(|t| t.clamp(0f32, 1f32)).expect("img");
     assert_close("vae decode", &img, &want, COMPONENT_TOL);
     // pack/unpack round trip.
@@ -130,7 +130,7 @@ fn txt2img_matches_diffusers() {
         let (out, steps) = run(&m, &params(guidance), &Task::TextToImage, &mut queue);
         check_run(name, &out, &steps, &g, &meta);
         // decode_latents reproduces the image from the returned latents.
-        let img = sd_flux2::pipeline::decode_latents(&m, &out.latents).expect("decode");
+        let img = sd_flux2::pipeline::decode_latents(&m, &out.latents, None).expect("decode");
         assert_close(&format!("{name} decode_latents"), &img, &out.images, 1e-6);
     }
 }

@@ -18,6 +18,15 @@ use crate::error::{Error, Result};
 use crate::keymap::{vae_to_ldm, LDM_VAE_PREFIX};
 use crate::ops::{self, Conv2d, GroupNorm, Linear};
 
+
+/// Latent pixels above which a VAE decode is tiled when the request does not say (more than 1024² pixels at
+/// the usual factor 8).
+pub const AUTO_TILE_LATENT_PIXELS: usize = 128 * 128;
+/// Side of a decode tile in latent pixels (512-pixel tiles at factor 8).
+pub const TILE: usize = 64;
+/// Overlap of neighbouring tiles in latent pixels.
+pub const TILE_OVERLAP: usize = 16;
+
 /// GroupNorm epsilon used everywhere in the SD VAE.
 const NORM_EPS: f64 = 1e-6;
 /// diffusers clamps the posterior log-variance so `exp` can never overflow or vanish.
@@ -445,6 +454,18 @@ impl AutoencoderKL {
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let latents = self.check_latents(latents, "decode")?;
         Ok(self.decode_raw(&latents)?)
+    }
+
+    /// Decodes whole, or in [`TILE`]-latent tiles overlapping by [`TILE_OVERLAP`] when `tiling` says so
+    /// (`None`: when the latents have more than [`AUTO_TILE_LATENT_PIXELS`] pixels) — the one rule every
+    /// family's `Request::vae_tiling` follows.
+    pub fn decode_auto(&self, latents: &Tensor, tiling: Option<bool>) -> Result<Tensor> {
+        let (h, w) = (latents.dim(2)?, latents.dim(3)?);
+        if tiling.unwrap_or(h * w > AUTO_TILE_LATENT_PIXELS) {
+            self.decode_tiled(latents, TILE, TILE_OVERLAP)
+        } else {
+            self.decode(latents)
+        }
     }
 
     /// Decodes like [`Self::decode`] but in overlapping `tile`×`tile` latent-pixel tiles that

@@ -334,3 +334,24 @@ fn a_separate_vae_replaces_the_models_own() -> TestResult {
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(())
 }
+
+/// `decode_auto` is the one tiling rule of every family: whole up to 128² latent pixels, in 64-latent tiles
+/// above (or as the request says).
+#[test]
+fn decode_auto_tiles_above_the_threshold_or_when_asked() {
+    let vae = load_vae("sd15").expect("tiny VAE");
+    let dev = Device::Cpu;
+    let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
+        (a - b).and_then(|d| d.abs()).and_then(|d| d.flatten_all()).and_then(|d| d.max(0)).and_then(|d| d.to_scalar::<f32>()).expect("diff")
+    };
+    let small = Tensor::randn(0f32, 1., (1, 4, 8, 8), &dev).expect("latents");
+    let whole = vae.decode(&small).expect("decode");
+    assert_eq!(max_diff(&vae.decode_auto(&small, None).expect("auto"), &whole), 0.0);
+    let side = 129; // 129² > 128² latent pixels: tiled unless told otherwise.
+    let big = Tensor::randn(0f32, 1., (1, 4, side, side), &dev).expect("latents");
+    let tiled = vae.decode_tiled(&big, sd_models::vae::TILE, sd_models::vae::TILE_OVERLAP).expect("tiled");
+    let whole = vae.decode(&big).expect("whole");
+    assert_eq!(max_diff(&vae.decode_auto(&big, None).expect("auto"), &tiled), 0.0);
+    assert_eq!(max_diff(&vae.decode_auto(&big, Some(false)).expect("forced whole"), &whole), 0.0);
+    assert!(max_diff(&tiled, &whole) > 0.0, "tiles are normalised on their own, so the two differ");
+}

@@ -18,9 +18,8 @@ pub use sd_core::run::{
     MAX_SIDE, MAX_STEPS,
 };
 
-/// Above this many latent pixels the VAE decodes/encodes in tiles unless told otherwise
-/// (128×128 latents = 1024² images for SD).
-pub const AUTO_TILE_LATENT_PIXELS: usize = 128 * 128;
+/// Latent pixels above which the VAE is tiled when the request does not say (sd-models' rule for every family).
+pub use sd_models::vae::AUTO_TILE_LATENT_PIXELS;
 
 /// What to generate: sd-core's shared [`Request`] (the SD fields: prompt and negative prompt with A1111
 /// syntax, size, steps, guidance, seed, batch, sampler, clip skip, VAE tiling, noise).
@@ -150,9 +149,7 @@ fn use_tiling(p: &GenerationParams, latent_pixels: usize) -> bool {
     p.vae_tiling.unwrap_or(latent_pixels > AUTO_TILE_LATENT_PIXELS)
 }
 
-/// Latent tile size and overlap (latent pixels) for tiled VAE work: 64 latents = 512 px tiles.
-const TILE: usize = 64;
-const TILE_OVERLAP: usize = 16;
+use sd_models::vae::{TILE, TILE_OVERLAP};
 
 /// Decodes scheduler-space latents `[b, 4, h/8, w/8]` to images `[b, 3, h, w]` in [0, 1] (F32, CPU),
 /// tiled as `p.vae_tiling` says — what a run ends with, also usable on a step's latents (an
@@ -164,8 +161,7 @@ pub fn decode_latents(models: &StableDiffusionModels, latents: &Tensor, p: &Gene
 fn decode(models: &StableDiffusionModels, latents: &Tensor, p: &GenerationParams) -> Result<Tensor> {
     let vae = &models.vae;
     let z = (latents.to_dtype(models.vae_dtype)? / models.config.vae.scaling_factor)?;
-    let (_, _, h, w) = z.dims4()?;
-    let img = if use_tiling(p, h * w) { vae.decode_tiled(&z, TILE, TILE_OVERLAP)? } else { vae.decode(&z)? };
+    let img = vae.decode_auto(&z, p.vae_tiling)?;
     Ok(((img.to_dtype(DType::F32)?.to_device(&Device::Cpu)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
 }
 

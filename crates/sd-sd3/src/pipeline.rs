@@ -23,11 +23,6 @@ use crate::error::{Error, Result};
 use crate::loader::Sd3Models;
 use crate::text::{encode_prompt, PromptEmbeds, T5_DEFAULT_LEN, T5_MAX_LEN};
 
-/// Latent side (in latent pixels) above which the VAE decodes in tiles when the request does not say.
-const AUTO_TILE_LATENT_PIXELS: usize = 128 * 128;
-/// Latent tile size and overlap for tiled decoding (512-pixel tiles).
-const TILE: usize = 64;
-const TILE_OVERLAP: usize = 16;
 
 /// What a loaded SD 3.x model can do: txt2img, img2img and inpaint; negative prompts and CFG; clip skip
 /// over the CLIP encoders; T5 sequence length; LoRAs on the MMDiT; the prompt read literally; sizes in
@@ -160,8 +155,7 @@ pub fn decode_latents(models: &Sd3Models, latents: &Tensor, p: &Request) -> Resu
     let cfg = vae.config();
     let z = ((latents.to_dtype(DType::F32)? / cfg.scaling_factor)? + cfg.shift_factor.unwrap_or(0.0))?;
     let z = z.to_device(vae.device())?.to_dtype(vae.dtype())?;
-    let (_, _, h, w) = z.dims4()?;
-    let img = if p.vae_tiling.unwrap_or(h * w > AUTO_TILE_LATENT_PIXELS) { vae.decode_tiled(&z, TILE, TILE_OVERLAP)? } else { vae.decode(&z)? };
+    let img = vae.decode_auto(&z, p.vae_tiling)?;
     Ok(((img.to_dtype(DType::F32)?.to_device(&Device::Cpu)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
 }
 

@@ -135,7 +135,7 @@ pub fn generate(models: &ZImageModels, p: &ZImageParams, task: &Task<'_>, run: &
         other => return Err(unsupported(other)),
     };
     let latents = denoise(models, p, &prompt, negative.as_ref(), &sched, x, start, blend.as_ref(), run)?;
-    let images = decode_latents(models, &latents)?;
+    let images = decode_latents(models, &latents, p.vae_tiling)?;
     Ok(ZImageOutput { images, latents, seed: p.seed })
 }
 
@@ -211,12 +211,13 @@ pub fn encode_image(models: &ZImageModels, image: &Tensor, noise: &mut dyn Noise
 }
 
 /// Decodes transformer-space latents `[b, 16, h/8, w/8]` to images `[b, 3, h, w]` in [0, 1] (F32, CPU):
-/// `latents / scaling_factor + shift_factor` through the VAE.
-pub fn decode_latents(models: &ZImageModels, latents: &Tensor) -> Result<Tensor> {
+/// `latents / scaling_factor + shift_factor` through the VAE, tiled as `tiling` says (`Request::vae_tiling`;
+/// `None`: above 1024² pixels).
+pub fn decode_latents(models: &ZImageModels, latents: &Tensor, tiling: Option<bool>) -> Result<Tensor> {
     let vae = &models.vae;
     let cfg = vae.config();
     let z = ((latents.to_dtype(DType::F32)? / cfg.scaling_factor)? + cfg.shift_factor.unwrap_or(0.0))?;
-    let img = vae.decode(&z.to_device(vae.device())?.to_dtype(vae.dtype())?)?;
+    let img = vae.decode_auto(&z.to_device(vae.device())?.to_dtype(vae.dtype())?, tiling)?;
     Ok(((img.to_dtype(DType::F32)?.to_device(&Device::Cpu)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
 }
 
