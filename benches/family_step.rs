@@ -12,6 +12,15 @@
 //!   in BF16. On the CPU our Z-Image model keeps BF16 activations and multiplies BF16 weights in F32
 //!   panels (F32 accumulation, narrowed to BF16 after each product); PyTorch runs the whole model in
 //!   BF16.
+//! - `flux2_klein`: FLUX.2 [klein] 4B's `Flux2Transformer2DModel` (5 double-stream + 20 single-stream
+//!   blocks of width 3072, SwiGLU MLPs, four rotary axes; no guidance embedder; 3.88B parameters) in
+//!   F32 (15.5 GB: one copy per process fits the 23 GiB machine, and the two sides run one after the
+//!   other), a 512² image: packed latent tokens `[1, 1024, 128]` (64×64 VAE latents of 32 channels,
+//!   2×2-patchified), 512 Qwen3 feature tokens `[1, 512, 7680]` (the pipeline pads the prompt to
+//!   `max_sequence_length` 512), timestep 0.5 (`t / 1000` at t = 500, as `Flux2KleinPipeline` passes
+//!   it), no guidance. Loaded with `sd_flux2::loader::load_transformer` and called as
+//!   `sd_flux2::pipeline` calls it, with the position ids diffusers' pipeline built (checked to be
+//!   ours: `latent_ids`, `text_ids`).
 //!
 //! With `SD_BENCH_CHECK_DIR` the weights and inputs are what `tools/bench_family_step.py --check-dir`
 //! saved (a diffusers transformer folder plus `io.safetensors` per stage), and each stage stops unless
@@ -24,7 +33,7 @@
 //! peak anonymous RSS sampled every 5 ms, which leaves the page cache out). With
 //! `SD_BENCH_RESULT_DIR` each stage also writes `ours_<stage>.json` there.
 //!
-//! `SD_BENCH_STAGES` picks stages (`sd3_medium,zimage_turbo`; all when unset); `SD_BENCH_SMALL=1` uses
+//! `SD_BENCH_STAGES` picks stages (`sd3_medium,zimage_turbo,flux2_klein`; all when unset); `SD_BENCH_SMALL=1` uses
 //! the tiny configs of `tools/bench_family_step.py --small` to check the harness in seconds.
 
 mod common;
@@ -39,6 +48,8 @@ use candle_core::{DType, Device, Tensor};
 use sd_sd3::config::Sd3Config;
 use sd_sd3::loader::Part;
 use sd_sd3::model::Mmdit;
+use sd_flux2::model::{latent_ids, text_ids, PositionId};
+use sd_flux2::{Flux2Config, Flux2Transformer};
 use sd_zimage::{ZImageConfig, ZImageModel};
 
 /// SD 3.5 Medium's architecture, or the tiny one of `bench_family_step.py --small`.
@@ -70,6 +81,29 @@ fn zimage_config() -> ZImageConfig {
     } else {
         full
     }
+}
+
+/// FLUX.2 [klein] 4B's `transformer/config.json` (the values of `tools/bench_family_step.py`'s
+/// `FLUX2_KLEIN_4B_CONFIG`, which says where they come from), or the tiny one. Read through serde, as
+/// the loader reads `config.json`, so fields this list leaves out keep the loader's defaults.
+fn flux2_config() -> Flux2Config {
+    let mut cfg = serde_json::json!({
+        "patch_size": 1, "in_channels": 128, "out_channels": null, "num_layers": 5, "num_single_layers": 20,
+        "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 7680,
+        "timestep_guidance_channels": 256, "mlp_ratio": 3.0, "axes_dims_rope": [32, 32, 32, 32],
+        "rope_theta": 2000, "eps": 1e-6, "guidance_embeds": false,
+    });
+    if common::small() {
+        let small = serde_json::json!({
+            "in_channels": 32, "num_layers": 2, "num_single_layers": 2, "attention_head_dim": 16,
+            "num_attention_heads": 2, "joint_attention_dim": 48, "timestep_guidance_channels": 32,
+            "axes_dims_rope": [4, 4, 4, 4],
+        });
+        for (k, v) in small.as_object().into_iter().flatten() {
+            cfg[k] = v.clone();
+        }
+    }
+    serde_json::from_value(cfg).unwrap_or_else(|e| panic!("FLUX.2 [klein] config: {e}"))
 }
 
 /// (latent side, text tokens) of the inputs drawn when there is no check folder.
@@ -255,10 +289,77 @@ fn bench_zimage() {
     measure(stage, checked.as_ref(), load_secs, memory, &forward);
 }
 
+/// Position ids saved by the PyTorch side (`[1, n, 4]` or `[n, 4]`, integers) as our `PositionId`s.
+fn saved_ids(chk: &common::Checked, name: &str) -> Vec<PositionId> {
+    let t = chk.input(name);
+    let t = if t.rank() == 3 { t.squeeze(0) } else { Ok(t) };
+    let rows = t.and_then(|t| t.to_dtype(DType::I64)).and_then(|t| t.to_vec2::<i64>()).unwrap_or_else(|e| panic!("{name}: {e}"));
+    rows.iter()
+        .map(|r| match r.as_slice() {
+            &[a, b, c, d] => [a, b, c, d].map(|v| u32::try_from(v).unwrap_or_else(|_| panic!("{name}: position {v} out of range"))),
+            _ => panic!("{name}: rows of {} coordinates, not 4", r.len()),
+        })
+        .collect()
+}
+
+fn bench_flux2() {
+    let stage = "flux2_klein";
+    let cfg = flux2_config();
+    let memory = Memory::start();
+    let checked = common::checked(stage);
+    let start = Instant::now();
+    let model = match &checked {
+        Some(chk) => {
+            // One F32 copy: the loader memory-maps the shards and the mapping is dropped once the model is built.
+            let model = sd_flux2::loader::load_transformer(chk.dir(), DType::F32, &Device::Cpu)
+                .unwrap_or_else(|e| panic!("loading {}: {e}", chk.dir().display()));
+            if *model.config() != cfg {
+                panic!(
+                    "{} holds {:?}, not the {} config this bench runs (SD_BENCH_SMALL={}); rerun tools/bench_family_step.py --check-dir",
+                    chk.dir().display(),
+                    model.config(),
+                    stage,
+                    common::small() as u8
+                );
+            }
+            model
+        }
+        None => Flux2Transformer::new(&cfg, common::random_vb(DType::F32)).unwrap_or_else(|e| panic!("building our FLUX.2 transformer: {e}")),
+    };
+    let load_secs = start.elapsed().as_secs_f64();
+    let (x, img_ids, txt, txt_ids, t) = match &checked {
+        Some(chk) => {
+            let (x, txt) = (chk.input("hidden_states"), chk.input("encoder_hidden_states"));
+            let (img_ids, txt_ids) = (saved_ids(chk, "img_ids"), saved_ids(chk, "txt_ids"));
+            // The ids diffusers' pipeline built must be the ones our pipeline builds for the same latent grid
+            // and text length (it calls the transformer with `latent_ids(h, w)` and `text_ids(n)`).
+            let side = |axis: usize| img_ids.iter().map(|p| p[axis] as usize + 1).max().unwrap_or(0);
+            let (h, w) = (side(1), side(2));
+            if img_ids != latent_ids(h, w) || txt_ids != text_ids(txt_ids.len()) {
+                panic!("{stage}: the saved img_ids / txt_ids are not what sd_flux2's latent_ids({h}, {w}) / text_ids({}) give", txt_ids.len());
+            }
+            (x, img_ids, txt, txt_ids, chk.input("timestep"))
+        }
+        None => {
+            let (side, n_txt) = if common::small() { (8, 24) } else { (32, 512) };
+            let t = Tensor::new(&[0.5f32], &Device::Cpu).unwrap_or_else(|e| panic!("timestep: {e}"));
+            let x = randn(&[1, side * side, cfg.in_channels], DType::F32);
+            (x, latent_ids(side, side), randn(&[1, n_txt, cfg.joint_attention_dim], DType::F32), text_ids(n_txt), t)
+        }
+    };
+    // As sd_flux2::pipeline's denoising loop: packed tokens, the ids, the features and σ = t / 1000; the
+    // output's first n_img tokens (all of them here: no reference images).
+    let n_img = img_ids.len();
+    let forward = || {
+        model.forward(&x, &img_ids, &txt, &txt_ids, &t).and_then(|o| o.narrow(1, 0, n_img)).unwrap_or_else(|e| panic!("our FLUX.2 forward: {e}"))
+    };
+    measure(stage, checked.as_ref(), load_secs, memory, &forward);
+}
+
 fn main() {
     common::print_machine();
     // One model at a time, dropped before the next is built.
-    for (stage, run) in [("sd3_medium", bench_sd3 as fn()), ("zimage_turbo", bench_zimage)] {
+    for (stage, run) in [("sd3_medium", bench_sd3 as fn()), ("zimage_turbo", bench_zimage), ("flux2_klein", bench_flux2)] {
         if common::stage_enabled(stage) {
             run();
         } else {

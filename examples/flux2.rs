@@ -1,5 +1,8 @@
 //! FLUX.2 [klein] text to image (edits after reference images with `--reference`, repeatable; inpainting with
 //! `-i` and `--mask`): `cargo run --release --example flux2 -- -m ~/models/FLUX.2-klein-4B -p "a red fox"`.
+//! BFL's or ComfyUI's transformer file works too, its text encoder and VAE beside it (or in ComfyUI's
+//! `text_encoders/` and `vae/`) and the tokenizer from `--model-config` (a diffusers klein folder); LoRAs with
+//! `--lora PATH[:STRENGTH]`.
 
 use std::path::{Path, PathBuf};
 
@@ -14,9 +17,17 @@ use sd_toolkit::{device, model_name, parse_dtype, progress_bar, save_images, Any
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
-    /// A diffusers FLUX.2 [klein] folder, or a diffusers repo on the hub, `hub:owner/name[@revision]`.
+    /// A diffusers FLUX.2 [klein] folder, a transformer file (BFL's `flux-2-klein-4b.safetensors` or ComfyUI's
+    /// diffusion model), or a diffusers repo on the hub, `hub:owner/name[@revision]`.
     #[arg(long, short = 'm')]
     model: PathBuf,
+    /// For a transformer file: a diffusers FLUX.2 [klein] folder giving the tokenizer (and whatever else the
+    /// files beside it lack).
+    #[arg(long)]
+    model_config: Option<PathBuf>,
+    /// A LoRA merged into the transformer, `PATH[:STRENGTH]` (repeatable; strength defaults to 1).
+    #[arg(long = "lora", value_name = "PATH[:STRENGTH]")]
+    loras: Vec<String>,
     /// Weight dtype: f32, f16 or bf16 (default: f32 on CPU, bf16 on GPUs).
     #[arg(long)]
     dtype: Option<String>,
@@ -85,13 +96,22 @@ fn main() -> std::process::ExitCode {
 
 fn body() -> AnyResult<()> {
     let cli = Cli::parse();
-    let opts = Flux2LoadOptions { dtype: cli.dtype.as_deref().map(parse_dtype).transpose()?, device: device(cli.cpu)?, ..Flux2LoadOptions::default() };
+    let opts = Flux2LoadOptions {
+        dtype: cli.dtype.as_deref().map(parse_dtype).transpose()?,
+        device: device(cli.cpu)?,
+        components: cli.model_config.clone(),
+        loras: cli.loras.iter().map(|s| sd_flux2::lora::parse_lora_spec(s)).collect::<Result<_, _>>()?,
+        ..Flux2LoadOptions::default()
+    };
     let t0 = std::time::Instant::now();
     let models = match cli.model.to_str().filter(|s| s.starts_with("hub:")) {
         Some(spec) => load_hub(spec, &opts)?,
         None => load(&cli.model, &opts)?,
     };
     eprintln!("loaded flux2-{} in {:.1}s", models.variant.name(), t0.elapsed().as_secs_f64());
+    for r in &models.lora_report {
+        eprintln!("LoRA {} ({}): {} modules merged, {} unmatched", r.path.display(), r.strength, r.applied.len(), r.unmatched.len());
+    }
 
     let open = |path: &Path| image::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()));
     let refs = cli.reference.iter().map(|p| open(p)).collect::<Result<Vec<_>, _>>()?;

@@ -39,6 +39,10 @@ fn body() -> AnyResult<()> {
     let t0 = std::time::Instant::now();
     let models = load_model(&cli.model)?;
     eprintln!("loaded {} in {:.1}s", models.config.variant, t0.elapsed().as_secs_f64());
+    if models.device.is_cpu() {
+        // Benchmarks (tools/bench_e2e.sh) record which instruction-set path produced their numbers.
+        eprintln!("CPU kernels: {} path (CPU has: {})", sd_models::ops::cpu::cpu_path().name(), sd_models::ops::cpu::cpu_features());
+    }
     let p = params(&models, &cli.gen)?;
     let mut bar = progress_bar(p.steps);
     let mut extra = Vec::new();

@@ -9,15 +9,22 @@ Random weights (diffusers' own init), CPU, 2 threads, one model call of a 512^2 
                 directly in BF16 (no F32 copy: F32 would take 24 GB) and run in BF16, as diffusers users run it on
                 a CPU: x = [latent [16, 1, 64, 64]], cap_feats = [[64, 2560]] (Qwen3 features), t = [0.5]
                 ((1000 - t) / 1000 at t = 500, as ZImagePipeline passes it)
+  flux2_klein:  Flux2Transformer2DModel with FLUX.2 [klein] 4B's transformer/config.json (3.88B, 5 double + 20
+                single blocks of width 3072), F32 (15.5 GB: one copy per process fits; the two sides never run at
+                once): hidden_states [1, 1024, 128] (the pipeline's [1, 128, 32, 32] latents packed: a 512^2 image
+                is 64x64 VAE latents of 32 channels, 2x2-patchified), encoder_hidden_states [1, 512, 7680] (Qwen3
+                features padded to max_sequence_length 512, the klein pipeline's default), timestep [0.5]
+                (t / 1000 at t = 500, as Flux2KleinPipeline passes it), guidance None, img_ids / txt_ids built by
+                Flux2KleinPipeline's own _prepare_latent_ids / _prepare_text_ids (saved with the inputs)
 The forward that gives the checked output is the first untimed run; then --runs timed ones (median printed).
 Prints, per workload, the median ms and this process's peak RSS (ru_maxrss; with several workloads each runs in
 its own child process, so each peak is its own). --json writes {"<name>_ms": ..., "<name>_peak_rss_kib": ...}.
---only NAME (repeatable) picks workloads (both by default); --small uses the tiny configs of SD_BENCH_SMALL=1.
+--only NAME (repeatable) picks workloads (all by default); --small uses the tiny configs of SD_BENCH_SMALL=1.
 --check-dir DIR saves each model as a diffusers transformer folder (DIR/<name>, safetensors) with io.safetensors
 (its inputs and PyTorch's `output`, F32) and reference.json (dtype and the relative-L2 limit our output is held
-to: 1e-4 for F32; for BF16 max(4 x d, 1e-3) where d is PyTorch's own BF16 output's distance to an F32 forward of
-the same BF16-rounded weights, computed after timing with each large Linear weight widened to F32 one layer at a
-time, so it never needs the 24 GB F32 copy).
+to: 1e-4 for F32 (sd3_medium, flux2_klein); for BF16 (zimage_turbo) max(4 x d, 1e-3) where d is PyTorch's own
+BF16 output's distance to an F32 forward of the same BF16-rounded weights, computed after timing with each large
+Linear weight widened to F32 one layer at a time, so it never needs the 24 GB F32 copy).
 """
 
 import argparse
@@ -32,10 +39,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from diffusers import SD3Transformer2DModel, ZImageTransformer2DModel
+from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel, SD3Transformer2DModel, ZImageTransformer2DModel
 from safetensors.torch import save_file
 
-WORKLOADS = ("sd3_medium", "zimage_turbo")
+WORKLOADS = ("sd3_medium", "zimage_turbo", "flux2_klein")
 
 # Tongyi-MAI/Z-Image-Turbo transformer/config.json (diffusers 0.36.0.dev0), as published; the hub is not
 # reachable from here, so the values are copied (they are also diffusers' class defaults except axes_lens,
@@ -56,6 +63,29 @@ ZIMAGE_TURBO_CONFIG = dict(
     t_scale=1000.0,
     axes_dims=[32, 48, 48],
     axes_lens=[1536, 512, 512],
+)
+
+# black-forest-labs/FLUX.2-klein-4B transformer/config.json (the hub is not reachable from here): the "klein-4b"
+# config of diffusers' scripts/convert_flux2_to_diffusers.py, which produced the published folders; the same values
+# appear verbatim, said to be copied from the hub's config.json (identical for FLUX.2-klein-base-4B), in other public
+# loaders. Width 24 x 128 = 3072; joint_attention_dim 7680 = 3 x Qwen3-4B's hidden size 2560 (hidden states 9, 18,
+# 27 stacked); SwiGLU MLPs of 3 x 3072; no guidance embedder (klein is guidance-free: the pipeline passes
+# guidance=None). 3,875,544,576 parameters.
+FLUX2_KLEIN_4B_CONFIG = dict(
+    patch_size=1,
+    in_channels=128,
+    out_channels=None,
+    num_layers=5,
+    num_single_layers=20,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=7680,
+    timestep_guidance_channels=256,
+    mlp_ratio=3.0,
+    axes_dims_rope=(32, 32, 32, 32),
+    rope_theta=2000,
+    eps=1e-6,
+    guidance_embeds=False,
 )
 
 
@@ -134,6 +164,35 @@ def zimage_workload(small):
     return model, x, fn, final, torch.bfloat16
 
 
+def flux2_workload(small):
+    if small:
+        cfg = dict(FLUX2_KLEIN_4B_CONFIG, in_channels=32, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                   num_attention_heads=2, joint_attention_dim=48, timestep_guidance_channels=32,
+                   axes_dims_rope=(4, 4, 4, 4))
+        side, txt = 8, 24
+    else:
+        cfg = FLUX2_KLEIN_4B_CONFIG
+        side, txt = 32, 512
+    model = Flux2Transformer2DModel(**cfg).eval()
+    # As Flux2KleinPipeline prepares them: latents [B, 4 * 32, H / 16, W / 16], their position ids (0, h, w, 0),
+    # packed to [B, H * W / 256, 128]; the prompt features' ids (0, 0, 0, l); the timestep t / 1000.
+    latents = torch.randn(1, cfg["in_channels"], side, side)
+    encoder_hidden_states = torch.randn(1, txt, cfg["joint_attention_dim"])
+    x = dict(
+        hidden_states=Flux2KleinPipeline._pack_latents(latents),
+        encoder_hidden_states=encoder_hidden_states,
+        timestep=torch.tensor([500.0]) / 1000,
+        img_ids=Flux2KleinPipeline._prepare_latent_ids(latents),
+        txt_ids=Flux2KleinPipeline._prepare_text_ids(encoder_hidden_states),
+    )
+
+    def fn():
+        return model(**x, guidance=None, return_dict=False)[0]
+
+    final = list(model.norm_out.parameters()) + list(model.proj_out.parameters())
+    return model, x, fn, final, torch.float32
+
+
 def f32_reference(model, inputs, fn):
     """PyTorch's forward in F32 on the same BF16-rounded weights, without an F32 copy of the model: small
     tensors (norms, biases, embedders, modulation) are widened in place, and each large Linear weight is
@@ -153,7 +212,8 @@ def f32_reference(model, inputs, fn):
 
 def save_check(name, model, inputs, out, dtype, folder):
     os.makedirs(folder, exist_ok=True)
-    # Shards of at most 5 GB (Z-Image's 12 GB go into three files), read back through the shard index.
+    # Shards of at most 5 GB (Z-Image's 12 GB and FLUX.2 klein's 15.5 GB go into three and four files), read back
+    # through the shard index.
     model.save_pretrained(folder, safe_serialization=True, max_shard_size="5GB")
     tensors = {k: v.contiguous() for k, v in inputs.items()}
     tensors["output"] = out.float().contiguous()
@@ -166,7 +226,7 @@ def save_check(name, model, inputs, out, dtype, folder):
 
 def run_one(name, args):
     torch.manual_seed(WORKLOADS.index(name))
-    builders = {"sd3_medium": sd3_workload, "zimage_turbo": zimage_workload}
+    builders = {"sd3_medium": sd3_workload, "zimage_turbo": zimage_workload, "flux2_klein": flux2_workload}
     result = {}
     with torch.inference_mode():
         start = time.perf_counter()
@@ -222,7 +282,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--small", action="store_true", help="tiny configs, to check the harness")
     parser.add_argument("--only", choices=WORKLOADS, action="append",
-                        help="run this workload (repeatable; both by default)")
+                        help="run this workload (repeatable; all by default)")
     parser.add_argument("--json", help="write the medians (ms) and peak RSS (KiB) to this file")
     parser.add_argument("--check-dir", help="save weights, inputs and output here for benches/family_step.rs")
     args = parser.parse_args()

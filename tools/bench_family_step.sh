@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # One full-size transformer step per newer model family on the CPU, ours against diffusers on the same random
 # weights, inputs and cores (a measurement, not a target): SD 3.5 Medium's MMDiT-X in F32 and Z-Image Turbo's
-# DiT with BF16 weights (its 24 GB of F32 weights do not fit a 23 GiB machine), both one call for a 512² image
+# DiT with BF16 weights (its 24 GB of F32 weights do not fit a 23 GiB machine) and FLUX.2 [klein] 4B's
+# Flux2Transformer2DModel in F32 (15.5 GB: one copy per process fits, and the two sides never run at once; 1024
+# image tokens + 512 Qwen3 text tokens, the klein pipeline's padded prompt length), each one call for a 512² image
 # without CFG. Per stage, interleaved: PyTorch (tools/bench_family_step.py, saving the diffusers folder, inputs
 # and PyTorch's output under target/bench_family/check/<stage>), ours (benches/family_step.rs: loads that folder
 # through our loader and checks its output against PyTorch's before timing; exits non-zero on a mismatch), then
 # PyTorch again; then a table of both sides' medians, the ratio, the check and peak memory.
 #
-#   tools/bench_family_step.sh                                   # both stages, full size (tens of minutes)
-#   SD_BENCH_STAGES=sd3_medium tools/bench_family_step.sh        # one stage (sd3_medium, zimage_turbo)
+#   tools/bench_family_step.sh                                   # all stages, full size (tens of minutes)
+#   SD_BENCH_STAGES=sd3_medium tools/bench_family_step.sh        # one stage (sd3_medium, zimage_turbo, flux2_klein)
+#   SD_BENCH_STAGES=flux2_klein tools/bench_family_step.sh       # FLUX.2 [klein] 4B only (about 15-16 GiB per side)
 #   SD_BENCH_SMALL=1 tools/bench_family_step.sh                  # tiny configs: checks the harness in a minute
 #   PYTHON=/root/venv-sd/bin/python RUNS=3 tools/bench_family_step.sh
-#   KEEP_CHECK=1 tools/bench_family_step.sh                      # keep the check folders (10 GB + 12 GB at full size)
+#   KEEP_CHECK=1 tools/bench_family_step.sh                      # keep the check folders (10 + 12 + 15.5 GB at full size)
 #
 # Each stage's check folder is deleted once both sides have run (unless KEEP_CHECK=1), so at most one stage's
-# weights (≤ 12.3 GB) are on disk at a time. RUNS (default 3) timed runs per side and phase, after one untimed
+# weights (≤ 15.5 GB) are on disk at a time. RUNS (default 3) timed runs per side and phase, after one untimed
 # forward. Results: target/bench_family/results.json, logs target/bench_family/*.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,12 +26,12 @@ PYTHON=${PYTHON:-python3}
 RUNS=${RUNS:-3}
 SMALL_FLAG=""
 if [[ "${SD_BENCH_SMALL:-0}" != "0" ]]; then SMALL_FLAG="--small"; fi
-ALL_STAGES="sd3_medium,zimage_turbo"
+ALL_STAGES="sd3_medium,zimage_turbo,flux2_klein"
 STAGES=()
 for stage in ${SD_BENCH_STAGES:-${ALL_STAGES//,/ }}; do
   for s in ${stage//,/ }; do
     case "$s" in
-      sd3_medium|zimage_turbo) ;;
+      sd3_medium|zimage_turbo|flux2_klein) ;;
       *) echo "SD_BENCH_STAGES: unknown stage '$s' (stages: $ALL_STAGES)" >&2; exit 2 ;;
     esac
     if [[ " ${STAGES[*]-} " != *" $s "* ]]; then STAGES+=("$s"); fi
@@ -81,7 +84,8 @@ first, *phases = (out / "machine.log").read_text().splitlines()
 # "== <stage>: <phase>...; load a b c" -> "<stage> <phase>: a b c"
 loads = ["before: " + first.rsplit("load before: ", 1)[-1]] + [
     re.sub(r"^== (\S+): (.*?)(, saving the check folder)?; load (.*)$", r"\1 \2: \4", l) for l in phases]
-labels = {"sd3_medium": "SD3.5 Medium MMDiT, F32, 512²", "zimage_turbo": "Z-Image Turbo DiT, BF16, 512²"}
+labels = {"sd3_medium": "SD3.5 Medium MMDiT, F32, 512²", "zimage_turbo": "Z-Image Turbo DiT, BF16, 512²",
+          "flux2_klein": "FLUX.2 [klein] 4B, F32, 512²"}
 gib = lambda kib: kib / 1048576
 rows = {}
 print()

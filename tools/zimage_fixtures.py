@@ -38,6 +38,7 @@ from fixture_common import (  # noqa: E402
     assert_state_dicts_equal,
     check_goldens,
     dir_size,
+    load_tensors,
     randn,
     randomize_weights_,
     record_randn,
@@ -218,6 +219,18 @@ def write_original_file(transformer: ZImageTransformer2DModel) -> None:
     back = convert_z_image_transformer_checkpoint_to_diffusers(dict(orig))
     assert_state_dicts_equal("original-layout round trip", back, sd)
     save_tensors(ZDIR / "z_image_tiny_bf16.safetensors", {k: v.to(torch.bfloat16) for k, v in orig.items()})
+
+
+def write_qwen_file(text_encoder: Qwen3Model) -> None:
+    """The text encoder as ComfyUI's stand-alone `text_encoders/qwen_3_4b.safetensors` holds it:
+    `Qwen3ForCausalLM` names (under `model.`, with the tied `lm_head.weight`), beside the transformer file."""
+    sd = {f"model.{k}": v.detach().clone() for k, v in text_encoder.state_dict().items()}
+    sd["lm_head.weight"] = text_encoder.embed_tokens.weight.detach().clone()
+    path = ZDIR / "qwen_3_tiny.safetensors"
+    save_tensors(path, sd)
+    back = Qwen3Model(text_encoder.config).eval()
+    back.load_state_dict({k[len("model."):]: v for k, v in load_tensors(path).items() if k.startswith("model.")}, strict=True)
+    assert_state_dicts_equal("qwen_3_tiny.safetensors", back.state_dict(), text_encoder.state_dict())
 
 
 # ---- Goldens
@@ -435,6 +448,7 @@ def main() -> None:
     components = dict(transformer=pipe.transformer, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, vae=pipe.vae,
                       scheduler=pipe.scheduler)
     write_original_file(pipe.transformer)
+    write_qwen_file(pipe.text_encoder)
     prompt_goldens(pipe)
     transformer_goldens(pipe.transformer)
     vae_golden(pipe.vae)

@@ -86,7 +86,7 @@ impl Family {
 /// classes or the tensors are their transformer's, else Stable Diffusion (whose loader then says what is
 /// wrong with a path that is none of them).
 pub fn detect(path: &Path) -> Family {
-    // Before FLUX.1: FLUX.2's class names start with "Flux" too.
+    // Before FLUX.1: FLUX.2's class names start with "Flux" too, and its BFL files have double_blocks.* as well.
     if sd_flux2::detect::is_flux2(path) {
         Family::Flux2
     } else if sd_flux::detect::is_flux(path) {

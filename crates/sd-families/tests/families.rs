@@ -247,3 +247,28 @@ fn the_hires_fix_second_pass_is_steered_by_its_own_controlnet_hook() {
     assert!(max_diff(&both, &run(false, true)) > 1e-5, "the first pass's hook acts");
     assert_eq!(max_diff(&run(false, false), &sd_pipelines::hires::generate_hires(&m, &p, &hr, &mut RunContext::default()).expect("plain").latents), 0.0);
 }
+
+/// FLUX.2 [klein] from BFL's and ComfyUI's files: detected before FLUX.1 (both have `double_blocks.*`), loaded
+/// with the split text encoder and VAE beside it, and LoRAs from `Extras` reach the transformer.
+#[test]
+fn flux2_files_are_detected_loaded_and_take_loras() {
+    let comfy = fixture("flux2/comfy/diffusion_models/flux-2-klein-base-tiny.safetensors");
+    assert_eq!(detect(&fixture("flux2/flux-2-klein-base-tiny.safetensors")), Family::Flux2);
+    assert_eq!(detect(&comfy), Family::Flux2);
+    assert_eq!(detect(&fixture("flux/flux-tiny-dev.safetensors")), Family::Flux);
+    let spec = LoadSpec { components: Some(fixture("flux2/klein")), ..LoadSpec::default() };
+    let mut model = LoadedModel::load(&comfy, &spec).expect("split files");
+    assert_eq!(model.family(), Family::Flux2);
+    assert!(model.capabilities().lora);
+    let mut p = model.capabilities().request("a cat");
+    (p.width, p.height, p.steps, p.seed) = (16, 24, 2, 3);
+    let plain = model.generate(&p, &Task::TextToImage, &mut RunContext::default(), &Extras::default()).expect("plain");
+    let loras = [LoraWeight { path: fixture("flux2/lora/flux2_peft.safetensors"), strength: 0.7, text_encoder_strength: None }];
+    let with = model.generate(&p, &Task::TextToImage, &mut RunContext::default(), &Extras { loras: &loras, ..Extras::default() }).expect("lora");
+    assert!(max_diff(&with.images, &plain.images) > 1e-4, "the LoRA changed nothing");
+    let wrong = [LoraWeight { path: fixture("sd3/lora/sd3_peft.safetensors"), strength: 1.0, text_encoder_strength: None }];
+    let err = model.generate(&p, &Task::TextToImage, &mut RunContext::default(), &Extras { loras: &wrong, ..Extras::default() }).expect_err("SD3 LoRA");
+    assert!(err.field().is_some_and(|f| f.starts_with("loras")), "{err}");
+    let back = model.generate(&p, &Task::TextToImage, &mut RunContext::default(), &Extras::default()).expect("plain again");
+    assert_eq!(max_diff(&back.images, &plain.images), 0.0);
+}

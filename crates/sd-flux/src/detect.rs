@@ -6,9 +6,15 @@ use std::path::Path;
 use candle_core::quantized::gguf_file;
 use candle_core::safetensors::MmapedSafetensors;
 
-/// Whether `names` are the tensor names of a FLUX transformer (BFL or diffusers naming).
-pub fn names_are_flux<'a>(mut names: impl Iterator<Item = &'a str>) -> bool {
-    names.any(|n| n.contains("double_blocks.") || n.contains("single_transformer_blocks."))
+/// Whether `names` are the tensor names of a FLUX.1 transformer (BFL or diffusers naming); FLUX.2's, which
+/// share the block names but modulate all blocks at once (`double_stream_modulation_img`), are not.
+pub fn names_are_flux<'a>(names: impl Iterator<Item = &'a str>) -> bool {
+    let (mut blocks, mut flux2) = (false, false);
+    for n in names {
+        blocks |= n.contains("double_blocks.") || n.contains("single_transformer_blocks.");
+        flux2 |= n.contains("double_stream_modulation_img.");
+    }
+    blocks && !flux2
 }
 
 fn class_name(config: &Path) -> Option<String> {
@@ -51,5 +57,6 @@ mod tests {
         assert!(names_are_flux(["model.diffusion_model.double_blocks.0.img_mod.lin.weight"].into_iter()));
         assert!(names_are_flux(["single_transformer_blocks.3.proj_out.weight"].into_iter()));
         assert!(!names_are_flux(["model.diffusion_model.input_blocks.0.0.weight", "transformer_blocks.0.attn1.to_q.weight"].into_iter()));
+        assert!(!names_are_flux(["double_blocks.0.img_attn.qkv.weight", "double_stream_modulation_img.lin.weight"].into_iter()));
     }
 }

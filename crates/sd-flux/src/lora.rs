@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use candle_nn::var_builder::SimpleBackend;
 use candle_transformers::models::flux::model::Config;
-use sd_lora::{AdapterReport, TransformerLoras};
+use sd_lora::{AdapterReport, KeyTable, TransformerLoras};
 
 use crate::error::{Error, Result};
 use crate::keymap::{bfl_to_diffusers, DiffusersSource};
@@ -79,20 +79,6 @@ pub fn lora_targets(config: &Config) -> HashMap<String, LoraTarget> {
     out
 }
 
-/// The target of a LoRA module key, after stripping the prefixes trainers put in front.
-pub fn resolve_key<'a>(targets: &'a HashMap<String, LoraTarget>, underscored: &'a HashMap<String, String>, key: &str) -> Option<&'a LoraTarget> {
-    for prefix in ["lora_unet_", "lora_transformer_"] {
-        if let Some(rest) = key.strip_prefix(prefix) {
-            return underscored.get(rest).and_then(|k| targets.get(k));
-        }
-    }
-    let mut k = key;
-    for prefix in ["base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer."] {
-        k = k.strip_prefix(prefix).unwrap_or(k);
-    }
-    targets.get(k)
-}
-
 /// A LoRA to merge, with its strength (may be negative).
 #[derive(Debug, Clone)]
 pub struct FluxLora {
@@ -119,12 +105,11 @@ pub fn wrap_backend(
     config: &Config,
     loras: &[FluxLora],
 ) -> Result<(Box<dyn SimpleBackend>, Vec<AdapterReport>)> {
-    let targets = lora_targets(config);
-    let underscored: HashMap<String, String> = targets.keys().map(|k| (k.replace('.', "_"), k.clone())).collect();
+    let table = KeyTable::new(lora_targets(config));
     let plan = TransformerLoras {
         family: sd_models::ModelFamily::Flux,
         model: "FLUX transformer",
-        resolve: &|key| resolve_key(&targets, &underscored, key).cloned(),
+        resolve: &|key| table.get(key).cloned(),
         factor: &|_, _, _| 1.0,
     };
     let files: Vec<(PathBuf, f32)> = loras.iter().map(|l| (l.path.clone(), l.strength)).collect();
@@ -149,8 +134,8 @@ mod tests {
     fn keys_of_every_naming_scheme_resolve() {
         let cfg = Config::dev();
         let t = lora_targets(&cfg);
-        let u: HashMap<String, String> = t.keys().map(|k| (k.replace('.', "_"), k.clone())).collect();
-        let r = |k: &str| resolve_key(&t, &u, k).cloned();
+        let t = KeyTable::new(t);
+        let r = |k: &str| t.get(k).cloned();
         let qkv = |rows| Some(LoraTarget { weight: "double_blocks.3.img_attn.qkv.weight".into(), rows, swap_halves: false });
         assert_eq!(r("lora_unet_double_blocks_3_img_attn_qkv"), qkv(None));
         assert_eq!(r("transformer.transformer_blocks.3.attn.to_k"), qkv(Some((3072, 3072))));

@@ -120,10 +120,17 @@ pub(crate) fn mmap(files: &[std::path::PathBuf], what: &Path) -> Result<MmapedSa
     })
 }
 
+/// Whether tensor names are FLUX.2's (one modulation shared by all blocks, where FLUX.1 modulates each).
+fn is_flux2(names: &[String]) -> bool {
+    names.iter().any(|n| n.contains("double_stream_modulation_img."))
+}
+
 /// Explains what a non-FLUX weights file seems to be, given its tensor names.
 fn describe_foreign(names: &[String]) -> String {
     let has = |p: &str| names.iter().any(|n| n.starts_with(p) || n.contains(p));
-    if has("model.diffusion_model.input_blocks.") || has("down_blocks.0.resnets.") {
+    if is_flux2(names) {
+        "this is a FLUX.2 transformer (shared double_stream_modulation_img); load it as a FLUX.2 model (sd-flux2)".into()
+    } else if has("model.diffusion_model.input_blocks.") || has("down_blocks.0.resnets.") {
         "this is a Stable Diffusion checkpoint (UNet input_blocks/down_blocks); load it with sd-models (sd_models::loader::load)".into()
     } else if has("lora_") || has(".lora_A") || has(".lora.down") {
         "this is a LoRA, not a transformer".into()
@@ -207,7 +214,7 @@ pub fn load_safetensors_file(
     let blocks: Vec<&str> = names.iter().filter_map(|n| n.strip_prefix(prefix)).collect();
     let depth = count_blocks(blocks.iter().copied(), "double_blocks.");
     let depth_single = count_blocks(blocks.iter().copied(), "single_blocks.");
-    if depth + depth_single == 0 {
+    if depth + depth_single == 0 || is_flux2(&names) {
         return Err(Error::NotFlux { path: path.to_path_buf(), reason: describe_foreign(&names) });
     }
     let shape = |n: &str| st.get(&format!("{prefix}{n}")).ok().map(|v| v.shape().to_vec());
@@ -289,7 +296,7 @@ fn build_diffusers(
     let names = backend.stored_names();
     let depth = count_blocks(names.iter().map(String::as_str), "transformer_blocks.");
     let depth_single = count_blocks(names.iter().map(String::as_str), "single_transformer_blocks.");
-    if depth + depth_single == 0 || !names.iter().any(|n| n == "x_embedder.weight") {
+    if depth + depth_single == 0 || !names.iter().any(|n| n == "x_embedder.weight") || is_flux2(&names) {
         return Err(Error::NotFlux { path: source.to_path_buf(), reason: describe_foreign(&names) });
     }
     let config =

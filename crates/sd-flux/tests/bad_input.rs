@@ -55,6 +55,11 @@ fn flux_detection_from_headers() {
     assert!(is_flux(&fixtures().join("flux/flux-tiny-schnell.safetensors")));
     assert!(!is_flux(&fixtures().join("sd15.safetensors")) && !is_flux(&fixtures().join("sd15")));
     assert!(!is_flux(&fixtures().join("flux/ae.safetensors")) && !is_flux(&fixtures().join("missing.safetensors")));
+    // FLUX.2 [klein] shares the BFL block names; it is told apart by its shared modulation and sent to sd-flux2.
+    let flux2 = fixtures().join("flux2/flux-2-klein-base-tiny.safetensors");
+    assert!(!is_flux(&flux2));
+    let e = sd_flux::transformer::load_transformer(&flux2, candle_core::DType::F32, &candle_core::Device::Cpu, None).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("FLUX.2"), "{e}");
 }
 
 #[test]

@@ -119,6 +119,57 @@ impl Flux2Config {
         Ok(())
     }
 
+    /// The architecture of BFL-named weights read off their shapes (`shape` of un-prefixed names), for single
+    /// files, which carry no config: widths from `img_in`, `txt_in`, `time_in` and the MLPs, the head width
+    /// from the per-head norms, the rotary split as four equal axes (klein's 32/32/32/32 at head width 128),
+    /// klein's rotary base 2000 and epsilon 1e-6.
+    pub fn from_bfl_shapes(shape: &dyn Fn(&str) -> Option<Vec<usize>>, num_layers: usize, num_single_layers: usize) -> std::result::Result<Self, String> {
+        let need = |n: &str| -> std::result::Result<Vec<usize>, String> {
+            shape(n).filter(|s| !s.is_empty()).ok_or_else(|| format!("{n} is missing"))
+        };
+        let two = |n: &str| -> std::result::Result<(usize, usize), String> {
+            let s = need(n)?;
+            match s[..] {
+                [a, b] => Ok((a, b)),
+                _ => Err(format!("{n} has shape {s:?}, expected a matrix")),
+            }
+        };
+        if shape("guidance_in.in_layer.weight").is_some() {
+            return Err("it has a guidance embedder (guidance_in), so it is FLUX.2 [dev], whose Mistral text encoder is not supported; use FLUX.2 [klein]".into());
+        }
+        if num_layers == 0 || num_single_layers == 0 {
+            return Err(format!("{num_layers} double_blocks.* and {num_single_layers} single_blocks.*; a FLUX.2 transformer has both"));
+        }
+        let (dim, in_channels) = two("img_in.weight")?;
+        let (_, joint_attention_dim) = two("txt_in.weight")?;
+        let (_, timestep_guidance_channels) = two("time_in.in_layer.weight")?;
+        let (mlp2, _) = two("double_blocks.0.img_mlp.0.weight")?;
+        let (out_channels, _) = two("final_layer.linear.weight")?;
+        let norm = ["double_blocks.0.img_attn.norm.query_norm.scale", "double_blocks.0.img_attn.norm.query_norm.weight"];
+        let head = norm.iter().find_map(|n| shape(n)).and_then(|s| s.first().copied()).ok_or("double_blocks.0.img_attn.norm.query_norm.scale is missing")?;
+        if head == 0 || dim % head != 0 || head % 8 != 0 {
+            return Err(format!("a {dim}-wide model with {head}-wide heads (from the query norm) is not a FLUX.2 transformer"));
+        }
+        let cfg = Self {
+            patch_size: 1,
+            in_channels,
+            out_channels: Some(out_channels),
+            num_layers,
+            num_single_layers,
+            attention_head_dim: head,
+            num_attention_heads: dim / head,
+            joint_attention_dim,
+            timestep_guidance_channels,
+            mlp_ratio: mlp2 as f64 / 2.0 / dim as f64,
+            axes_dims_rope: vec![head / 4; 4],
+            rope_theta: d_theta(),
+            eps: d_eps(),
+            guidance_embeds: false,
+        };
+        cfg.check()?;
+        Ok(cfg)
+    }
+
     /// Model width (`heads × head_dim`).
     pub fn inner_dim(&self) -> usize {
         self.num_attention_heads * self.attention_head_dim

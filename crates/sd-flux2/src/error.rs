@@ -13,6 +13,19 @@ pub enum Error {
     #[error(transparent)]
     Models(#[from] sd_models::Error),
 
+    /// A LoRA file could not be read, or matches nothing in the FLUX.2 transformer.
+    #[error(transparent)]
+    Lora(#[from] sd_lora::Error),
+
+    /// A LoRA's update does not fit the weight it names (a LoRA for a klein of another size).
+    #[error("LoRA {path} does not fit this model: {reason}; use a LoRA trained for this FLUX.2 [klein] model (4B and 9B LoRAs differ)")]
+    LoraMismatch {
+        /// The LoRA file.
+        path: PathBuf,
+        /// The mismatch.
+        reason: String,
+    },
+
     /// A request, scheduler, noise or image error (sd-core's shared vocabulary: request fields,
     /// strength, cancellation).
     #[error(transparent)]

@@ -1,6 +1,7 @@
 //! The FLUX.2 transformer (`Flux2Transformer2DModel`): double-stream blocks over text and image tokens
 //! with shared modulation, single-stream blocks with a fused QKV+MLP projection and SwiGLU, four-axis
-//! rotary positions (T, H, W, L), bias-free layers throughout. Weight names are diffusers'.
+//! rotary positions (T, H, W, L), bias-free layers throughout. The model asks for Black Forest Labs' original
+//! weight names (fused q/k/v per stream; see [`crate::keymap`] for how a diffusers folder serves them).
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
@@ -107,8 +108,9 @@ struct FeedForward {
 }
 
 impl FeedForward {
+    /// BFL's `*_mlp.0` (in) and `*_mlp.2` (out).
     fn new(vb: VarBuilder, dim: usize, hidden: usize) -> candle_core::Result<Self> {
-        Ok(Self { linear_in: ops::linear(vb.pp("linear_in"), dim, 2 * hidden, false)?, linear_out: ops::linear(vb.pp("linear_out"), hidden, dim, false)? })
+        Ok(Self { linear_in: ops::linear(vb.pp("0"), dim, 2 * hidden, false)?, linear_out: ops::linear(vb.pp("2"), hidden, dim, false)? })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -116,44 +118,59 @@ impl FeedForward {
     }
 }
 
-/// A double-stream block (`transformer_blocks.N`).
+/// A per-head RMSNorm: BFL's files name its weight `scale`; some re-saved files name it `weight`.
+fn qk_norm(vb: VarBuilder, dim: usize, eps: f64) -> candle_core::Result<RmsNorm> {
+    let name = if vb.contains_tensor("scale") || !vb.contains_tensor("weight") { "scale" } else { "weight" };
+    RmsNorm::from_weight(&vb.get(dim, name)?, eps)
+}
+
+/// One stream's attention projections and norms in a double-stream block (`img_attn` / `txt_attn`).
 #[derive(Debug, Clone)]
-struct DoubleBlock {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
+struct StreamAttn {
+    qkv: Linear,
+    proj: Linear,
     norm_q: RmsNorm,
     norm_k: RmsNorm,
-    add_q: Linear,
-    add_k: Linear,
-    add_v: Linear,
-    to_add_out: Linear,
-    norm_added_q: RmsNorm,
-    norm_added_k: RmsNorm,
-    ff: FeedForward,
-    ff_context: FeedForward,
+}
+
+impl StreamAttn {
+    fn new(vb: VarBuilder, dim: usize, hd: usize, eps: f64) -> candle_core::Result<Self> {
+        Ok(Self {
+            qkv: ops::linear(vb.pp("qkv"), dim, 3 * dim, false)?,
+            proj: ops::linear(vb.pp("proj"), dim, dim, false)?,
+            norm_q: qk_norm(vb.pp("norm").pp("query_norm"), hd, eps)?,
+            norm_k: qk_norm(vb.pp("norm").pp("key_norm"), hd, eps)?,
+        })
+    }
+
+    /// Normed q, k and v `[b, heads, seq, d]` of the modulated stream `x`.
+    fn qkv(&self, x: &Tensor, h: usize) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let y = self.qkv.forward(x)?;
+        let dim = y.dim(D::Minus1)? / 3;
+        let q = self.norm_q.forward(&heads(&y.narrow(D::Minus1, 0, dim)?, h)?)?;
+        let k = self.norm_k.forward(&heads(&y.narrow(D::Minus1, dim, dim)?, h)?)?;
+        let v = heads(&y.narrow(D::Minus1, 2 * dim, dim)?, h)?;
+        Ok((q, k, v))
+    }
+}
+
+/// A double-stream block (`double_blocks.N`).
+#[derive(Debug, Clone)]
+struct DoubleBlock {
+    img_attn: StreamAttn,
+    txt_attn: StreamAttn,
+    img_mlp: FeedForward,
+    txt_mlp: FeedForward,
 }
 
 impl DoubleBlock {
     fn new(vb: VarBuilder, cfg: &Flux2Config) -> candle_core::Result<Self> {
         let (dim, hd, eps) = (cfg.inner_dim(), cfg.attention_head_dim, cfg.eps);
-        let a = vb.pp("attn");
         Ok(Self {
-            to_q: ops::linear(a.pp("to_q"), dim, dim, false)?,
-            to_k: ops::linear(a.pp("to_k"), dim, dim, false)?,
-            to_v: ops::linear(a.pp("to_v"), dim, dim, false)?,
-            to_out: ops::linear(a.pp("to_out").pp("0"), dim, dim, false)?,
-            norm_q: RmsNorm::load(a.pp("norm_q"), hd, eps)?,
-            norm_k: RmsNorm::load(a.pp("norm_k"), hd, eps)?,
-            add_q: ops::linear(a.pp("add_q_proj"), dim, dim, false)?,
-            add_k: ops::linear(a.pp("add_k_proj"), dim, dim, false)?,
-            add_v: ops::linear(a.pp("add_v_proj"), dim, dim, false)?,
-            to_add_out: ops::linear(a.pp("to_add_out"), dim, dim, false)?,
-            norm_added_q: RmsNorm::load(a.pp("norm_added_q"), hd, eps)?,
-            norm_added_k: RmsNorm::load(a.pp("norm_added_k"), hd, eps)?,
-            ff: FeedForward::new(vb.pp("ff"), dim, cfg.mlp_hidden())?,
-            ff_context: FeedForward::new(vb.pp("ff_context"), dim, cfg.mlp_hidden())?,
+            img_attn: StreamAttn::new(vb.pp("img_attn"), dim, hd, eps)?,
+            txt_attn: StreamAttn::new(vb.pp("txt_attn"), dim, hd, eps)?,
+            img_mlp: FeedForward::new(vb.pp("img_mlp"), dim, cfg.mlp_hidden())?,
+            txt_mlp: FeedForward::new(vb.pp("txt_mlp"), dim, cfg.mlp_hidden())?,
         })
     }
 
@@ -162,30 +179,26 @@ impl DoubleBlock {
         let n_txt = txt.dim(1)?;
         let x = modulate(img, &mi[0], &mi[1], eps)?;
         let c = modulate(txt, &mt[0], &mt[1], eps)?;
-        let q = self.norm_q.forward(&heads(&self.to_q.forward(&x)?, h)?)?;
-        let k = self.norm_k.forward(&heads(&self.to_k.forward(&x)?, h)?)?;
-        let v = heads(&self.to_v.forward(&x)?, h)?;
-        let cq = self.norm_added_q.forward(&heads(&self.add_q.forward(&c)?, h)?)?;
-        let ck = self.norm_added_k.forward(&heads(&self.add_k.forward(&c)?, h)?)?;
-        let cv = heads(&self.add_v.forward(&c)?, h)?;
+        let (q, k, v) = self.img_attn.qkv(&x, h)?;
+        let (cq, ck, cv) = self.txt_attn.qkv(&c, h)?;
         let q = rope(&Tensor::cat(&[&cq, &q], 2)?, pe)?;
         let k = rope(&Tensor::cat(&[&ck, &k], 2)?, pe)?;
         let v = Tensor::cat(&[&cv, &v], 2)?.contiguous()?;
         let attn = merge(&ops::attention_heads(&q, &k, &v, false)?)?;
         let n_img = attn.dim(1)? - n_txt;
-        let txt_attn = self.to_add_out.forward(&attn.narrow(1, 0, n_txt)?)?;
-        let img_attn = self.to_out.forward(&attn.narrow(1, n_txt, n_img)?)?;
+        let txt_attn = self.txt_attn.proj.forward(&attn.narrow(1, 0, n_txt)?)?;
+        let img_attn = self.img_attn.proj.forward(&attn.narrow(1, n_txt, n_img)?)?;
         let img = (img + img_attn.broadcast_mul(&mi[2])?)?;
-        let ff = self.ff.forward(&modulate(&img, &mi[3], &mi[4], eps)?)?;
+        let ff = self.img_mlp.forward(&modulate(&img, &mi[3], &mi[4], eps)?)?;
         let img = (&img + ff.broadcast_mul(&mi[5])?)?;
         let txt = (txt + txt_attn.broadcast_mul(&mt[2])?)?;
-        let ff = self.ff_context.forward(&modulate(&txt, &mt[3], &mt[4], eps)?)?;
+        let ff = self.txt_mlp.forward(&modulate(&txt, &mt[3], &mt[4], eps)?)?;
         let txt = (&txt + ff.broadcast_mul(&mt[5])?)?;
         Ok((img, txt))
     }
 }
 
-/// A single-stream block (`single_transformer_blocks.N`).
+/// A single-stream block (`single_blocks.N`): `linear1` is the fused q/k/v + MLP input, `linear2` the output.
 #[derive(Debug, Clone)]
 struct SingleBlock {
     proj: Linear,
@@ -197,12 +210,11 @@ struct SingleBlock {
 impl SingleBlock {
     fn new(vb: VarBuilder, cfg: &Flux2Config) -> candle_core::Result<Self> {
         let (dim, hd, eps, mlp) = (cfg.inner_dim(), cfg.attention_head_dim, cfg.eps, cfg.mlp_hidden());
-        let a = vb.pp("attn");
         Ok(Self {
-            proj: ops::linear(a.pp("to_qkv_mlp_proj"), dim, 3 * dim + 2 * mlp, false)?,
-            to_out: ops::linear(a.pp("to_out"), dim + mlp, dim, false)?,
-            norm_q: RmsNorm::load(a.pp("norm_q"), hd, eps)?,
-            norm_k: RmsNorm::load(a.pp("norm_k"), hd, eps)?,
+            proj: ops::linear(vb.pp("linear1"), dim, 3 * dim + 2 * mlp, false)?,
+            to_out: ops::linear(vb.pp("linear2"), dim + mlp, dim, false)?,
+            norm_q: qk_norm(vb.pp("norm").pp("query_norm"), hd, eps)?,
+            norm_k: qk_norm(vb.pp("norm").pp("key_norm"), hd, eps)?,
         })
     }
 
@@ -247,25 +259,24 @@ pub struct Flux2Transformer {
 }
 
 impl Flux2Transformer {
-    /// Builds the model from diffusers-named weights.
+    /// Builds the model from BFL-named weights (a diffusers folder serves them through
+    /// [`crate::keymap::diffusers_backend`]).
     pub fn new(cfg: &Flux2Config, vb: VarBuilder) -> candle_core::Result<Self> {
         let dim = cfg.inner_dim();
         let tg = cfg.timestep_guidance_channels;
-        let te = vb.pp("time_guidance_embed").pp("timestep_embedder");
+        let te = vb.pp("time_in");
         Ok(Self {
-            t_lin1: ops::linear(te.pp("linear_1"), tg, dim, false)?,
-            t_lin2: ops::linear(te.pp("linear_2"), dim, dim, false)?,
-            mod_img: ops::linear(vb.pp("double_stream_modulation_img").pp("linear"), dim, 6 * dim, false)?,
-            mod_txt: ops::linear(vb.pp("double_stream_modulation_txt").pp("linear"), dim, 6 * dim, false)?,
-            mod_single: ops::linear(vb.pp("single_stream_modulation").pp("linear"), dim, 3 * dim, false)?,
-            x_embedder: ops::linear(vb.pp("x_embedder"), cfg.in_channels, dim, false)?,
-            context_embedder: ops::linear(vb.pp("context_embedder"), cfg.joint_attention_dim, dim, false)?,
-            double: (0..cfg.num_layers).map(|i| DoubleBlock::new(vb.pp("transformer_blocks").pp(i.to_string()), cfg)).collect::<candle_core::Result<_>>()?,
-            single: (0..cfg.num_single_layers)
-                .map(|i| SingleBlock::new(vb.pp("single_transformer_blocks").pp(i.to_string()), cfg))
-                .collect::<candle_core::Result<_>>()?,
-            norm_out: ops::linear(vb.pp("norm_out").pp("linear"), dim, 2 * dim, false)?,
-            proj_out: ops::linear(vb.pp("proj_out"), dim, cfg.out_channels(), false)?,
+            t_lin1: ops::linear(te.pp("in_layer"), tg, dim, false)?,
+            t_lin2: ops::linear(te.pp("out_layer"), dim, dim, false)?,
+            mod_img: ops::linear(vb.pp("double_stream_modulation_img").pp("lin"), dim, 6 * dim, false)?,
+            mod_txt: ops::linear(vb.pp("double_stream_modulation_txt").pp("lin"), dim, 6 * dim, false)?,
+            mod_single: ops::linear(vb.pp("single_stream_modulation").pp("lin"), dim, 3 * dim, false)?,
+            x_embedder: ops::linear(vb.pp("img_in"), cfg.in_channels, dim, false)?,
+            context_embedder: ops::linear(vb.pp("txt_in"), cfg.joint_attention_dim, dim, false)?,
+            double: (0..cfg.num_layers).map(|i| DoubleBlock::new(vb.pp("double_blocks").pp(i.to_string()), cfg)).collect::<candle_core::Result<_>>()?,
+            single: (0..cfg.num_single_layers).map(|i| SingleBlock::new(vb.pp("single_blocks").pp(i.to_string()), cfg)).collect::<candle_core::Result<_>>()?,
+            norm_out: ops::linear(vb.pp("final_layer").pp("adaLN_modulation").pp("1"), dim, 2 * dim, false)?,
+            proj_out: ops::linear(vb.pp("final_layer").pp("linear"), dim, cfg.out_channels(), false)?,
             cfg: cfg.clone(),
             dtype: vb.dtype(),
             device: vb.device().clone(),
@@ -333,8 +344,8 @@ impl Flux2Transformer {
         }
         let x = x.narrow(1, n_txt, n_img)?;
         let m = chunks(&self.norm_out.forward(&silu_t)?, 2)?;
-        // AdaLayerNormContinuous: scale first, then shift.
-        let x = modulate(&x, &m[1], &m[0], eps)?;
+        // BFL's final modulation emits (shift, scale); diffusers' `norm_out` stores the swapped halves.
+        let x = modulate(&x, &m[0], &m[1], eps)?;
         self.proj_out.forward(&x)
     }
 }

@@ -42,9 +42,9 @@ pub const DEFAULT_MAX_SEQUENCE_LENGTH: usize = 512;
 /// The largest reference image diffusers takes without resizing it (1024² pixels).
 pub const MAX_REFERENCE_PIXELS: usize = 1024 * 1024;
 
-/// What a loaded FLUX.2 [klein] model can do: txt2img, reference-image editing and inpaint; no negative
-/// prompt, sampler choice, clip skip, LoRA or ControlNet; the prompt read literally; sizes in multiples of
-/// 2 × the VAE factor (16).
+/// What a loaded FLUX.2 [klein] model can do: txt2img, reference-image editing and inpaint, LoRAs (merged at
+/// load, [`crate::Flux2LoadOptions::loras`]); no negative prompt, sampler choice, clip skip or ControlNet; the
+/// prompt read literally; sizes in multiples of 2 × the VAE factor (16).
 pub fn capabilities(models: &Flux2Models) -> Capabilities {
     let v = models.variant;
     Capabilities {
@@ -54,7 +54,7 @@ pub fn capabilities(models: &Flux2Models) -> Capabilities {
         negative_prompt: false,
         sampler_choice: false,
         controlnet: false,
-        lora: false,
+        lora: true,
         clip_skip_layers: 0,
         prompt_syntax: PromptSyntax::Literal,
         inpaint_model: false,

@@ -7,7 +7,8 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, D};
-use sd_models::qwen3::{self, Qwen3Config, Qwen3Encoder};
+use sd_models::qwen3::{self, Qwen3Encoder};
+use sd_models::split::Part;
 use sd_models::single_file::innermost;
 use tokenizers::Tokenizer;
 
@@ -16,27 +17,27 @@ use crate::error::{Error, Result};
 /// The hidden states klein reads (`text_encoder_out_layers` of the pipeline).
 pub const OUT_LAYERS: [usize; 3] = [9, 18, 27];
 
-/// Loads the first `max(layers)` decoder layers of the Qwen3 encoder from a `text_encoder/` folder.
-pub fn load_text_encoder(dir: &Path, layers: &[usize], dtype: DType, device: &Device) -> Result<Qwen3Encoder> {
-    let cfg_path = dir.join("config.json");
-    if !cfg_path.is_file() {
-        return Err(Error::NotFound {
-            what: "text encoder config.json".into(),
-            path: cfg_path,
-            hint: "pass the text_encoder/ folder of a FLUX.2 [klein] repo (Qwen3-4B or Qwen3-8B)".into(),
-        });
-    }
-    let cfg = Qwen3Config::from_file(&cfg_path)?;
+/// Loads the first `max(layers)` decoder layers of the Qwen3 encoder from a `text_encoder/` folder or a
+/// stand-alone file (ComfyUI's `qwen_3_4b.safetensors`); `config` is a `config.json` describing a file
+/// (without it the architecture is read off the shapes).
+pub fn load_text_encoder(part: &Part, config: Option<&Path>, layers: &[usize], dtype: DType, device: &Device) -> Result<Qwen3Encoder> {
+    let path = part.path();
+    let (cfg, vb) = qwen3::text_encoder_part(path, config, dtype, device).map_err(|e| match e {
+        sd_models::Error::NotFound { what, path } => {
+            Error::NotFound { what, path, hint: "pass the text_encoder/ folder of a FLUX.2 [klein] repo (Qwen3-4B or Qwen3-8B) or qwen_3_4b.safetensors".into() }
+        }
+        sd_models::Error::InvalidSafetensors { path, reason } => Error::NotFlux2 { path, reason: format!("not a valid safetensors file ({reason}); re-download it, it may be truncated") },
+        other => Error::Models(other),
+    })?;
     let deepest = layers.iter().copied().max().unwrap_or(0);
     if deepest > cfg.num_hidden_layers {
         return Err(Error::InvalidConfig {
-            path: cfg_path,
-            reason: format!("FLUX.2 [klein] reads hidden state {deepest}, but this encoder has {} layers; use the text encoder of the klein repo", cfg.num_hidden_layers),
+            path: path.to_path_buf(),
+            reason: format!("FLUX.2 [klein] reads hidden state {deepest}, but this encoder has {} layers; use Qwen3-4B (klein 4B) or Qwen3-8B (klein 9B)", cfg.num_hidden_layers),
         });
     }
-    let vb = qwen3::text_encoder_weights(dir, dtype, device)?;
     Qwen3Encoder::new(&cfg, vb, deepest).map_err(|e| Error::BadWeights {
-        source_desc: dir.display().to_string(),
+        source_desc: path.display().to_string(),
         reason: innermost(&e).to_string(),
         component: "Qwen3 text encoder",
     })

@@ -6,7 +6,9 @@ use std::path::Path;
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
+use sd_models::split::Part;
 use sd_models::vae::AutoencoderKL;
+use sd_models::VaeConfig;
 
 use crate::config::Flux2VaeExtra;
 use crate::error::{Error, Result};
@@ -93,38 +95,50 @@ pub fn vae_dtype(dtype: DType, device: &Device) -> DType {
     }
 }
 
-/// Loads the autoencoder from a diffusers `vae/` folder (`AutoencoderKLFlux2`: `config.json` and weights,
-/// the batch-norm statistics `bn.running_mean` / `bn.running_var` among them).
-pub fn load_vae(dir: &Path, dtype: DType, device: &Device) -> Result<Flux2Vae> {
-    let cfg_path = dir.join("config.json");
-    if !cfg_path.is_file() {
-        return Err(Error::NotFound { what: "VAE config.json".into(), path: cfg_path, hint: "pass the vae/ folder of a FLUX.2 [klein] repo".into() });
-    }
-    let extra = Flux2VaeExtra::from_file(&cfg_path)?;
-    let cfg = sd_models::diffusers::read_vae_config(&cfg_path)?;
-    let (vae, _) = sd_models::vae::load_vae_weights(dir, &cfg, vae_dtype(dtype, device), device)?;
-    let files = sd_models::diffusers::find_weight_files(dir, false)?;
+/// FLUX.2's autoencoder config (`AutoencoderKLFlux2`'s defaults, `black-forest-labs/FLUX.2-klein-4B/vae`), for
+/// VAE files, which carry none.
+pub fn flux2_vae_config() -> VaeConfig {
+    VaeConfig { latent_channels: 32, scaling_factor: 1.0, shift_factor: None, use_quant_conv: true, use_post_quant_conv: true, sample_size: 1024, force_upcast: true, ..VaeConfig::sd() }
+}
+
+/// Loads the autoencoder from a diffusers `vae/` folder (`AutoencoderKLFlux2`: `config.json` and weights) or
+/// a file (`flux2-vae.safetensors`: BFL's original names or diffusers'; its config from `configs/vae/` or
+/// [`flux2_vae_config`]), with the batch-norm statistics `bn.running_mean` / `bn.running_var` among them.
+pub fn load_vae(part: &Part, configs: Option<&Path>, dtype: DType, device: &Device) -> Result<Flux2Vae> {
+    let path = part.path();
+    let (cfg_path, files) = match part {
+        Part::Folder(dir) => {
+            let p = dir.join("config.json");
+            if !p.is_file() {
+                return Err(Error::NotFound { what: "VAE config.json".into(), path: p, hint: "pass the vae/ folder of a FLUX.2 [klein] repo".into() });
+            }
+            (Some(p), sd_models::diffusers::find_weight_files(dir, false)?)
+        }
+        Part::File { path, .. } => (configs.map(|c| c.join("vae").join("config.json")).filter(|p| p.is_file()), vec![path.clone()]),
+    };
+    let (cfg, eps) = match &cfg_path {
+        Some(p) => (sd_models::diffusers::read_vae_config(p)?, Flux2VaeExtra::from_file(p)?.batch_norm_eps),
+        None => (flux2_vae_config(), 1e-4),
+    };
+    let bad = |reason: String| Error::BadWeights { source_desc: path.display().to_string(), reason, component: "FLUX.2 autoencoder (flux2-vae.safetensors / AutoencoderKLFlux2)" };
     // SAFETY: read-only mapping; the files must not be truncated while they are mapped.
     let st = unsafe { MmapedSafetensors::multi(&files) }
-        .map_err(|e| Error::NotFlux2 { path: dir.to_path_buf(), reason: format!("not a valid safetensors file ({e}); re-download it") })?;
+        .map_err(|e| Error::NotFlux2 { path: path.to_path_buf(), reason: format!("not a valid safetensors file ({e}); re-download it") })?;
+    if st.get("bn.running_mean").is_err() && st.get("decoder.conv_in.weight").is_err() {
+        let names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+        return Err(Error::NotFlux2 { path: path.to_path_buf(), reason: format!("not a VAE: {}", crate::loader::describe_foreign(&names)) });
+    }
+    let (vae, cfg) = sd_models::vae::load_vae_weights(path, &cfg, vae_dtype(dtype, device), device)?;
     let channels = 4 * cfg.latent_channels;
     let stat = |name: &str| -> Result<Tensor> {
-        let t = st.load(name, device).map_err(|_| Error::BadWeights {
-            source_desc: dir.display().to_string(),
-            reason: format!("{name} is missing (FLUX.2's VAE carries batch-norm statistics of its patchified latents)"),
-            component: "FLUX.2 autoencoder (AutoencoderKLFlux2)",
-        })?;
+        let t = st.load(name, device).map_err(|_| bad(format!("{name} is missing (FLUX.2's VAE carries batch-norm statistics of its patchified latents; a FLUX.1 ae.safetensors has none)")))?;
         if t.dims() != [channels] {
-            return Err(Error::BadWeights {
-                source_desc: dir.display().to_string(),
-                reason: format!("{name} has shape {:?}, expected [{channels}]", t.dims()),
-                component: "FLUX.2 autoencoder (AutoencoderKLFlux2)",
-            });
+            return Err(bad(format!("{name} has shape {:?}, expected [{channels}] (4 × {} latent channels)", t.dims(), cfg.latent_channels)));
         }
         Ok(t.to_dtype(DType::F32)?.reshape((1, channels, 1, 1))?)
     };
     let mean = stat("bn.running_mean")?;
     let var = stat("bn.running_var")?;
-    let std = (var + extra.batch_norm_eps)?.sqrt()?;
+    let std = (var + eps)?.sqrt()?;
     Ok(Flux2Vae { vae, mean, std })
 }

@@ -16,10 +16,12 @@ pub mod error;
 pub mod keys;
 pub mod live;
 pub mod merge;
+pub mod peft;
 pub mod set;
 
 pub use adapter::{AdapterKind, LoraAdapter, LoraFormat, LoraMetadata, LoraModule};
 pub use error::{Error, Result};
 pub use live::LivePatcher;
-pub use merge::{Merge, MergeBackend, Target, TransformerLoras};
+pub use merge::{KeyTable, Merge, MergeBackend, Target, TransformerLoras};
+pub use peft::{PeftAlpha, PeftAlphas};
 pub use set::{parse_spec, AdapterReport, LoraReport, LoraSet};

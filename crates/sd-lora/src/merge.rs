@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
+use sd_models::weights::Source;
 
 use crate::adapter::LoraAdapter;
 use crate::error::{Error, Result, ShapeMismatch};
@@ -30,6 +31,64 @@ impl Target {
     /// The whole of `weight`.
     pub fn whole(weight: impl Into<String>) -> Self {
         Self { weight: weight.into(), rows: None, swap_halves: false }
+    }
+}
+
+/// A transformer family's LoRA key table: every module name a LoRA may use (dotted, without the prefixes
+/// trainers put in front: `transformer.`, `diffusion_model.`, PEFT's `base_model.model.`) and the weight it
+/// updates; kohya's underscored spellings (`lora_unet_double_blocks_0_img_attn_qkv`) resolve through it too.
+#[derive(Debug, Clone, Default)]
+pub struct KeyTable {
+    targets: HashMap<String, Target>,
+    underscored: HashMap<String, String>,
+}
+
+impl KeyTable {
+    /// The table of `targets` (dotted module name → target).
+    pub fn new(targets: HashMap<String, Target>) -> Self {
+        let underscored = targets.keys().map(|k| (k.replace('.', "_"), k.clone())).collect();
+        Self { targets, underscored }
+    }
+
+    /// Adds `module` (the model's own name) updating `weight`, and the stored names `source` gives for it (the
+    /// family's model-name → diffusers-name map, as its renaming weight backend uses): a rename, a swapped
+    /// pair of halves, or one `rows`-row block of the fused weight per concatenated part.
+    pub fn insert_renamed(targets: &mut HashMap<String, Target>, module: &str, weight: &str, rows: usize, source: Option<Source>) {
+        targets.insert(module.to_string(), Target::whole(weight));
+        let strip = |d: &str| d.trim_end_matches(".weight").to_string();
+        match source {
+            Some(Source::Rename(d)) => {
+                targets.insert(strip(&d), Target::whole(weight));
+            }
+            Some(Source::SwapHalves(d)) => {
+                targets.insert(strip(&d), Target { weight: weight.into(), rows: None, swap_halves: true });
+            }
+            Some(Source::Concat(parts)) => {
+                for (j, p) in parts.iter().enumerate() {
+                    targets.insert(strip(p), Target { weight: weight.into(), rows: Some((j * rows, rows)), swap_halves: false });
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// The target of a LoRA module key, after stripping the prefixes trainers put in front.
+    pub fn get(&self, key: &str) -> Option<&Target> {
+        for prefix in ["lora_unet_", "lora_transformer_", "lycoris_"] {
+            if let Some(rest) = key.strip_prefix(prefix) {
+                return self.underscored.get(rest).and_then(|k| self.targets.get(k));
+            }
+        }
+        let mut k = key;
+        for prefix in ["base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer."] {
+            k = k.strip_prefix(prefix).unwrap_or(k);
+        }
+        self.targets.get(k)
+    }
+
+    /// Every dotted module name and its target.
+    pub fn targets(&self) -> &HashMap<String, Target> {
+        &self.targets
     }
 }
 

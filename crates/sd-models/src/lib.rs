@@ -18,6 +18,7 @@ pub mod keymap;
 pub mod loader;
 pub mod ops;
 pub mod single_file;
+pub mod split;
 pub mod qwen3;
 pub mod t5;
 pub mod tokenizer;

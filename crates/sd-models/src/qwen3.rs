@@ -90,6 +90,42 @@ impl Qwen3Config {
         Ok(())
     }
 
+    /// The config of Qwen3 weights read off their shapes (`shape` of un-prefixed names such as
+    /// `layers.0.self_attn.q_proj.weight`), for stand-alone encoder files, which carry no config: the rotary
+    /// base and norm epsilon are Qwen3's (1e6, 1e-6).
+    pub fn from_shapes(shape: &dyn Fn(&str) -> Option<Vec<usize>>, num_layers: usize) -> std::result::Result<Self, String> {
+        let need = |n: &str| shape(n).ok_or_else(|| format!("{n} is missing"));
+        let embed = need("embed_tokens.weight")?;
+        let q = need("layers.0.self_attn.q_proj.weight")?;
+        let k = need("layers.0.self_attn.k_proj.weight")?;
+        let gate = need("layers.0.mlp.gate_proj.weight")?;
+        let head = need("layers.0.self_attn.q_norm.weight")?;
+        let (Some(&vocab_size), Some(&hidden_size), Some(&q_rows), Some(&k_rows), Some(&intermediate_size), Some(&head_dim)) =
+            (embed.first(), embed.get(1), q.first(), k.first(), gate.first(), head.first())
+        else {
+            return Err("a tensor has fewer dimensions than a Qwen3 model's".into());
+        };
+        if head_dim == 0 || q_rows % head_dim != 0 || k_rows % head_dim != 0 {
+            return Err(format!("q_proj ({q_rows} rows) and k_proj ({k_rows} rows) do not split into {head_dim}-wide heads"));
+        }
+        let cfg = Self {
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers: num_layers,
+            num_attention_heads: q_rows / head_dim,
+            num_key_value_heads: k_rows / head_dim,
+            head_dim: Some(head_dim),
+            rms_norm_eps: d_qeps(),
+            rope_theta: Some(1_000_000.0),
+            rope_parameters: None,
+            attention_bias: shape("layers.0.self_attn.q_proj.bias").is_some(),
+            hidden_act: d_silu(),
+        };
+        cfg.check()?;
+        Ok(cfg)
+    }
+
     /// Width of each attention head.
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
@@ -117,8 +153,12 @@ pub struct RmsNorm {
 impl RmsNorm {
     /// Loads `weight` `[dim]` (kept in F32).
     pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> candle_core::Result<Self> {
-        let weight = vb.get(dim, "weight")?.to_dtype(DType::F32)?;
-        Ok(Self { weight, eps: eps as f32 })
+        Self::from_weight(&vb.get(dim, "weight")?, eps)
+    }
+
+    /// A norm with `weight` `[dim]` (kept in F32), for models that name it otherwise (`scale`).
+    pub fn from_weight(weight: &Tensor, eps: f64) -> candle_core::Result<Self> {
+        Ok(Self { weight: weight.to_dtype(DType::F32)?, eps: eps as f32 })
     }
 }
 
@@ -323,6 +363,47 @@ pub fn text_encoder_weights(dir: &Path, dtype: DType, device: &Device) -> Result
     } else {
         VarBuilder::from_backend(Box::new(MappedWeights::new(st)), dtype, device.clone())
     })
+}
+
+/// The config and weights of a Qwen3 text encoder in either form people have it: a transformers
+/// `text_encoder/` folder, or one stand-alone `.safetensors` file (ComfyUI's `text_encoders/qwen_3_4b.safetensors`,
+/// named as `Qwen3Model` saves it or, under `model.`, as `Qwen3ForCausalLM` does; an `lm_head.weight` in it is
+/// ignored, fp8-scaled weights are dequantised). A file's config comes from `config` (a `config.json`) when
+/// given, else from its tensor shapes.
+pub fn text_encoder_part(path: &Path, config: Option<&Path>, dtype: DType, device: &Device) -> Result<(Qwen3Config, VarBuilder<'static>)> {
+    if path.is_dir() {
+        let cfg_path = path.join("config.json");
+        if !cfg_path.is_file() {
+            return Err(Error::NotFound { what: "Qwen3 text encoder config.json".into(), path: cfg_path });
+        }
+        return Ok((Qwen3Config::from_file(&cfg_path)?, text_encoder_weights(path, dtype, device)?));
+    }
+    if !path.is_file() {
+        return Err(Error::NotFound { what: "Qwen3 text encoder (a text_encoder/ folder or qwen_3_*.safetensors)".into(), path: path.to_path_buf() });
+    }
+    let st = crate::single_file::open_safetensors(path)?;
+    let prefix = if st.get("model.embed_tokens.weight").is_ok() {
+        "model."
+    } else if st.get("embed_tokens.weight").is_ok() {
+        ""
+    } else {
+        let example = st.tensors().into_iter().map(|(n, _)| n).min().unwrap_or_default();
+        return Err(Error::UnsupportedFormat {
+            path: path.to_path_buf(),
+            reason: format!("no embed_tokens.weight (or model.embed_tokens.weight), so this is no Qwen3 text encoder (found e.g. {example:?}); pass qwen_3_4b.safetensors / qwen_3_8b.safetensors or a text_encoder/ folder"),
+        });
+    };
+    let cfg = match config.filter(|p| p.is_file()) {
+        Some(p) => Qwen3Config::from_file(p)?,
+        None => {
+            let names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+            let layers = crate::split::count_blocks(names.iter().map(String::as_str), &format!("{prefix}layers."));
+            Qwen3Config::from_shapes(&|n| st.get(&format!("{prefix}{n}")).ok().map(|v| v.shape().to_vec()), layers)
+                .map_err(|reason| Error::InvalidConfig { path: path.to_path_buf(), reason: format!("{reason}; is this a complete Qwen3 text encoder?") })?
+        }
+    };
+    let vb = VarBuilder::from_backend(Box::new(MappedWeights::new(st)), dtype, device.clone());
+    Ok((cfg, if prefix.is_empty() { vb } else { vb.pp("model") }))
 }
 
 /// Loads `tokenizer.json` from a `tokenizer/` folder (or the file itself), with any saved padding or

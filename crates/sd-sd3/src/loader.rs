@@ -77,27 +77,8 @@ impl Sd3LoadOptions {
     }
 }
 
-/// Where one component's weights are.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Part {
-    /// A diffusers / transformers component folder (`config.json` and weights).
-    Folder(PathBuf),
-    /// A `.safetensors` file, its tensors under `prefix` (empty for a file of one component).
-    File {
-        /// The file.
-        path: PathBuf,
-        /// The prefix of the component's tensor names.
-        prefix: String,
-    },
-}
-
-impl Part {
-    fn path(&self) -> &Path {
-        match self {
-            Part::Folder(p) | Part::File { path: p, .. } => p,
-        }
-    }
-}
+/// Where one component's weights are (shared with the other families that load split files).
+pub use sd_models::split::Part;
 
 /// Where every component comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,24 +106,6 @@ pub struct Sd3Files {
 fn file_names(path: &Path) -> Result<Vec<String>> {
     let st = mmap(&[path.to_path_buf()], path)?;
     Ok(st.tensors().into_iter().map(|(n, _)| n).collect())
-}
-
-/// The first `.safetensors` file in `dirs` whose lower-case name satisfies `pick`.
-fn find_sibling(dirs: &[PathBuf], skip: &Path, pick: &dyn Fn(&str) -> bool) -> Option<PathBuf> {
-    for dir in dirs {
-        let Ok(entries) = std::fs::read_dir(dir) else { continue };
-        let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-        files.sort();
-        if let Some(f) = files.into_iter().find(|f| {
-            f.is_file()
-                && f.as_path() != skip
-                && f.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
-                && f.file_stem().is_some_and(|s| pick(&s.to_string_lossy().to_ascii_lowercase()))
-        }) {
-            return Some(f);
-        }
-    }
-    None
 }
 
 impl Sd3Files {
@@ -187,15 +150,14 @@ impl Sd3Files {
         }
         let parent = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let up = parent.parent().map(Path::to_path_buf).unwrap_or_default();
-        let encoder_dirs = [parent.clone(), up.join("text_encoders"), up.join("clip")];
-        let vae_dirs = [parent.clone(), up.join("vae")];
+        let (encoder_dirs, vae_dirs) = sd_models::split::sibling_dirs(path);
         let comp = |sub: &str| components.map(|c| c.join(sub)).filter(|p| p.is_dir());
         let part = |prefix: &str, sub: &str, dirs: &[PathBuf], pick: &dyn Fn(&str) -> bool| -> Option<Part> {
             if has(prefix) {
                 return Some(Part::File { path: path.to_path_buf(), prefix: prefix.to_string() });
             }
             // Split files beside the model are what the user keeps with it; a components folder fills in.
-            find_sibling(dirs, path, pick).map(|f| Part::File { path: f, prefix: String::new() }).or_else(|| comp(sub).map(Part::Folder))
+            sd_models::split::find_sibling(dirs, path, pick).map(|f| Part::File { path: f, prefix: String::new() }).or_else(|| comp(sub).map(Part::Folder))
         };
         let missing = |what: &str| Error::NotFound { what: what.into(), path: path.to_path_buf(), hint: HINT.into() };
         let vae = part(VAE_PREFIX, "vae", &vae_dirs, &|s| s.contains("vae") || s == "ae").ok_or_else(|| missing("the VAE"))?;

@@ -22,8 +22,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_nn::var_builder::SimpleBackend;
-use sd_lora::{AdapterReport, LoraAdapter, LoraFormat, LoraModule, TransformerLoras};
-use sd_models::weights::Source;
+use sd_lora::{AdapterReport, KeyTable, LoraAdapter, TransformerLoras};
 
 use crate::config::Sd3Config;
 use crate::error::{Error, Result};
@@ -55,51 +54,16 @@ pub fn linear_modules(cfg: &Sd3Config) -> Vec<String> {
     m
 }
 
-/// Every module name a LoRA may use for `cfg` (Stability and diffusers, dotted, without prefixes), with its
-/// target; the target weights are named as the model asks for them, under `weight_prefix`
+/// The key table of `cfg`: every module name a LoRA may use (Stability and diffusers, dotted, without
+/// prefixes) with its target; the target weights are named as the model asks for them, under `weight_prefix`
 /// (`model.diffusion_model.` in Stability's single files, empty otherwise).
-pub fn lora_targets(cfg: &Sd3Config, weight_prefix: &str) -> HashMap<String, LoraTarget> {
-    let hidden = cfg.hidden();
+pub fn lora_targets(cfg: &Sd3Config, weight_prefix: &str) -> KeyTable {
     let mut out = HashMap::new();
     for module in linear_modules(cfg) {
-        let weight = format!("{weight_prefix}{module}.weight");
-        out.insert(module.clone(), LoraTarget::whole(weight.clone()));
-        let strip = |d: &str| d.trim_end_matches(".weight").to_string();
-        match sai_to_diffusers(&format!("{module}.weight"), cfg.num_layers) {
-            Some(Source::Rename(d)) => {
-                out.insert(strip(&d), LoraTarget::whole(weight));
-            }
-            Some(Source::SwapHalves(d)) => {
-                out.insert(strip(&d), LoraTarget { weight, rows: None, swap_halves: true });
-            }
-            Some(Source::Concat(parts)) => {
-                for (j, p) in parts.iter().enumerate() {
-                    out.insert(strip(p), LoraTarget { weight: weight.clone(), rows: Some((j * hidden, hidden)), swap_halves: false });
-                }
-            }
-            None => {}
-        }
+        let source = sai_to_diffusers(&format!("{module}.weight"), cfg.num_layers);
+        KeyTable::insert_renamed(&mut out, &module, &format!("{weight_prefix}{module}.weight"), cfg.hidden(), source);
     }
-    out
-}
-
-/// The module names of `targets` with `.` replaced by `_` (kohya's spelling), mapped back to the dotted name.
-pub fn underscored_names(targets: &HashMap<String, LoraTarget>) -> HashMap<String, String> {
-    targets.keys().map(|k| (k.replace('.', "_"), k.clone())).collect()
-}
-
-/// The target of a LoRA module key, after stripping the prefixes trainers put in front.
-pub fn resolve_key<'a>(targets: &'a HashMap<String, LoraTarget>, underscored: &'a HashMap<String, String>, key: &str) -> Option<&'a LoraTarget> {
-    for prefix in ["lora_unet_", "lora_transformer_", "lycoris_"] {
-        if let Some(rest) = key.strip_prefix(prefix) {
-            return underscored.get(rest).and_then(|k| targets.get(k));
-        }
-    }
-    let mut k = key;
-    for prefix in ["base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer."] {
-        k = k.strip_prefix(prefix).unwrap_or(k);
-    }
-    targets.get(k)
+    KeyTable::new(out)
 }
 
 /// A LoRA to merge, with its strength (may be negative).
@@ -122,54 +86,6 @@ impl Sd3Lora {
 pub fn parse_lora_spec(spec: &str) -> Result<Sd3Lora> {
     let (path, strength) = sd_lora::parse_spec(spec)?;
     Ok(Sd3Lora { path, strength })
-}
-
-/// The `lora_alpha` settings diffusers writes into a PEFT LoRA's header (`lora_adapter_metadata`:
-/// `transformer.lora_alpha`, `transformer.alpha_pattern`, `transformer.use_rslora`).
-#[derive(Debug, Clone, Default, PartialEq)]
-struct PeftAlpha {
-    alpha: Option<f32>,
-    patterns: Vec<(String, f32)>,
-    rslora: bool,
-}
-
-impl PeftAlpha {
-    fn of(adapter: &LoraAdapter) -> Self {
-        if adapter.format() != LoraFormat::Peft {
-            return Self::default();
-        }
-        let Some(v) = adapter.metadata().all.get("lora_adapter_metadata").and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok()) else {
-            return Self::default();
-        };
-        let get = |k: &str| v.get(format!("transformer.{k}")).or_else(|| v.get(k));
-        let mut patterns: Vec<(String, f32)> = get("alpha_pattern")
-            .and_then(|p| p.as_object())
-            .map(|o| o.iter().filter_map(|(k, a)| Some((k.clone(), a.as_f64()? as f32))).collect())
-            .unwrap_or_default();
-        // The longest (most specific) pattern first.
-        patterns.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
-        Self {
-            alpha: get("lora_alpha").and_then(|a| a.as_f64()).map(|a| a as f32),
-            patterns,
-            rslora: get("use_rslora").and_then(|r| r.as_bool()).unwrap_or(false),
-        }
-    }
-
-    /// The factor PEFT applies to `module`'s `B·A` that sd-lora does not: `alpha / rank` (`alpha / √rank` with
-    /// rsLoRA) for modules without an `.alpha` tensor, 1 otherwise.
-    fn factor(&self, module: &LoraModule) -> f32 {
-        if module.alpha.is_some() || module.rank == 0 {
-            return 1.0;
-        }
-        let key = module.key.strip_prefix("transformer.").unwrap_or(&module.key);
-        // PEFT matches a pattern against the end of the module name (`(.*\.)?{pattern}$`).
-        let pattern = self.patterns.iter().find(|(p, _)| key == p || key.ends_with(&format!(".{p}"))).map(|(_, a)| *a);
-        match pattern.or(self.alpha) {
-            Some(alpha) if self.rslora => alpha / (module.rank as f32).sqrt(),
-            Some(alpha) => alpha / module.rank as f32,
-            None => 1.0,
-        }
-    }
 }
 
 /// What a LoRA that matches nothing here probably is, from its module keys.
@@ -201,21 +117,13 @@ pub fn wrap_backend(
     weight_prefix: &str,
     loras: &[Sd3Lora],
 ) -> Result<(Box<dyn SimpleBackend>, Vec<AdapterReport>)> {
-    let targets = lora_targets(cfg, weight_prefix);
-    let underscored = underscored_names(&targets);
-    let peft: std::cell::RefCell<Option<(usize, PeftAlpha)>> = std::cell::RefCell::new(None);
+    let table = lora_targets(cfg, weight_prefix);
+    let peft = sd_lora::PeftAlphas::default();
     let plan = TransformerLoras {
         family: sd_models::ModelFamily::Sd3,
         model: "SD 3.x transformer",
-        resolve: &|key| resolve_key(&targets, &underscored, key).cloned(),
-        factor: &|index, adapter, m| {
-            // Read each adapter's PEFT metadata once, not per module.
-            let mut cached = peft.borrow_mut();
-            if cached.as_ref().map(|(i, _)| *i) != Some(index) {
-                *cached = Some((index, PeftAlpha::of(adapter)));
-            }
-            cached.as_ref().map_or(1.0, |(_, alpha)| alpha.factor(m))
-        },
+        resolve: &|key| table.get(key).cloned(),
+        factor: &|index, adapter, m| peft.factor(index, adapter, m),
     };
     let files: Vec<(PathBuf, f32)> = loras.iter().map(|l| (l.path.clone(), l.strength)).collect();
     plan.wrap(inner, &files, &|path, adapter| {
@@ -247,23 +155,22 @@ mod tests {
     fn every_stability_linear_is_reachable_from_both_naming_schemes() {
         let cfg = tiny();
         let t = lora_targets(&cfg, "model.diffusion_model.");
-        let u = underscored_names(&t);
         let modules = linear_modules(&cfg);
         // 6 embedders + 3 blocks (11 with attn2, 10, 7 in the last) + 2 final layers.
         assert_eq!(modules.len(), 6 + 12 + 10 + 7 + 2);
         for m in &modules {
             let weight = format!("model.diffusion_model.{m}.weight");
             let kohya = format!("lora_unet_{}", m.replace('.', "_"));
-            assert_eq!(resolve_key(&t, &u, &kohya).map(|t| t.weight.as_str()), Some(weight.as_str()), "{kohya}");
-            assert_eq!(resolve_key(&t, &u, &format!("diffusion_model.{m}")).map(|t| t.weight.as_str()), Some(weight.as_str()));
+            assert_eq!(t.get(&kohya).map(|t| t.weight.as_str()), Some(weight.as_str()), "{kohya}");
+            assert_eq!(t.get(&format!("diffusion_model.{m}")).map(|t| t.weight.as_str()), Some(weight.as_str()));
             // Every weight is reached by diffusers names too (all of them, for a fused qkv).
             let diffusers: Vec<&String> =
-                t.iter().filter(|(k, v)| v.weight == weight && (!modules.contains(k) || k.as_str() == "context_embedder")).map(|(k, _)| k).collect();
+                t.targets().iter().filter(|(k, v)| v.weight == weight && (!modules.contains(k) || k.as_str() == "context_embedder")).map(|(k, _)| k).collect();
             assert!(!diffusers.is_empty(), "{m} has no diffusers name");
             for d in diffusers {
-                assert_eq!(resolve_key(&t, &u, &format!("transformer.{d}")).map(|t| t.weight.as_str()), Some(weight.as_str()), "{d}");
+                assert_eq!(t.get(&format!("transformer.{d}")).map(|t| t.weight.as_str()), Some(weight.as_str()), "{d}");
                 let onetrainer = format!("lora_transformer_{}", d.replace('.', "_"));
-                assert_eq!(resolve_key(&t, &u, &onetrainer).map(|t| t.weight.as_str()), Some(weight.as_str()), "{onetrainer}");
+                assert_eq!(t.get(&onetrainer).map(|t| t.weight.as_str()), Some(weight.as_str()), "{onetrainer}");
             }
         }
     }
@@ -272,8 +179,7 @@ mod tests {
     fn qkv_rows_and_swapped_halves_land_where_the_keymap_puts_them() {
         let cfg = tiny();
         let t = lora_targets(&cfg, "");
-        let u = underscored_names(&t);
-        let r = |k: &str| resolve_key(&t, &u, k).cloned();
+        let r = |k: &str| t.get(k).cloned();
         let at = |w: &str, rows, swap_halves| Some(LoraTarget { weight: w.into(), rows, swap_halves });
         let qkv = "joint_blocks.0.x_block.attn.qkv.weight";
         assert_eq!(r("transformer.transformer_blocks.0.attn.to_q"), at(qkv, Some((0, 32)), false));

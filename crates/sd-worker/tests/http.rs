@@ -1118,6 +1118,38 @@ fn flux2_klein_generates_edits_after_references_and_inpaints() {
     s.shutdown();
 }
 
+/// ComfyUI's FLUX.2 [klein] split files: a bf16 diffusion-model file with qwen_3 and flux2-vae files in the
+/// sibling text_encoders/ and vae/ folders (tokenizer, configs and scheduler from `--model-config`), with
+/// per-request LoRAs in PEFT and kohya layouts.
+#[test]
+fn flux2_split_files_serve_with_per_request_loras() {
+    let mut cfg = config("flux2/comfy/diffusion_models/flux-2-klein-base-tiny.safetensors");
+    cfg.model_config = Some(fixture("flux2/klein"));
+    cfg.lora_dirs = vec![fixture("flux2/lora"), fixture("sd3/lora")];
+    let s = Server::start(cfg);
+    let m = s.get("/v1/models").json();
+    assert_eq!((m["data"][0]["family"].clone(), m["data"][0]["variant"].clone()), (json!("flux2"), json!("flux2-klein-base")), "{m}");
+    let job = |loras: Value| {
+        let id = s.submit(&json!({"operation": "image_generation", "prompt": "a cat", "width": 16, "height": 24, "steps": 2, "seed": 9, "loras": loras}));
+        s.stream(&id).last().cloned().expect("events")
+    };
+    let (name, plain) = job(json!([]));
+    assert_eq!(name, "complete", "{plain}");
+    let (name, with) = job(json!([{"name": "flux2_peft", "strength": 0.6}, {"name": "flux2_kohya", "strength": -0.4}]));
+    assert_eq!(name, "complete", "{with}");
+    assert_ne!(pixels_of(&with), pixels_of(&plain), "the LoRAs changed nothing");
+    let meta = sd_pipelines::image_io::read_png_parameters(&unb64(with["images"][0].as_str().expect("image"))).expect("png").expect("meta");
+    assert!(meta.contains("Lora weights: \"flux2_peft: 0.6, flux2_kohya: -0.4\""), "{meta}");
+    // Removing them restores the model; an SD 3.x LoRA fails its job only, naming the field.
+    assert_eq!(pixels_of(&job(json!([])).1), pixels_of(&plain));
+    let (name, err) = job(json!([{"name": "sd3_kohya"}]));
+    assert_eq!(name, "error", "{err}");
+    assert_eq!((err["code"].clone(), err["field"].clone()), (json!("invalid_lora"), json!("loras")), "{err}");
+    assert!(err["message"].as_str().is_some_and(|m| m.contains("SD3")), "{err}");
+    assert_eq!(pixels_of(&job(json!([])).1), pixels_of(&plain));
+    s.shutdown();
+}
+
 #[test]
 fn flux_loras_are_applied_per_request() {
     let mut cfg = config("flux/dev");

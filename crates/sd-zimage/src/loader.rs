@@ -111,7 +111,7 @@ pub struct ZImageFiles {
     pub transformer: PathBuf,
     /// VAE: a diffusers `vae/` folder or `ae.safetensors`.
     pub vae: PathBuf,
-    /// Qwen3 text encoder folder (`text_encoder/`).
+    /// Qwen3 text encoder: a `text_encoder/` folder or a stand-alone file (ComfyUI's `qwen_3_4b.safetensors`).
     pub text_encoder: PathBuf,
     /// Tokenizer folder (`tokenizer/`) or its `tokenizer.json`.
     pub tokenizer: PathBuf,
@@ -120,13 +120,20 @@ pub struct ZImageFiles {
 }
 
 impl ZImageFiles {
-    /// A transformer (and optionally an autoencoder) with every other component from the diffusers folder `repo`.
+    /// A transformer (and optionally an autoencoder) with every other component from the diffusers folder `repo`;
+    /// for a transformer file, a stand-alone Qwen3 file (`qwen*.safetensors`) beside it or in ComfyUI's sibling
+    /// `text_encoders/` folder is the text encoder.
     pub fn with_components_from(transformer: impl Into<PathBuf>, vae: Option<PathBuf>, repo: &Path) -> Self {
+        let transformer: PathBuf = transformer.into();
         let sched = repo.join("scheduler").join("scheduler_config.json");
+        let qwen_file = transformer
+            .is_file()
+            .then(|| sd_models::split::find_sibling(&sd_models::split::sibling_dirs(&transformer).0, &transformer, &|s| s.starts_with("qwen")))
+            .flatten();
         Self {
-            transformer: transformer.into(),
+            transformer,
             vae: vae.unwrap_or_else(|| repo.join("vae")),
-            text_encoder: repo.join("text_encoder"),
+            text_encoder: qwen_file.unwrap_or_else(|| repo.join("text_encoder")),
             tokenizer: repo.join("tokenizer"),
             scheduler_config: sched.is_file().then_some(sched),
         }
@@ -214,10 +221,10 @@ pub fn load_files(files: &ZImageFiles, variant: ZImageVariant, opts: &ZImageLoad
     let tokenizer = load_tokenizer(&files.tokenizer)?;
     let text_encoder = load_text_encoder(&files.text_encoder, dtype, device)?;
     let cap = transformer.config().cap_feat_dim;
-    let hidden = text_encoder_hidden(&files.text_encoder)?;
+    let hidden = text_encoder.config().hidden_size;
     if hidden != cap {
         return Err(Error::InvalidConfig {
-            path: files.text_encoder.join("config.json"),
+            path: files.text_encoder.clone(),
             reason: format!("the text encoder is {hidden} wide but the transformer reads {cap}-wide captions; use the text encoder of the same Z-Image repo"),
         });
     }
@@ -231,10 +238,6 @@ pub fn load_files(files: &ZImageFiles, variant: ZImageVariant, opts: &ZImageLoad
         (None, None) => default_scheduler(),
     };
     Ok(ZImageModels { variant, transformer, text_encoder, tokenizer, vae, scheduler, dtype, device: device.clone(), lora_report })
-}
-
-fn text_encoder_hidden(dir: &Path) -> Result<usize> {
-    Ok(crate::config::Qwen3Config::from_file(&dir.join("config.json"))?.hidden_size)
 }
 
 /// Loads a diffusers-format Z-Image repo (e.g. `Tongyi-MAI/Z-Image-Turbo`) from the Hugging Face hub.

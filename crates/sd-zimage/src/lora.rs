@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_nn::var_builder::SimpleBackend;
-use sd_lora::{AdapterReport, Target, TransformerLoras};
+use sd_lora::{AdapterReport, KeyTable, Target, TransformerLoras};
 
 use crate::config::ZImageConfig;
 use crate::error::{Error, Result};
@@ -86,20 +86,6 @@ pub fn lora_targets(cfg: &ZImageConfig, fused_qkv: bool) -> HashMap<String, Targ
     out
 }
 
-/// The target of a LoRA module key, after stripping the prefixes trainers put in front.
-pub fn resolve_key<'a>(targets: &'a HashMap<String, Target>, underscored: &'a HashMap<String, String>, key: &str) -> Option<&'a Target> {
-    for prefix in ["lora_unet_", "lora_transformer_"] {
-        if let Some(rest) = key.strip_prefix(prefix) {
-            return underscored.get(rest).and_then(|k| targets.get(k));
-        }
-    }
-    let mut k = key;
-    for prefix in ["base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer."] {
-        k = k.strip_prefix(prefix).unwrap_or(k);
-    }
-    targets.get(k)
-}
-
 /// Opens `loras`, matches their modules against a transformer with `cfg`, and wraps `inner` so the merged
 /// weights are served; returns the backend and what each adapter matched. An adapter that matches nothing
 /// is an error; unmatched modules of a partly matching one are reported and logged.
@@ -109,12 +95,11 @@ pub fn wrap_backend(
     fused_qkv: bool,
     loras: &[ZImageLora],
 ) -> Result<(Box<dyn SimpleBackend>, Vec<AdapterReport>)> {
-    let targets = lora_targets(cfg, fused_qkv);
-    let underscored: HashMap<String, String> = targets.keys().map(|k| (k.replace('.', "_"), k.clone())).collect();
+    let table = KeyTable::new(lora_targets(cfg, fused_qkv));
     let plan = TransformerLoras {
         family: sd_core::ModelFamily::ZImage,
         model: "Z-Image transformer",
-        resolve: &|key| resolve_key(&targets, &underscored, key).cloned(),
+        resolve: &|key| table.get(key).cloned(),
         factor: &|_, _, _| 1.0,
     };
     let files: Vec<(PathBuf, f32)> = loras.iter().map(|l| (l.path.clone(), l.strength)).collect();
@@ -134,8 +119,8 @@ mod tests {
         let cfg = ZImageConfig::default();
         for fused in [false, true] {
             let t = lora_targets(&cfg, fused);
-            let u: HashMap<String, String> = t.keys().map(|k| (k.replace('.', "_"), k.clone())).collect();
-            let r = |k: &str| resolve_key(&t, &u, k).cloned();
+            let t = KeyTable::new(t);
+            let r = |k: &str| t.get(k).cloned();
             let q = r("transformer.layers.3.attention.to_k").expect("to_k");
             if fused {
                 assert_eq!((q.weight.as_str(), q.rows), ("layers.3.attention.qkv.weight", Some((3840, 3840))));

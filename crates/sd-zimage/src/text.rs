@@ -14,7 +14,6 @@ use candle_core::{DType, Device, Tensor};
 use sd_models::single_file::innermost;
 use tokenizers::Tokenizer;
 
-use crate::config::Qwen3Config;
 use crate::error::{Error, Result};
 
 pub use sd_models::qwen3::Qwen3Encoder;
@@ -26,32 +25,24 @@ pub fn chat_prompt(prompt: &str) -> String {
 }
 
 /// Loads the encoder (all but its last layer) from a `text_encoder/` folder (`config.json` and
-/// safetensors weights, named as `Qwen3Model` or, under `model.`, as `Qwen3ForCausalLM` saves them).
-pub fn load_text_encoder(dir: &Path, dtype: DType, device: &Device) -> Result<Qwen3Encoder> {
-    let cfg_path = dir.join("config.json");
-    if !cfg_path.is_file() {
-        return Err(Error::NotFound {
-            what: "text encoder config.json".into(),
-            path: cfg_path,
-            hint: "pass the text_encoder/ folder of a Z-Image repo (Qwen3-4B)".into(),
-        });
-    }
-    let cfg = Qwen3Config::from_file(&cfg_path)?;
+/// safetensors weights, named as `Qwen3Model` or, under `model.`, as `Qwen3ForCausalLM` saves them) or a
+/// stand-alone file (ComfyUI's `text_encoders/qwen_3_4b.safetensors`, its architecture read off the shapes).
+pub fn load_text_encoder(path: &Path, dtype: DType, device: &Device) -> Result<Qwen3Encoder> {
+    let (cfg, vb) = sd_models::qwen3::text_encoder_part(path, None, dtype, device).map_err(|e| match e {
+        sd_models::Error::NotFound { what, path } => {
+            Error::NotFound { what, path, hint: "pass the text_encoder/ folder of a Z-Image repo (Qwen3-4B) or qwen_3_4b.safetensors".into() }
+        }
+        sd_models::Error::InvalidSafetensors { path, reason } => Error::NotZImage { path, reason: format!("not a valid safetensors file ({reason}); re-download it, it may be truncated") },
+        other => Error::Models(other),
+    })?;
     if cfg.num_hidden_layers < 2 {
         return Err(Error::InvalidConfig {
-            path: cfg_path,
+            path: path.to_path_buf(),
             reason: "Z-Image reads the second-to-last hidden state, so the encoder needs at least 2 layers".into(),
         });
     }
-    let vb = sd_models::qwen3::text_encoder_weights(dir, dtype, device).map_err(|e| match e {
-        sd_models::Error::InvalidSafetensors { reason, .. } => Error::NotZImage {
-            path: dir.to_path_buf(),
-            reason: format!("not a valid safetensors file ({reason}); re-download it, it may be truncated"),
-        },
-        other => Error::Models(other),
-    })?;
     Qwen3Encoder::new(&cfg, vb, cfg.num_hidden_layers - 1).map_err(|e| Error::BadWeights {
-        source_desc: dir.display().to_string(),
+        source_desc: path.display().to_string(),
         reason: innermost(&e).to_string(),
         component: "Qwen3 text encoder",
     })

@@ -367,3 +367,26 @@ fn separate_files_load_through_zimage_files() {
     let out = generate(&m, &p, &Task::TextToImage, &mut RunContext::default()).expect("txt2img");
     assert_eq!(out.images.dims(), &[1, 3, 24, 16]);
 }
+
+/// ComfyUI's stand-alone Qwen3 file (`qwen_3_*.safetensors`: `Qwen3ForCausalLM` names under `model.` with an
+/// `lm_head.weight`) beside the transformer file is the text encoder; its architecture comes from its shapes.
+#[test]
+fn standalone_qwen3_file_beside_the_transformer_is_the_text_encoder() {
+    let transformer = fixtures().join("zimage/z_image_tiny_bf16.safetensors");
+    let files = sd_zimage::ZImageFiles::with_components_from(&transformer, None, &folder());
+    assert_eq!(files.text_encoder, fixtures().join("zimage/qwen_3_tiny.safetensors"));
+    let te = sd_zimage::text::load_text_encoder(&files.text_encoder, DType::F32, &Device::Cpu).expect("qwen file");
+    let m = models();
+    assert_eq!(te.config().hidden_size, m.text_encoder.config().hidden_size);
+    let g = golden("prompt_embeds.safetensors");
+    let meta = golden_json("prompt_embeds.json");
+    let prompt = meta["prompts"][0].as_str().expect("prompt");
+    let e = sd_zimage::text::encode_prompt(&te, &m.tokenizer, prompt, 64).expect("encode");
+    assert_close("prompt_embeds from the Qwen3 file", &e, &get(&g, "prompt_embeds_0"), COMPONENT_TOL);
+    let opts = sd_zimage::ZImageLoadOptions { transformer_config: Some(ZImageConfig::from_file(&folder().join("transformer/config.json")).expect("config")), ..Default::default() };
+    let loaded = sd_zimage::load_files(&files, ZImageVariant::Turbo, &opts).expect("files");
+    assert_eq!(loaded.text_encoder.config(), te.config());
+    // A file that is no Qwen3 encoder says so.
+    let e = sd_zimage::text::load_text_encoder(&transformer, DType::F32, &Device::Cpu).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("Qwen3"), "{e}");
+}
