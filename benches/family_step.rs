@@ -221,15 +221,7 @@ fn bench_sd3() {
         Some(chk) => {
             let model = sd_sd3::loader::load_transformer(&Part::Folder(chk.dir().to_path_buf()), None, DType::F32, &Device::Cpu)
                 .unwrap_or_else(|e| panic!("loading {}: {e}", chk.dir().display()));
-            if *model.config() != cfg {
-                panic!(
-                    "{} holds {:?}, not the {} config this bench runs (SD_BENCH_SMALL={}); rerun tools/bench_family_step.py --check-dir",
-                    chk.dir().display(),
-                    model.config(),
-                    stage,
-                    common::small() as u8
-                );
-            }
+            same_config(chk.dir(), model.config(), &cfg, stage);
             model
         }
         None => Mmdit::new(&cfg, common::random_vb(DType::F32)).unwrap_or_else(|e| panic!("building our SD3 MMDiT: {e}")),
@@ -257,15 +249,7 @@ fn bench_zimage() {
         Some(chk) => {
             let model = sd_zimage::transformer::load_transformer(chk.dir(), DType::BF16, &Device::Cpu, None)
                 .unwrap_or_else(|e| panic!("loading {}: {e}", chk.dir().display()));
-            if *model.config() != cfg {
-                panic!(
-                    "{} holds {:?}, not the {} config this bench runs (SD_BENCH_SMALL={}); rerun tools/bench_family_step.py --check-dir",
-                    chk.dir().display(),
-                    model.config(),
-                    stage,
-                    common::small() as u8
-                );
-            }
+            same_config(chk.dir(), model.config(), &cfg, stage);
             model
         }
         None => ZImageModel::new(&cfg, common::random_vb(DType::BF16)).unwrap_or_else(|e| panic!("building our Z-Image transformer: {e}")),
@@ -302,6 +286,17 @@ fn saved_ids(chk: &common::Checked, name: &str) -> Vec<PositionId> {
         .collect()
 }
 
+/// Stops the bench when the check folder holds another architecture than the stage runs.
+fn same_config<C: PartialEq + std::fmt::Debug>(dir: &std::path::Path, got: &C, want: &C, stage: &str) {
+    if got != want {
+        panic!(
+            "{} holds {got:?}, not the {stage} config this bench runs (SD_BENCH_SMALL={}); rerun tools/bench_family_step.py --check-dir",
+            dir.display(),
+            common::small() as u8
+        );
+    }
+}
+
 fn bench_flux2() {
     let stage = "flux2_klein";
     let cfg = flux2_config();
@@ -313,15 +308,7 @@ fn bench_flux2() {
             // One F32 copy: the loader memory-maps the shards and the mapping is dropped once the model is built.
             let model = sd_flux2::loader::load_transformer(chk.dir(), DType::F32, &Device::Cpu)
                 .unwrap_or_else(|e| panic!("loading {}: {e}", chk.dir().display()));
-            if *model.config() != cfg {
-                panic!(
-                    "{} holds {:?}, not the {} config this bench runs (SD_BENCH_SMALL={}); rerun tools/bench_family_step.py --check-dir",
-                    chk.dir().display(),
-                    model.config(),
-                    stage,
-                    common::small() as u8
-                );
-            }
+            same_config(chk.dir(), model.config(), &cfg, stage);
             model
         }
         None => Flux2Transformer::new(&cfg, common::random_vb(DType::F32)).unwrap_or_else(|e| panic!("building our FLUX.2 transformer: {e}")),

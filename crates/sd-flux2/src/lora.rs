@@ -103,15 +103,7 @@ pub fn wrap_backend(
         factor: &|index, adapter, m| peft.factor(index, adapter, m),
     };
     let files: Vec<(PathBuf, f32)> = loras.iter().map(|l| (l.path.clone(), l.strength)).collect();
-    plan.wrap(inner, &files, &|path, adapter| {
-        Error::Lora(sd_lora::Error::NoMatch {
-            path: path.to_path_buf(),
-            model: "FLUX.2 [klein] transformer".into(),
-            modules: adapter.modules().len(),
-            example: adapter.modules().first().map(|m| m.key.clone()).unwrap_or_default(),
-            hint: foreign_hint(adapter),
-        })
-    })
+    plan.wrap(inner, &files, &|path, adapter| Error::Lora(sd_lora::Error::no_match(path, "FLUX.2 [klein] transformer", adapter, foreign_hint(adapter))))
 }
 
 #[cfg(test)]

@@ -103,6 +103,18 @@ pub enum Error {
 }
 
 impl Error {
+    /// `NoMatch` for `adapter` (loaded from `path`), which matched nothing of `model`; `hint` says what it
+    /// seems to be for.
+    pub fn no_match(path: &std::path::Path, model: &str, adapter: &crate::LoraAdapter, hint: String) -> Self {
+        Error::NoMatch {
+            path: path.to_path_buf(),
+            model: model.into(),
+            modules: adapter.modules().len(),
+            example: adapter.modules().first().map(|m| m.key.clone()).unwrap_or_default(),
+            hint,
+        }
+    }
+
     /// The LoRA file the error is about, when it is about one (callers that applied several map
     /// it back to the request that named it).
     pub fn path(&self) -> Option<&std::path::Path> {
