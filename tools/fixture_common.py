@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 from pathlib import Path
 from typing import Mapping
 
@@ -59,6 +60,20 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], m
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a safetensors file into a dict of CPU tensors."""
     return load_file(str(path))
+
+
+def canonical_header(path: str | os.PathLike) -> None:
+    """Rewrite a safetensors header with its `__metadata__` entries sorted: safetensors (Rust) writes them in hash-map
+    order, which changes from run to run as soon as there are two of them."""
+    path = Path(path)
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
 
 
 def save_json(path: str | os.PathLike, obj) -> None:

@@ -29,8 +29,6 @@ Run: /root/venv-sd/bin/python tools/flux2_fixtures.py   (CPU, float32, determini
 
 from __future__ import annotations
 
-import json
-import struct
 import sys
 import warnings
 from pathlib import Path
@@ -47,6 +45,7 @@ from fixture_common import (  # noqa: E402
     FIXTURES_DIR,
     GOLDENS_DIR,
     assert_state_dicts_equal,
+    canonical_header,
     check_goldens,
     dir_size,
     load_tensors,
@@ -434,18 +433,6 @@ def vae_from_file(config, path: Path) -> AutoencoderKLFlux2:
     m = AutoencoderKLFlux2.from_config(config).eval()
     m.load_state_dict({**conv, **bn}, strict=True)
     return m
-
-
-def canonical_header(path: Path) -> None:
-    """Sorts a safetensors header's `__metadata__` entries, so reruns write the same bytes."""
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
-    if "__metadata__" in header:
-        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
 
 
 def transformer_inputs() -> dict:

@@ -28,9 +28,7 @@ CPU, float32, deterministic. Needs `peft`.
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 import sys
 import warnings
 from pathlib import Path
@@ -39,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fixture_common import FIXTURES_DIR, GOLDENS_DIR, check_goldens, generator, load_tensors, save_tensors  # noqa: E402
+from fixture_common import FIXTURES_DIR, GOLDENS_DIR, canonical_header, check_goldens, generator, load_tensors, save_tensors  # noqa: E402
 from sd3_fixtures import MEDIUM_DIR, SD3_DIR, sd3_to_sai  # noqa: E402
 
 import diffusers  # noqa: E402
@@ -104,19 +102,6 @@ KOHYA_TE = {
     "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (32, 32),
     "lora_te2_text_model_encoder_layers_1_mlp_fc1": (48, 24),
 }
-
-
-def canonical_header(path: Path) -> None:
-    """Rewrite a safetensors header with its `__metadata__` entries sorted: safetensors (Rust) writes them in hash-map
-    order, which changes from run to run as soon as there are two of them."""
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
-    if "__metadata__" in header:
-        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
 
 
 def peft_lora(base: SD3Transformer2DModel) -> tuple[dict[str, torch.Tensor], dict]:
