@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use candle_transformers::models::t5::T5EncoderModel;
 use sd_models::clip::ClipTextModel;
+use sd_models::t5::T5Encoder;
 use sd_models::tokenizer::ClipTokenizer;
 use sd_models::vae::AutoencoderKL;
 use sd_models::VaeConfig;
@@ -122,7 +122,7 @@ pub struct FluxModels {
     /// The 16-channel autoencoder.
     pub vae: AutoencoderKL,
     /// T5-XXL encoder (token embeddings).
-    pub t5: T5EncoderModel,
+    pub t5: T5Encoder,
     /// T5 tokenizer.
     pub t5_tokenizer: Tokenizer,
     /// CLIP-L text encoder (pooled output).

@@ -8,8 +8,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::t5::{Config as T5Config, T5EncoderModel};
+use candle_transformers::models::t5::Config as T5Config;
 use sd_models::clip::ClipTextModel;
+use sd_models::t5::T5Encoder;
 use sd_models::tokenizer::ClipTokenizer;
 use tokenizers::Tokenizer;
 
@@ -32,8 +33,9 @@ pub const T5_MAX_LEN: usize = 512;
 /// Loads the T5 encoder from a transformers `text_encoder_2/` folder (`config.json` +
 /// `model.safetensors` or shards listed in `model.safetensors.index.json`).
 ///
-/// F16 is replaced by BF16: T5's activations overflow in F16.
-pub fn load_t5(dir: &Path, dtype: DType, device: &Device) -> Result<T5EncoderModel> {
+/// F16 is replaced by BF16: T5's activations overflow in F16. BF16 weights stay BF16 on the CPU too (the
+/// encoder multiplies them panel by panel into F32 activations), F32 stays F32.
+pub fn load_t5(dir: &Path, dtype: DType, device: &Device) -> Result<T5Encoder> {
     let cfg_path = dir.join("config.json");
     if !dir.is_dir() {
         return Err(Error::NotFound { what: "T5 text encoder folder (text_encoder_2/)".into(), path: dir.to_path_buf(), hint: T5_HINT.into() });
@@ -53,7 +55,7 @@ pub fn load_t5(dir: &Path, dtype: DType, device: &Device) -> Result<T5EncoderMod
     let st = mmap(&files, dir)?;
     let dtype = if dtype == DType::F16 { DType::BF16 } else { dtype };
     let vb = VarBuilder::from_backend(Box::new(MappedWeights::new(st)), dtype, device.clone());
-    T5EncoderModel::load(vb, &cfg).map_err(|e| Error::BadWeights {
+    T5Encoder::new(vb, &cfg).map_err(|e| Error::BadWeights {
         source_desc: dir.display().to_string(),
         reason: format!("T5 encoder: {}", innermost(&e)),
     })
@@ -79,7 +81,7 @@ pub fn t5_input_ids(tok: &Tokenizer, prompt: &str, max_len: usize) -> Result<Vec
 }
 
 /// Runs T5 on ids `[b, seq]` and returns the last hidden state `[b, seq, d_model]` as `dtype`.
-pub fn t5_embeddings(t5: &T5EncoderModel, ids: &Tensor, dtype: DType) -> Result<Tensor> {
+pub fn t5_embeddings(t5: &T5Encoder, ids: &Tensor, dtype: DType) -> Result<Tensor> {
     Ok(sd_models::t5::embeddings(t5, ids, dtype)?)
 }
 
@@ -127,7 +129,7 @@ pub struct PromptEmbeds {
 /// Encodes `prompt` with both text encoders into `dtype` tensors on `device`.
 #[allow(clippy::too_many_arguments)]
 pub fn encode_prompt(
-    t5: &T5EncoderModel,
+    t5: &T5Encoder,
     t5_tokenizer: &Tokenizer,
     clip: &ClipTextModel,
     clip_tokenizer: &ClipTokenizer,

@@ -6,7 +6,7 @@
 //! dropping it to save memory) its tokens are zeros.
 
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::t5::T5EncoderModel;
+use sd_models::t5::T5Encoder;
 use sd_models::clip::ClipTextModel;
 use sd_models::config::{ClipActivation, ClipConfig};
 use sd_models::tokenizer::ClipTokenizer;
@@ -31,7 +31,7 @@ pub struct TextEncoders {
     /// OpenCLIP bigG with its projection (`text_encoder_2/`, `text_encoders.clip_g`).
     pub clip_g: ClipTextModel,
     /// T5-XXL (`text_encoder_3/`, `text_encoders.t5xxl`); `None` runs without it, as diffusers allows.
-    pub t5: Option<T5EncoderModel>,
+    pub t5: Option<T5Encoder>,
     /// CLIP-L's tokenizer.
     pub tokenizer_l: ClipTokenizer,
     /// CLIP-G's tokenizer (pads with `!`).
