@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 use sd_core::image_io::{image_to_tensor, infotext, mask_to_tensor};
 use sd_core::run::{random_seed, ImageToImage, Inpaint, NoiseKind, RunContext, Task};
-use sd_sd3::pipeline::{capabilities, generate_with, SkipLayerGuidance};
+use sd_sd3::pipeline::{capabilities, generate, SkipLayerGuidance};
 use sd_sd3::{load, Sd3LoadOptions, Sd3Models};
 use sd_toolkit::{device, model_name, parse_dtype, progress_bar, save_images, AnyResult};
 
@@ -145,8 +145,8 @@ fn body() -> AnyResult<()> {
         (None, None) => Task::TextToImage,
     };
     let t1 = std::time::Instant::now();
-    let slg = (!cli.slg.is_empty()).then(|| SkipLayerGuidance { scale: cli.slg_scale, ..SkipLayerGuidance::new(cli.slg.clone()) });
-    let out = generate_with(&models, &p, &task, &mut RunContext::with_progress(&mut bar), slg.as_ref())?;
+    p.skip_layer_guidance = (!cli.slg.is_empty()).then(|| SkipLayerGuidance { scale: cli.slg_scale, ..SkipLayerGuidance::new(cli.slg.clone()) });
+    let out = generate(&models, &p, &task, &mut RunContext::with_progress(&mut bar))?;
     // GPU work runs asynchronously: wait for it so the time covers the whole generation.
     models.device.synchronize()?;
     eprintln!("generate: {:.2} s", t1.elapsed().as_secs_f64());
@@ -162,10 +162,9 @@ fn body() -> AnyResult<()> {
     if cli.init_image.is_some() {
         fields.push(("Denoising strength", strength.to_string()));
     }
-    if let Some(s) = &slg {
-        let layers: Vec<String> = s.layers.iter().map(usize::to_string).collect();
-        fields.push(("SLG layers", layers.join(",")));
-        fields.push(("SLG scale", s.scale.to_string()));
+    if let Some(s) = &p.skip_layer_guidance {
+        // Quoted, as A1111 quotes values with commas.
+        fields.push(("SLG", format!("\"{}\"", s.summary())));
     }
     let text = infotext(&p.prompt, &p.negative_prompt, &fields);
     for target in save_images(&out.images, &cli.output, &text)? {

@@ -103,6 +103,7 @@ impl PipelineGolden {
             variation: None,
             eta_noise_seed_delta: 0,
             seed_resize_from: None,
+            skip_layer_guidance: None,
         }
     }
 

@@ -79,6 +79,9 @@ pub struct Capabilities {
     pub inpaint_model: bool,
     /// Whether the family offers A1111's two-pass txt2img (hires fix).
     pub hires_fix: bool,
+    /// Whether it offers skip-layer guidance ([`Request::skip_layer_guidance`]; SD 3.x).
+    #[serde(default)]
+    pub skip_layer_guidance: bool,
     /// Width and height must be multiples of this.
     pub size_multiple: usize,
     /// Default width in pixels.
@@ -141,6 +144,22 @@ impl Capabilities {
         check_size(r.width, r.height, self.size_multiple, why)?;
         check_counts(r.steps, r.batch_size, r.guidance_scale)?;
         crate::run::check_variation(r.variation)?;
+        if let Some(slg) = &r.skip_layer_guidance {
+            if !self.skip_layer_guidance {
+                return Err(Error::invalid(
+                    "skip_layer_guidance",
+                    format!("{} models have no skip-layer guidance; SD 3.x (sd3) models offer it (SD 3.5 Medium: layers 7, 8, 9)", self.variant),
+                ));
+            }
+            slg.check()?;
+            // Its extra call is a third branch of classifier-free guidance: without CFG there is nothing to add it to.
+            if r.guidance_scale <= 1.0 {
+                return Err(Error::invalid(
+                    "skip_layer_guidance",
+                    format!("skip-layer guidance works inside classifier-free guidance; guidance_scale {} runs none (use > 1)", r.guidance_scale),
+                ));
+            }
+        }
         if self.clip_skip_layers > 0 && r.clip_skip > self.clip_skip_layers {
             return Err(Error::invalid("clip_skip", format!("{} exceeds the text encoder's {} layers", r.clip_skip, self.clip_skip_layers)));
         }
@@ -244,6 +263,7 @@ mod tests {
             prompt_syntax: PromptSyntax::Literal,
             inpaint_model: false,
             hires_fix: false,
+            skip_layer_guidance: false,
             size_multiple: 16,
             default_width: 1024,
             default_height: 1024,
@@ -266,6 +286,7 @@ mod tests {
             clip_skip_layers: 12,
             prompt_syntax: PromptSyntax::A1111,
             hires_fix: true,
+            skip_layer_guidance: false,
             size_multiple: 8,
             default_width: 512,
             default_height: 512,
@@ -306,6 +327,30 @@ mod tests {
         r.sampler = "LCM".parse().expect("lcm");
         r.steps = 60;
         assert_eq!(field(s.validate(&r)), Some("steps"), "LCM runs at most 50 steps");
+    }
+
+    #[test]
+    fn skip_layer_guidance_is_refused_without_it_and_checked_with_it() {
+        use crate::run::SkipLayerGuidance;
+        let s = sd();
+        let sd3 = Capabilities { family: ModelFamily::Sd3, variant: "sd3.5-medium".into(), skip_layer_guidance: true, ..flux() };
+        let mut r = sd3.request("a cat");
+        r.skip_layer_guidance = Some(SkipLayerGuidance::new(vec![7, 8, 9]));
+        assert!(sd3.validate(&r).is_ok());
+        let err = s.validate(&r).expect_err("SD 1.5 has no SLG");
+        assert_eq!(err.field(), Some("skip_layer_guidance"));
+        assert!(err.to_string().contains("SD 3.x"), "{err}");
+        for bad in [
+            SkipLayerGuidance::new(vec![]),
+            SkipLayerGuidance { start: 0.5, stop: 0.2, ..SkipLayerGuidance::new(vec![1]) },
+            SkipLayerGuidance { scale: f64::NAN, ..SkipLayerGuidance::new(vec![1]) },
+            SkipLayerGuidance { scale: -1.0, ..SkipLayerGuidance::new(vec![1]) },
+            SkipLayerGuidance { stop: 1.5, ..SkipLayerGuidance::new(vec![1]) },
+        ] {
+            r.skip_layer_guidance = Some(bad.clone());
+            assert_eq!(field(sd3.validate(&r)), Some("skip_layer_guidance"), "{bad:?}");
+        }
+        assert_eq!(SkipLayerGuidance::new(vec![7, 8, 9]).summary(), "7,8,9 x2.8 (0.01-0.2)");
     }
 
     #[test]

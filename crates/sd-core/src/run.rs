@@ -144,6 +144,66 @@ pub struct Request {
     /// A1111's "resize seed from" `(height, width)` in pixels: the seed's initial noise as at that size,
     /// centred in this one (see [`crate::schedulers::noise::PerImageNoise::with_seed_resize`]).
     pub seed_resize_from: Option<(usize, usize)>,
+    /// Skip-layer guidance (SD 3.x; `None`: off). Families without it refuse a request that sets it
+    /// ([`crate::family::Capabilities::skip_layer_guidance`]).
+    pub skip_layer_guidance: Option<SkipLayerGuidance>,
+}
+
+/// Most layers one [`SkipLayerGuidance`] may name.
+pub const MAX_SLG_LAYERS: usize = 256;
+
+/// Skip-layer guidance (diffusers' `skip_guidance_layers`; Stability's recommendation for SD 3.5 Medium is
+/// layers 7, 8 and 9): on the steps `i` with `start · steps < i < stop · steps` of a guided run, one more
+/// model call on the prompt alone with `layers` left out, and the prediction moves by
+/// `scale · (text − skipped)`. The family checks what depends on the model (which layers exist, which
+/// tasks take it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SkipLayerGuidance {
+    /// The transformer blocks left out of the extra call (0-based).
+    pub layers: Vec<usize>,
+    /// Its weight (diffusers' default 2.8).
+    pub scale: f64,
+    /// Fraction of the steps after which it starts (default 0.01).
+    pub start: f64,
+    /// Fraction of the steps before which it stops (default 0.2).
+    pub stop: f64,
+}
+
+impl SkipLayerGuidance {
+    /// diffusers' defaults (scale 2.8, from 1 % to 20 % of the steps) on `layers`.
+    pub fn new(layers: Vec<usize>) -> Self {
+        Self { layers, scale: 2.8, start: 0.01, stop: 0.2 }
+    }
+
+    /// Checks the values alone, naming `skip_layer_guidance`: at least one layer (at most
+    /// [`MAX_SLG_LAYERS`]), a finite scale in `0..=`[`MAX_GUIDANCE`], and `0 ≤ start ≤ stop ≤ 1`.
+    pub fn check(&self) -> Result<()> {
+        let bad = |why: String| Err(Error::invalid("skip_layer_guidance", why));
+        if self.layers.is_empty() {
+            return bad("name at least one layer to skip in `layers` (SD 3.5 Medium: [7, 8, 9])".into());
+        }
+        if self.layers.len() > MAX_SLG_LAYERS {
+            return bad(format!("{} layers; name at most {MAX_SLG_LAYERS}", self.layers.len()));
+        }
+        if !self.scale.is_finite() || !(0.0..=MAX_GUIDANCE).contains(&self.scale) {
+            return bad(format!("scale {} is outside 0..={MAX_GUIDANCE}", self.scale));
+        }
+        for (name, v) in [("start", self.start), ("stop", self.stop)] {
+            if !v.is_finite() || !(0.0..=1.0).contains(&v) {
+                return bad(format!("{name} {v} is not a fraction of the steps in [0, 1]"));
+            }
+        }
+        if self.start > self.stop {
+            return bad(format!("start {} is after stop {}", self.start, self.stop));
+        }
+        Ok(())
+    }
+
+    /// The short form the PNG infotext carries: `7,8,9 x2.8 (0.01-0.2)`.
+    pub fn summary(&self) -> String {
+        let layers: Vec<String> = self.layers.iter().map(|l| l.to_string()).collect();
+        format!("{} x{} ({}-{})", layers.join(","), self.scale, self.start, self.stop)
+    }
 }
 
 impl Request {
@@ -166,6 +226,7 @@ impl Request {
             variation: None,
             eta_noise_seed_delta: 0,
             seed_resize_from: None,
+            skip_layer_guidance: None,
         }
     }
 }

@@ -98,6 +98,10 @@ impl Sd3Model {
         if p.clip_skip > 1 {
             fields.push(("Clip skip", p.clip_skip.to_string()));
         }
+        if let Some(slg) = &p.skip_layer_guidance {
+            // Quoted, as A1111 quotes values with commas: `SLG: "7,8,9 x2.8 (0.01-0.2)"`.
+            fields.push(("SLG", format!("\"{}\"", slg.summary())));
+        }
         fields.extend(extra.iter().map(|(k, v)| (*k, v.clone())));
         infotext(prompt, &p.negative_prompt, &fields)
     }

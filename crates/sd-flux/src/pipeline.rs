@@ -67,6 +67,7 @@ pub fn capabilities(models: &FluxModels) -> Capabilities {
         prompt_syntax: PromptSyntax::Literal,
         inpaint_model: models.fill,
         hires_fix: false,
+        skip_layer_guidance: false,
         size_multiple: 2 * models.vae_scale_factor(),
         default_width: 1024,
         default_height: 1024,

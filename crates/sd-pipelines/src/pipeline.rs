@@ -43,6 +43,7 @@ pub fn capabilities(models: &StableDiffusionModels) -> Result<Capabilities> {
         prompt_syntax: PromptSyntax::A1111,
         inpaint_model: c.is_inpaint(),
         hires_fix: true,
+        skip_layer_guidance: false,
         size_multiple: c.vae_scale_factor().max(8),
         default_width: c.default_width,
         default_height: c.default_height,

@@ -62,6 +62,7 @@ impl Golden {
             variation: None,
             eta_noise_seed_delta: 0,
             seed_resize_from: None,
+            skip_layer_guidance: None,
         }
     }
 

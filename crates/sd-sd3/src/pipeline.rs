@@ -25,8 +25,8 @@ use crate::text::{encode_prompt, PromptEmbeds, T5_DEFAULT_LEN, T5_MAX_LEN};
 
 
 /// What a loaded SD 3.x model can do: txt2img, img2img and inpaint; negative prompts and CFG; clip skip
-/// over the CLIP encoders; T5 sequence length; LoRAs on the MMDiT; the prompt read literally; sizes in
-/// multiples of 2 × the VAE factor (16); no sampler choice (flow-matching Euler) or ControlNet.
+/// over the CLIP encoders; T5 sequence length; LoRAs on the MMDiT; skip-layer guidance; the prompt read
+/// literally; sizes in multiples of 2 × the VAE factor (16); no sampler choice (flow-matching Euler) or ControlNet.
 pub fn capabilities(models: &Sd3Models) -> Capabilities {
     let (steps, guidance) = models.variant.defaults();
     let side = models.transformer.config().sample_size * models.vae_scale_factor();
@@ -42,6 +42,7 @@ pub fn capabilities(models: &Sd3Models) -> Capabilities {
         prompt_syntax: PromptSyntax::Literal,
         inpaint_model: false,
         hires_fix: false,
+        skip_layer_guidance: true,
         size_multiple: models.transformer.config().patch_size * models.vae_scale_factor(),
         default_width: side,
         default_height: side,
@@ -53,44 +54,26 @@ pub fn capabilities(models: &Sd3Models) -> Capabilities {
     }
 }
 
-/// Skip-layer guidance (diffusers' `skip_guidance_layers`, Stability's recommendation for SD 3.5 Medium:
-/// layers 7, 8 and 9): on the steps `i` with `start · steps < i < stop · steps` of a CFG run, one more MMDiT
-/// call on the prompt alone with `layers` left out, and the prediction moves by
-/// `scale · (text − skipped)`. Text to image only, as in diffusers.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SkipLayerGuidance {
-    /// The joint blocks left out of the extra call.
-    pub layers: Vec<usize>,
-    /// Its weight (diffusers' default 2.8).
-    pub scale: f64,
-    /// Fraction of the steps after which it starts (default 0.01).
-    pub start: f64,
-    /// Fraction of the steps before which it stops (default 0.2).
-    pub stop: f64,
-}
+pub use sd_core::run::SkipLayerGuidance;
 
-impl SkipLayerGuidance {
-    /// diffusers' defaults (scale 2.8 from 1 % to 20 % of the steps) on `layers`.
-    pub fn new(layers: Vec<usize>) -> Self {
-        Self { layers, scale: 2.8, start: 0.01, stop: 0.2 }
+/// The SD 3.x rules for a request's skip-layer guidance beside sd-core's value checks: its layers exist in
+/// this MMDiT, the task is txt2img and the run has CFG (diffusers applies it only there), all naming
+/// `skip_layer_guidance`.
+fn check_slg(slg: &SkipLayerGuidance, models: &Sd3Models, p: &Request, task: &Task<'_>) -> Result<()> {
+    let n = models.transformer.config().num_layers;
+    if let Some(l) = slg.layers.iter().find(|&&l| l >= n) {
+        return Err(Error::invalid("skip_layer_guidance", format!("layer {l} does not exist: the MMDiT has {n} blocks (0..{n})")));
     }
-
-    fn check(&self, models: &Sd3Models, task: &Task<'_>) -> Result<()> {
-        let n = models.transformer.config().num_layers;
-        if let Some(l) = self.layers.iter().find(|&&l| l >= n) {
-            return Err(Error::invalid("skip_layer_guidance", format!("layer {l} does not exist: the MMDiT has {n} blocks (0..{n})")));
-        }
-        if self.layers.is_empty() {
-            return Err(Error::invalid("skip_layer_guidance", "name at least one layer to skip (SD 3.5 Medium: 7, 8, 9)"));
-        }
-        if !self.scale.is_finite() || !(0.0..=1.0).contains(&self.start) || !(0.0..=1.0).contains(&self.stop) {
-            return Err(Error::invalid("skip_layer_guidance", "scale must be finite and start/stop fractions in [0, 1]"));
-        }
-        if !matches!(task, Task::TextToImage) {
-            return Err(Error::invalid("skip_layer_guidance", "diffusers applies skip-layer guidance to text to image only"));
-        }
-        Ok(())
+    if !matches!(task, Task::TextToImage) {
+        return Err(Error::invalid("skip_layer_guidance", "diffusers applies skip-layer guidance to text to image only"));
     }
+    if p.guidance_scale <= 1.0 {
+        return Err(Error::invalid(
+            "skip_layer_guidance",
+            format!("skip-layer guidance works inside classifier-free guidance; guidance_scale {} runs none (use > 1)", p.guidance_scale),
+        ));
+    }
+    Ok(())
 }
 
 /// What a run returns.
@@ -174,16 +157,14 @@ struct Blend {
 /// Inpaint: the image's posterior sample, the noise, then the masked image's posterior sample (diffusers
 /// encodes the masked image, which the 16-channel MMDiT does not read; the draw is made so a shared generator
 /// stays in step, the encoding is skipped).
+///
+/// `p.skip_layer_guidance` adds skip-layer guidance (txt2img with CFG only; refused elsewhere, naming the field).
 pub fn generate(models: &Sd3Models, p: &Request, task: &Task<'_>, run: &mut RunContext<'_>) -> Result<Sd3Output> {
-    generate_with(models, p, task, run, None)
-}
-
-/// [`generate`] with skip-layer guidance (ignored, as in diffusers, when the run has no CFG).
-pub fn generate_with(models: &Sd3Models, p: &Request, task: &Task<'_>, run: &mut RunContext<'_>, slg: Option<&SkipLayerGuidance>) -> Result<Sd3Output> {
     let caps = capabilities(models);
     caps.check(p, task)?;
+    let slg = p.skip_layer_guidance.as_ref();
     if let Some(slg) = slg {
-        slg.check(models, task)?;
+        check_slg(slg, models, p, task)?;
     }
     for field in caps.ignored(p) {
         tracing::warn!(field, "SD 3.x does not use this request field; it is ignored");
@@ -201,7 +182,6 @@ pub fn generate_with(models: &Sd3Models, p: &Request, task: &Task<'_>, run: &mut
     let sched = FlowMatchEulerScheduler::spaced(&models.scheduler, p.steps, (lh / 2) * (lw / 2))?;
     let cfg = p.guidance_scale > 1.0;
     let cond = conditioning(models, p, cfg)?;
-    let slg = if cfg { slg } else { None };
     let mut noise = run.take_noise_for(p);
     let noise = noise.get();
     let (x, start, blend) = match task {

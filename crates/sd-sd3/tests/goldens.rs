@@ -334,9 +334,9 @@ fn skip_layer_guidance_matches_diffusers() {
         steps.push(s.latents.clone());
         ControlFlow::Continue(())
     };
-    let p = tiny_request(42, 4.5);
-    let out = sd_sd3::pipeline::generate_with(&m, &p, &Task::TextToImage, &mut RunContext::with_progress(&mut cb).noise(&mut queue), Some(&slg))
-        .expect("txt2img with SLG");
+    let mut p = tiny_request(42, 4.5);
+    p.skip_layer_guidance = Some(slg);
+    let out = generate(&m, &p, &Task::TextToImage, &mut RunContext::with_progress(&mut cb).noise(&mut queue)).expect("txt2img with SLG");
     let golden_steps = get(&g, "step_latents");
     for (i, s) in steps.iter().enumerate() {
         assert_close(&format!("SLG step {i}"), s, &golden_steps.get(i).expect("step"), E2E_TOL);
@@ -353,9 +353,13 @@ fn skip_layer_guidance_matches_diffusers() {
     assert!(d > 1e-2, "skip-layer guidance changed nothing ({d})");
     let init = Tensor::zeros((1, 3, 24, 32), DType::F32, &Device::Cpu).expect("image");
     let task = Task::ImageToImage(ImageToImage { image: &init, strength: 0.5 });
-    let err = sd_sd3::pipeline::generate_with(&m, &p, &task, &mut RunContext::default(), Some(&slg)).expect_err("img2img with SLG");
+    let err = generate(&m, &p, &task, &mut RunContext::default()).expect_err("img2img with SLG");
     assert_eq!(err.field(), Some("skip_layer_guidance"), "{err}");
-    let bad = sd_sd3::SkipLayerGuidance::new(vec![3]);
-    let err = sd_sd3::pipeline::generate_with(&m, &p, &Task::TextToImage, &mut RunContext::default(), Some(&bad)).expect_err("layer 3 of 3");
+    let mut no_cfg = p.clone();
+    no_cfg.guidance_scale = 1.0;
+    let err = generate(&m, &no_cfg, &Task::TextToImage, &mut RunContext::default()).expect_err("SLG without CFG");
+    assert_eq!(err.field(), Some("skip_layer_guidance"), "{err}");
+    p.skip_layer_guidance = Some(sd_sd3::SkipLayerGuidance::new(vec![3]));
+    let err = generate(&m, &p, &Task::TextToImage, &mut RunContext::default()).expect_err("layer 3 of 3");
     assert!(err.to_string().contains("3 blocks"), "{err}");
 }

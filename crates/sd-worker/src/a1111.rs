@@ -278,6 +278,8 @@ fn common(r: &A1111Request) -> Result<CommonInput, ApiError> {
             steps: r.hr_second_pass_steps,
             strength: r.denoising_strength,
         }),
+        // A1111 and Forge have no standard field for it; the native API offers it.
+        skip_layer_guidance: None,
     })
 }
 

@@ -216,6 +216,7 @@ pub async fn models(State(st): St) -> Result<Json<serde_json::Value>, ApiError> 
             "variant": m.caps.variant,
             "family": format!("{:?}", m.caps.family).to_lowercase(),
             "inpainting": m.caps.inpaint_model,
+            "skip_layer_guidance": m.caps.skip_layer_guidance,
             "tasks": m.caps.tasks,
             "source": m.source,
             "dtype": m.dtype,

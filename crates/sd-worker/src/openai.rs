@@ -97,6 +97,7 @@ fn common(r: &ImagesRequest) -> Result<CommonInput, ApiError> {
         seed_resize_from: None,
         controlnets: Vec::new(),
         hires: None,
+        skip_layer_guidance: None,
     })
 }
 

@@ -9,7 +9,7 @@ use base64::Engine as _;
 use image::{DynamicImage, GenericImageView};
 use sd_pipelines::pipeline::{GenerationParams, NoiseKind};
 use sd_core::prompt::extract_lora_tags;
-use sd_core::run::TaskKind;
+use sd_core::run::{SkipLayerGuidance, TaskKind};
 use sd_pipelines::hires::{HiresFix, HiresUpscaler};
 use sd_pipelines::schedulers::{Sampler, SamplerKind, SigmaSchedule};
 use serde::de::DeserializeOwned;
@@ -152,6 +152,8 @@ pub struct CommonInput {
     pub controlnets: Vec<(usize, ControlNetRequest)>,
     /// A1111's hires fix, when asked for (`enable_hr`).
     pub hires: Option<HiresInput>,
+    /// Skip-layer guidance (native API only; SD 3.x models), values already parsed.
+    pub skip_layer_guidance: Option<SkipLayerGuidance>,
 }
 
 /// A1111's hires-fix fields, before defaults (names as in A1111's txt2img API).
@@ -417,11 +419,51 @@ struct NativeRequest {
     noise: Option<String>,
     controlnets: Option<Vec<ControlNetRequest>>,
     hires: Option<NativeHires>,
+    skip_layer_guidance: Option<Value>,
     input_image: Option<String>,
     init_image: Option<String>,
     mask_image: Option<String>,
     strength: Option<f64>,
     images: Option<Vec<String>>,
+}
+
+/// The native field of skip-layer guidance; every error about it names this.
+const SLG: &str = "skip_layer_guidance";
+
+/// The native `skip_layer_guidance` object: `layers` (required, non-negative integers), `scale` (2.8),
+/// `start` (0.01), `stop` (0.2) as diffusers' defaults; the values are checked here
+/// ([`SkipLayerGuidance::check`]) and which layers exist by the model when it runs.
+pub fn parse_skip_layer_guidance(v: &Value) -> Result<SkipLayerGuidance, ApiError> {
+    const SHAPE: &str = r#"{"layers": [7, 8, 9], "scale": 2.8, "start": 0.01, "stop": 0.2}"#;
+    let Value::Object(o) = v else {
+        return Err(ApiError::invalid(SLG, format!("expected an object such as {SHAPE} (scale, start and stop optional); got {v}")));
+    };
+    if let Some(k) = o.keys().find(|k| !["layers", "scale", "start", "stop"].contains(&k.as_str())) {
+        return Err(ApiError::invalid(SLG, format!("unknown key `{k}`; use layers, scale, start and stop")));
+    }
+    let layers = match o.get("layers") {
+        None | Some(Value::Null) => return Err(ApiError::invalid(SLG, format!("`layers` is missing; name the blocks to skip, as in {SHAPE}"))),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|l| match l.as_u64().and_then(|n| usize::try_from(n).ok()) {
+                Some(n) => Ok(n),
+                None => Err(ApiError::invalid(SLG, format!("`layers` holds block indices, non-negative integers; got {l}"))),
+            })
+            .collect::<Result<Vec<usize>, _>>()?,
+        Some(other) => return Err(ApiError::invalid(SLG, format!("`layers` must be a list of block indices such as [7, 8, 9]; got {other}"))),
+    };
+    let mut slg = SkipLayerGuidance::new(layers);
+    for (key, slot) in [("scale", &mut slg.scale), ("start", &mut slg.start), ("stop", &mut slg.stop)] {
+        match o.get(key) {
+            None | Some(Value::Null) => {}
+            Some(x) => *slot = x.as_f64().ok_or_else(|| ApiError::invalid(SLG, format!("`{key}` must be a number; got {x}")))?,
+        }
+    }
+    slg.check().map_err(|e| match e {
+        sd_core::Error::InvalidRequest { reason, .. } => ApiError::invalid(SLG, reason),
+        other => ApiError::invalid(SLG, other.to_string()),
+    })?;
+    Ok(slg)
 }
 
 const OPERATIONS: &str = "image_generation, image_transform, image_inpaint, image_edit";
@@ -466,6 +508,10 @@ pub fn native_job_object(state: &AppState, model: &ModelInfo, mut obj: serde_jso
     if let Some((f, _)) = needed.iter().find(|(_, present)| !*present) {
         return Err(ApiError::invalid(*f, format!("missing; {op} needs a base64 PNG or JPEG `{f}`")));
     }
+    if op != "image_generation" && r.skip_layer_guidance.is_some() {
+        return Err(ApiError::invalid(SLG, format!("skip-layer guidance applies to image_generation only (diffusers runs it in text to image); this is {op}")));
+    }
+    let skip_layer_guidance = r.skip_layer_guidance.as_ref().map(parse_skip_layer_guidance).transpose()?;
     let prompt = r.prompt.ok_or_else(|| ApiError::invalid("prompt", "missing; give the text to generate (an empty string is allowed)"))?;
     let input = CommonInput {
         prompt,
@@ -486,6 +532,7 @@ pub fn native_job_object(state: &AppState, model: &ModelInfo, mut obj: serde_jso
         seed_resize_from: None,
         controlnets: r.controlnets.unwrap_or_default().into_iter().enumerate().collect(),
         hires: r.hires.map(|h| HiresInput { scale: h.scale, resize_x: h.width, resize_y: h.height, upscaler: h.upscaler, steps: h.steps, strength: h.strength }),
+        skip_layer_guidance,
     };
     let op_input = match op.as_str() {
         "image_generation" => OpInput::Generation,
@@ -689,6 +736,7 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
         },
         eta_noise_seed_delta: input.eta_noise_seed_delta,
         seed_resize_from: input.seed_resize_from,
+        skip_layer_guidance: input.skip_layer_guidance,
     };
     // The model's own rules: size multiple, guidance, clip skip, prompt syntax, the sampler's limits.
     caps.validate(&params).map_err(|e| names.library_error(e))?;
@@ -769,6 +817,9 @@ pub fn build_job(state: &AppState, model: &ModelInfo, input: CommonInput, names:
         "eta_noise_seed_delta": params.eta_noise_seed_delta,
     });
     let mut parameters = parameters;
+    if let Some(slg) = &params.skip_layer_guidance {
+        parameters["skip_layer_guidance"] = json!({"layers": slg.layers, "scale": slg.scale, "start": slg.start, "stop": slg.stop});
+    }
     if !caps.sampler_choice {
         parameters["sampler"] = json!("Euler (flow matching)");
     }

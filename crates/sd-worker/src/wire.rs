@@ -109,6 +109,22 @@ pub struct WireParams {
     /// A1111's "resize seed from" (height, width).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed_resize_from: Option<(usize, usize)>,
+    /// Skip-layer guidance (SD 3.x).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skip_layer_guidance: Option<WireSkipLayerGuidance>,
+}
+
+/// [`sd_core::run::SkipLayerGuidance`] as JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireSkipLayerGuidance {
+    /// Blocks left out of the extra call.
+    pub layers: Vec<usize>,
+    /// Its weight.
+    pub scale: f64,
+    /// Start fraction of the steps.
+    pub start: f64,
+    /// Stop fraction of the steps.
+    pub stop: f64,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -231,6 +247,10 @@ impl WireSpec {
                 variation: p.variation.map(|v| (v.subseed, v.strength)),
                 eta_noise_seed_delta: p.eta_noise_seed_delta,
                 seed_resize_from: p.seed_resize_from,
+                skip_layer_guidance: p
+                    .skip_layer_guidance
+                    .as_ref()
+                    .map(|g| WireSkipLayerGuidance { layers: g.layers.clone(), scale: g.scale, start: g.start, stop: g.stop }),
             },
             loras: wire_loras,
             controlnets: wire_controlnets,
@@ -266,6 +286,7 @@ impl WireSpec {
             variation: p.variation.map(|(subseed, strength)| sd_core::run::Variation { subseed, strength }),
             eta_noise_seed_delta: p.eta_noise_seed_delta,
             seed_resize_from: p.seed_resize_from,
+            skip_layer_guidance: p.skip_layer_guidance.map(|g| sd_core::run::SkipLayerGuidance { layers: g.layers, scale: g.scale, start: g.start, stop: g.stop }),
         };
         let strength = || self.strength.ok_or_else(|| bad("strength", "missing from the queued job"));
         let image = || image_from("image", self.image.as_deref().unwrap_or_default());
@@ -353,6 +374,7 @@ mod tests {
                 variation: Some(sd_core::run::Variation { subseed: 77, strength: 0.25 }),
                 eta_noise_seed_delta: 31337,
                 seed_resize_from: Some((512, 768)),
+                skip_layer_guidance: Some(sd_core::run::SkipLayerGuidance { layers: vec![7, 8, 9], scale: 3.0, start: 0.05, stop: 0.25 }),
             },
             loras: vec![ResolvedLora { name: "sd15_kohya".into(), path: lora_path.clone(), strength: -0.5, text_encoder_strength: Some(0.25) }],
             hires: Some(HiresFix { width: 128, height: 96, upscaler: HiresUpscaler::LatentNearest, steps: Some(9), strength: 0.55, esrgan: None }),
@@ -377,6 +399,7 @@ mod tests {
         assert_eq!((&p.prompt, &p.negative_prompt, p.width, p.height, p.steps), (&q.prompt, &q.negative_prompt, q.width, q.height, q.steps));
         assert_eq!((p.guidance_scale, p.seed, p.batch_size, p.sampler, p.clip_skip, p.noise), (q.guidance_scale, q.seed, q.batch_size, q.sampler, q.clip_skip, q.noise));
         assert_eq!((p.variation, p.eta_noise_seed_delta, p.seed_resize_from), (q.variation, q.eta_noise_seed_delta, q.seed_resize_from));
+        assert_eq!(p.skip_layer_guidance, q.skip_layer_guidance, "skip-layer guidance travels");
         match (&spec.operation, &back.operation) {
             (Operation::Inpaint { image: a, mask: m, strength: s }, Operation::Inpaint { image: b, mask: n, strength: t }) => {
                 assert_eq!(a.to_rgb8(), b.to_rgb8(), "images travel losslessly");

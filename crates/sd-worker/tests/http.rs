@@ -994,6 +994,89 @@ fn sd3_split_files_load_beside_the_diffusion_model() {
     s.shutdown();
 }
 
+/// Skip-layer guidance on the tiny SD 3.5 Medium (3 blocks): block 1 skipped on steps 1 and 2 of 4 (stop 0.6;
+/// diffusers' default 0.2 of 4 steps would cover none). It changes the image, equals what the library's
+/// `generate` gives for the same request, and is recorded in the parameters and the PNG's infotext.
+#[test]
+fn sd3_skip_layer_guidance_is_served_and_matches_the_library() {
+    let s = Server::start(config("sd3/medium"));
+    let models = s.get("/v1/models").json();
+    assert_eq!(models["data"][0]["skip_layer_guidance"], true, "{models}");
+    let plain = json!({"operation": "image_generation", "prompt": "a photo of a cat", "width": 32, "height": 24, "steps": 4, "seed": 7,
+        "guidance_scale": 4.5});
+    let mut slg = plain.clone();
+    slg["skip_layer_guidance"] = json!({"layers": [1], "stop": 0.6});
+    let (name, without) = s.stream(&s.submit(&plain)).last().cloned().expect("events");
+    assert_eq!(name, "complete", "{without}");
+    let (name, with) = s.stream(&s.submit(&slg)).last().cloned().expect("events");
+    assert_eq!(name, "complete", "{with}");
+    assert_ne!(pixels_of(&with), pixels_of(&without), "skip-layer guidance changed nothing");
+    assert_eq!(with["parameters"]["skip_layer_guidance"], json!({"layers": [1], "scale": 2.8, "start": 0.01, "stop": 0.6}), "{with}");
+    let meta = sd_pipelines::image_io::read_png_parameters(&unb64(with["images"][0].as_str().expect("image"))).expect("png").expect("meta");
+    assert!(meta.contains(r#"SLG: "1 x2.8 (0.01-0.6)""#), "{meta}");
+
+    // The library, given the same request, draws the same image.
+    let mut model = sd_families::LoadedModel::load(&fixture("sd3/medium"), &sd_families::LoadSpec::default()).expect("load");
+    let mut request = model.capabilities().request("a photo of a cat");
+    (request.width, request.height, request.steps, request.seed, request.guidance_scale) = (32, 24, 4, 7, 4.5);
+    request.skip_layer_guidance = Some(sd_core::run::SkipLayerGuidance { stop: 0.6, ..sd_core::run::SkipLayerGuidance::new(vec![1]) });
+    let out = model
+        .generate(&request, &sd_core::run::Task::TextToImage, &mut sd_core::run::RunContext::default(), &sd_families::Extras::default())
+        .expect("library run");
+    let ours = sd_core::image_io::tensor_to_images(&out.images).expect("images");
+    assert_eq!(ours[0].as_raw(), &pixels_of(&with), "the worker and the library differ");
+
+    // What SD 3.x refuses: another operation and a run without CFG (before queueing), a layer the MMDiT lacks
+    // (the job fails naming the field: the block count is the loaded model's).
+    let img2img = json!({"operation": "image_transform", "prompt": "x", "input_image": b64(&test_image()), "width": 32, "height": 24, "steps": 2,
+        "skip_layer_guidance": {"layers": [1]}});
+    assert_error(&s.post("/v1/jobs", &img2img), 400, "skip_layer_guidance");
+    let mut no_cfg = plain.clone();
+    no_cfg["skip_layer_guidance"] = json!({"layers": [1]});
+    no_cfg["guidance_scale"] = json!(1.0);
+    let v = assert_error(&s.post("/v1/jobs", &no_cfg), 400, "skip_layer_guidance");
+    assert!(v["error"]["message"].as_str().is_some_and(|m| m.contains("guidance")), "{v}");
+    let mut missing_layer = plain.clone();
+    missing_layer["skip_layer_guidance"] = json!({"layers": [3]});
+    let (name, err) = s.stream(&s.submit(&missing_layer)).last().cloned().expect("events");
+    assert_eq!(name, "error", "{err}");
+    assert_eq!(err["field"], "skip_layer_guidance", "{err}");
+    assert!(err["message"].as_str().is_some_and(|m| m.contains("3 blocks")), "{err}");
+    s.shutdown();
+}
+
+#[test]
+fn skip_layer_guidance_is_refused_on_sd15_and_malformed_values_name_the_field() {
+    let s = Server::start(config("sd15"));
+    let r = s.request("POST", "/v1/jobs", "application/json", &gen(json!({"skip_layer_guidance": {"layers": [7, 8, 9]}})));
+    let v = assert_error(&r, 400, "skip_layer_guidance");
+    assert!(v["error"]["message"].as_str().is_some_and(|m| m.contains("SD 3.x")), "{v}");
+    for bad_value in [
+        json!({"layers": [-1]}),
+        json!({"layers": [1.5]}),
+        json!({"layers": ["7"]}),
+        json!({"layers": []}),
+        json!({"scale": 2.8}),
+        json!({"layers": [7], "start": 0.5, "stop": 0.2}),
+        json!({"layers": [7], "scale": -1}),
+        json!({"layers": [7], "stop": 1.5}),
+        json!({"layers": [7], "scale": "high"}),
+        json!({"layers": [7], "skip": 1}),
+        json!({"layers": 7}),
+        json!(true),
+        json!([7, 8, 9]),
+    ] {
+        let r = s.request("POST", "/v1/jobs", "application/json", &gen(json!({"skip_layer_guidance": bad_value.clone()})));
+        assert_eq!(r.status, 400, "{bad_value}: {}", r.text());
+        assert_error(&r, 400, "skip_layer_guidance");
+    }
+    // A number too large for a double is refused by the JSON parser, never a panic.
+    let huge = br#"{"operation": "image_generation", "prompt": "p", "width": 32, "height": 32, "steps": 2, "skip_layer_guidance": {"layers": [7], "scale": 1e999}}"#;
+    assert!(s.request("POST", "/v1/jobs", "application/json", huge).status / 100 == 4);
+    s.assert_serving();
+    s.shutdown();
+}
+
 // ---- Z-Image ----
 
 #[test]

@@ -49,6 +49,7 @@ pub fn capabilities(models: &ZImageModels) -> Capabilities {
         prompt_syntax: PromptSyntax::Literal,
         inpaint_model: false,
         hires_fix: false,
+        skip_layer_guidance: false,
         size_multiple: 2 * models.vae_scale_factor(),
         default_width: 1024,
         default_height: 1024,
