@@ -71,6 +71,43 @@ fn comfy_diffusion_models_match_diffusers() {
     assert!(sd_flux2::detect::is_flux2(&comfy("diffusion_models/flux-2-klein-base-tiny-fp8-scaled.safetensors")));
 }
 
+/// ComfyUI's newer quantized files (`comfy_quant`): a float8 weight beside `<layer>.weight_scale` and a
+/// `<layer>.comfy_quant` record naming the format. Written here from the fp8-scaled fixture (the same float8
+/// values and scales under the newer names), so diffusers' golden for that file holds; a format the loader
+/// cannot dequantize is refused by name.
+#[test]
+fn comfy_quant_float8_files_match_diffusers() {
+    let dev = Device::Cpu;
+    let src = comfy("diffusion_models/flux-2-klein-base-tiny-fp8-scaled.safetensors");
+    let tensors = candle_core::safetensors::load(&src, &dev).expect("fp8-scaled fixture");
+    let write = |format: &str, file: &str| {
+        let record = format!("{{\"format\": \"{format}\"}}").into_bytes();
+        let mut out = std::collections::HashMap::new();
+        for (name, t) in &tensors {
+            if let Some(stem) = name.strip_suffix(".scale_weight") {
+                out.insert(format!("{stem}.weight_scale"), t.clone());
+                out.insert(format!("{stem}.comfy_quant"), Tensor::new(record.as_slice(), &dev).expect("record"));
+            } else if !name.ends_with("scaled_fp8") {
+                out.insert(name.clone(), t.clone());
+            }
+        }
+        assert!(out.keys().any(|k| k.ends_with(".comfy_quant")), "the fixture has no scale_weight tensors");
+        let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(file);
+        candle_core::safetensors::save(&out, &path).expect("save");
+        path
+    };
+    let path = write("float8_e4m3fn", "flux2-comfy-quant-fp8.safetensors");
+    let t = transformer(&file(path.clone(), "model.diffusion_model."), &[]);
+    assert_close("ComfyUI comfy_quant float8 file", &forward(&t), &get(&golden("transformer_comfy.safetensors"), "out_fp8_scaled"), COMPONENT_TOL);
+    let _ = std::fs::remove_file(path);
+
+    let path = write("nvfp4", "flux2-comfy-quant-nvfp4.safetensors");
+    let refused = load_transformer_with_loras(&file(path.clone(), "model.diffusion_model."), None, DType::F32, &dev, &[]);
+    let _ = std::fs::remove_file(path);
+    let Err(err) = refused else { panic!("an nvfp4 comfy_quant file should be refused") };
+    assert!(err.to_string().contains("nvfp4"), "{err}");
+}
+
 #[test]
 fn split_files_run_txt2img() {
     let model = comfy("diffusion_models/flux-2-klein-base-tiny.safetensors");

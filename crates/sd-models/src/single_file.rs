@@ -117,11 +117,8 @@ impl SingleFile {
 
     /// Loads the stored tensor `name` as `dtype` onto `dev`, converted straight from the mapping ([`crate::weights::load_view`]).
     pub fn load(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let view = self
-            .st
-            .get(name)
-            .map_err(|_| Error::MissingTensor { name: name.to_string(), source_desc: self.path.display().to_string() })?;
-        Ok(crate::weights::load_view(&view, dtype, dev)?)
+        self.st.get(name).map_err(|_| Error::MissingTensor { name: name.to_string(), source_desc: self.path.display().to_string() })?;
+        Ok(crate::weights::load_mapped(&self.st, name, dtype, dev)?)
     }
 }
 
@@ -228,6 +225,8 @@ impl SingleFileBackend {
             Some(r) => crate::weights::load_view_rows(&view, r, dtype, dev)?,
             None => crate::weights::load_view(&view, dtype, dev)?,
         };
+        // SAFETY: `view` is a view of `self.st`, a file mapping.
+        unsafe { crate::weights::release_file_pages(view.data()) };
         // Only text projections are transposed, and they are small: one extra copy is fine.
         let t = if transpose { t.t()?.contiguous()? } else { t };
         Ok(t.reshape(served)?)

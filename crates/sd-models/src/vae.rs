@@ -728,7 +728,7 @@ impl LdmVaeBackend {
             }
             _ => have,
         };
-        crate::weights::load_view(&view, dtype, dev)?.reshape(served)
+        crate::weights::load_mapped(&self.st, &stored, dtype, dev)?.reshape(served)
     }
 }
 
