@@ -158,6 +158,11 @@ impl ClipTextModel {
         self.position_embedding.device()
     }
 
+    /// The dtype the weights were loaded in (the activations' dtype too).
+    pub fn dtype(&self) -> DType {
+        self.position_embedding.dtype()
+    }
+
     /// The maximum sequence length (number of position embeddings).
     pub fn max_len(&self) -> usize {
         self.position_embedding.dim(0).unwrap_or(0)

@@ -430,12 +430,15 @@ pub fn load_files(files: &Sd3Files, opts: &Sd3LoadOptions, turbo: bool) -> Resul
     let (transformer, lora_report) = load_transformer_with_loras(&files.transformer, configs, dtype, device, &opts.loras)?;
     // On the CPU the MMDiT and T5 keep half-precision weights (their dense layers multiply them panel by
     // panel in F32 and their activations are F32; T5's F16 is stored as BF16, see `load_t5`), which keeps
-    // T5-XXL at 9.5 GB instead of 19; CLIP-L/G and the VAE are small and load in F32.
+    // T5-XXL at 9.5 GB instead of 19. CLIP-L/G keep BF16 too (1.5 GB instead of 3.1; they compute in BF16,
+    // as diffusers' bf16 pipeline does, and their outputs are widened to F32 before use); F16 CLIP on the
+    // CPU loads in F32. The VAE loads in F32 on the CPU: candle has no half-precision CPU convolution.
     let dtype_rest = if device.is_cpu() { DType::F32 } else { dtype };
     let dtype_t5 = if device.is_cpu() && !matches!(dtype, DType::BF16 | DType::F16) { DType::F32 } else { dtype };
+    let dtype_clip = if device.is_cpu() && dtype != DType::BF16 { DType::F32 } else { dtype };
     let sub = |name: &str| configs.map(|c| c.join(name)).filter(|p| p.is_dir());
-    let clip_l = load_clip(&files.clip_l, sub("text_encoder").as_deref(), dtype_rest, device)?;
-    let clip_g = load_clip(&files.clip_g, sub("text_encoder_2").as_deref(), dtype_rest, device)?;
+    let clip_l = load_clip(&files.clip_l, sub("text_encoder").as_deref(), dtype_clip, device)?;
+    let clip_g = load_clip(&files.clip_g, sub("text_encoder_2").as_deref(), dtype_clip, device)?;
     let tok_dir = |name: &str| files.tokenizers.as_ref().map(|d| d.join(name)).filter(|p| p.is_dir());
     let tokenizer_l = match tok_dir("tokenizer") {
         Some(d) => ClipTokenizer::from_folder(&d)?,

@@ -221,6 +221,22 @@ fn txt2img_matches_diffusers() {
     check_run("txt2img (no CFG)", &m, &g, &tiny_request(42, 1.0), &Task::TextToImage, vec![get(&g, "noise")], "image");
 }
 
+/// `--dtype bf16` on the CPU: the MMDiT, T5 and CLIP-L/G keep bf16 weights (the VAE F32) and the whole
+/// txt2img run stays near diffusers' F32 golden, at a tolerance bf16 rounding explains (the F32 run is
+/// held to 1e-4 above).
+#[test]
+fn bf16_weights_run_txt2img_near_the_f32_golden() {
+    let opts = Sd3LoadOptions { dtype: Some(DType::BF16), ..Sd3LoadOptions::default() };
+    let m = load(&medium(), &opts).expect("bf16 load");
+    assert_eq!(m.text.clip_l.dtype(), DType::BF16);
+    assert_eq!(m.text.t5.as_ref().map(|t| t.dtype()), Some(DType::BF16));
+    let g = golden("txt2img.safetensors");
+    let mut queue = NoiseQueue::new(vec![get(&g, "noise")]);
+    let out = generate(&m, &tiny_request(42, 4.5), &Task::TextToImage, &mut RunContext::default().noise(&mut queue)).expect("bf16 run");
+    let diff = assert_close("bf16 txt2img image", &out.images, &get(&g, "image"), 0.1);
+    assert!(diff > 0.0, "a bf16 run that equals the F32 golden bit for bit did not run in bf16");
+}
+
 #[test]
 fn img2img_matches_diffusers() {
     let m = models();
