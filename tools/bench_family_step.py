@@ -44,6 +44,13 @@ from safetensors.torch import save_file
 
 WORKLOADS = ("sd3_medium", "zimage_turbo", "flux2_klein")
 
+# stabilityai/stable-diffusion-3.5-medium transformer/config.json: the MMDiT-X, 24 blocks of width 1536, dual
+# attention in blocks 0-12, RMS QK norm.
+SD35_MEDIUM_CONFIG = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                          num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                          pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
+                          dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+
 # Tongyi-MAI/Z-Image-Turbo transformer/config.json (diffusers 0.36.0.dev0), as published; the hub is not
 # reachable from here, so the values are copied (they are also diffusers' class defaults except axes_lens,
 # whose default is [1024, 512, 512]; axes_lens only sizes the rotary lookup tables).
@@ -109,10 +116,7 @@ def sd3_workload(small):
                    out_channels=16, pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
         side, txt = 16, 16
     else:
-        cfg = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                   pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
-                   dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+        cfg = SD35_MEDIUM_CONFIG
         side, txt = 64, 77 + 256
     model = SD3Transformer2DModel(**cfg).eval()
     x = dict(

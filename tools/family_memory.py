@@ -45,7 +45,7 @@ if len(sys.argv) < 2 or sys.argv[1] != "run":
     from safetensors.torch import save_file
 
     sys.path.insert(0, str(ROOT / "tools"))
-    from bench_family_step import FLUX2_KLEIN_4B_CONFIG, ZIMAGE_TURBO_CONFIG  # noqa: E402
+    from bench_family_step import FLUX2_KLEIN_4B_CONFIG, SD35_MEDIUM_CONFIG, ZIMAGE_TURBO_CONFIG  # noqa: E402
 
 SHARD_BYTES = 2 << 30
 
@@ -57,10 +57,6 @@ QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num
 # The FLUX.1 / SD 3 VAE layout (16 latent channels), FLUX.2's with 32.
 VAE_BLOCKS = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32,
                   down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
-SD35_MEDIUM_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-                               num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                               pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
-                               dual_attention_layers=list(range(13)), qk_norm="rms_norm")
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
               num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
 CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, projection_dim=1280, num_hidden_layers=32,
@@ -76,7 +72,7 @@ def families():
         "sd35_medium": dict(
             fixture="fixtures/sd3/medium",
             components={
-                "transformer": SD35_MEDIUM_TRANSFORMER,
+                "transformer": dict(SD35_MEDIUM_CONFIG, dual_attention_layers=list(SD35_MEDIUM_CONFIG["dual_attention_layers"])),
                 "text_encoder": CLIP_L,
                 "text_encoder_2": CLIP_G,
                 "text_encoder_3": T5_XXL,

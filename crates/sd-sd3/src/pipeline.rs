@@ -56,22 +56,16 @@ pub fn capabilities(models: &Sd3Models) -> Capabilities {
 
 pub use sd_core::run::SkipLayerGuidance;
 
-/// The SD 3.x rules for a request's skip-layer guidance beside sd-core's value checks: its layers exist in
-/// this MMDiT, the task is txt2img and the run has CFG (diffusers applies it only there), all naming
+/// The SD 3.x rules for a request's skip-layer guidance beside sd-core's (values, CFG; `Capabilities::validate`):
+/// its layers exist in this MMDiT and the task is txt2img (diffusers applies it only there), naming
 /// `skip_layer_guidance`.
-fn check_slg(slg: &SkipLayerGuidance, models: &Sd3Models, p: &Request, task: &Task<'_>) -> Result<()> {
+fn check_slg(slg: &SkipLayerGuidance, models: &Sd3Models, task: &Task<'_>) -> Result<()> {
     let n = models.transformer.config().num_layers;
     if let Some(l) = slg.layers.iter().find(|&&l| l >= n) {
         return Err(Error::invalid("skip_layer_guidance", format!("layer {l} does not exist: the MMDiT has {n} blocks (0..{n})")));
     }
     if !matches!(task, Task::TextToImage) {
         return Err(Error::invalid("skip_layer_guidance", "diffusers applies skip-layer guidance to text to image only"));
-    }
-    if p.guidance_scale <= 1.0 {
-        return Err(Error::invalid(
-            "skip_layer_guidance",
-            format!("skip-layer guidance works inside classifier-free guidance; guidance_scale {} runs none (use > 1)", p.guidance_scale),
-        ));
     }
     Ok(())
 }
@@ -164,7 +158,7 @@ pub fn generate(models: &Sd3Models, p: &Request, task: &Task<'_>, run: &mut RunC
     caps.check(p, task)?;
     let slg = p.skip_layer_guidance.as_ref();
     if let Some(slg) = slg {
-        check_slg(slg, models, p, task)?;
+        check_slg(slg, models, task)?;
     }
     for field in caps.ignored(p) {
         tracing::warn!(field, "SD 3.x does not use this request field; it is ignored");
